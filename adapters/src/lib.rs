@@ -1,0 +1,26 @@
+//! # tandem-adapters
+//!
+//! Backends for Tandem's two ports, one module per backend, each behind a
+//! feature of the same name:
+//!
+//! | module | port | backend |
+//! |---|---|---|
+//! | [`memory`] | both | in-process maps; exact search |
+//! | `postgres` | `MetadataRepo` | PostgreSQL through diesel-async |
+//! | `sqlite` | `MetadataRepo` | SQLite through diesel-async (embedded default) |
+//! | `qdrant` | `VectorIndex` | Qdrant over gRPC through qdrant-client |
+//! | `edge` | `VectorIndex` | qdrant-edge, Qdrant's in-process engine (embedded default) |
+//!
+//! Adapters translate; they never retry or compensate. Each maps its driver's
+//! errors in its own `error.rs`.
+
+#[cfg(feature = "memory")]
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "qdrant")]
+pub mod qdrant;
+#[cfg(feature = "edge")]
+pub mod edge;

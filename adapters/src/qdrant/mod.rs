@@ -1,0 +1,1 @@
+//! The qdrant backend (under construction).

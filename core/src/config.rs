@@ -1,0 +1,192 @@
+//! The coordinator's configuration.
+
+use std::time::Duration;
+
+use crate::error::CoordinatorError;
+
+/// Exponential backoff with full jitter, bounded by attempts (the per-call
+/// deadline bounds it too).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// The backoff cap of the first retry.
+    pub initial_backoff: Duration,
+    /// The largest backoff cap.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries at all.
+    pub fn none() -> Self {
+        Self {
+            max_attempts: 1,
+            ..Self::default()
+        }
+    }
+
+    /// The delay before retry number `retry` (1-based): a uniformly random
+    /// duration in `[0, min(max_backoff, initial_backoff * 2^(retry-1))]` ("full
+    /// jitter"), never less than what the server asked for.
+    pub fn backoff(&self, retry: u32, server_hint: Option<Duration>) -> Duration {
+        let exp = retry.saturating_sub(1).min(30);
+        let cap = self
+            .initial_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff);
+        let jittered = cap.mul_f64(fastrand::f64());
+        match server_hint {
+            Some(hint) => jittered.max(hint),
+            None => jittered,
+        }
+    }
+}
+
+/// Limits on what one call may carry, checked before anything is written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Most records in one upsert batch.
+    pub max_batch: usize,
+    /// Most bytes in a scope name.
+    pub max_scope_len: usize,
+    /// Points per index call; larger batches are split into ⌈n / chunk⌉ calls.
+    pub index_chunk: usize,
+    /// Index calls of one batch in flight at once.
+    pub index_parallelism: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch: 10_000,
+            max_scope_len: 255,
+            index_chunk: 256,
+            index_parallelism: 4,
+        }
+    }
+}
+
+/// Everything the [`Coordinator`](crate::Coordinator) needs to know.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// How long one write call may take before it stops trying to commit. Must be
+    /// well below `lease`.
+    pub call_deadline: Duration,
+    /// How long compensation and cleanup may take after the decision; past that
+    /// they are left to recovery.
+    pub cleanup_deadline: Duration,
+    /// How long an intent belongs to its writer before recovery may take it over.
+    pub lease: Duration,
+    /// Retry policy for transient errors.
+    pub retry: RetryPolicy,
+    /// Batch and chunk limits.
+    pub limits: Limits,
+    /// How many candidates a guarded search asks the index for, per wanted hit,
+    /// before filtering out uncommitted and superseded points.
+    pub search_overfetch: usize,
+    /// Intents claimed per recovery round.
+    pub recovery_batch: usize,
+    /// `repair` deletes orphans only if they were written at least this long ago
+    /// (so in-flight writes are never touched).
+    pub orphan_grace: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            call_deadline: Duration::from_secs(30),
+            cleanup_deadline: Duration::from_secs(10),
+            lease: Duration::from_secs(300),
+            retry: RetryPolicy::default(),
+            limits: Limits::default(),
+            search_overfetch: 2,
+            recovery_batch: 256,
+            orphan_grace: Duration::from_secs(600),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks the relations that the protocol's safety relies on.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        // A call must finish (or give up) long before recovery may take its
+        // intent: otherwise a slow index write could land after recovery deleted
+        // the intent's points, leaving an orphan nothing names.
+        if self.call_deadline + self.cleanup_deadline >= self.lease {
+            return Err(CoordinatorError::Config(format!(
+                "lease ({:?}) must exceed call_deadline + cleanup_deadline ({:?})",
+                self.lease,
+                self.call_deadline + self.cleanup_deadline
+            )));
+        }
+        if self.orphan_grace < self.lease {
+            return Err(CoordinatorError::Config(format!(
+                "orphan_grace ({:?}) must be at least the lease ({:?})",
+                self.orphan_grace, self.lease
+            )));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(CoordinatorError::Config(
+                "retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_batch == 0 || l.index_chunk == 0 || l.index_parallelism == 0 {
+            return Err(CoordinatorError::Config(
+                "limits must be positive (max_batch, index_chunk, index_parallelism)".into(),
+            ));
+        }
+        if self.search_overfetch == 0 || self.recovery_batch == 0 {
+            return Err(CoordinatorError::Config(
+                "search_overfetch and recovery_batch must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        CoordinatorConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn lease_shorter_than_deadline_is_rejected() {
+        let c = CoordinatorConfig {
+            lease: Duration::from_secs(5),
+            ..CoordinatorConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(CoordinatorError::Config(_))));
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_cap() {
+        let p = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        };
+        for retry in 1..10 {
+            let cap = Duration::from_millis(10 * (1 << (retry - 1))).min(p.max_backoff);
+            for _ in 0..50 {
+                assert!(p.backoff(retry, None) <= cap);
+            }
+        }
+        let hint = Duration::from_millis(500);
+        assert!(p.backoff(1, Some(hint)) >= hint);
+    }
+}

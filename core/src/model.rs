@@ -1,0 +1,581 @@
+//! The data model shared by the coordinator, the ports and every backend.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+macro_rules! uuid_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A new random (v4) id.
+            pub fn new_random() -> Self {
+                Self(Uuid::new_v4())
+            }
+            /// A new time-ordered (v7) id.
+            pub fn new_v7() -> Self {
+                Self(Uuid::now_v7())
+            }
+            /// The underlying UUID.
+            pub fn as_uuid(&self) -> &Uuid {
+                &self.0
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(u: Uuid) -> Self {
+                Self(u)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = uuid::Error;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self)
+            }
+        }
+    };
+}
+
+uuid_newtype!(
+    /// A record's identity, chosen by the caller or generated as a UUIDv7.
+    RecordId
+);
+uuid_newtype!(
+    /// A point's identity in the vector index. Every version of a record gets a
+    /// fresh point id (copy-on-write); a point is never overwritten in place.
+    PointId
+);
+uuid_newtype!(
+    /// The identity of a write-ahead intent.
+    IntentId
+);
+uuid_newtype!(
+    /// The lease owner token that fences an intent: only the holder may commit it.
+    OwnerToken
+);
+
+/// The partition every record belongs to (a catalog, a tenant, ...): counting,
+/// deleting and verifying work per scope.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Scope(String);
+
+impl Scope {
+    /// Wraps a scope name. Validation (non-empty, length) happens in the coordinator.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+    /// The scope's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scope({:?})", self.0)
+    }
+}
+
+impl From<&str> for Scope {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+impl From<String> for Scope {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+/// A JSON object of metadata.
+pub type Metadata = Map<String, Value>;
+
+/// A record as a caller submits it for writing. `id: None` asks for a fresh UUIDv7.
+///
+/// `metadata` is a [`Value`] so that a non-object can be rejected with a typed error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewRecord {
+    /// The record's id; generated (UUIDv7) when absent.
+    #[serde(default)]
+    pub id: Option<RecordId>,
+    /// The record's scope (must be non-empty).
+    pub scope: Scope,
+    /// The record's text content.
+    #[serde(default)]
+    pub content: String,
+    /// The record's metadata: must be a JSON object.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// The record's embedding; its length must equal the index's dimension.
+    pub vector: Vec<f32>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+impl NewRecord {
+    /// A record with the given scope, content and vector, no id and empty metadata.
+    pub fn new(scope: impl Into<Scope>, content: impl Into<String>, vector: Vec<f32>) -> Self {
+        Self {
+            id: None,
+            scope: scope.into(),
+            content: content.into(),
+            metadata: empty_object(),
+            vector,
+        }
+    }
+    /// Sets the record's id.
+    pub fn with_id(mut self, id: RecordId) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// Sets the record's metadata.
+    pub fn with_metadata(mut self, metadata: Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A validated row the coordinator asks the metadata store to write: the record
+/// with its id decided and the fresh point id its vector was written under.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowWrite {
+    /// The record id.
+    pub id: RecordId,
+    /// The record's scope.
+    pub scope: Scope,
+    /// Text content.
+    pub content: String,
+    /// Metadata object.
+    pub metadata: Metadata,
+    /// The point id the row will reference after the commit.
+    pub point_id: PointId,
+    /// The vector, which a store may keep so that `repair` can rewrite lost points.
+    pub vector: Vec<f32>,
+}
+
+/// A committed row as the metadata store holds it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredRecord {
+    /// The record id.
+    pub id: RecordId,
+    /// The record's scope.
+    pub scope: Scope,
+    /// Text content.
+    pub content: String,
+    /// Metadata object.
+    pub metadata: Metadata,
+    /// The one point the row references.
+    pub point_id: PointId,
+    /// Bumped by every committed write, starting at 1.
+    pub version: u64,
+    /// The vector, when the store keeps vectors (see the store's configuration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vector: Option<Vec<f32>>,
+}
+
+/// A point as written to the vector index.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Point {
+    /// The point id.
+    pub id: PointId,
+    /// The record it was written for.
+    pub record_id: RecordId,
+    /// The record's scope (indexed, for filtering and counting).
+    pub scope: Scope,
+    /// The record's metadata (for filtering by key = value).
+    pub metadata: Metadata,
+    /// The vector.
+    pub vector: Vec<f32>,
+    /// When the point was written (milliseconds since the Unix epoch): `repair`
+    /// only deletes orphans older than its watermark.
+    pub written_at_ms: i64,
+}
+
+/// What the index tells about a point when listing (no vector).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PointInfo {
+    /// The point id.
+    pub id: PointId,
+    /// The record the point was written for.
+    pub record_id: RecordId,
+    /// The record's scope.
+    pub scope: Scope,
+    /// When the point was written (milliseconds since the Unix epoch).
+    pub written_at_ms: i64,
+}
+
+/// A hit from the vector index, before the read guard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoredPoint {
+    /// The point id.
+    pub id: PointId,
+    /// The record the point was written for.
+    pub record_id: RecordId,
+    /// The similarity score (higher is better for cosine and dot; for euclid the
+    /// index returns the negated distance so that higher is still better).
+    pub score: f32,
+}
+
+/// A guarded search result: a committed, current record with its score.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SearchHit {
+    /// The record as committed.
+    pub record: StoredRecord,
+    /// The similarity score.
+    pub score: f32,
+}
+
+/// The distance function of a collection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Distance {
+    /// Cosine similarity.
+    #[default]
+    Cosine,
+    /// Dot product.
+    Dot,
+    /// Euclidean distance.
+    Euclid,
+}
+
+impl fmt::Display for Distance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Distance::Cosine => "cosine",
+            Distance::Dot => "dot",
+            Distance::Euclid => "euclid",
+        })
+    }
+}
+
+impl std::str::FromStr for Distance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cosine" => Ok(Distance::Cosine),
+            "dot" => Ok(Distance::Dot),
+            "euclid" | "euclidean" => Ok(Distance::Euclid),
+            other => Err(format!(
+                "unknown distance {other:?} (expected cosine, dot or euclid)"
+            )),
+        }
+    }
+}
+
+/// A filter on scope and metadata equality, shared by search and delete.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    /// Only this scope.
+    pub scope: Option<Scope>,
+    /// Only records whose metadata has each `key = value` (top-level keys).
+    pub metadata_eq: BTreeMap<String, Value>,
+}
+
+impl Filter {
+    /// No filter.
+    pub fn none() -> Self {
+        Self::default()
+    }
+    /// Only the given scope.
+    pub fn scope(scope: impl Into<Scope>) -> Self {
+        Self {
+            scope: Some(scope.into()),
+            metadata_eq: BTreeMap::new(),
+        }
+    }
+    /// Adds a `key = value` condition.
+    pub fn with_eq(mut self, key: impl Into<String>, value: Value) -> Self {
+        self.metadata_eq.insert(key.into(), value);
+        self
+    }
+    /// Whether a record with this scope and metadata passes the filter.
+    pub fn matches(&self, scope: &Scope, metadata: &Metadata) -> bool {
+        self.scope.as_ref().is_none_or(|s| s == scope)
+            && self
+                .metadata_eq
+                .iter()
+                .all(|(k, v)| metadata.get(k) == Some(v))
+    }
+}
+
+/// Which records a delete removes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteSelector {
+    /// These ids (missing ids are ignored).
+    Ids(Vec<RecordId>),
+    /// Every record of the scope.
+    Scope(Scope),
+    /// Every record of the scope whose metadata has `key = value`
+    /// ("delete all embeddings of a rejected item").
+    MetadataEq {
+        /// The scope.
+        scope: Scope,
+        /// Top-level metadata key.
+        key: String,
+        /// The value it must equal.
+        value: Value,
+    },
+}
+
+impl DeleteSelector {
+    /// Whether a stored record is selected.
+    pub fn matches(&self, record: &StoredRecord) -> bool {
+        match self {
+            DeleteSelector::Ids(ids) => ids.contains(&record.id),
+            DeleteSelector::Scope(s) => &record.scope == s,
+            DeleteSelector::MetadataEq { scope, key, value } => {
+                &record.scope == scope && record.metadata.get(key) == Some(value)
+            }
+        }
+    }
+}
+
+/// What kind of write an intent belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentKind {
+    /// An upsert batch.
+    Upsert,
+    /// A delete.
+    Delete,
+    /// A repair rewriting missing points.
+    Repair,
+}
+
+impl IntentKind {
+    /// Stable name for storage.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IntentKind::Upsert => "upsert",
+            IntentKind::Delete => "delete",
+            IntentKind::Repair => "repair",
+        }
+    }
+    /// Parses [`IntentKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "upsert" => Some(IntentKind::Upsert),
+            "delete" => Some(IntentKind::Delete),
+            "repair" => Some(IntentKind::Repair),
+            _ => None,
+        }
+    }
+}
+
+/// Where an intent is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentState {
+    /// Written before any point; names the points that may come to exist.
+    Prepared,
+    /// The metadata commit happened; the intent now names the points it made garbage.
+    Committed,
+}
+
+impl IntentState {
+    /// Stable name for storage.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IntentState::Prepared => "prepared",
+            IntentState::Committed => "committed",
+        }
+    }
+    /// Parses [`IntentState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prepared" => Some(IntentState::Prepared),
+            "committed" => Some(IntentState::Committed),
+            _ => None,
+        }
+    }
+}
+
+/// A write-ahead intent: the durable record of points that may exist in the index
+/// without a committed row referencing them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Intent {
+    /// Its id.
+    pub id: IntentId,
+    /// What wrote it.
+    pub kind: IntentKind,
+    /// Prepared or committed.
+    pub state: IntentState,
+    /// Who may commit or resolve it.
+    pub owner: OwnerToken,
+    /// After this instant (ms since the Unix epoch) recovery may take it over.
+    pub lease_deadline_ms: i64,
+    /// Prepared: the new points. Committed: the points the commit made garbage.
+    pub point_ids: Vec<PointId>,
+    /// What the commit decided (set in the commit transaction).
+    pub summary: Option<CommitSummary>,
+    /// How many times recovery has claimed it.
+    pub attempts: u32,
+    /// The last error recovery met handling it.
+    pub last_error: Option<String>,
+    /// Creation instant (ms since the Unix epoch).
+    pub created_ms: i64,
+}
+
+/// The prepare step's request: a new intent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewIntent {
+    /// Its id.
+    pub id: IntentId,
+    /// What it is for.
+    pub kind: IntentKind,
+    /// The owner token of the call that writes it.
+    pub owner: OwnerToken,
+    /// The lease deadline (ms since the Unix epoch).
+    pub lease_deadline_ms: i64,
+    /// Every point id that may come to exist in the index.
+    pub point_ids: Vec<PointId>,
+    /// Creation instant (ms since the Unix epoch).
+    pub created_ms: i64,
+}
+
+/// What a metadata commit decided; stored with the intent so that a caller who
+/// lost the commit's reply can learn it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitSummary {
+    /// Rows inserted.
+    pub inserted: u64,
+    /// Rows updated (switched to a new point).
+    pub updated: u64,
+    /// Rows deleted.
+    pub deleted: u64,
+}
+
+/// The result of a metadata upsert commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpsertCommit {
+    /// The counts.
+    pub summary: CommitSummary,
+    /// The points the switched rows referenced before: garbage now.
+    pub old_point_ids: Vec<PointId>,
+}
+
+/// The result of a metadata delete commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeleteCommit {
+    /// The counts (`deleted`).
+    pub summary: CommitSummary,
+    /// The points the deleted rows referenced: garbage now.
+    pub point_ids: Vec<PointId>,
+}
+
+/// An idempotency key recorded with the commit of a write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    /// The caller's key.
+    pub key: String,
+    /// A hash of the request, to reject the same key with a different request.
+    pub request_hash: String,
+    /// The outcome the first call reported (JSON), returned again on replays.
+    pub outcome: Value,
+}
+
+/// How an ambiguous commit was settled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Settlement {
+    /// The commit happened; the intent now lists the points it made garbage.
+    Committed(Intent),
+    /// The commit did not happen, and never will: the intent is now owned by the
+    /// new token, so a late commit of the old one fails its fencing check.
+    NotCommitted(Intent),
+    /// The intent no longer exists (it was resolved by someone else).
+    Missing,
+}
+
+/// A page of a listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T, C> {
+    /// The items.
+    pub items: Vec<T>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<C>,
+}
+
+/// Milliseconds since the Unix epoch of a [`SystemTime`].
+pub fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The [`SystemTime`] of milliseconds since the Unix epoch.
+pub fn from_unix_ms(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filter_matches_scope_and_metadata() {
+        let meta = json!({"item": "a", "n": 1}).as_object().unwrap().clone();
+        let s = Scope::new("cat");
+        assert!(Filter::none().matches(&s, &meta));
+        assert!(Filter::scope("cat").matches(&s, &meta));
+        assert!(!Filter::scope("dog").matches(&s, &meta));
+        assert!(
+            Filter::scope("cat")
+                .with_eq("item", json!("a"))
+                .matches(&s, &meta)
+        );
+        assert!(!Filter::none().with_eq("item", json!("b")).matches(&s, &meta));
+        assert!(!Filter::none().with_eq("missing", json!(1)).matches(&s, &meta));
+    }
+
+    #[test]
+    fn unix_ms_round_trips() {
+        for ms in [0_i64, 1, 1_700_000_000_123, -5] {
+            assert_eq!(unix_ms(from_unix_ms(ms)), ms);
+        }
+    }
+
+    #[test]
+    fn distance_parses() {
+        assert_eq!("Cosine".parse::<Distance>().unwrap(), Distance::Cosine);
+        assert_eq!("euclidean".parse::<Distance>().unwrap(), Distance::Euclid);
+        assert!("manhattan".parse::<Distance>().is_err());
+    }
+}

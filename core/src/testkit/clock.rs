@@ -1,0 +1,1 @@
+//! Manual clock (under construction).

@@ -1,0 +1,1 @@
+//! invariants (under construction).

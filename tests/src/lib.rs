@@ -1,0 +1,7 @@
+//! Cross-crate test support for Tandem: the Qdrant-compatible test server
+//! ([`qdrant_double`]), PostgreSQL test databases ([`pg`]) and the shared
+//! invariant checks ([`invariants`]) used by the suites under `tests/tests/`.
+
+pub mod invariants;
+pub mod pg;
+pub mod qdrant_double;

@@ -1,0 +1,1 @@
+//! pg (under construction).

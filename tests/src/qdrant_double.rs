@@ -1,0 +1,1 @@
+//! qdrant_double (under construction).
