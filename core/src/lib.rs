@@ -12,15 +12,23 @@
 
 pub mod clock;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod model;
 pub mod ports;
 
 pub use clock::{Clock, SystemClock};
+pub use coordinator::{
+    Coordinator, DeleteReport, RecoveryReport, RepairReport, ScopeCounts, SearchQuery, Stats,
+    UpsertReport, VerifyReport, WriteOptions,
+};
 pub use config::{CoordinatorConfig, Limits, RetryPolicy};
 pub use error::{BoxError, CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
 pub use model::*;
 pub use ports::{IndexQuery, MetadataRepo, RowRef, VectorIndex};
+
+#[cfg(feature = "planted-bugs")]
+pub use coordinator::PlantedBug;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

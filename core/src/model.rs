@@ -223,7 +223,7 @@ pub struct Point {
 }
 
 /// What the index tells about a point when listing (no vector).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PointInfo {
     /// The point id.
     pub id: PointId,
@@ -504,6 +504,11 @@ pub struct IdempotencyRecord {
     pub request_hash: String,
     /// The outcome the first call reported (JSON), returned again on replays.
     pub outcome: Value,
+    /// The commit's summary. On input to a commit this is ignored: the store
+    /// records the summary of the commit itself, in the same transaction, so a
+    /// replay reports exactly what the first call decided.
+    #[serde(default)]
+    pub summary: CommitSummary,
 }
 
 /// How an ambiguous commit was settled.

@@ -21,7 +21,7 @@ use crate::model::{
 
 /// A committed row's reference to its point, as listed by
 /// [`MetadataRepo::scan_refs`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RowRef {
     /// The record id.
     pub id: RecordId,
@@ -68,7 +68,8 @@ pub trait MetadataRepo: Send + Sync {
     /// - `commit_upsert_is_idempotent`: repeating a commit that already applied
     ///   (same intent and owner) returns the recorded result and changes nothing.
     /// - `commit_upsert_records_idempotency_key`: the key is readable through
-    ///   [`lookup_idempotency`](Self::lookup_idempotency) afterwards; a key
+    ///   [`lookup_idempotency`](Self::lookup_idempotency) afterwards, with its
+    ///   hash and outcome as given and the summary of this commit; a key
     ///   already recorded fails with [`MetadataError::IdempotencyKeyTaken`] and
     ///   writes nothing.
     /// - `commit_upsert_keeps_vectors_when_configured`: a store that keeps

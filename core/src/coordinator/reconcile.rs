@@ -1,0 +1,366 @@
+//! Reconciliation: verify, repair and stats.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::time::Instant;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::retry::{Idempotence, with_retry};
+use super::validate::check_scope;
+use super::write::{index_failure, metadata_failure};
+use super::{Coordinator, RepairReport, ScopeCounts, Stats, VerifyReport};
+use crate::error::CoordinatorError;
+use crate::model::{IntentId, IntentKind, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope};
+use crate::ports::{MetadataRepo, RowRef, VectorIndex};
+
+/// Page size of the listings verify streams.
+const PAGE: usize = 1_000;
+/// Most intents looked at by verify and stats.
+const MAX_INTENTS: usize = 1_000_000;
+
+impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
+    /// Compares both stores (one scope, or all): per-scope counts, committed
+    /// rows whose point is missing, orphan points (referenced by no row and
+    /// named by no live intent), and live intents. Findings are re-checked once
+    /// before being reported, so a write landing during the scan is not
+    /// reported; on a quiet system the report is exact.
+    pub async fn verify(&self, scope: Option<&Scope>) -> Result<VerifyReport, CoordinatorError> {
+        if let Some(s) = scope {
+            check_scope(s, 0, &self.config.limits)?;
+        }
+        self.verify_inner(scope)
+            .instrument(info_span!("tandem.verify"))
+            .await
+    }
+
+    async fn verify_inner(&self, scope: Option<&Scope>) -> Result<VerifyReport, CoordinatorError> {
+        // Index first, then intents, then rows: a point written during the scan
+        // is either named by a live intent or referenced by a row by the time
+        // the later listings are read.
+        let points = self.list_points(scope).await?;
+        let intents = self.intent_points().await?;
+        let rows = self.list_rows(scope).await?;
+
+        let mut report = VerifyReport {
+            live_intents: intents.0,
+            intent_points: intents.1.len(),
+            ..VerifyReport::default()
+        };
+        for p in points.values() {
+            report.scopes.entry(p.scope.clone()).or_default().points += 1;
+        }
+        let mut referenced = HashSet::with_capacity(rows.len());
+        let mut missing = Vec::new();
+        for r in &rows {
+            report.scopes.entry(r.scope.clone()).or_default().rows += 1;
+            referenced.insert(r.point_id);
+            if !points.contains_key(&r.point_id) {
+                missing.push(r.clone());
+            }
+        }
+        let orphans: Vec<PointInfo> = points
+            .values()
+            .filter(|p| !referenced.contains(&p.id) && !intents.1.contains(&p.id))
+            .cloned()
+            .collect();
+
+        // Re-check the findings: a missing point must still be missing, an
+        // orphan must still be unreferenced and unnamed.
+        report.missing_points = self.confirm_missing(missing).await?;
+        report.orphan_points = self.confirm_orphans(orphans).await?;
+        for c in report.scopes.values() {
+            debug_assert!(c.rows > 0 || c.points > 0);
+        }
+        metrics::gauge!("tandem_pending_intents").set(report.live_intents as f64);
+        Ok(report)
+    }
+
+    async fn list_points(&self, scope: Option<&Scope>) -> Result<HashMap<PointId, PointInfo>, CoordinatorError> {
+        let mut out = HashMap::new();
+        let mut offset = None;
+        loop {
+            let deadline = Instant::now() + self.config.call_deadline;
+            let page = with_retry(
+                &self.config.retry,
+                deadline,
+                "index.scroll",
+                Idempotence::Idempotent,
+                || self.index.scroll(scope, offset, PAGE),
+            )
+            .await
+            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            for p in page.items {
+                out.insert(p.id, p);
+            }
+            match page.next {
+                Some(n) => offset = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    async fn list_rows(&self, scope: Option<&Scope>) -> Result<Vec<RowRef>, CoordinatorError> {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let deadline = Instant::now() + self.config.call_deadline;
+            let page = with_retry(
+                &self.config.retry,
+                deadline,
+                "metadata.scan_refs",
+                Idempotence::Idempotent,
+                || self.repo.scan_refs(scope, after, PAGE),
+            )
+            .await
+            .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+            out.extend(page.items);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Number of live intents and the set of points they name.
+    async fn intent_points(&self) -> Result<(usize, HashSet<PointId>), CoordinatorError> {
+        let deadline = Instant::now() + self.config.call_deadline;
+        let intents = with_retry(
+            &self.config.retry,
+            deadline,
+            "metadata.list_intents",
+            Idempotence::Idempotent,
+            || self.repo.list_intents(MAX_INTENTS),
+        )
+        .await
+        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let named = intents.iter().flat_map(|i| i.point_ids.iter().copied()).collect();
+        Ok((intents.len(), named))
+    }
+
+    async fn confirm_missing(&self, candidates: Vec<RowRef>) -> Result<Vec<RowRef>, CoordinatorError> {
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let deadline = Instant::now() + self.config.call_deadline;
+        let ids: Vec<PointId> = candidates.iter().map(|r| r.point_id).collect();
+        let mut present = HashSet::new();
+        for chunk in ids.chunks(PAGE) {
+            let found = with_retry(
+                &self.config.retry,
+                deadline,
+                "index.retrieve",
+                Idempotence::Idempotent,
+                || self.index.retrieve(chunk),
+            )
+            .await
+            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            present.extend(found.into_iter().map(|p| p.id));
+        }
+        // Still referenced by the row? (It may have been updated or deleted.)
+        let still = self.referenced(&ids).await?;
+        Ok(candidates
+            .into_iter()
+            .filter(|r| !present.contains(&r.point_id) && still.contains(&r.point_id))
+            .collect())
+    }
+
+    async fn confirm_orphans(&self, candidates: Vec<PointInfo>) -> Result<Vec<PointInfo>, CoordinatorError> {
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let ids: Vec<PointId> = candidates.iter().map(|p| p.id).collect();
+        let referenced = self.referenced(&ids).await?;
+        let (_, named) = self.intent_points().await?;
+        Ok(candidates
+            .into_iter()
+            .filter(|p| !referenced.contains(&p.id) && !named.contains(&p.id))
+            .collect())
+    }
+
+    async fn referenced(&self, ids: &[PointId]) -> Result<HashSet<PointId>, CoordinatorError> {
+        let deadline = Instant::now() + self.config.call_deadline;
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(PAGE) {
+            let found = with_retry(
+                &self.config.retry,
+                deadline,
+                "metadata.referenced_points",
+                Idempotence::Idempotent,
+                || self.repo.referenced_points(chunk),
+            )
+            .await
+            .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    /// Verifies, then repairs what it safely can: deletes orphan points older
+    /// than `orphan_grace` (re-checked just before deleting), and rewrites
+    /// missing points from the vectors the metadata store keeps (under a repair
+    /// intent, so a rewrite racing an update leaves no garbage). Ends with a
+    /// second verify. On a converged system it changes nothing.
+    pub async fn repair(&self, scope: Option<&Scope>) -> Result<RepairReport, CoordinatorError> {
+        let span = info_span!("tandem.repair");
+        async {
+            let before = self.verify(scope).await?;
+            let mut report = RepairReport::default();
+            let watermark = self
+                .clock
+                .now_ms()
+                .saturating_sub(i64::try_from(self.config.orphan_grace.as_millis()).unwrap_or(i64::MAX));
+            let (old, young): (Vec<PointInfo>, Vec<PointInfo>) = before
+                .orphan_points
+                .into_iter()
+                .partition(|p| p.written_at_ms <= watermark);
+            report.orphans_too_young = young.len();
+            if !old.is_empty() {
+                let confirmed = self.confirm_orphans(old).await?;
+                let ids: Vec<PointId> = confirmed.iter().map(|p| p.id).collect();
+                let deadline = Instant::now() + self.config.call_deadline;
+                self.delete_points(&ids, deadline)
+                    .await
+                    .map_err(|f| index_failure(f, self.config.call_deadline))?;
+                report.orphans_deleted = ids.len();
+                if !ids.is_empty() {
+                    info!(orphans = ids.len(), "repair deleted orphan points");
+                }
+            }
+            if !before.missing_points.is_empty() {
+                let (rewritten, unrepairable) = self.rewrite_missing(&before.missing_points).await?;
+                report.missing_rewritten = rewritten;
+                report.missing_unrepairable = unrepairable;
+            }
+            report.after = self.verify(scope).await?;
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn rewrite_missing(&self, missing: &[RowRef]) -> Result<(usize, usize), CoordinatorError> {
+        let deadline = Instant::now() + self.config.call_deadline;
+        let ids: Vec<_> = missing.iter().map(|r| r.id).collect();
+        let rows = with_retry(
+            &self.config.retry,
+            deadline,
+            "metadata.get",
+            Idempotence::Idempotent,
+            || self.repo.get(&ids),
+        )
+        .await
+        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let now = self.clock.now_ms();
+        let mut unrepairable = 0;
+        let mut points = Vec::new();
+        for row in rows {
+            match row.vector {
+                Some(vector) => points.push(Point {
+                    id: row.point_id,
+                    record_id: row.id,
+                    scope: row.scope,
+                    metadata: row.metadata,
+                    vector,
+                    written_at_ms: now,
+                }),
+                None => unrepairable += 1,
+            }
+        }
+        if points.is_empty() {
+            return Ok((0, unrepairable));
+        }
+        let owner = OwnerToken::new_random();
+        let intent = NewIntent {
+            id: IntentId::new_v7(),
+            kind: IntentKind::Repair,
+            owner,
+            lease_deadline_ms: now.saturating_add(self.lease_ms()),
+            point_ids: points.iter().map(|p| p.id).collect(),
+            created_ms: now,
+        };
+        with_retry(
+            &self.config.retry,
+            deadline,
+            "metadata.prepare",
+            Idempotence::Idempotent,
+            || self.repo.prepare(&intent),
+        )
+        .await
+        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let chunk = self.config.limits.index_chunk;
+        for c in points.chunks(chunk) {
+            with_retry(
+                &self.config.retry,
+                deadline,
+                "index.upsert",
+                Idempotence::Idempotent,
+                || self.index.upsert(c),
+            )
+            .await
+            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+        }
+        // The garbage rule, at once: a row may have moved on meanwhile.
+        let referenced = self.referenced(&intent.point_ids).await?;
+        let garbage: Vec<PointId> = intent
+            .point_ids
+            .iter()
+            .filter(|p| !referenced.contains(p))
+            .copied()
+            .collect();
+        if let Err(f) = self.delete_points(&garbage, deadline).await {
+            warn!(error = %index_failure(f, self.config.call_deadline), "repair left garbage to recovery");
+            return Ok((referenced.len(), unrepairable));
+        }
+        self.resolve_best_effort(intent.id, owner).await;
+        info!(rewritten = referenced.len(), "repair rewrote missing points");
+        Ok((referenced.len(), unrepairable))
+    }
+
+    /// Counts in both stores and the intent backlog.
+    pub async fn stats(&self) -> Result<Stats, CoordinatorError> {
+        let deadline = Instant::now() + self.config.call_deadline;
+        let rows_by_scope = with_retry(
+            &self.config.retry,
+            deadline,
+            "metadata.count_by_scope",
+            Idempotence::Idempotent,
+            || self.repo.count_by_scope(),
+        )
+        .await
+        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let points = with_retry(
+            &self.config.retry,
+            deadline,
+            "index.count",
+            Idempotence::Idempotent,
+            || self.index.count(None),
+        )
+        .await
+        .map_err(|f| index_failure(f, self.config.call_deadline))?;
+        let intents = with_retry(
+            &self.config.retry,
+            deadline,
+            "metadata.list_intents",
+            Idempotence::Idempotent,
+            || self.repo.list_intents(MAX_INTENTS),
+        )
+        .await
+        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let now = self.clock.now_ms();
+        let expired = intents.iter().filter(|i| i.lease_deadline_ms < now).count();
+        metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
+        Ok(Stats {
+            rows_by_scope,
+            points,
+            live_intents: intents.len(),
+            expired_intents: expired,
+        })
+    }
+}
+
+impl ScopeCounts {
+    /// Whether both stores hold as many entries for the scope.
+    pub fn in_sync(&self) -> bool {
+        self.rows == self.points
+    }
+}
