@@ -28,8 +28,8 @@ pub enum PlantedBug {
     /// On an ambiguous commit, compensate (delete the new points) and report
     /// failure without settling the outcome.
     CompensateOnUnknown,
-    /// Recovery takes every intent, expired or not, without claiming it (no
-    /// lease, no fencing).
+    /// Recovery cleans every intent, expired or not, and does not claim (fence)
+    /// the live ones.
     RecoverIgnoringLeases,
     /// Delete the old points of an update before the commit.
     DeleteOldPointsBeforeCommit,

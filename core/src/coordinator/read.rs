@@ -62,12 +62,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             let started = Instant::now();
             let rows: HashMap<PointId, StoredRecord> = if self.bug(Bug::UnguardedSearch) {
                 let ids: Vec<_> = hits.iter().map(|h| h.record_id).collect();
-                let by_id: HashMap<_, _> = self
-                    .repo
-                    .get(&ids)
-                    .await
-                    .map_err(CoordinatorError::Metadata)?
-                    .into_iter()
+                let by_id: HashMap<_, _> = with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "metadata.get",
+                    Idempotence::Idempotent,
+                    || self.repo.get(&ids),
+                )
+                .await
+                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+                .into_iter()
                     .map(|r| (r.id, r))
                     .collect();
                 hits.iter()

@@ -36,10 +36,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             let lease_until = now.saturating_add(self.lease_ms());
             let deadline = Instant::now() + self.config.call_deadline;
             let claimed = if self.bug(Bug::RecoverIgnoringLeases) {
-                self.repo
-                    .list_intents(batch)
-                    .await
-                    .map_err(CoordinatorError::Metadata)?
+                with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "metadata.list_intents",
+                    Idempotence::Idempotent,
+                    || self.repo.list_intents(batch),
+                )
+                .await
+                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
             } else {
                 with_retry(
                     &self.config.retry,
@@ -62,7 +67,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 } else {
                     owner
                 };
-                match self.recover_one(&intent, owner).await {
+                // The planted bug cleans live intents too, without fencing them.
+                let fenced = !self.bug(Bug::RecoverIgnoringLeases) || intent.lease_deadline_ms < now;
+                match self.recover_one(&intent, owner, fenced).await {
                     Ok(deleted) => {
                         report.resolved += 1;
                         report.points_deleted += deleted;
@@ -95,7 +102,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// The garbage rule for one claimed intent: delete what it names and no
     /// committed row references, then resolve it.
-    async fn recover_one(&self, intent: &Intent, owner: OwnerToken) -> Result<usize, CoordinatorError> {
+    async fn recover_one(
+        &self,
+        intent: &Intent,
+        owner: OwnerToken,
+        resolve: bool,
+    ) -> Result<usize, CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
         let referenced = if intent.point_ids.is_empty() {
             HashSet::new()
@@ -119,6 +131,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         self.delete_points(&garbage, deadline)
             .await
             .map_err(|f| index_failure(f, self.config.call_deadline))?;
+        if !resolve {
+            return Ok(garbage.len());
+        }
         with_retry(
             &self.config.retry,
             deadline,

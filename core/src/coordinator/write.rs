@@ -105,11 +105,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             || self.bug(Bug::DeleteOldPointsBeforeCommit)
         {
             let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
-            self.repo
-                .get(&ids)
-                .await
-                .map_err(CoordinatorError::Metadata)?
-                .into_iter()
+            with_retry(
+                &self.config.retry,
+                deadline,
+                "metadata.get",
+                Idempotence::Idempotent,
+                || self.repo.get(&ids),
+            )
+            .await
+            .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+            .into_iter()
                 .map(|r| (r.id, r.point_id))
                 .collect()
         } else {

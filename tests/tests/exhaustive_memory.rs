@@ -1,0 +1,48 @@
+//! Exhaustive single faults on the in-memory backends: every operation × every
+//! port call it makes × every fault, each followed by recovery and the checks
+//! of I1–I7 (see `tandem_tests::harness`).
+
+use std::time::Duration;
+
+use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
+use tandem_core::Distance;
+use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_races_a_live_call};
+
+#[tokio::test(start_paused = true)]
+async fn every_single_fault_keeps_every_invariant() {
+    let summary = exhaustive(
+        || async { (InMemoryMetadataRepo::new(), InMemoryVectorIndex::new(DIM, Distance::Cosine)) },
+        fault_config(Duration::from_secs(5)),
+        &Scenario::ALL,
+        None,
+    )
+    .await;
+    println!(
+        "exhaustive single faults (in-memory): {} cases, per scenario {:?}, outcomes {:?}",
+        summary.cases, summary.per_scenario, summary.outcomes
+    );
+    for f in &summary.failures {
+        println!("FAILED: {f:?}");
+    }
+    assert!(summary.failures.is_empty(), "{} cases broke an invariant", summary.failures.len());
+    // Every scenario makes several port calls, each tried with 9 faults.
+    for scenario in Scenario::ALL {
+        assert!(summary.per_scenario[&format!("{scenario:?}")] >= 1 + 3 * 9, "{scenario:?} ran too few cases");
+    }
+    // The matrix really exercised every kind of ending.
+    for kind in ["ok", "not_applied", "crashed"] {
+        assert!(summary.outcomes.get(kind).copied().unwrap_or(0) > 0, "no case ended {kind}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_leaves_a_live_call_alone() {
+    recovery_races_a_live_call(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
