@@ -16,6 +16,8 @@
 
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -24,3 +26,8 @@ pub mod sqlite;
 pub mod qdrant;
 #[cfg(feature = "edge")]
 pub mod edge;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
