@@ -18,11 +18,11 @@ pub mod model;
 pub mod ports;
 
 pub use clock::{Clock, SystemClock};
+pub use config::{CoordinatorConfig, Limits, RetryPolicy};
 pub use coordinator::{
     Coordinator, DeleteReport, RecoveryReport, RepairReport, ScopeCounts, SearchQuery, Stats,
     UpsertReport, VerifyReport, WriteOptions,
 };
-pub use config::{CoordinatorConfig, Limits, RetryPolicy};
 pub use error::{BoxError, CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
 pub use model::*;
 pub use ports::{IndexQuery, MetadataRepo, RowRef, VectorIndex};

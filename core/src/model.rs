@@ -566,8 +566,16 @@ mod tests {
                 .with_eq("item", json!("a"))
                 .matches(&s, &meta)
         );
-        assert!(!Filter::none().with_eq("item", json!("b")).matches(&s, &meta));
-        assert!(!Filter::none().with_eq("missing", json!(1)).matches(&s, &meta));
+        assert!(
+            !Filter::none()
+                .with_eq("item", json!("b"))
+                .matches(&s, &meta)
+        );
+        assert!(
+            !Filter::none()
+                .with_eq("missing", json!(1))
+                .matches(&s, &meta)
+        );
     }
 
     #[test]

@@ -14,9 +14,9 @@ use async_trait::async_trait;
 
 use crate::error::{IndexError, MetadataError};
 use crate::model::{
-    DeleteCommit, DeleteSelector, Distance, Filter, IdempotencyRecord, Intent, IntentId,
-    NewIntent, OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope,
-    ScoredPoint, Settlement, StoredRecord, UpsertCommit,
+    DeleteCommit, DeleteSelector, Distance, Filter, IdempotencyRecord, Intent, IntentId, NewIntent,
+    OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope, ScoredPoint,
+    Settlement, StoredRecord, UpsertCommit,
 };
 
 /// A committed row's reference to its point, as listed by
@@ -172,10 +172,7 @@ pub trait MetadataRepo: Send + Sync {
     /// Contract:
     /// - `rows_by_points_current_only`: a row is returned only for its current
     ///   point; superseded and unknown points return nothing.
-    async fn rows_by_points(
-        &self,
-        points: &[PointId],
-    ) -> Result<Vec<StoredRecord>, MetadataError>;
+    async fn rows_by_points(&self, points: &[PointId]) -> Result<Vec<StoredRecord>, MetadataError>;
 
     /// The committed rows with these ids.
     ///

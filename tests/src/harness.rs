@@ -17,8 +17,8 @@ use tandem_core::testkit::faults::{
 };
 use tandem_core::{
     CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteSelector, IntentId,
-    IntentKind, Limits, PlantedBug, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken, Point, PointId,
-    RecordId, RetryPolicy, RowWrite, Scope, StoredRecord, VectorIndex, WriteOptions,
+    IntentKind, Limits, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken, PlantedBug, Point,
+    PointId, RecordId, RetryPolicy, RowWrite, Scope, StoredRecord, VectorIndex, WriteOptions,
 };
 use uuid::Uuid;
 
@@ -80,7 +80,8 @@ pub struct World<M, V> {
 }
 
 /// The coordinator that sees faults.
-pub type FaultyCoordinator<M, V> = Coordinator<FaultyMetadataRepo<Arc<M>>, FaultyVectorIndex<Arc<V>>>;
+pub type FaultyCoordinator<M, V> =
+    Coordinator<FaultyMetadataRepo<Arc<M>>, FaultyVectorIndex<Arc<V>>>;
 
 impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
     /// A world over the given stores.
@@ -123,7 +124,8 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
 
     /// Moves the clock past every lease taken so far.
     pub fn after_leases(&self) {
-        self.clock.advance(self.config.lease + Duration::from_secs(1));
+        self.clock
+            .advance(self.config.lease + Duration::from_secs(1));
     }
 
     /// Writes the seed catalog: records 1–4 in scope "a" (item x, y, x, y) and
@@ -181,7 +183,11 @@ impl Scenario {
                 .with_metadata(json!({ "item": "z", "v": v }))
         };
         match self {
-            Scenario::Insert => vec![rec(0x2001, 0, "a"), rec(0x2002, 0, "a"), rec(0x2003, 0, "b")],
+            Scenario::Insert => vec![
+                rec(0x2001, 0, "a"),
+                rec(0x2002, 0, "a"),
+                rec(0x2003, 0, "b"),
+            ],
             Scenario::Update => vec![rec(1, 1, "a"), rec(2, 1, "a"), rec(5, 1, "b")],
             Scenario::Mixed => vec![rec(1, 2, "a"), rec(6, 2, "b"), rec(0x2004, 0, "a")],
             _ => Vec::new(),
@@ -258,7 +264,10 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
         id,
         record_id: rid(n),
         scope: Scope::new("a"),
-        metadata: json!({"item": "dead"}).as_object().cloned().unwrap_or_default(),
+        metadata: json!({"item": "dead"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         vector: vector_for(n, 9),
         written_at_ms: now,
     };
@@ -281,7 +290,10 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
     .await
     .expect("prepare");
     let mut p = point(p3, 3);
-    p.metadata = json!({"item": "x"}).as_object().cloned().unwrap_or_default();
+    p.metadata = json!({"item": "x"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     index.upsert(&[p]).await.expect("index upsert");
     let committed = repo
         .commit_upsert(
@@ -291,7 +303,10 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
                 id: rid(3),
                 scope: Scope::new("a"),
                 content: "record 3 updated before the crash".into(),
-                metadata: json!({"item": "x"}).as_object().cloned().unwrap_or_default(),
+                metadata: json!({"item": "x"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
                 point_id: p3,
                 vector: vector_for(3, 9),
             }],
@@ -299,7 +314,14 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
         )
         .await
         .expect("commit");
-    assert_eq!(committed.summary, CommitSummary { inserted: 0, updated: 1, deleted: 0 });
+    assert_eq!(
+        committed.summary,
+        CommitSummary {
+            inserted: 0,
+            updated: 1,
+            deleted: 0
+        }
+    );
 }
 
 /// Runs one scenario on the faulty coordinator; the future is dropped if a
@@ -310,9 +332,13 @@ async fn run_scenario<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
 ) -> Ran {
     let c = world.faulty();
     match scenario {
-        Scenario::Insert | Scenario::Update | Scenario::Mixed => {
-            ran_of(run_until_crash(&world.ctl, c.upsert_with(scenario.batch(), &scenario.options())).await)
-        }
+        Scenario::Insert | Scenario::Update | Scenario::Mixed => ran_of(
+            run_until_crash(
+                &world.ctl,
+                c.upsert_with(scenario.batch(), &scenario.options()),
+            )
+            .await,
+        ),
         Scenario::DeleteIds | Scenario::DeleteScope | Scenario::DeleteMetadata => {
             let sel = scenario.selector().expect("delete scenario");
             ran_of(run_until_crash(&world.ctl, c.delete_with(sel, &scenario.options())).await)
@@ -329,7 +355,9 @@ fn applied(
     post: &BTreeMap<RecordId, StoredRecord>,
 ) -> Option<bool> {
     let unchanged = |id: &RecordId| match (pre.get(id), post.get(id)) {
-        (Some(a), Some(b)) => a.point_id == b.point_id && a.version == b.version && a.content == b.content,
+        (Some(a), Some(b)) => {
+            a.point_id == b.point_id && a.version == b.version && a.content == b.content
+        }
         (None, None) => true,
         _ => false,
     };
@@ -338,7 +366,8 @@ fn applied(
         Scenario::Insert | Scenario::Update | Scenario::Mixed => {
             let batch = scenario.batch();
             let ids = batch.iter().filter_map(|r| r.id).collect();
-            let want: BTreeMap<RecordId, NewRecord> = batch.into_iter().map(|r| (r.id.expect("id"), r)).collect();
+            let want: BTreeMap<RecordId, NewRecord> =
+                batch.into_iter().map(|r| (r.id.expect("id"), r)).collect();
             (
                 ids,
                 Box::new(move |id| {
@@ -353,7 +382,11 @@ fn applied(
         }
         Scenario::DeleteIds | Scenario::DeleteScope | Scenario::DeleteMetadata => {
             let sel = scenario.selector().expect("delete scenario");
-            let ids = pre.values().filter(|r| sel.matches(r)).map(|r| r.id).collect();
+            let ids = pre
+                .values()
+                .filter(|r| sel.matches(r))
+                .map(|r| r.id)
+                .collect();
             (ids, Box::new(move |id| !post.contains_key(id)))
         }
         Scenario::Recovery => (Vec::new(), Box::new(|_| true)),
@@ -481,7 +514,9 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
             return Err("I3 violated: the call reported success but its effects are absent".into());
         }
         Ran::NotApplied(e) if decided && scenario != Scenario::Recovery => {
-            return Err(format!("I3 violated: the call reported NotApplied ({e}) but its effects are present"));
+            return Err(format!(
+                "I3 violated: the call reported NotApplied ({e}) but its effects are present"
+            ));
         }
         _ => {}
     }
@@ -505,7 +540,9 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
         }
         .map_err(|e| format!("I5: retry with the same key failed: {e}"))?;
         if !replayed {
-            return Err("I5 violated: a retry with the same key was not answered from the key".into());
+            return Err(
+                "I5 violated: a retry with the same key was not answered from the key".into(),
+            );
         }
         if invariants::rows(repo).await? != again_pre {
             return Err("I5 violated: a replayed call wrote something".into());
@@ -560,11 +597,18 @@ where
     for &scenario in scenarios {
         let (base, calls) = run_case(&make, &config, scenario, None, bug).await;
         if bug.is_none() {
-            assert_eq!(base.ran, Ran::Ok, "{scenario:?} must succeed without faults");
+            assert_eq!(
+                base.ran,
+                Ran::Ok,
+                "{scenario:?} must succeed without faults"
+            );
         }
         let record = |summary: &mut ExhaustiveSummary, result: CaseResult| {
             summary.cases += 1;
-            *summary.per_scenario.entry(format!("{scenario:?}")).or_default() += 1;
+            *summary
+                .per_scenario
+                .entry(format!("{scenario:?}"))
+                .or_default() += 1;
             let kind = match &result.ran {
                 Ran::Ok => "ok",
                 Ran::NotApplied(_) => "not_applied",
@@ -600,7 +644,12 @@ where
 /// A recovery that runs while a call is between its index write and its
 /// commit (the commit is delayed): recovery must leave the live call alone
 /// (its lease has not ended), and the call must then commit consistently.
-pub async fn recovery_races_a_live_call<M, V>(repo: M, index: V, config: CoordinatorConfig, bug: Option<PlantedBug>) -> Result<(), String>
+pub async fn recovery_races_a_live_call<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+) -> Result<(), String>
 where
     M: MetadataRepo + 'static,
     V: VectorIndex + 'static,
@@ -608,7 +657,11 @@ where
     let mut world = World::new(repo, index, config, 11);
     world.seed().await;
     world.bug = bug;
-    world.ctl.add(Rule::once(Call::CommitUpsert, 0, Fault::Delay(Duration::from_millis(200))));
+    world.ctl.add(Rule::once(
+        Call::CommitUpsert,
+        0,
+        Fault::Delay(Duration::from_millis(200)),
+    ));
     let writer = world.faulty();
     let recoverer = world.clean();
     let batch = Scenario::Mixed.batch();
@@ -622,12 +675,18 @@ where
     invariants::no_invisible_garbage(repo, index).await?;
     if written.is_ok() {
         let rows = invariants::rows(repo).await?;
-        if !Scenario::Mixed.batch().iter().all(|r| rows.get(&r.id.expect("id")).is_some_and(|row| row.content == r.content)) {
+        if !Scenario::Mixed.batch().iter().all(|r| {
+            rows.get(&r.id.expect("id"))
+                .is_some_and(|row| row.content == r.content)
+        }) {
             return Err("I3 violated: the call succeeded but its rows are not there".into());
         }
     }
     world.after_leases();
-    recoverer.recover().await.map_err(|e| format!("recovery failed: {e}"))?;
+    recoverer
+        .recover()
+        .await
+        .map_err(|e| format!("recovery failed: {e}"))?;
     invariants::exact_equality(repo, index).await?;
     invariants::converged(&recoverer).await
 }

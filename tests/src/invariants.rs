@@ -8,8 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tandem_core::{
-    Coordinator, MetadataRepo, PointId, PointInfo, RecordId, SearchQuery, StoredRecord,
-    VectorIndex,
+    Coordinator, MetadataRepo, PointId, PointInfo, RecordId, SearchQuery, StoredRecord, VectorIndex,
 };
 
 /// Every committed row, keyed by id.
@@ -63,12 +62,18 @@ pub async fn intent_points<M: MetadataRepo>(repo: &M) -> Result<(usize, HashSet<
         .list_intents(1_000_000)
         .await
         .map_err(|e| format!("list_intents: {e}"))?;
-    let named = intents.iter().flat_map(|i| i.point_ids.iter().copied()).collect();
+    let named = intents
+        .iter()
+        .flat_map(|i| i.point_ids.iter().copied())
+        .collect();
     Ok((intents.len(), named))
 }
 
 /// I1 — no dangling metadata: every committed row's point exists in the index.
-pub async fn no_dangling_rows<M: MetadataRepo, V: VectorIndex>(repo: &M, index: &V) -> Result<(), String> {
+pub async fn no_dangling_rows<M: MetadataRepo, V: VectorIndex>(
+    repo: &M,
+    index: &V,
+) -> Result<(), String> {
     let rows = rows(repo).await?;
     let points = points(index).await?;
     let dangling: Vec<_> = rows
@@ -79,13 +84,18 @@ pub async fn no_dangling_rows<M: MetadataRepo, V: VectorIndex>(repo: &M, index: 
     if dangling.is_empty() {
         Ok(())
     } else {
-        Err(format!("I1 violated: rows whose point is missing: {dangling:?}"))
+        Err(format!(
+            "I1 violated: rows whose point is missing: {dangling:?}"
+        ))
     }
 }
 
 /// I2 — no invisible garbage: every point is referenced by a committed row or
 /// named by an unresolved intent.
-pub async fn no_invisible_garbage<M: MetadataRepo, V: VectorIndex>(repo: &M, index: &V) -> Result<(), String> {
+pub async fn no_invisible_garbage<M: MetadataRepo, V: VectorIndex>(
+    repo: &M,
+    index: &V,
+) -> Result<(), String> {
     let referenced: HashSet<PointId> = rows(repo).await?.values().map(|r| r.point_id).collect();
     let (_, named) = intent_points(repo).await?;
     let points = points(index).await?;
@@ -103,12 +113,17 @@ pub async fn no_invisible_garbage<M: MetadataRepo, V: VectorIndex>(repo: &M, ind
 /// I2 after recovery — exact equality: the set of points equals the set of
 /// referenced points, no intent is left, and every point carries its row's
 /// record id and scope.
-pub async fn exact_equality<M: MetadataRepo, V: VectorIndex>(repo: &M, index: &V) -> Result<(), String> {
+pub async fn exact_equality<M: MetadataRepo, V: VectorIndex>(
+    repo: &M,
+    index: &V,
+) -> Result<(), String> {
     let rows = rows(repo).await?;
     let points = points(index).await?;
     let (live, _) = intent_points(repo).await?;
     if live != 0 {
-        return Err(format!("I2 (exact) violated: {live} intents left after recovery"));
+        return Err(format!(
+            "I2 (exact) violated: {live} intents left after recovery"
+        ));
     }
     let referenced: HashSet<PointId> = rows.values().map(|r| r.point_id).collect();
     let present: HashSet<PointId> = points.keys().copied().collect();
@@ -153,7 +168,10 @@ pub async fn guarded_reads<M: MetadataRepo, V: VectorIndex>(
             .collect();
         for h in &hits {
             if !seen.insert(h.record.id) {
-                return Err(format!("I4 violated: record {} returned twice", h.record.id));
+                return Err(format!(
+                    "I4 violated: record {} returned twice",
+                    h.record.id
+                ));
             }
             match committed.get(&h.record.id) {
                 None => {
@@ -162,7 +180,9 @@ pub async fn guarded_reads<M: MetadataRepo, V: VectorIndex>(
                         h.record.id
                     ));
                 }
-                Some(row) if row.point_id != h.record.point_id || row.content != h.record.content => {
+                Some(row)
+                    if row.point_id != h.record.point_id || row.content != h.record.content =>
+                {
                     return Err(format!(
                         "I4 violated: search returned {} at point {} but the row references {}",
                         h.record.id, h.record.point_id, row.point_id
@@ -177,7 +197,9 @@ pub async fn guarded_reads<M: MetadataRepo, V: VectorIndex>(
 
 /// I7 — convergence: after recovery, verify is consistent, repair changes
 /// nothing, and a second verify still finds nothing.
-pub async fn converged<M: MetadataRepo, V: VectorIndex>(coordinator: &Coordinator<M, V>) -> Result<(), String> {
+pub async fn converged<M: MetadataRepo, V: VectorIndex>(
+    coordinator: &Coordinator<M, V>,
+) -> Result<(), String> {
     let first = coordinator
         .verify(None)
         .await
@@ -190,7 +212,9 @@ pub async fn converged<M: MetadataRepo, V: VectorIndex>(coordinator: &Coordinato
         .await
         .map_err(|e| format!("repair failed: {e}"))?;
     if repair.orphans_deleted != 0 || repair.missing_rewritten != 0 {
-        return Err(format!("I7 violated: repair of a converged system changed something: {repair:?}"));
+        return Err(format!(
+            "I7 violated: repair of a converged system changed something: {repair:?}"
+        ));
     }
     let second = coordinator
         .verify(None)

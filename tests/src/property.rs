@@ -177,7 +177,13 @@ fn ended<T>(r: Option<Result<T, CoordinatorError>>) -> Ended {
 /// Applies a decided outcome to the model, or (for unknown outcomes) adopts
 /// whichever of "applied" / "not applied" the store shows — anything else is a
 /// partial effect.
-fn settle_model(model: &mut Model, applied: Model, end: Ended, store: &Model, what: &str) -> Result<(), String> {
+fn settle_model(
+    model: &mut Model,
+    applied: Model,
+    end: Ended,
+    store: &Model,
+    what: &str,
+) -> Result<(), String> {
     match end {
         Ended::Ok => *model = applied,
         Ended::NotApplied => {}
@@ -185,16 +191,22 @@ fn settle_model(model: &mut Model, applied: Model, end: Ended, store: &Model, wh
         Ended::Unknown => {}
     }
     if store != model {
-        return Err(format!("I3 violated after {what}: store {store:?} != model {model:?}"));
+        return Err(format!(
+            "I3 violated after {what}: store {store:?} != model {model:?}"
+        ));
     }
     Ok(())
 }
 
-async fn check_instant<M: MetadataRepo + 'static, V: VectorIndex + 'static>(world: &World<M, V>) -> Result<(), String> {
+async fn check_instant<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+    world: &World<M, V>,
+) -> Result<(), String> {
     let (repo, index) = (&*world.repo, &*world.index);
     invariants::no_dangling_rows(repo, index).await?;
     invariants::no_invisible_garbage(repo, index).await?;
-    let queries: Vec<Vec<f32>> = (0..POOL).flat_map(|id| [vector(id, 0), vector(id, 200)]).collect();
+    let queries: Vec<Vec<f32>> = (0..POOL)
+        .flat_map(|id| [vector(id, 0), vector(id, 200)])
+        .collect();
     invariants::guarded_reads(&world.clean(), repo, &queries, 3).await
 }
 
@@ -204,7 +216,9 @@ async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
 ) -> Result<(), String> {
     world.after_leases();
     let c = world.clean();
-    c.recover().await.map_err(|e| format!("recovery failed: {e}"))?;
+    c.recover()
+        .await
+        .map_err(|e| format!("recovery failed: {e}"))?;
     invariants::exact_equality(&*world.repo, &*world.index).await?;
     if converge {
         invariants::converged(&c).await?;
@@ -252,7 +266,8 @@ where
             Step::Delete { ids, fault } => {
                 install(&world.ctl, fault);
                 let c = world.faulty();
-                let sel = DeleteSelector::Ids(ids.iter().map(|&id| rid(u128::from(id) + 1)).collect());
+                let sel =
+                    DeleteSelector::Ids(ids.iter().map(|&id| rid(u128::from(id) + 1)).collect());
                 let r = run_until_crash(&world.ctl, c.delete(sel)).await;
                 let mut applied = model.clone();
                 for id in ids {
@@ -295,7 +310,9 @@ where
                 } else if store == ba {
                     model = ba;
                 } else {
-                    return Err(format!("I6 violated after {what}: {store:?} is neither serial order"));
+                    return Err(format!(
+                        "I6 violated after {what}: {store:?} is neither serial order"
+                    ));
                 }
             }
             Step::RecoverDuring { ids, tag } => {
@@ -324,7 +341,9 @@ where
         // Faults last one step; after a crash the next steps run in a
         // "restarted" process.
         world.ctl.clear();
-        check_instant(&world).await.map_err(|e| format!("after {what}: {e}"))?;
+        check_instant(&world)
+            .await
+            .map_err(|e| format!("after {what}: {e}"))?;
         if store_view(&*world.repo).await? != model {
             return Err(format!("after {what}: store differs from the model"));
         }

@@ -11,7 +11,12 @@ use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_ra
 #[tokio::test(start_paused = true)]
 async fn every_single_fault_keeps_every_invariant() {
     let summary = exhaustive(
-        || async { (InMemoryMetadataRepo::new(), InMemoryVectorIndex::new(DIM, Distance::Cosine)) },
+        || async {
+            (
+                InMemoryMetadataRepo::new(),
+                InMemoryVectorIndex::new(DIM, Distance::Cosine),
+            )
+        },
         fault_config(Duration::from_secs(5)),
         &Scenario::ALL,
         None,
@@ -24,14 +29,24 @@ async fn every_single_fault_keeps_every_invariant() {
     for f in &summary.failures {
         println!("FAILED: {f:?}");
     }
-    assert!(summary.failures.is_empty(), "{} cases broke an invariant", summary.failures.len());
+    assert!(
+        summary.failures.is_empty(),
+        "{} cases broke an invariant",
+        summary.failures.len()
+    );
     // Every scenario makes several port calls, each tried with 9 faults.
     for scenario in Scenario::ALL {
-        assert!(summary.per_scenario[&format!("{scenario:?}")] >= 1 + 3 * 9, "{scenario:?} ran too few cases");
+        assert!(
+            summary.per_scenario[&format!("{scenario:?}")] >= 1 + 3 * 9,
+            "{scenario:?} ran too few cases"
+        );
     }
     // The matrix really exercised every kind of ending.
     for kind in ["ok", "not_applied", "crashed"] {
-        assert!(summary.outcomes.get(kind).copied().unwrap_or(0) > 0, "no case ended {kind}");
+        assert!(
+            summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
+            "no case ended {kind}"
+        );
     }
 }
 

@@ -11,7 +11,10 @@ use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_ra
 use tandem_tests::property::{property_config, run_history, step};
 
 fn stores() -> (InMemoryMetadataRepo, InMemoryVectorIndex) {
-    (InMemoryMetadataRepo::new(), InMemoryVectorIndex::new(DIM, Distance::Cosine))
+    (
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+    )
 }
 
 async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
@@ -25,7 +28,10 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
     .await
     .failures
     .into_iter()
-    .filter_map(|f| f.violation.map(|v| format!("{:?} {:?}: {v}", f.scenario, f.rule)))
+    .filter_map(|f| {
+        f.violation
+            .map(|v| format!("{:?} {:?}: {v}", f.scenario, f.rule))
+    })
     .collect();
     let (repo, index) = stores();
     if let Err(e) = recovery_races_a_live_call(repo, index, config, Some(bug)).await {
@@ -50,8 +56,13 @@ fn caught_by_property_suite(bug: PlantedBug) -> Option<String> {
                 .start_paused(true)
                 .build()
                 .expect("runtime");
-            rt.block_on(run_history(|| async { stores() }, property_config(), steps, Some(bug)))
-                .map_err(proptest::test_runner::TestCaseError::fail)
+            rt.block_on(run_history(
+                || async { stores() },
+                property_config(),
+                steps,
+                Some(bug),
+            ))
+            .map_err(proptest::test_runner::TestCaseError::fail)
         })
         .err()
         .map(|e| e.to_string())
@@ -61,8 +72,15 @@ fn caught_by_property_suite(bug: PlantedBug) -> Option<String> {
 async fn every_planted_bug_is_caught_by_the_fault_suites() {
     for bug in PlantedBug::ALL {
         let found = caught_by_fault_suites(bug).await;
-        println!("{bug:?}: caught by {} fault cases; first: {:?}", found.len(), found.first());
-        assert!(!found.is_empty(), "planted bug {bug:?} was not caught by the fault suites");
+        println!(
+            "{bug:?}: caught by {} fault cases; first: {:?}",
+            found.len(),
+            found.first()
+        );
+        assert!(
+            !found.is_empty(),
+            "planted bug {bug:?} was not caught by the fault suites"
+        );
     }
 }
 
@@ -71,6 +89,9 @@ fn every_planted_bug_is_caught_by_the_property_suite() {
     for bug in PlantedBug::ALL {
         let found = caught_by_property_suite(bug);
         println!("{bug:?}: property suite found {found:?}");
-        assert!(found.is_some(), "planted bug {bug:?} was not caught by the property suite");
+        assert!(
+            found.is_some(),
+            "planted bug {bug:?} was not caught by the property suite"
+        );
     }
 }

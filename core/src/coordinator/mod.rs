@@ -311,7 +311,7 @@ pub(crate) enum PlantedBugMarker {
     ResolveBeforeCleanup,
 }
 
-#[cfg(not(feature = "planted-bugs"))]
-pub(crate) use PlantedBugMarker as Bug;
 #[cfg(feature = "planted-bugs")]
 pub(crate) use PlantedBug as Bug;
+#[cfg(not(feature = "planted-bugs"))]
+pub(crate) use PlantedBugMarker as Bug;

@@ -28,7 +28,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if query.k == 0 {
             return Err(ValidationError::Invalid("k must be at least 1".into()).into());
         }
-        check_vector(&query.vector, 0, self.index.dimension(), self.index.distance())?;
+        check_vector(
+            &query.vector,
+            0,
+            self.index.dimension(),
+            self.index.distance(),
+        )?;
         check_filter(&query.filter, &self.config.limits)?;
         let span = info_span!("tandem.search", k = query.k);
         self.search_inner(query).instrument(span).await
@@ -36,7 +41,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     async fn search_inner(&self, query: &SearchQuery) -> Result<Vec<SearchHit>, CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
-        let mut fetch = query.k.saturating_mul(self.config.search_overfetch).min(MAX_FETCH).max(query.k);
+        let mut fetch = query
+            .k
+            .saturating_mul(self.config.search_overfetch)
+            .min(MAX_FETCH)
+            .max(query.k);
         loop {
             let started = Instant::now();
             let index_query = IndexQuery {
@@ -72,8 +81,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .await
                 .map_err(|f| metadata_failure(f, self.config.call_deadline))?
                 .into_iter()
-                    .map(|r| (r.id, r))
-                    .collect();
+                .map(|r| (r.id, r))
+                .collect();
                 hits.iter()
                     .filter_map(|h| {
                         by_id.get(&h.record_id).map(|r| {

@@ -75,7 +75,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         Ok(report)
     }
 
-    async fn list_points(&self, scope: Option<&Scope>) -> Result<HashMap<PointId, PointInfo>, CoordinatorError> {
+    async fn list_points(
+        &self,
+        scope: Option<&Scope>,
+    ) -> Result<HashMap<PointId, PointInfo>, CoordinatorError> {
         let mut out = HashMap::new();
         let mut offset = None;
         loop {
@@ -133,11 +136,17 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         )
         .await
         .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
-        let named = intents.iter().flat_map(|i| i.point_ids.iter().copied()).collect();
+        let named = intents
+            .iter()
+            .flat_map(|i| i.point_ids.iter().copied())
+            .collect();
         Ok((intents.len(), named))
     }
 
-    async fn confirm_missing(&self, candidates: Vec<RowRef>) -> Result<Vec<RowRef>, CoordinatorError> {
+    async fn confirm_missing(
+        &self,
+        candidates: Vec<RowRef>,
+    ) -> Result<Vec<RowRef>, CoordinatorError> {
         if candidates.is_empty() {
             return Ok(candidates);
         }
@@ -164,7 +173,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .collect())
     }
 
-    async fn confirm_orphans(&self, candidates: Vec<PointInfo>) -> Result<Vec<PointInfo>, CoordinatorError> {
+    async fn confirm_orphans(
+        &self,
+        candidates: Vec<PointInfo>,
+    ) -> Result<Vec<PointInfo>, CoordinatorError> {
         if candidates.is_empty() {
             return Ok(candidates);
         }
@@ -205,10 +217,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         async {
             let before = self.verify(scope).await?;
             let mut report = RepairReport::default();
-            let watermark = self
-                .clock
-                .now_ms()
-                .saturating_sub(i64::try_from(self.config.orphan_grace.as_millis()).unwrap_or(i64::MAX));
+            let watermark = self.clock.now_ms().saturating_sub(
+                i64::try_from(self.config.orphan_grace.as_millis()).unwrap_or(i64::MAX),
+            );
             let (old, young): (Vec<PointInfo>, Vec<PointInfo>) = before
                 .orphan_points
                 .into_iter()
@@ -227,7 +238,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 }
             }
             if !before.missing_points.is_empty() {
-                let (rewritten, unrepairable) = self.rewrite_missing(&before.missing_points).await?;
+                let (rewritten, unrepairable) =
+                    self.rewrite_missing(&before.missing_points).await?;
                 report.missing_rewritten = rewritten;
                 report.missing_unrepairable = unrepairable;
             }
@@ -238,7 +250,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         .await
     }
 
-    async fn rewrite_missing(&self, missing: &[RowRef]) -> Result<(usize, usize), CoordinatorError> {
+    async fn rewrite_missing(
+        &self,
+        missing: &[RowRef],
+    ) -> Result<(usize, usize), CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
         let ids: Vec<_> = missing.iter().map(|r| r.id).collect();
         let rows = with_retry(
@@ -312,7 +327,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             return Ok((referenced.len(), unrepairable));
         }
         self.resolve_best_effort(intent.id, owner).await;
-        info!(rewritten = referenced.len(), "repair rewrote missing points");
+        info!(
+            rewritten = referenced.len(),
+            "repair rewrote missing points"
+        );
         Ok((referenced.len(), unrepairable))
     }
 

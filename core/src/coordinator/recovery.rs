@@ -68,7 +68,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     owner
                 };
                 // The planted bug cleans live intents too, without fencing them.
-                let fenced = !self.bug(Bug::RecoverIgnoringLeases) || intent.lease_deadline_ms < now;
+                let fenced =
+                    !self.bug(Bug::RecoverIgnoringLeases) || intent.lease_deadline_ms < now;
                 match self.recover_one(&intent, owner, fenced).await {
                     Ok(deleted) => {
                         report.resolved += 1;

@@ -106,7 +106,11 @@ where
                 tokio::time::sleep(delay).await;
             }
             Err(_) => {
-                tracing::warn!(call = name, attempt, "deadline passed with the call in flight");
+                tracing::warn!(
+                    call = name,
+                    attempt,
+                    "deadline passed with the call in flight"
+                );
                 return Err(Failed::Deadline);
             }
         }

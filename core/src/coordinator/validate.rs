@@ -9,7 +9,11 @@ use crate::config::Limits;
 use crate::error::ValidationError;
 use crate::model::{DeleteSelector, Distance, Filter, NewRecord, Scope};
 
-pub(crate) fn check_scope(scope: &Scope, index: usize, limits: &Limits) -> Result<(), ValidationError> {
+pub(crate) fn check_scope(
+    scope: &Scope,
+    index: usize,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
     let len = scope.as_str().len();
     if scope.as_str().trim().is_empty() {
         return Err(ValidationError::EmptyScope { index });
@@ -92,11 +96,16 @@ pub(crate) fn check_batch(
     Ok(())
 }
 
-pub(crate) fn check_selector(selector: &DeleteSelector, limits: &Limits) -> Result<(), ValidationError> {
+pub(crate) fn check_selector(
+    selector: &DeleteSelector,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
     match selector {
         DeleteSelector::Ids(ids) => {
             if ids.is_empty() {
-                return Err(ValidationError::Invalid("delete by ids needs at least one id".into()));
+                return Err(ValidationError::Invalid(
+                    "delete by ids needs at least one id".into(),
+                ));
             }
             if ids.len() > limits.max_batch {
                 return Err(ValidationError::BatchTooLarge {
@@ -110,7 +119,9 @@ pub(crate) fn check_selector(selector: &DeleteSelector, limits: &Limits) -> Resu
         DeleteSelector::MetadataEq { scope, key, .. } => {
             check_scope(scope, 0, limits)?;
             if key.is_empty() {
-                return Err(ValidationError::Invalid("metadata key must not be empty".into()));
+                return Err(ValidationError::Invalid(
+                    "metadata key must not be empty".into(),
+                ));
             }
             Ok(())
         }
@@ -122,7 +133,9 @@ pub(crate) fn check_filter(filter: &Filter, limits: &Limits) -> Result<(), Valid
         check_scope(scope, 0, limits)?;
     }
     if filter.metadata_eq.keys().any(|k| k.is_empty()) {
-        return Err(ValidationError::Invalid("metadata key must not be empty".into()));
+        return Err(ValidationError::Invalid(
+            "metadata key must not be empty".into(),
+        ));
     }
     Ok(())
 }
@@ -157,11 +170,18 @@ mod tests {
         assert_eq!(check_batch(&[], 2, d, &l), Err(ValidationError::EmptyBatch));
         assert!(matches!(
             check_batch(&[rec(vec![1.0])], 2, d, &l),
-            Err(ValidationError::DimensionMismatch { index: 0, expected: 2, got: 1 })
+            Err(ValidationError::DimensionMismatch {
+                index: 0,
+                expected: 2,
+                got: 1
+            })
         ));
         assert!(matches!(
             check_batch(&[rec(vec![1.0, f32::NAN])], 2, d, &l),
-            Err(ValidationError::NonFiniteVector { index: 0, position: 1 })
+            Err(ValidationError::NonFiniteVector {
+                index: 0,
+                position: 1
+            })
         ));
         assert!(matches!(
             check_batch(&[rec(vec![f32::INFINITY, 1.0])], 2, d, &l),
@@ -173,7 +193,10 @@ mod tests {
         ));
         assert!(check_batch(&[rec(vec![0.0, 0.0])], 2, Distance::Dot, &l).is_ok());
         let id = RecordId::new_v7();
-        let dup = [rec(vec![1.0, 0.0]).with_id(id), rec(vec![1.0, 0.0]).with_id(id)];
+        let dup = [
+            rec(vec![1.0, 0.0]).with_id(id),
+            rec(vec![1.0, 0.0]).with_id(id),
+        ];
         assert!(matches!(
             check_batch(&dup, 2, d, &l),
             Err(ValidationError::DuplicateId { index: 1, .. })
@@ -181,7 +204,10 @@ mod tests {
         let bad_meta = rec(vec![1.0, 0.0]).with_metadata(json!([1]));
         assert!(matches!(
             check_batch(&[bad_meta], 2, d, &l),
-            Err(ValidationError::MetadataNotObject { found: "an array", .. })
+            Err(ValidationError::MetadataNotObject {
+                found: "an array",
+                ..
+            })
         ));
         let empty_scope = NewRecord::new("  ", "c", vec![1.0, 0.0]);
         assert!(matches!(
@@ -215,7 +241,10 @@ mod tests {
     fn request_hash_is_stable_and_sensitive() {
         let a = vec![rec(vec![1.0, 0.0])];
         let b = vec![rec(vec![0.0, 1.0])];
-        assert_eq!(request_hash("upsert", &a), request_hash("upsert", &a.clone()));
+        assert_eq!(
+            request_hash("upsert", &a),
+            request_hash("upsert", &a.clone())
+        );
         assert_ne!(request_hash("upsert", &a), request_hash("upsert", &b));
         assert_ne!(request_hash("upsert", &a), request_hash("delete", &a));
     }

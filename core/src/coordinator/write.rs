@@ -101,25 +101,24 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let owner = OwnerToken::new_random();
 
         // Only the planted bugs look at the current rows before the commit.
-        let current: HashMap<RecordId, PointId> = if self.bug(Bug::OverwritePointInPlace)
-            || self.bug(Bug::DeleteOldPointsBeforeCommit)
-        {
-            let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
-            with_retry(
-                &self.config.retry,
-                deadline,
-                "metadata.get",
-                Idempotence::Idempotent,
-                || self.repo.get(&ids),
-            )
-            .await
-            .map_err(|f| metadata_failure(f, self.config.call_deadline))?
-            .into_iter()
+        let current: HashMap<RecordId, PointId> =
+            if self.bug(Bug::OverwritePointInPlace) || self.bug(Bug::DeleteOldPointsBeforeCommit) {
+                let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
+                with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "metadata.get",
+                    Idempotence::Idempotent,
+                    || self.repo.get(&ids),
+                )
+                .await
+                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+                .into_iter()
                 .map(|r| (r.id, r.point_id))
                 .collect()
-        } else {
-            HashMap::new()
-        };
+            } else {
+                HashMap::new()
+            };
 
         let mut rows = Vec::with_capacity(records.len());
         let mut points = Vec::with_capacity(records.len());
@@ -252,7 +251,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             } => {
                 self.compensate(intent_id, owner, &new_points, false).await;
                 if key_taken {
-                    return self.replay_after_race(idem.as_ref(), replay_upsert, error).await;
+                    return self
+                        .replay_after_race(idem.as_ref(), replay_upsert, error)
+                        .await;
                 }
                 Err(error)
             }
@@ -376,7 +377,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 metrics::counter!("tandem_rollbacks_total", "op" => "delete").increment(1);
                 self.resolve_best_effort(intent_id, owner).await;
                 if key_taken {
-                    return self.replay_after_race(idem.as_ref(), replay_delete, error).await;
+                    return self
+                        .replay_after_race(idem.as_ref(), replay_delete, error)
+                        .await;
                 }
                 Err(error)
             }
@@ -423,7 +426,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     ) -> Result<R, CoordinatorError> {
         let Some(idem) = idem else { return Err(error) };
         let deadline = Instant::now() + self.config.cleanup_deadline;
-        match self.lookup_key(&idem.key, &idem.request_hash, deadline).await? {
+        match self
+            .lookup_key(&idem.key, &idem.request_hash, deadline)
+            .await?
+        {
             Some(rec) => replay(rec),
             None => Err(error),
         }
@@ -564,7 +570,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// Learns whether a commit whose reply was lost happened.
-    async fn settle(&self, intent: IntentId, owner: OwnerToken) -> Result<Settled, CoordinatorError> {
+    async fn settle(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+    ) -> Result<Settled, CoordinatorError> {
         let fence = OwnerToken::new_random();
         let deadline = Instant::now() + self.config.cleanup_deadline;
         let settlement = with_retry(
@@ -587,9 +597,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             // Leases outlive calls, so nobody else can have resolved the intent
             // yet: a missing intent means we cannot tell.
             Settlement::Missing => {
-                return Err(CoordinatorError::Metadata(MetadataError::permanent(format!(
-                    "intent {intent} vanished before its outcome was settled"
-                ))));
+                return Err(CoordinatorError::Metadata(MetadataError::permanent(
+                    format!("intent {intent} vanished before its outcome was settled"),
+                )));
             }
         })
     }
@@ -597,21 +607,26 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// Writes points in ⌈n/chunk⌉ calls, `index_parallelism` at a time. Waits
     /// for every chunk before reporting a failure, so that compensation never
     /// races a chunk still being written by this process.
-    async fn write_points(&self, points: &[Point], deadline: Instant) -> Result<(), Failed<IndexError>> {
+    async fn write_points(
+        &self,
+        points: &[Point],
+        deadline: Instant,
+    ) -> Result<(), Failed<IndexError>> {
         let chunk = self.config.limits.index_chunk;
-        let results: Vec<Result<(), Failed<IndexError>>> = futures::stream::iter(points.chunks(chunk))
-            .map(|c| {
-                with_retry(
-                    &self.config.retry,
-                    deadline,
-                    "index.upsert",
-                    Idempotence::Idempotent,
-                    move || self.index.upsert(c),
-                )
-            })
-            .buffer_unordered(self.config.limits.index_parallelism)
-            .collect()
-            .await;
+        let results: Vec<Result<(), Failed<IndexError>>> =
+            futures::stream::iter(points.chunks(chunk))
+                .map(|c| {
+                    with_retry(
+                        &self.config.retry,
+                        deadline,
+                        "index.upsert",
+                        Idempotence::Idempotent,
+                        move || self.index.upsert(c),
+                    )
+                })
+                .buffer_unordered(self.config.limits.index_parallelism)
+                .collect()
+                .await;
         first_failure(results)
     }
 
@@ -657,7 +672,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         match self.delete_points(new_points, deadline).await {
             Ok(()) => {
                 metrics::counter!("tandem_compensations_total").increment(1);
-                info!(points = new_points.len(), "cleaned up index points after rollback");
+                info!(
+                    points = new_points.len(),
+                    "cleaned up index points after rollback"
+                );
                 if write_abandoned {
                     warn!("an index write may still be in flight; the intent is left to recovery");
                 } else {
@@ -681,7 +699,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if let Err(f) = self.delete_points(garbage, deadline).await {
             let e = index_failure(f, self.config.cleanup_deadline);
             warn!(error = %e, points = garbage.len(), "cleanup deferred to recovery");
-            metrics::counter!("tandem_deferred_cleanup_points_total").increment(garbage.len() as u64);
+            metrics::counter!("tandem_deferred_cleanup_points_total")
+                .increment(garbage.len() as u64);
             record_phase("write", "cleanup", started);
             return garbage.len();
         }
@@ -738,14 +757,20 @@ fn first_failure<E>(results: Vec<Result<(), Failed<E>>>) -> Result<(), Failed<E>
     }
 }
 
-pub(super) fn metadata_failure(f: Failed<MetadataError>, budget: std::time::Duration) -> CoordinatorError {
+pub(super) fn metadata_failure(
+    f: Failed<MetadataError>,
+    budget: std::time::Duration,
+) -> CoordinatorError {
     match f {
         Failed::Port(e) => CoordinatorError::Metadata(e),
         Failed::Deadline => CoordinatorError::DeadlineExceeded(budget),
     }
 }
 
-pub(super) fn index_failure(f: Failed<IndexError>, budget: std::time::Duration) -> CoordinatorError {
+pub(super) fn index_failure(
+    f: Failed<IndexError>,
+    budget: std::time::Duration,
+) -> CoordinatorError {
     match f {
         Failed::Port(e) => CoordinatorError::Index(e),
         Failed::Deadline => CoordinatorError::DeadlineExceeded(budget),
@@ -754,7 +779,10 @@ pub(super) fn index_failure(f: Failed<IndexError>, budget: std::time::Duration) 
 
 fn replay_upsert(rec: IdempotencyRecord) -> Result<UpsertReport, CoordinatorError> {
     let mut report: UpsertReport = serde_json::from_value(rec.outcome).map_err(|e| {
-        CoordinatorError::Config(format!("stored outcome of key {:?} is unreadable: {e}", rec.key))
+        CoordinatorError::Config(format!(
+            "stored outcome of key {:?} is unreadable: {e}",
+            rec.key
+        ))
     })?;
     report.inserted = rec.summary.inserted;
     report.updated = rec.summary.updated;
@@ -765,7 +793,10 @@ fn replay_upsert(rec: IdempotencyRecord) -> Result<UpsertReport, CoordinatorErro
 
 fn replay_delete(rec: IdempotencyRecord) -> Result<DeleteReport, CoordinatorError> {
     let mut report: DeleteReport = serde_json::from_value(rec.outcome).map_err(|e| {
-        CoordinatorError::Config(format!("stored outcome of key {:?} is unreadable: {e}", rec.key))
+        CoordinatorError::Config(format!(
+            "stored outcome of key {:?} is unreadable: {e}",
+            rec.key
+        ))
     })?;
     report.deleted = rec.summary.deleted;
     report.deferred_cleanup = 0;
