@@ -438,6 +438,41 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = (M, V)>,
 {
+    let rule_desc = rule.as_ref().map(|r| (r.call, r.nth, r.fault.clone()));
+    let (mut result, calls) = run_case_with(
+        make,
+        config,
+        scenario,
+        move |world: &World<M, V>| {
+            if let Some(rule) = rule {
+                world.ctl.add(rule);
+            }
+        },
+        bug,
+    )
+    .await;
+    result.rule = rule_desc;
+    (result, calls)
+}
+
+/// [`run_case`] with a caller-supplied fault installer, called once the world
+/// is seeded and just before the faulty call: it may add rules to
+/// `world.ctl`, or arm faults somewhere else entirely (in a test server, a
+/// TCP proxy, ...). Returns the case and the port calls the faulty call made.
+pub async fn run_case_with<M, V, F, Fut, I>(
+    make: &F,
+    config: &CoordinatorConfig,
+    scenario: Scenario,
+    install: I,
+    bug: Option<PlantedBug>,
+) -> (CaseResult, Vec<(Call, usize)>)
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (M, V)>,
+    I: FnOnce(&World<M, V>),
+{
     let (repo, index) = make().await;
     let mut world = World::new(repo, index, config.clone(), 7);
     world.seed().await;
@@ -447,10 +482,7 @@ where
         world.after_leases();
     }
     let pre = invariants::rows(&*world.repo).await.expect("rows");
-    let rule_desc = rule.as_ref().map(|r| (r.call, r.nth, r.fault.clone()));
-    if let Some(rule) = rule {
-        world.ctl.add(rule);
-    }
+    install(&world);
     let log_start = world.ctl.log().len();
     let ran = run_scenario(&world, scenario).await;
     let calls: Vec<(Call, usize)> = world.ctl.log()[log_start..]
@@ -464,7 +496,7 @@ where
     (
         CaseResult {
             scenario,
-            rule: rule_desc,
+            rule: None,
             ran,
             violation,
         },
