@@ -1,1 +1,353 @@
-//! The sqlite backend (under construction).
+//! [`SqliteMetadataRepo`]: the embedded default [`MetadataRepo`], SQLite
+//! through diesel-async's `SyncConnectionWrapper` (bundled libsqlite3).
+//!
+//! Same schema semantics and the same protocol steps as the PostgreSQL
+//! adapter (the steps are shared, `crate::sql::steps`); what differs is how
+//! they are made atomic: every writing call runs, whole, in one `BEGIN
+//! IMMEDIATE` transaction on one blocking thread. The immediate transaction
+//! takes the database's write lock up front (waiting up to
+//! [`SqliteConfig::busy_timeout`]), so a commit, a settle or a recovery claim
+//! sees no other writer between its reads and its writes — SQLite has no
+//! `SKIP LOCKED`, and needs none. WAL mode lets reads run beside the writer;
+//! `synchronous = FULL` makes a commit durable when it returns.
+
+pub mod error;
+mod session;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::SqliteConnection;
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use tandem_core::{
+    DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, MetadataRepo,
+    NewIntent, Outcome, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, Settlement,
+    StoredRecord, UpsertCommit,
+};
+
+use self::error::{Phase, classify, classify_checkout, task_lost};
+use self::session::{SqliteConnector, SyncTx, immediate};
+use crate::sql::pool::Pool;
+use crate::sql::steps;
+
+/// The migrations under `adapters/migrations/sqlite`, compiled in.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+
+/// Where and how to keep the embedded metadata store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SqliteConfig {
+    /// The database file (created, with its directory, if missing).
+    pub path: PathBuf,
+    /// Whether rows keep their vectors (so `repair` can rewrite lost points).
+    pub keep_vectors: bool,
+    /// How long a writer waits for another one (another process included)
+    /// before failing with a retryable error.
+    pub busy_timeout: Duration,
+    /// Most connections (one writer at a time; readers run beside it).
+    pub pool_size: u32,
+    /// Whether [`SqliteMetadataRepo::open`] applies pending migrations.
+    pub migrate_on_start: bool,
+}
+
+impl SqliteConfig {
+    /// Defaults for everything but the path: vectors kept, 5 s busy timeout,
+    /// pool of 4, migrate on start.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            keep_vectors: true,
+            busy_timeout: Duration::from_secs(5),
+            pool_size: 4,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// The embedded [`MetadataRepo`]: one SQLite database file.
+pub struct SqliteMetadataRepo {
+    pool: Pool<SqliteConnector>,
+    config: SqliteConfig,
+}
+
+impl fmt::Debug for SqliteMetadataRepo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteMetadataRepo")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteMetadataRepo {
+    /// Opens (creating if needed) the database, checks it can be used, and
+    /// migrates if [`SqliteConfig::migrate_on_start`].
+    pub async fn open(config: SqliteConfig) -> Result<Self, MetadataError> {
+        let path = config
+            .path
+            .to_str()
+            .ok_or_else(|| {
+                MetadataError::permanent(format!(
+                    "SQLite path {} is not valid UTF-8",
+                    config.path.display()
+                ))
+            })?
+            .to_owned();
+        if path.is_empty() || path == ":memory:" || path.starts_with("file:") {
+            // Each pooled connection would see a database of its own.
+            return Err(MetadataError::permanent(
+                "SQLite path must name a database file",
+            ));
+        }
+        if config.pool_size == 0 || config.busy_timeout.is_zero() {
+            return Err(MetadataError::permanent(
+                "SQLite configuration: pool_size and busy_timeout must be positive",
+            ));
+        }
+        if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| MetadataError::Permanent {
+                    outcome: Outcome::NotApplied,
+                    message: format!("cannot create the directory {}: {e}", dir.display()),
+                    source: Some(Box::new(e)),
+                })?;
+        }
+        let connector = SqliteConnector {
+            path,
+            busy_timeout: config.busy_timeout,
+        };
+        // A caller waits for a free connection as long as for the write lock.
+        let pool = Pool::new(connector, config.pool_size, config.busy_timeout, "sqlite");
+        let repo = Self { pool, config };
+        if repo.config.migrate_on_start {
+            repo.migrate().await?;
+        } else {
+            repo.run(|_, _| (Ok(()), true)).await?;
+        }
+        Ok(repo)
+    }
+
+    /// Applies pending migrations, inside one immediate transaction so that
+    /// processes opening the same file together migrate one at a time.
+    /// Returns how many were applied.
+    pub async fn migrate(&self) -> Result<usize, MetadataError> {
+        self.run(|c, _| {
+            let mut applied: Result<usize, MetadataError> = Ok(0);
+            let tx = c.immediate_transaction::<_, diesel::result::Error, _>(|c| {
+                match c.run_pending_migrations(MIGRATIONS) {
+                    Ok(versions) => {
+                        applied = Ok(versions.len());
+                        Ok(())
+                    }
+                    Err(e) => {
+                        applied = Err(match e.downcast::<diesel::result::Error>() {
+                            Ok(db) => classify(*db, Phase::Statement),
+                            Err(other) => MetadataError::Permanent {
+                                outcome: Outcome::NotApplied,
+                                message: format!("SQLite migration failed: {other}"),
+                                source: Some(other),
+                            },
+                        });
+                        Err(diesel::result::Error::RollbackTransaction)
+                    }
+                }
+            });
+            match tx {
+                Ok(()) | Err(diesel::result::Error::RollbackTransaction) => (applied, true),
+                Err(e) => (Err(classify(e, Phase::Commit)), false),
+            }
+        })
+        .await
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &SqliteConfig {
+        &self.config
+    }
+
+    /// Runs one call on a pooled connection's blocking thread. `f` says
+    /// whether it left the connection clean (no transaction open); a call
+    /// whose future is dropped still runs to its end there, and its
+    /// connection is discarded.
+    async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SqliteConnection, bool) -> (Result<R, MetadataError>, bool) + Send + 'static,
+    ) -> Result<R, MetadataError> {
+        let mut checkout = self.pool.checkout().await.map_err(classify_checkout)?;
+        let keep_vectors = self.config.keep_vectors;
+        match checkout
+            .conn()
+            .spawn_blocking(move |c| Ok(f(c, keep_vectors)))
+            .await
+        {
+            Ok((result, clean)) => {
+                if clean {
+                    checkout.release();
+                }
+                result
+            }
+            Err(e) => Err(task_lost(e)),
+        }
+    }
+
+    /// A read or a single-statement write: no transaction is left open.
+    async fn simple<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SqliteConnection, bool) -> Result<R, MetadataError> + Send + 'static,
+    ) -> Result<R, MetadataError> {
+        self.run(move |c, keep| (f(c, keep), true)).await
+    }
+}
+
+#[async_trait]
+impl MetadataRepo for SqliteMetadataRepo {
+    async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
+        let intent = intent.clone();
+        self.simple(move |c, _| session::insert_intent(c, &intent))
+            .await
+    }
+
+    async fn commit_upsert(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        rows: &[RowWrite],
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<UpsertCommit, MetadataError> {
+        let (rows, idempotency) = (rows.to_vec(), idempotency.cloned());
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(steps::commit_upsert(
+                    &mut tx,
+                    intent,
+                    owner,
+                    &rows,
+                    idempotency.as_ref(),
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn commit_delete(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        selector: &DeleteSelector,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<DeleteCommit, MetadataError> {
+        let (selector, idempotency) = (selector.clone(), idempotency.cloned());
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(steps::commit_delete(
+                    &mut tx,
+                    intent,
+                    owner,
+                    &selector,
+                    idempotency.as_ref(),
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn settle(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(steps::settle(&mut tx, intent, owner, fence))
+            })
+        })
+        .await
+    }
+
+    async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
+        self.simple(move |c, _| session::delete_intent(c, intent, owner))
+            .await
+    }
+
+    async fn claim_expired(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        self.run(move |c, _| {
+            immediate(c, |c| {
+                session::claim_expired(c, now_ms, owner, lease_deadline_ms, limit)
+            })
+        })
+        .await
+    }
+
+    async fn record_failure(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        message: &str,
+    ) -> Result<(), MetadataError> {
+        let message = message.to_owned();
+        self.simple(move |c, _| session::set_last_error(c, intent, owner, &message))
+            .await
+    }
+
+    async fn referenced_points(
+        &self,
+        points: &[PointId],
+    ) -> Result<HashSet<PointId>, MetadataError> {
+        let points = points.to_vec();
+        self.simple(move |c, _| session::referenced_points(c, &points))
+            .await
+    }
+
+    async fn rows_by_points(&self, points: &[PointId]) -> Result<Vec<StoredRecord>, MetadataError> {
+        let points = points.to_vec();
+        self.simple(move |c, keep| session::rows_by_points(c, &points, keep))
+            .await
+    }
+
+    async fn get(&self, ids: &[RecordId]) -> Result<Vec<StoredRecord>, MetadataError> {
+        let ids = ids.to_vec();
+        self.simple(move |c, keep| session::get(c, &ids, keep))
+            .await
+    }
+
+    async fn lookup_idempotency(
+        &self,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, MetadataError> {
+        let key = key.to_owned();
+        self.simple(move |c, _| session::lookup_idempotency(c, &key))
+            .await
+    }
+
+    async fn scan_refs(
+        &self,
+        scope: Option<&Scope>,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Page<RowRef, RecordId>, MetadataError> {
+        let scope = scope.cloned();
+        self.simple(move |c, _| session::scan_refs(c, scope.as_ref(), after, limit))
+            .await
+    }
+
+    async fn list_intents(&self, limit: usize) -> Result<Vec<Intent>, MetadataError> {
+        self.simple(move |c, _| session::list_intents(c, limit))
+            .await
+    }
+
+    async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
+        self.simple(|c, _| session::count_by_scope(c)).await
+    }
+}

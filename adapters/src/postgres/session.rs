@@ -1,0 +1,758 @@
+//! Pooled sessions: the connection manager, the transaction guard, and every
+//! statement the adapter runs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use async_trait::async_trait;
+use diesel::QueryableByName;
+use diesel::sql_types::{
+    Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
+};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use serde_json::Value;
+use tandem_core::{
+    CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, NewIntent,
+    OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, StoredRecord,
+};
+use uuid::Uuid;
+
+use super::error::{ConnectError, Phase, classify, classify_checkout};
+use crate::sql::codec::{
+    IdempotencyRow, IntentRow, RecordRow, encode_vector, page_limit, summary_columns, to_u64,
+};
+use crate::sql::pool::{Checkout, Connector, Pool};
+use crate::sql::steps::TxOps;
+
+/// Opens connections with tokio-postgres directly (so connection failures keep
+/// their SQLSTATE) and hands them to diesel-async.
+#[derive(Clone)]
+pub(crate) struct PgConnector {
+    pub(crate) config: tokio_postgres::Config,
+}
+
+impl Connector for PgConnector {
+    type Conn = AsyncPgConnection;
+    type Error = ConnectError;
+
+    async fn connect(&self) -> Result<AsyncPgConnection, ConnectError> {
+        let (client, connection) = self
+            .config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(ConnectError::Connect)?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection)
+            .await
+            .map_err(ConnectError::Setup)
+    }
+
+    async fn check(&self, conn: &mut AsyncPgConnection) -> Result<(), ConnectError> {
+        conn.batch_execute("SELECT 1")
+            .await
+            .map_err(ConnectError::Check)
+    }
+}
+
+pub(crate) type PgPool = Pool<PgConnector>;
+
+/// One port call's use of a pooled connection.
+pub(crate) struct Session {
+    conn: Checkout<PgConnector>,
+    keep_vectors: bool,
+}
+
+impl Session {
+    pub(crate) async fn open(pool: &PgPool, keep_vectors: bool) -> Result<Self, MetadataError> {
+        let conn = pool.checkout().await.map_err(classify_checkout)?;
+        Ok(Self { conn, keep_vectors })
+    }
+
+    fn c(&mut self) -> &mut AsyncPgConnection {
+        self.conn.conn()
+    }
+
+    /// The call is over and the connection is idle again.
+    pub(crate) fn done<T>(mut self, result: Result<T, MetadataError>) -> Result<T, MetadataError> {
+        if result.is_ok() {
+            self.conn.release();
+        }
+        result
+    }
+
+    pub(crate) async fn begin(&mut self) -> Result<(), MetadataError> {
+        self.c()
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| classify(e, Phase::Statement))
+    }
+
+    /// Commits after a body that succeeded (a failure of COMMIT itself may have
+    /// an unknown outcome); rolls back after one that failed.
+    pub(crate) async fn finish<T>(
+        mut self,
+        result: Result<T, MetadataError>,
+    ) -> Result<T, MetadataError> {
+        match result {
+            Ok(value) => {
+                let committed = self
+                    .c()
+                    .batch_execute("COMMIT")
+                    .await
+                    .map(|()| value)
+                    .map_err(|e| classify(e, Phase::Commit));
+                self.done(committed)
+            }
+            Err(e) => {
+                // A failed ROLLBACK leaves the connection dirty: it is discarded,
+                // and the server rolls back the dead session anyway.
+                let rolled_back = self.c().batch_execute("ROLLBACK").await;
+                if rolled_back.is_ok() {
+                    self.conn.release();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct PgRecord {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Text)]
+    content: String,
+    #[diesel(sql_type = Jsonb)]
+    metadata: Value,
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    vector: Option<Vec<u8>>,
+}
+
+impl PgRecord {
+    fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
+        RecordRow {
+            id: self.id,
+            scope: self.scope,
+            content: self.content,
+            metadata: self.metadata,
+            point_id: self.point_id,
+            version: self.version,
+            vector: self.vector,
+        }
+        .into_record(keep_vectors)
+    }
+}
+
+#[derive(QueryableByName)]
+struct PgIntent {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = SqlUuid)]
+    owner: Uuid,
+    #[diesel(sql_type = BigInt)]
+    lease_deadline_ms: i64,
+    #[diesel(sql_type = Array<SqlUuid>)]
+    point_ids: Vec<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    inserted: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    updated: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    deleted: Option<i64>,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    created_ms: i64,
+}
+
+impl PgIntent {
+    fn into_intent(self) -> Result<Intent, MetadataError> {
+        IntentRow {
+            id: self.id,
+            kind: self.kind,
+            state: self.state,
+            owner: self.owner,
+            lease_deadline_ms: self.lease_deadline_ms,
+            point_ids: self.point_ids,
+            inserted: self.inserted,
+            updated: self.updated,
+            deleted: self.deleted,
+            attempts: self.attempts,
+            last_error: self.last_error,
+            created_ms: self.created_ms,
+        }
+        .into_intent()
+    }
+}
+
+#[derive(QueryableByName)]
+struct PgClaimed {
+    #[diesel(embed)]
+    intent: PgIntent,
+    #[diesel(sql_type = BigInt)]
+    old_lease: i64,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgRef {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
+}
+
+#[derive(QueryableByName)]
+struct PgPoint {
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
+}
+
+#[derive(QueryableByName)]
+struct PgId {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+#[derive(QueryableByName)]
+struct PgScanRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgScopeCount {
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgIdempotency {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = Text)]
+    request_hash: String,
+    #[diesel(sql_type = Jsonb)]
+    outcome: Value,
+    #[diesel(sql_type = BigInt)]
+    inserted: i64,
+    #[diesel(sql_type = BigInt)]
+    updated: i64,
+    #[diesel(sql_type = BigInt)]
+    deleted: i64,
+}
+
+const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
+                              updated, deleted, attempts, last_error, created_ms";
+
+/// The record columns; `$1` says whether to return the vector.
+const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
+                              CASE WHEN $1 THEN vector END AS vector";
+
+fn uuids<T: Copy>(items: &[T], f: impl Fn(T) -> Uuid) -> Vec<Uuid> {
+    items.iter().map(|x| f(*x)).collect()
+}
+
+fn stmt(e: diesel::result::Error) -> MetadataError {
+    classify(e, Phase::Statement)
+}
+
+/// A single-statement write outside a transaction: its reply is its commit's.
+fn autocommit(e: diesel::result::Error) -> MetadataError {
+    classify(e, Phase::Commit)
+}
+
+/// Column arrays for `UNNEST`: one bind per column, whatever the batch size.
+struct RowColumns {
+    ids: Vec<Uuid>,
+    scopes: Vec<String>,
+    contents: Vec<String>,
+    metadata: Vec<Value>,
+    points: Vec<Uuid>,
+    vectors: Vec<Option<Vec<u8>>>,
+}
+
+impl RowColumns {
+    fn new(rows: &[&RowWrite], keep_vectors: bool) -> Self {
+        Self {
+            ids: rows.iter().map(|r| r.id.0).collect(),
+            scopes: rows.iter().map(|r| r.scope.as_str().to_owned()).collect(),
+            contents: rows.iter().map(|r| r.content.clone()).collect(),
+            metadata: rows
+                .iter()
+                .map(|r| Value::Object(r.metadata.clone()))
+                .collect(),
+            points: rows.iter().map(|r| r.point_id.0).collect(),
+            vectors: rows
+                .iter()
+                .map(|r| keep_vectors.then(|| encode_vector(&r.vector)))
+                .collect(),
+        }
+    }
+}
+
+const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], \
+                           $6::bytea[]) AS t(id, scope, content, metadata, point_id, vector)";
+
+#[async_trait]
+impl TxOps for Session {
+    async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError> {
+        let rows: Vec<PgIntent> = diesel::sql_query(format!(
+            "SELECT {INTENT_COLUMNS} FROM intents WHERE id = $1 FOR UPDATE"
+        ))
+        .bind::<SqlUuid, _>(id.0)
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        rows.into_iter()
+            .next()
+            .map(PgIntent::into_intent)
+            .transpose()
+    }
+
+    async fn lock_records(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        let rows: Vec<PgRef> = diesel::sql_query(
+            "SELECT id, point_id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (RecordId(r.id), PointId(r.point_id)))
+            .collect())
+    }
+
+    async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError> {
+        let cols = RowColumns::new(rows, self.keep_vectors);
+        // In id order. `DO UPDATE … WHERE false` updates nothing but locks
+        // every conflicting row (PostgreSQL locks all rows the ON CONFLICT DO
+        // UPDATE action is taken for), and only inserted rows are returned.
+        let inserted: Vec<PgId> = diesel::sql_query(format!(
+            "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+             SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
+             FROM {UNNEST_ROWS} ORDER BY t.id \
+             ON CONFLICT (id) DO UPDATE SET version = records.version WHERE false \
+             RETURNING id"
+        ))
+        .bind::<Array<SqlUuid>, _>(cols.ids)
+        .bind::<Array<Text>, _>(cols.scopes)
+        .bind::<Array<Text>, _>(cols.contents)
+        .bind::<Array<Jsonb>, _>(cols.metadata)
+        .bind::<Array<SqlUuid>, _>(cols.points)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        Ok(inserted.into_iter().map(|r| RecordId(r.id)).collect())
+    }
+
+    async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError> {
+        let cols = RowColumns::new(rows, self.keep_vectors);
+        let n = diesel::sql_query(format!(
+            "UPDATE records AS r SET scope = t.scope, content = t.content, \
+             metadata = t.metadata, point_id = t.point_id, vector = t.vector, \
+             version = r.version + 1, updated_at = now() \
+             FROM {UNNEST_ROWS} WHERE r.id = t.id"
+        ))
+        .bind::<Array<SqlUuid>, _>(cols.ids)
+        .bind::<Array<Text>, _>(cols.scopes)
+        .bind::<Array<Text>, _>(cols.contents)
+        .bind::<Array<Jsonb>, _>(cols.metadata)
+        .bind::<Array<SqlUuid>, _>(cols.points)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .execute(self.c())
+        .await
+        .map_err(stmt)?;
+        Ok(n as u64)
+    }
+
+    async fn lock_selected(
+        &mut self,
+        selector: &DeleteSelector,
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        let query = match selector {
+            DeleteSelector::Ids(ids) => {
+                let mut ids = uuids(ids, |i| i.0);
+                ids.sort_unstable();
+                ids.dedup();
+                diesel::sql_query(
+                    "SELECT id, point_id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                )
+                .bind::<Array<SqlUuid>, _>(ids)
+                .load::<PgRef>(self.c())
+                .await
+            }
+            DeleteSelector::Scope(scope) => {
+                diesel::sql_query(
+                    "SELECT id, point_id FROM records WHERE scope = $1 ORDER BY id FOR UPDATE",
+                )
+                .bind::<Text, _>(scope.as_str())
+                .load::<PgRef>(self.c())
+                .await
+            }
+            DeleteSelector::MetadataEq { scope, key, value } => {
+                diesel::sql_query(
+                    "SELECT id, point_id FROM records WHERE scope = $1 AND metadata -> $2 = $3 \
+                     ORDER BY id FOR UPDATE",
+                )
+                .bind::<Text, _>(scope.as_str())
+                .bind::<Text, _>(key.as_str())
+                .bind::<Jsonb, _>(value)
+                .load::<PgRef>(self.c())
+                .await
+            }
+        };
+        Ok(query
+            .map_err(stmt)?
+            .into_iter()
+            .map(|r| (RecordId(r.id), PointId(r.point_id)))
+            .collect())
+    }
+
+    async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError> {
+        let n = diesel::sql_query("DELETE FROM records WHERE id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+            .execute(self.c())
+            .await
+            .map_err(stmt)?;
+        Ok(n as u64)
+    }
+
+    async fn mark_committed(
+        &mut self,
+        id: IntentId,
+        point_ids: &[PointId],
+        summary: CommitSummary,
+    ) -> Result<(), MetadataError> {
+        let (inserted, updated, deleted) = summary_columns(summary)?;
+        diesel::sql_query(
+            "UPDATE intents SET state = 'committed', point_ids = $2, inserted = $3, \
+             updated = $4, deleted = $5 WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(id.0)
+        .bind::<Array<SqlUuid>, _>(uuids(point_ids, |p| p.0))
+        .bind::<BigInt, _>(inserted)
+        .bind::<BigInt, _>(updated)
+        .bind::<BigInt, _>(deleted)
+        .execute(self.c())
+        .await
+        .map_err(stmt)?;
+        Ok(())
+    }
+
+    async fn record_idempotency(
+        &mut self,
+        record: &IdempotencyRecord,
+        summary: CommitSummary,
+    ) -> Result<bool, MetadataError> {
+        let (inserted, updated, deleted) = summary_columns(summary)?;
+        let n = diesel::sql_query(
+            "INSERT INTO idempotency_keys (key, request_hash, outcome, inserted, updated, deleted) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind::<Text, _>(record.key.as_str())
+        .bind::<Text, _>(record.request_hash.as_str())
+        .bind::<Jsonb, _>(&record.outcome)
+        .bind::<BigInt, _>(inserted)
+        .bind::<BigInt, _>(updated)
+        .bind::<BigInt, _>(deleted)
+        .execute(self.c())
+        .await
+        .map_err(stmt)?;
+        Ok(n == 1)
+    }
+
+    async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError> {
+        diesel::sql_query("UPDATE intents SET owner = $2 WHERE id = $1")
+            .bind::<SqlUuid, _>(id.0)
+            .bind::<SqlUuid, _>(to.0)
+            .execute(self.c())
+            .await
+            .map_err(stmt)?;
+        Ok(())
+    }
+}
+
+/// Single-statement writes (outside a transaction) and reads.
+impl Session {
+    pub(crate) async fn insert_intent(&mut self, intent: &NewIntent) -> Result<(), MetadataError> {
+        // A repeated prepare changes nothing, even if the intent moved on since.
+        diesel::sql_query(
+            "INSERT INTO intents (id, kind, state, owner, lease_deadline_ms, point_ids, \
+             attempts, created_ms) VALUES ($1, $2, 'prepared', $3, $4, $5, 0, $6) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind::<SqlUuid, _>(intent.id.0)
+        .bind::<Text, _>(intent.kind.as_str())
+        .bind::<SqlUuid, _>(intent.owner.0)
+        .bind::<BigInt, _>(intent.lease_deadline_ms)
+        .bind::<Array<SqlUuid>, _>(uuids(&intent.point_ids, |p| p.0))
+        .bind::<BigInt, _>(intent.created_ms)
+        .execute(self.c())
+        .await
+        .map_err(autocommit)?;
+        Ok(())
+    }
+
+    pub(crate) async fn delete_intent(
+        &mut self,
+        id: IntentId,
+        owner: OwnerToken,
+    ) -> Result<bool, MetadataError> {
+        let n = diesel::sql_query("DELETE FROM intents WHERE id = $1 AND owner = $2")
+            .bind::<SqlUuid, _>(id.0)
+            .bind::<SqlUuid, _>(owner.0)
+            .execute(self.c())
+            .await
+            .map_err(autocommit)?;
+        Ok(n == 1)
+    }
+
+    pub(crate) async fn claim_expired(
+        &mut self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // SKIP LOCKED: intents held by a commit, a settle or another claimer
+        // are left to them, so several recoverers never take the same intent.
+        let mut rows: Vec<PgClaimed> = diesel::sql_query(format!(
+            "WITH picked AS ( \
+                 SELECT id, lease_deadline_ms AS old_lease, seq FROM intents \
+                 WHERE lease_deadline_ms < $1 ORDER BY lease_deadline_ms, seq \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             UPDATE intents AS i SET owner = $3, lease_deadline_ms = $4, \
+                 attempts = i.attempts + 1 \
+             FROM picked WHERE i.id = picked.id \
+             RETURNING {}, picked.old_lease, picked.seq",
+            INTENT_COLUMNS
+                .split(", ")
+                .map(|c| format!("i.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind::<BigInt, _>(now_ms)
+        .bind::<BigInt, _>(limit)
+        .bind::<SqlUuid, _>(owner.0)
+        .bind::<BigInt, _>(lease_deadline_ms)
+        .load(self.c())
+        .await
+        .map_err(autocommit)?;
+        rows.sort_by_key(|r| (r.old_lease, r.seq));
+        rows.into_iter().map(|r| r.intent.into_intent()).collect()
+    }
+
+    pub(crate) async fn set_last_error(
+        &mut self,
+        id: IntentId,
+        owner: OwnerToken,
+        message: &str,
+    ) -> Result<(), MetadataError> {
+        diesel::sql_query("UPDATE intents SET last_error = $3 WHERE id = $1 AND owner = $2")
+            .bind::<SqlUuid, _>(id.0)
+            .bind::<SqlUuid, _>(owner.0)
+            .bind::<Text, _>(message)
+            .execute(self.c())
+            .await
+            .map_err(autocommit)?;
+        Ok(())
+    }
+
+    pub(crate) async fn referenced_points(
+        &mut self,
+        points: &[PointId],
+    ) -> Result<HashSet<PointId>, MetadataError> {
+        let rows: Vec<PgPoint> =
+            diesel::sql_query("SELECT point_id FROM records WHERE point_id = ANY($1)")
+                .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
+                .load(self.c())
+                .await
+                .map_err(stmt)?;
+        Ok(rows.into_iter().map(|r| PointId(r.point_id)).collect())
+    }
+
+    pub(crate) async fn rows_by_points(
+        &mut self,
+        points: &[PointId],
+    ) -> Result<Vec<StoredRecord>, MetadataError> {
+        let keep = self.keep_vectors;
+        let rows: Vec<PgRecord> = diesel::sql_query(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE point_id = ANY($2)"
+        ))
+        .bind::<Bool, _>(keep)
+        .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        let mut by_point: HashMap<PointId, StoredRecord> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let record = row.into_record(keep)?;
+            by_point.insert(record.point_id, record);
+        }
+        // In the order asked for, each row once.
+        Ok(points.iter().filter_map(|p| by_point.remove(p)).collect())
+    }
+
+    pub(crate) async fn get(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<StoredRecord>, MetadataError> {
+        let keep = self.keep_vectors;
+        let rows: Vec<PgRecord> = diesel::sql_query(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id = ANY($2)"
+        ))
+        .bind::<Bool, _>(keep)
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        let mut by_id: HashMap<RecordId, StoredRecord> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let record = row.into_record(keep)?;
+            by_id.insert(record.id, record);
+        }
+        Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+    }
+
+    pub(crate) async fn lookup_idempotency(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, MetadataError> {
+        let rows: Vec<PgIdempotency> = diesel::sql_query(
+            "SELECT key, request_hash, outcome, inserted, updated, deleted \
+             FROM idempotency_keys WHERE key = $1",
+        )
+        .bind::<Text, _>(key)
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        rows.into_iter()
+            .next()
+            .map(|r| {
+                IdempotencyRow {
+                    key: r.key,
+                    request_hash: r.request_hash,
+                    outcome: r.outcome,
+                    inserted: r.inserted,
+                    updated: r.updated,
+                    deleted: r.deleted,
+                }
+                .into_record()
+            })
+            .transpose()
+    }
+
+    pub(crate) async fn scan_refs(
+        &mut self,
+        scope: Option<&Scope>,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Page<RowRef, RecordId>, MetadataError> {
+        // One more than asked tells whether another page follows.
+        let fetch = page_limit(limit, "scan_refs")?.saturating_add(1);
+        const COLS: &str = "SELECT id, scope, point_id, version FROM records";
+        let rows: Vec<PgScanRow> = match (scope, after) {
+            (None, None) => {
+                diesel::sql_query(format!("{COLS} ORDER BY id LIMIT $1"))
+                    .bind::<BigInt, _>(fetch)
+                    .load(self.c())
+                    .await
+            }
+            (None, Some(after)) => {
+                diesel::sql_query(format!("{COLS} WHERE id > $1 ORDER BY id LIMIT $2"))
+                    .bind::<SqlUuid, _>(after.0)
+                    .bind::<BigInt, _>(fetch)
+                    .load(self.c())
+                    .await
+            }
+            (Some(scope), None) => {
+                diesel::sql_query(format!("{COLS} WHERE scope = $1 ORDER BY id LIMIT $2"))
+                    .bind::<Text, _>(scope.as_str())
+                    .bind::<BigInt, _>(fetch)
+                    .load(self.c())
+                    .await
+            }
+            (Some(scope), Some(after)) => {
+                diesel::sql_query(format!(
+                    "{COLS} WHERE scope = $1 AND id > $2 ORDER BY id LIMIT $3"
+                ))
+                .bind::<Text, _>(scope.as_str())
+                .bind::<SqlUuid, _>(after.0)
+                .bind::<BigInt, _>(fetch)
+                .load(self.c())
+                .await
+            }
+        }
+        .map_err(stmt)?;
+        let mut items = rows
+            .into_iter()
+            .map(|r| {
+                Ok(RowRef {
+                    id: RecordId(r.id),
+                    scope: Scope::new(r.scope),
+                    point_id: PointId(r.point_id),
+                    version: to_u64(r.version, "version")?,
+                })
+            })
+            .collect::<Result<Vec<_>, MetadataError>>()?;
+        let next = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    pub(crate) async fn list_intents(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<PgIntent> = diesel::sql_query(format!(
+            "SELECT {INTENT_COLUMNS} FROM intents ORDER BY created_ms, seq LIMIT $1"
+        ))
+        .bind::<BigInt, _>(limit)
+        .load(self.c())
+        .await
+        .map_err(stmt)?;
+        rows.into_iter().map(PgIntent::into_intent).collect()
+    }
+
+    pub(crate) async fn count_by_scope(&mut self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
+        let rows: Vec<PgScopeCount> =
+            diesel::sql_query("SELECT scope, count(*) AS n FROM records GROUP BY scope")
+                .load(self.c())
+                .await
+                .map_err(stmt)?;
+        rows.into_iter()
+            .map(|r| Ok((Scope::new(r.scope), to_u64(r.n, "count")?)))
+            .collect()
+    }
+}

@@ -1,0 +1,359 @@
+//! Mapping between SQL rows and the model, shared by the PostgreSQL and SQLite
+//! adapters: the row shapes, vector bytes, counters and batch validation.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use tandem_core::{
+    CommitSummary, IdempotencyRecord, Intent, IntentId, IntentKind, IntentState, MetadataError,
+    OwnerToken, PointId, RecordId, RowWrite, Scope, StoredRecord,
+};
+use uuid::Uuid;
+
+/// A `records` row as either backend reads it.
+#[derive(Debug)]
+pub(crate) struct RecordRow {
+    pub id: Uuid,
+    pub scope: String,
+    pub content: String,
+    pub metadata: Value,
+    pub point_id: Uuid,
+    pub version: i64,
+    pub vector: Option<Vec<u8>>,
+}
+
+impl RecordRow {
+    /// The model's record. `keep_vectors: false` hides any stored vector.
+    pub fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
+        let metadata = match self.metadata {
+            Value::Object(map) => map,
+            other => {
+                return Err(corrupt(format!(
+                    "record {}: metadata is not a JSON object but {}",
+                    self.id,
+                    json_type(&other)
+                )));
+            }
+        };
+        let vector = match (keep_vectors, self.vector) {
+            (true, Some(bytes)) => Some(decode_vector(&bytes).ok_or_else(|| {
+                corrupt(format!(
+                    "record {}: stored vector has {} bytes, not a multiple of 4",
+                    self.id,
+                    bytes.len()
+                ))
+            })?),
+            _ => None,
+        };
+        Ok(StoredRecord {
+            id: RecordId(self.id),
+            scope: Scope::new(self.scope),
+            content: self.content,
+            metadata,
+            point_id: PointId(self.point_id),
+            version: to_u64(self.version, "version")?,
+            vector,
+        })
+    }
+}
+
+/// An `intents` row as either backend reads it.
+#[derive(Debug)]
+pub(crate) struct IntentRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub state: String,
+    pub owner: Uuid,
+    pub lease_deadline_ms: i64,
+    pub point_ids: Vec<Uuid>,
+    pub inserted: Option<i64>,
+    pub updated: Option<i64>,
+    pub deleted: Option<i64>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_ms: i64,
+}
+
+impl IntentRow {
+    /// The model's intent.
+    pub fn into_intent(self) -> Result<Intent, MetadataError> {
+        let kind = IntentKind::parse(&self.kind)
+            .ok_or_else(|| corrupt(format!("intent {}: unknown kind {:?}", self.id, self.kind)))?;
+        let state = IntentState::parse(&self.state).ok_or_else(|| {
+            corrupt(format!(
+                "intent {}: unknown state {:?}",
+                self.id, self.state
+            ))
+        })?;
+        let summary = match (self.inserted, self.updated, self.deleted) {
+            (None, None, None) => None,
+            (i, u, d) => Some(CommitSummary {
+                inserted: to_u64(i.unwrap_or(0), "inserted")?,
+                updated: to_u64(u.unwrap_or(0), "updated")?,
+                deleted: to_u64(d.unwrap_or(0), "deleted")?,
+            }),
+        };
+        Ok(Intent {
+            id: IntentId(self.id),
+            kind,
+            state,
+            owner: OwnerToken(self.owner),
+            lease_deadline_ms: self.lease_deadline_ms,
+            point_ids: self.point_ids.into_iter().map(PointId).collect(),
+            summary,
+            attempts: u32::try_from(self.attempts)
+                .map_err(|_| corrupt(format!("intent {}: negative attempts", self.id)))?,
+            last_error: self.last_error,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+/// An `idempotency_keys` row as either backend reads it.
+#[derive(Debug)]
+pub(crate) struct IdempotencyRow {
+    pub key: String,
+    pub request_hash: String,
+    pub outcome: Value,
+    pub inserted: i64,
+    pub updated: i64,
+    pub deleted: i64,
+}
+
+impl IdempotencyRow {
+    /// The model's record.
+    pub fn into_record(self) -> Result<IdempotencyRecord, MetadataError> {
+        Ok(IdempotencyRecord {
+            key: self.key,
+            request_hash: self.request_hash,
+            outcome: self.outcome,
+            summary: CommitSummary {
+                inserted: to_u64(self.inserted, "inserted")?,
+                updated: to_u64(self.updated, "updated")?,
+                deleted: to_u64(self.deleted, "deleted")?,
+            },
+        })
+    }
+}
+
+/// The summary as the three signed counters SQL stores.
+pub(crate) fn summary_columns(s: CommitSummary) -> Result<(i64, i64, i64), MetadataError> {
+    Ok((
+        to_i64(s.inserted, "inserted")?,
+        to_i64(s.updated, "updated")?,
+        to_i64(s.deleted, "deleted")?,
+    ))
+}
+
+/// A vector as compact bytes: little-endian `f32`s, 4 bytes each.
+pub(crate) fn encode_vector(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The inverse of [`encode_vector`]; `None` if the length is not a multiple of 4.
+pub(crate) fn decode_vector(bytes: &[u8]) -> Option<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+/// Rejects what the protocol forbids within one batch and what SQL would apply
+/// ambiguously: a record twice, or a point twice. (A point that a committed row
+/// already references is rejected by the `point_id` unique constraint.)
+pub(crate) fn validate_batch(rows: &[RowWrite]) -> Result<(), MetadataError> {
+    let mut ids = HashSet::with_capacity(rows.len());
+    let mut points = HashSet::with_capacity(rows.len());
+    for (index, row) in rows.iter().enumerate() {
+        if !ids.insert(row.id) {
+            return Err(invalid(format!(
+                "row #{index}: record {} appears more than once in the batch",
+                row.id
+            )));
+        }
+        if !points.insert(row.point_id) {
+            return Err(invalid(format!(
+                "row #{index}: point {} appears more than once in the batch",
+                row.point_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A page size as SQL's `LIMIT`, rejecting 0 (an empty page would end a scan
+/// early or never advance it).
+pub(crate) fn page_limit(limit: usize, what: &str) -> Result<i64, MetadataError> {
+    if limit == 0 {
+        return Err(invalid(format!("{what}: limit must be at least 1")));
+    }
+    Ok(i64::try_from(limit).unwrap_or(i64::MAX))
+}
+
+/// Checks that `name` can be used as an SQL identifier without quoting
+/// surprises: lowercase ASCII letters, digits and `_`, not starting with a
+/// digit, at most 63 bytes (PostgreSQL's limit), not starting with `pg_`.
+pub(crate) fn validate_identifier(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || name.len() > 63 || name.starts_with("pg_") {
+        return Err(format!(
+            "invalid schema name {name:?}: use 1-63 lowercase ASCII letters, digits or '_', \
+             not starting with a digit or 'pg_'"
+        ));
+    }
+    Ok(())
+}
+
+/// A validated identifier, double-quoted for SQL.
+pub(crate) fn quote_identifier(name: &str) -> Result<String, String> {
+    validate_identifier(name)?;
+    Ok(format!("\"{name}\""))
+}
+
+pub(crate) fn to_u64(v: i64, what: &str) -> Result<u64, MetadataError> {
+    u64::try_from(v).map_err(|_| corrupt(format!("negative {what} ({v}) in the store")))
+}
+
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, MetadataError> {
+    i64::try_from(v).map_err(|_| invalid(format!("{what} ({v}) does not fit in a BIGINT")))
+}
+
+pub(crate) fn invalid(message: String) -> MetadataError {
+    MetadataError::InvalidInput {
+        message,
+        source: None,
+    }
+}
+
+/// The store holds something this version cannot read: permanent.
+pub(crate) fn corrupt(message: String) -> MetadataError {
+    MetadataError::permanent(format!("unreadable row: {message}"))
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn vectors_round_trip_through_bytes() {
+        let v = vec![0.0_f32, -1.5, f32::MAX, 1e-30, 3.25];
+        let bytes = encode_vector(&v);
+        assert_eq!(bytes.len(), 20);
+        assert_eq!(&bytes[4..8], &(-1.5_f32).to_le_bytes());
+        assert_eq!(decode_vector(&bytes).unwrap(), v);
+        assert!(decode_vector(&bytes[..7]).is_none());
+    }
+
+    #[test]
+    fn identifiers_are_validated() {
+        for ok in ["tandem", "_x", "t_1", &"a".repeat(63)] {
+            assert!(validate_identifier(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Tandem",
+            "a-b",
+            "a b",
+            "a\"; drop",
+            "pg_temp",
+            &"a".repeat(64),
+        ] {
+            assert!(validate_identifier(bad).is_err(), "{bad}");
+        }
+        assert_eq!(quote_identifier("tandem").unwrap(), "\"tandem\"");
+    }
+
+    #[test]
+    fn batch_with_duplicate_id_or_point_is_rejected() {
+        let row = |id: RecordId, p: PointId| RowWrite {
+            id,
+            scope: Scope::new("s"),
+            content: String::new(),
+            metadata: Default::default(),
+            point_id: p,
+            vector: vec![1.0],
+        };
+        let (a, b) = (RecordId::new_random(), RecordId::new_random());
+        let (p, q) = (PointId::new_random(), PointId::new_random());
+        assert!(validate_batch(&[row(a, p), row(b, q)]).is_ok());
+        assert!(matches!(
+            validate_batch(&[row(a, p), row(a, q)]),
+            Err(MetadataError::InvalidInput { .. })
+        ));
+        assert!(matches!(
+            validate_batch(&[row(a, p), row(b, p)]),
+            Err(MetadataError::InvalidInput { .. })
+        ));
+    }
+
+    #[test]
+    fn rows_map_to_the_model() {
+        let id = Uuid::new_v4();
+        let row = RecordRow {
+            id,
+            scope: "s".into(),
+            content: "c".into(),
+            metadata: json!({"a": 1}),
+            point_id: Uuid::new_v4(),
+            version: 3,
+            vector: Some(encode_vector(&[1.0, 2.0])),
+        };
+        let r = row.into_record(true).unwrap();
+        assert_eq!(r.version, 3);
+        assert_eq!(r.vector, Some(vec![1.0, 2.0]));
+        let bad = RecordRow {
+            id,
+            scope: "s".into(),
+            content: "c".into(),
+            metadata: json!([1]),
+            point_id: Uuid::new_v4(),
+            version: 1,
+            vector: None,
+        };
+        assert!(matches!(
+            bad.into_record(true),
+            Err(MetadataError::Permanent { .. })
+        ));
+        let intent = IntentRow {
+            id,
+            kind: "delete".into(),
+            state: "committed".into(),
+            owner: Uuid::new_v4(),
+            lease_deadline_ms: 5,
+            point_ids: vec![Uuid::new_v4()],
+            inserted: Some(0),
+            updated: Some(0),
+            deleted: Some(1),
+            attempts: 2,
+            last_error: None,
+            created_ms: 1,
+        }
+        .into_intent()
+        .unwrap();
+        assert_eq!(intent.kind, IntentKind::Delete);
+        assert_eq!(intent.summary.unwrap().deleted, 1);
+        assert_eq!(intent.attempts, 2);
+    }
+}

@@ -1,0 +1,221 @@
+//! The protocol steps that are the same on every SQL backend, written once over
+//! [`TxOps`]: the few statements a backend must provide inside its transaction.
+//!
+//! Each step runs inside one transaction that the backend opens before and
+//! commits (or rolls back) after; any error returned here makes the backend
+//! roll back, so "fails and writes nothing" holds by construction.
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use tandem_core::{
+    CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
+    MetadataError, OwnerToken, PointId, RecordId, RowWrite, Settlement, UpsertCommit,
+};
+
+use super::codec::validate_batch;
+
+/// The statements a backend runs inside a protocol step's transaction.
+///
+/// Locking methods lock what they read until the end of the transaction (row
+/// locks on PostgreSQL, in ascending id order so that concurrent batches
+/// cannot deadlock each other; SQLite's writer lock covers the database).
+#[async_trait]
+pub(crate) trait TxOps: Send {
+    /// Reads an intent and locks it, waiting for any transaction holding it.
+    async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError>;
+
+    /// The current point of each existing record among `ids` (ascending,
+    /// deduplicated), locked, in id order.
+    async fn lock_records(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError>;
+
+    /// In one pass over `rows` (ascending id order): inserts, at version 1,
+    /// those whose id does not exist, and locks the rows of those that do
+    /// (waiting for a concurrent insert of the same id to finish); returns
+    /// the ids it inserted.
+    async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError>;
+
+    /// Switches existing `rows` to their new point, content, metadata and
+    /// scope, bumping the version; returns how many rows changed.
+    async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError>;
+
+    /// The rows a delete selects, locked, in id order, with their points.
+    async fn lock_selected(
+        &mut self,
+        selector: &DeleteSelector,
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError>;
+
+    /// Deletes these rows; returns how many were deleted.
+    async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError>;
+
+    /// Marks the intent `Committed`, listing `point_ids`, with the summary.
+    async fn mark_committed(
+        &mut self,
+        id: IntentId,
+        point_ids: &[PointId],
+        summary: CommitSummary,
+    ) -> Result<(), MetadataError>;
+
+    /// Records the key with this commit's summary; `false` if the key was
+    /// already recorded (nothing is written then).
+    async fn record_idempotency(
+        &mut self,
+        record: &IdempotencyRecord,
+        summary: CommitSummary,
+    ) -> Result<bool, MetadataError>;
+
+    /// Gives the intent to another owner.
+    async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError>;
+}
+
+/// The intent, locked, if `owner` owns it; otherwise the commit is fenced.
+async fn owned_intent<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: IntentId,
+    owner: OwnerToken,
+) -> Result<Intent, MetadataError> {
+    match tx.lock_intent(intent).await? {
+        Some(current) if current.owner == owner => Ok(current),
+        _ => Err(MetadataError::Fenced { intent }),
+    }
+}
+
+async fn record_key<T: TxOps + ?Sized>(
+    tx: &mut T,
+    idempotency: Option<&IdempotencyRecord>,
+    summary: CommitSummary,
+) -> Result<(), MetadataError> {
+    if let Some(record) = idempotency
+        && !tx.record_idempotency(record, summary).await?
+    {
+        // The caller rolls back, so nothing of this commit is written.
+        return Err(MetadataError::IdempotencyKeyTaken {
+            key: record.key.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// [`MetadataRepo::commit_upsert`](tandem_core::MetadataRepo::commit_upsert)
+/// inside the caller's transaction.
+pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: IntentId,
+    owner: OwnerToken,
+    rows: &[RowWrite],
+    idempotency: Option<&IdempotencyRecord>,
+) -> Result<UpsertCommit, MetadataError> {
+    validate_batch(rows)?;
+    // Lock the intent first: recovery's claim skips it while we hold it, and a
+    // settle waits for our outcome.
+    let current = owned_intent(tx, intent, owner).await?;
+    if current.state == IntentState::Committed {
+        // The commit already applied: answer what it decided, change nothing.
+        return Ok(UpsertCommit {
+            summary: current.summary.unwrap_or_default(),
+            old_point_ids: current.point_ids,
+        });
+    }
+
+    // One pass in id order inserts the new records and locks the existing
+    // ones, so concurrent batches take every record's lock (existing row or
+    // new key) in the same order and cannot deadlock each other.
+    let mut sorted: Vec<&RowWrite> = rows.iter().collect();
+    sorted.sort_unstable_by_key(|r| r.id);
+    let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
+    let existing_ids: Vec<RecordId> = sorted
+        .iter()
+        .map(|r| r.id)
+        .filter(|id| !inserted.contains(id))
+        .collect();
+    let existing: BTreeMap<RecordId, PointId> = if existing_ids.is_empty() {
+        BTreeMap::new()
+    } else {
+        tx.lock_records(&existing_ids).await?.into_iter().collect()
+    };
+    if existing.len() != existing_ids.len() {
+        // Cannot happen while we hold the locks; refuse rather than guess.
+        return Err(MetadataError::transient(
+            "records changed concurrently during the commit; nothing was written",
+        ));
+    }
+
+    let updates: Vec<&RowWrite> = rows
+        .iter()
+        .filter(|r| existing.contains_key(&r.id))
+        .collect();
+    if !updates.is_empty() {
+        tx.update_records(&updates).await?;
+    }
+    // In input order, like every other backend.
+    let old_point_ids: Vec<PointId> = updates.iter().map(|r| existing[&r.id]).collect();
+    let summary = CommitSummary {
+        inserted: inserted.len() as u64,
+        updated: updates.len() as u64,
+        deleted: 0,
+    };
+    tx.mark_committed(intent, &old_point_ids, summary).await?;
+    record_key(tx, idempotency, summary).await?;
+    Ok(UpsertCommit {
+        summary,
+        old_point_ids,
+    })
+}
+
+/// [`MetadataRepo::commit_delete`](tandem_core::MetadataRepo::commit_delete)
+/// inside the caller's transaction.
+pub(crate) async fn commit_delete<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: IntentId,
+    owner: OwnerToken,
+    selector: &DeleteSelector,
+    idempotency: Option<&IdempotencyRecord>,
+) -> Result<DeleteCommit, MetadataError> {
+    let current = owned_intent(tx, intent, owner).await?;
+    if current.state == IntentState::Committed {
+        return Ok(DeleteCommit {
+            summary: current.summary.unwrap_or_default(),
+            point_ids: current.point_ids,
+        });
+    }
+    let selected = tx.lock_selected(selector).await?;
+    let ids: Vec<RecordId> = selected.iter().map(|(id, _)| *id).collect();
+    if !ids.is_empty() {
+        tx.delete_records(&ids).await?;
+    }
+    let point_ids: Vec<PointId> = selected.into_iter().map(|(_, p)| p).collect();
+    let summary = CommitSummary {
+        deleted: point_ids.len() as u64,
+        ..CommitSummary::default()
+    };
+    tx.mark_committed(intent, &point_ids, summary).await?;
+    record_key(tx, idempotency, summary).await?;
+    Ok(DeleteCommit { summary, point_ids })
+}
+
+/// [`MetadataRepo::settle`](tandem_core::MetadataRepo::settle) inside the
+/// caller's transaction.
+pub(crate) async fn settle<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: IntentId,
+    owner: OwnerToken,
+    fence: OwnerToken,
+) -> Result<Settlement, MetadataError> {
+    // The lock waits for a commit still landing, so its outcome is visible.
+    let Some(mut current) = tx.lock_intent(intent).await? else {
+        return Ok(Settlement::Missing);
+    };
+    Ok(match current.state {
+        IntentState::Committed => Settlement::Committed(current),
+        IntentState::Prepared => {
+            if current.owner == owner {
+                tx.transfer_intent(intent, fence).await?;
+                current.owner = fence;
+            }
+            Settlement::NotCommitted(current)
+        }
+    })
+}

@@ -1,0 +1,733 @@
+//! Connections and statements. Every port call runs, whole, on one blocking
+//! thread of the connection ([`SyncConnectionWrapper::spawn_blocking`]): the
+//! transaction (`BEGIN IMMEDIATE` … `COMMIT`) cannot be split by a cancelled
+//! future, and the shared protocol steps run there through [`SyncTx`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::{BigInt, Binary, Bool, Integer, Nullable, Text};
+use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
+use diesel_async::AsyncConnection;
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use serde_json::Value;
+use tandem_core::{
+    CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, NewIntent,
+    OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, StoredRecord,
+};
+use uuid::Uuid;
+
+use super::error::{OpenError, Phase, classify};
+use crate::sql::codec::{
+    IdempotencyRow, IntentRow, RecordRow, corrupt, encode_vector, page_limit, summary_columns,
+    to_u64,
+};
+use crate::sql::pool::Connector;
+use crate::sql::steps::TxOps;
+
+/// The async connection the pool holds.
+pub(crate) type Conn = SyncConnectionWrapper<SqliteConnection>;
+
+/// Opens connections to one database file.
+#[derive(Clone)]
+pub(crate) struct SqliteConnector {
+    pub(crate) path: String,
+    pub(crate) busy_timeout: Duration,
+}
+
+impl Connector for SqliteConnector {
+    type Conn = Conn;
+    type Error = OpenError;
+
+    async fn connect(&self) -> Result<Conn, OpenError> {
+        let mut conn = Conn::establish(&self.path).await.map_err(OpenError::Open)?;
+        // The timeout first, so that switching to WAL waits for other
+        // connections instead of failing. WAL lets readers run beside the one
+        // writer; FULL makes every commit durable when it returns.
+        let setup = format!(
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA foreign_keys = ON;",
+            self.busy_timeout.as_millis()
+        );
+        diesel_async::SimpleAsyncConnection::batch_execute(&mut conn, &setup)
+            .await
+            .map_err(OpenError::Setup)?;
+        Ok(conn)
+    }
+
+    async fn check(&self, conn: &mut Conn) -> Result<(), OpenError> {
+        diesel_async::SimpleAsyncConnection::batch_execute(conn, "SELECT 1")
+            .await
+            .map_err(OpenError::Check)
+    }
+}
+
+/// Runs `body` inside `BEGIN IMMEDIATE` … `COMMIT` on the calling (blocking)
+/// thread. The immediate transaction takes the database's write lock up front
+/// (waiting up to `busy_timeout`), so the body reads and writes with no other
+/// writer in between: SQLite's equivalent of row locks and `SKIP LOCKED`.
+///
+/// Returns the outcome and whether the connection is clean (no transaction
+/// left open).
+pub(crate) fn immediate<T>(
+    c: &mut SqliteConnection,
+    body: impl FnOnce(&mut SqliteConnection) -> Result<T, MetadataError>,
+) -> (Result<T, MetadataError>, bool) {
+    if let Err(e) = c.batch_execute("BEGIN IMMEDIATE") {
+        // No transaction was opened.
+        return (Err(classify(e, Phase::Statement)), true);
+    }
+    match body(c) {
+        Ok(value) => match c.batch_execute("COMMIT") {
+            Ok(()) => (Ok(value), true),
+            Err(e) => {
+                // A busy COMMIT leaves the transaction open: rolling it back
+                // makes "not applied" definite.
+                let rolled_back = c.batch_execute("ROLLBACK").is_ok();
+                (Err(classify(e, Phase::Commit)), rolled_back)
+            }
+        },
+        Err(e) => {
+            let rolled_back = c.batch_execute("ROLLBACK").is_ok();
+            (Err(e), rolled_back)
+        }
+    }
+}
+
+/// The protocol steps' statements on a connection inside [`immediate`]. The
+/// methods are `async` only to fit [`TxOps`]: they never suspend, so the steps
+/// run to completion under `futures::executor::block_on`.
+pub(crate) struct SyncTx<'c> {
+    pub(crate) c: &'c mut SqliteConnection,
+    pub(crate) keep_vectors: bool,
+}
+
+#[derive(QueryableByName)]
+struct SqlRecord {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Text)]
+    content: String,
+    #[diesel(sql_type = Text)]
+    metadata: String,
+    #[diesel(sql_type = Text)]
+    point_id: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = Nullable<Binary>)]
+    vector: Option<Vec<u8>>,
+}
+
+impl SqlRecord {
+    fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
+        RecordRow {
+            id: parse_uuid(&self.id)?,
+            scope: self.scope,
+            content: self.content,
+            metadata: parse_json(&self.metadata)?,
+            point_id: parse_uuid(&self.point_id)?,
+            version: self.version,
+            vector: self.vector,
+        }
+        .into_record(keep_vectors)
+    }
+}
+
+#[derive(QueryableByName)]
+struct SqlIntent {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    state: String,
+    #[diesel(sql_type = Text)]
+    owner: String,
+    #[diesel(sql_type = BigInt)]
+    lease_deadline_ms: i64,
+    #[diesel(sql_type = Text)]
+    point_ids: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    inserted: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    updated: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    deleted: Option<i64>,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    created_ms: i64,
+}
+
+impl SqlIntent {
+    fn into_intent(self) -> Result<Intent, MetadataError> {
+        let points: Vec<String> = serde_json::from_str(&self.point_ids)
+            .map_err(|e| corrupt(format!("intent {}: point list: {e}", self.id)))?;
+        IntentRow {
+            id: parse_uuid(&self.id)?,
+            kind: self.kind,
+            state: self.state,
+            owner: parse_uuid(&self.owner)?,
+            lease_deadline_ms: self.lease_deadline_ms,
+            point_ids: points
+                .iter()
+                .map(|p| parse_uuid(p))
+                .collect::<Result<_, _>>()?,
+            inserted: self.inserted,
+            updated: self.updated,
+            deleted: self.deleted,
+            attempts: self.attempts,
+            last_error: self.last_error,
+            created_ms: self.created_ms,
+        }
+        .into_intent()
+    }
+}
+
+#[derive(QueryableByName)]
+struct SqlRef {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    point_id: String,
+}
+
+impl SqlRef {
+    fn parse(&self) -> Result<(RecordId, PointId), MetadataError> {
+        Ok((
+            RecordId(parse_uuid(&self.id)?),
+            PointId(parse_uuid(&self.point_id)?),
+        ))
+    }
+}
+
+#[derive(QueryableByName)]
+struct SqlRefMeta {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    point_id: String,
+    #[diesel(sql_type = Text)]
+    metadata: String,
+}
+
+#[derive(QueryableByName)]
+struct SqlPoint {
+    #[diesel(sql_type = Text)]
+    point_id: String,
+}
+
+#[derive(QueryableByName)]
+struct SqlScanRow {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Text)]
+    point_id: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct SqlScopeCount {
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct SqlIdempotency {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = Text)]
+    request_hash: String,
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = BigInt)]
+    inserted: i64,
+    #[diesel(sql_type = BigInt)]
+    updated: i64,
+    #[diesel(sql_type = BigInt)]
+    deleted: i64,
+}
+
+const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
+                              updated, deleted, attempts, last_error, created_ms";
+
+/// The record columns; the first bind says whether to return the vector.
+const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
+                              CASE WHEN ? THEN vector END AS vector";
+
+/// `id IN (…)` over a JSON array bound as one parameter.
+const IN_JSON: &str = "(SELECT value FROM json_each(?))";
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+fn parse_uuid(s: &str) -> Result<Uuid, MetadataError> {
+    Uuid::parse_str(s).map_err(|e| corrupt(format!("bad uuid {s:?}: {e}")))
+}
+
+fn parse_json(s: &str) -> Result<Value, MetadataError> {
+    serde_json::from_str(s).map_err(|e| corrupt(format!("bad JSON: {e}")))
+}
+
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
+/// A JSON array of uuid strings, for [`IN_JSON`] and point lists.
+fn json_ids(ids: impl IntoIterator<Item = Uuid>) -> String {
+    let ids: Vec<String> = ids.into_iter().map(|u| u.to_string()).collect();
+    serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn stmt(e: diesel::result::Error) -> MetadataError {
+    classify(e, Phase::Statement)
+}
+
+/// A single-statement write in autocommit mode: it commits as it returns.
+fn autocommit(e: diesel::result::Error) -> MetadataError {
+    classify(e, Phase::Commit)
+}
+
+fn read_intent(c: &mut SqliteConnection, id: IntentId) -> Result<Option<Intent>, MetadataError> {
+    let rows: Vec<SqlIntent> =
+        diesel::sql_query(format!("SELECT {INTENT_COLUMNS} FROM intents WHERE id = ?"))
+            .bind::<Text, _>(id.0.to_string())
+            .load(c)
+            .map_err(stmt)?;
+    rows.into_iter()
+        .next()
+        .map(SqlIntent::into_intent)
+        .transpose()
+}
+
+fn refs_by_ids(
+    c: &mut SqliteConnection,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+    let rows: Vec<SqlRef> = diesel::sql_query(format!(
+        "SELECT id, point_id FROM records WHERE id IN {IN_JSON} ORDER BY id"
+    ))
+    .bind::<Text, _>(json_ids(ids))
+    .load(c)
+    .map_err(stmt)?;
+    rows.iter().map(SqlRef::parse).collect()
+}
+
+#[async_trait]
+impl TxOps for SyncTx<'_> {
+    async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError> {
+        read_intent(self.c, id)
+    }
+
+    async fn lock_records(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        refs_by_ids(self.c, ids.iter().map(|i| i.0))
+    }
+
+    async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError> {
+        // The immediate transaction already holds the database's write lock.
+        // In-process: one statement per row costs microseconds.
+        let mut inserted = Vec::with_capacity(rows.len());
+        for row in rows {
+            let n = diesel::sql_query(
+                "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+                 VALUES (?, ?, ?, ?, ?, 1, ?) ON CONFLICT (id) DO NOTHING",
+            )
+            .bind::<Text, _>(row.id.0.to_string())
+            .bind::<Text, _>(row.scope.as_str())
+            .bind::<Text, _>(row.content.as_str())
+            .bind::<Text, _>(json_text(&Value::Object(row.metadata.clone())))
+            .bind::<Text, _>(row.point_id.0.to_string())
+            .bind::<Nullable<Binary>, _>(self.keep_vectors.then(|| encode_vector(&row.vector)))
+            .execute(self.c)
+            .map_err(stmt)?;
+            if n == 1 {
+                inserted.push(row.id);
+            }
+        }
+        Ok(inserted)
+    }
+
+    async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError> {
+        let mut changed = 0;
+        for row in rows {
+            changed += diesel::sql_query(format!(
+                "UPDATE records SET scope = ?, content = ?, metadata = ?, point_id = ?, \
+                 vector = ?, version = version + 1, updated_at = {NOW} WHERE id = ?"
+            ))
+            .bind::<Text, _>(row.scope.as_str())
+            .bind::<Text, _>(row.content.as_str())
+            .bind::<Text, _>(json_text(&Value::Object(row.metadata.clone())))
+            .bind::<Text, _>(row.point_id.0.to_string())
+            .bind::<Nullable<Binary>, _>(self.keep_vectors.then(|| encode_vector(&row.vector)))
+            .bind::<Text, _>(row.id.0.to_string())
+            .execute(self.c)
+            .map_err(stmt)? as u64;
+        }
+        Ok(changed)
+    }
+
+    async fn lock_selected(
+        &mut self,
+        selector: &DeleteSelector,
+    ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        match selector {
+            DeleteSelector::Ids(ids) => refs_by_ids(self.c, ids.iter().map(|i| i.0)),
+            DeleteSelector::Scope(scope) => {
+                let rows: Vec<SqlRef> = diesel::sql_query(
+                    "SELECT id, point_id FROM records WHERE scope = ? ORDER BY id",
+                )
+                .bind::<Text, _>(scope.as_str())
+                .load(self.c)
+                .map_err(stmt)?;
+                rows.iter().map(SqlRef::parse).collect()
+            }
+            DeleteSelector::MetadataEq { scope, key, value } => {
+                // JSON equality exactly as the model defines it (the same
+                // comparison the filter uses), not SQLite's.
+                let rows: Vec<SqlRefMeta> = diesel::sql_query(
+                    "SELECT id, point_id, metadata FROM records WHERE scope = ? ORDER BY id",
+                )
+                .bind::<Text, _>(scope.as_str())
+                .load(self.c)
+                .map_err(stmt)?;
+                let mut selected = Vec::new();
+                for row in rows {
+                    if parse_json(&row.metadata)?.get(key) == Some(value) {
+                        selected.push(
+                            SqlRef {
+                                id: row.id,
+                                point_id: row.point_id,
+                            }
+                            .parse()?,
+                        );
+                    }
+                }
+                Ok(selected)
+            }
+        }
+    }
+
+    async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError> {
+        let n = diesel::sql_query(format!("DELETE FROM records WHERE id IN {IN_JSON}"))
+            .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+            .execute(self.c)
+            .map_err(stmt)?;
+        Ok(n as u64)
+    }
+
+    async fn mark_committed(
+        &mut self,
+        id: IntentId,
+        point_ids: &[PointId],
+        summary: CommitSummary,
+    ) -> Result<(), MetadataError> {
+        let (inserted, updated, deleted) = summary_columns(summary)?;
+        diesel::sql_query(
+            "UPDATE intents SET state = 'committed', point_ids = ?, inserted = ?, updated = ?, \
+             deleted = ? WHERE id = ?",
+        )
+        .bind::<Text, _>(json_ids(point_ids.iter().map(|p| p.0)))
+        .bind::<BigInt, _>(inserted)
+        .bind::<BigInt, _>(updated)
+        .bind::<BigInt, _>(deleted)
+        .bind::<Text, _>(id.0.to_string())
+        .execute(self.c)
+        .map_err(stmt)?;
+        Ok(())
+    }
+
+    async fn record_idempotency(
+        &mut self,
+        record: &IdempotencyRecord,
+        summary: CommitSummary,
+    ) -> Result<bool, MetadataError> {
+        let (inserted, updated, deleted) = summary_columns(summary)?;
+        let n = diesel::sql_query(
+            "INSERT INTO idempotency_keys (key, request_hash, outcome, inserted, updated, deleted) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind::<Text, _>(record.key.as_str())
+        .bind::<Text, _>(record.request_hash.as_str())
+        .bind::<Text, _>(json_text(&record.outcome))
+        .bind::<BigInt, _>(inserted)
+        .bind::<BigInt, _>(updated)
+        .bind::<BigInt, _>(deleted)
+        .execute(self.c)
+        .map_err(stmt)?;
+        Ok(n == 1)
+    }
+
+    async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError> {
+        diesel::sql_query("UPDATE intents SET owner = ? WHERE id = ?")
+            .bind::<Text, _>(to.0.to_string())
+            .bind::<Text, _>(id.0.to_string())
+            .execute(self.c)
+            .map_err(stmt)?;
+        Ok(())
+    }
+}
+
+pub(crate) fn insert_intent(
+    c: &mut SqliteConnection,
+    intent: &NewIntent,
+) -> Result<(), MetadataError> {
+    // A repeated prepare changes nothing, even if the intent moved on since.
+    diesel::sql_query(
+        "INSERT INTO intents (id, kind, state, owner, lease_deadline_ms, point_ids, attempts, \
+         created_ms) VALUES (?, ?, 'prepared', ?, ?, ?, 0, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind::<Text, _>(intent.id.0.to_string())
+    .bind::<Text, _>(intent.kind.as_str())
+    .bind::<Text, _>(intent.owner.0.to_string())
+    .bind::<BigInt, _>(intent.lease_deadline_ms)
+    .bind::<Text, _>(json_ids(intent.point_ids.iter().map(|p| p.0)))
+    .bind::<BigInt, _>(intent.created_ms)
+    .execute(c)
+    .map_err(autocommit)?;
+    Ok(())
+}
+
+pub(crate) fn delete_intent(
+    c: &mut SqliteConnection,
+    id: IntentId,
+    owner: OwnerToken,
+) -> Result<bool, MetadataError> {
+    let n = diesel::sql_query("DELETE FROM intents WHERE id = ? AND owner = ?")
+        .bind::<Text, _>(id.0.to_string())
+        .bind::<Text, _>(owner.0.to_string())
+        .execute(c)
+        .map_err(autocommit)?;
+    Ok(n == 1)
+}
+
+/// Inside [`immediate`]: no other writer can claim between the read and the
+/// update.
+pub(crate) fn claim_expired(
+    c: &mut SqliteConnection,
+    now_ms: i64,
+    owner: OwnerToken,
+    lease_deadline_ms: i64,
+    limit: usize,
+) -> Result<Vec<Intent>, MetadataError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows: Vec<SqlIntent> = diesel::sql_query(format!(
+        "SELECT {INTENT_COLUMNS} FROM intents WHERE lease_deadline_ms < ? \
+         ORDER BY lease_deadline_ms, seq LIMIT ?"
+    ))
+    .bind::<BigInt, _>(now_ms)
+    .bind::<BigInt, _>(limit)
+    .load(c)
+    .map_err(stmt)?;
+    let mut claimed = rows
+        .into_iter()
+        .map(SqlIntent::into_intent)
+        .collect::<Result<Vec<_>, _>>()?;
+    if claimed.is_empty() {
+        return Ok(claimed);
+    }
+    diesel::sql_query(format!(
+        "UPDATE intents SET owner = ?, lease_deadline_ms = ?, attempts = attempts + 1 \
+         WHERE id IN {IN_JSON}"
+    ))
+    .bind::<Text, _>(owner.0.to_string())
+    .bind::<BigInt, _>(lease_deadline_ms)
+    .bind::<Text, _>(json_ids(claimed.iter().map(|i| i.id.0)))
+    .execute(c)
+    .map_err(stmt)?;
+    for intent in &mut claimed {
+        intent.owner = owner;
+        intent.lease_deadline_ms = lease_deadline_ms;
+        intent.attempts = intent.attempts.saturating_add(1);
+    }
+    Ok(claimed)
+}
+
+pub(crate) fn set_last_error(
+    c: &mut SqliteConnection,
+    id: IntentId,
+    owner: OwnerToken,
+    message: &str,
+) -> Result<(), MetadataError> {
+    diesel::sql_query("UPDATE intents SET last_error = ? WHERE id = ? AND owner = ?")
+        .bind::<Text, _>(message)
+        .bind::<Text, _>(id.0.to_string())
+        .bind::<Text, _>(owner.0.to_string())
+        .execute(c)
+        .map_err(autocommit)?;
+    Ok(())
+}
+
+pub(crate) fn referenced_points(
+    c: &mut SqliteConnection,
+    points: &[PointId],
+) -> Result<HashSet<PointId>, MetadataError> {
+    let rows: Vec<SqlPoint> = diesel::sql_query(format!(
+        "SELECT point_id FROM records WHERE point_id IN {IN_JSON}"
+    ))
+    .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
+    .load(c)
+    .map_err(stmt)?;
+    rows.iter()
+        .map(|r| parse_uuid(&r.point_id).map(PointId))
+        .collect()
+}
+
+pub(crate) fn rows_by_points(
+    c: &mut SqliteConnection,
+    points: &[PointId],
+    keep_vectors: bool,
+) -> Result<Vec<StoredRecord>, MetadataError> {
+    let rows: Vec<SqlRecord> = diesel::sql_query(format!(
+        "SELECT {RECORD_COLUMNS} FROM records WHERE point_id IN {IN_JSON}"
+    ))
+    .bind::<Bool, _>(keep_vectors)
+    .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
+    .load(c)
+    .map_err(stmt)?;
+    let mut by_point = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let record = row.into_record(keep_vectors)?;
+        by_point.insert(record.point_id, record);
+    }
+    Ok(points.iter().filter_map(|p| by_point.remove(p)).collect())
+}
+
+pub(crate) fn get(
+    c: &mut SqliteConnection,
+    ids: &[RecordId],
+    keep_vectors: bool,
+) -> Result<Vec<StoredRecord>, MetadataError> {
+    let rows: Vec<SqlRecord> = diesel::sql_query(format!(
+        "SELECT {RECORD_COLUMNS} FROM records WHERE id IN {IN_JSON}"
+    ))
+    .bind::<Bool, _>(keep_vectors)
+    .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+    .load(c)
+    .map_err(stmt)?;
+    let mut by_id = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let record = row.into_record(keep_vectors)?;
+        by_id.insert(record.id, record);
+    }
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
+pub(crate) fn lookup_idempotency(
+    c: &mut SqliteConnection,
+    key: &str,
+) -> Result<Option<IdempotencyRecord>, MetadataError> {
+    let rows: Vec<SqlIdempotency> = diesel::sql_query(
+        "SELECT key, request_hash, outcome, inserted, updated, deleted \
+         FROM idempotency_keys WHERE key = ?",
+    )
+    .bind::<Text, _>(key)
+    .load(c)
+    .map_err(stmt)?;
+    rows.into_iter()
+        .next()
+        .map(|r| {
+            IdempotencyRow {
+                key: r.key,
+                request_hash: r.request_hash,
+                outcome: parse_json(&r.outcome)?,
+                inserted: r.inserted,
+                updated: r.updated,
+                deleted: r.deleted,
+            }
+            .into_record()
+        })
+        .transpose()
+}
+
+pub(crate) fn scan_refs(
+    c: &mut SqliteConnection,
+    scope: Option<&Scope>,
+    after: Option<RecordId>,
+    limit: usize,
+) -> Result<Page<RowRef, RecordId>, MetadataError> {
+    // One more than asked tells whether another page follows.
+    let fetch = page_limit(limit, "scan_refs")?.saturating_add(1);
+    const COLS: &str = "SELECT id, scope, point_id, version FROM records";
+    let rows: Vec<SqlScanRow> = match (scope, after) {
+        (None, None) => diesel::sql_query(format!("{COLS} ORDER BY id LIMIT ?"))
+            .bind::<BigInt, _>(fetch)
+            .load(c),
+        (None, Some(after)) => {
+            diesel::sql_query(format!("{COLS} WHERE id > ? ORDER BY id LIMIT ?"))
+                .bind::<Text, _>(after.0.to_string())
+                .bind::<BigInt, _>(fetch)
+                .load(c)
+        }
+        (Some(scope), None) => {
+            diesel::sql_query(format!("{COLS} WHERE scope = ? ORDER BY id LIMIT ?"))
+                .bind::<Text, _>(scope.as_str())
+                .bind::<BigInt, _>(fetch)
+                .load(c)
+        }
+        (Some(scope), Some(after)) => diesel::sql_query(format!(
+            "{COLS} WHERE scope = ? AND id > ? ORDER BY id LIMIT ?"
+        ))
+        .bind::<Text, _>(scope.as_str())
+        .bind::<Text, _>(after.0.to_string())
+        .bind::<BigInt, _>(fetch)
+        .load(c),
+    }
+    .map_err(stmt)?;
+    let mut items = rows
+        .into_iter()
+        .map(|r| {
+            Ok(RowRef {
+                id: RecordId(parse_uuid(&r.id)?),
+                scope: Scope::new(r.scope),
+                point_id: PointId(parse_uuid(&r.point_id)?),
+                version: to_u64(r.version, "version")?,
+            })
+        })
+        .collect::<Result<Vec<_>, MetadataError>>()?;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|r| r.id)
+    } else {
+        None
+    };
+    Ok(Page { items, next })
+}
+
+pub(crate) fn list_intents(
+    c: &mut SqliteConnection,
+    limit: usize,
+) -> Result<Vec<Intent>, MetadataError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows: Vec<SqlIntent> = diesel::sql_query(format!(
+        "SELECT {INTENT_COLUMNS} FROM intents ORDER BY created_ms, seq LIMIT ?"
+    ))
+    .bind::<BigInt, _>(limit)
+    .load(c)
+    .map_err(stmt)?;
+    rows.into_iter().map(SqlIntent::into_intent).collect()
+}
+
+pub(crate) fn count_by_scope(
+    c: &mut SqliteConnection,
+) -> Result<BTreeMap<Scope, u64>, MetadataError> {
+    let rows: Vec<SqlScopeCount> =
+        diesel::sql_query("SELECT scope, count(*) AS n FROM records GROUP BY scope")
+            .load(c)
+            .map_err(stmt)?;
+    rows.into_iter()
+        .map(|r| Ok((Scope::new(r.scope), to_u64(r.n, "count")?)))
+        .collect()
+}

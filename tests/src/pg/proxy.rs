@@ -1,0 +1,200 @@
+//! A TCP proxy between the adapter and PostgreSQL that can lose a `COMMIT`:
+//! drop the connection right before the `COMMIT` reaches the server (it never
+//! commits), or right after the server committed, swallowing its reply (the
+//! commit happened but the client cannot know).
+//!
+//! It reads the PostgreSQL wire protocol just enough to recognise a simple
+//! query that is exactly `COMMIT` (what the adapter sends); everything else is
+//! forwarded byte for byte.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// What to do to a `COMMIT` passing through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitFault {
+    /// Close the connection instead of forwarding the `COMMIT`: the server
+    /// never receives it and rolls the transaction back.
+    DropBeforeCommit,
+    /// Forward the `COMMIT`, wait for the server's reply (so the commit has
+    /// happened), discard the reply and close the connection.
+    DropAfterCommit,
+}
+
+#[derive(Default)]
+struct Shared {
+    plan: Mutex<VecDeque<CommitFault>>,
+    fired: AtomicUsize,
+    commits_seen: AtomicUsize,
+}
+
+impl Shared {
+    fn next_fault(&self) -> Option<CommitFault> {
+        self.plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front()
+    }
+}
+
+/// The proxy; it stops (closing every connection) when dropped.
+pub struct CommitProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+impl CommitProxy {
+    /// Listens on an ephemeral local port, forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let shared = Arc::new(Shared::default());
+        let accept = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                let mut connections = JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        if let Ok(server) = TcpStream::connect(upstream).await {
+                            relay(client, server, shared).await;
+                        }
+                    });
+                    // Reap finished connections as we go.
+                    while connections.try_join_next().is_some() {}
+                }
+            }
+        });
+        Self {
+            addr,
+            shared,
+            accept,
+        }
+    }
+
+    /// The proxy's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Applies `fault` to the next `times` `COMMIT`s (on any connection).
+    pub fn arm(&self, fault: CommitFault, times: usize) {
+        let mut plan = self
+            .shared
+            .plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        plan.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Forgets any fault not applied yet.
+    pub fn disarm(&self) {
+        self.shared
+            .plan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// How many `COMMIT`s were dropped so far.
+    pub fn fired(&self) -> usize {
+        self.shared.fired.load(Ordering::SeqCst)
+    }
+
+    /// How many `COMMIT`s passed through (dropped ones included).
+    pub fn commits_seen(&self) -> usize {
+        self.shared.commits_seen.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Relays one connection until either side closes or a fault cuts it.
+async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Set before a COMMIT is forwarded under DropAfterCommit: whatever the
+    // server sends next is that COMMIT's reply, and is swallowed.
+    let cut = Arc::new(AtomicBool::new(false));
+    tokio::select! {
+        _ = client_to_server(client_read, server_write, shared, cut.clone()) => {}
+        _ = server_to_client(server_read, client_write, cut) => {}
+    }
+    // Returning drops all four halves: both sockets close.
+}
+
+async fn server_to_client(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    cut: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 || cut.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn client_to_server(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: Arc<Shared>,
+    cut: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    // Startup: untyped messages (an SSL or GSS request may precede the
+    // startup message proper).
+    loop {
+        let len = from.read_i32().await?;
+        let mut body = vec![0u8; usize::try_from(len).unwrap_or(0).saturating_sub(4)];
+        from.read_exact(&mut body).await?;
+        to.write_all(&len.to_be_bytes()).await?;
+        to.write_all(&body).await?;
+        let code = body
+            .get(..4)
+            .map(|c| i32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        if !matches!(code, Some(80_877_103 | 80_877_104)) {
+            break;
+        }
+    }
+    // Typed messages.
+    loop {
+        let tag = from.read_u8().await?;
+        let len = from.read_i32().await?;
+        let mut body = vec![0u8; usize::try_from(len).unwrap_or(0).saturating_sub(4)];
+        from.read_exact(&mut body).await?;
+        if tag == b'Q' && body == b"COMMIT\0" {
+            shared.commits_seen.fetch_add(1, Ordering::SeqCst);
+            match shared.next_fault() {
+                Some(CommitFault::DropBeforeCommit) => {
+                    shared.fired.fetch_add(1, Ordering::SeqCst);
+                    return Ok(());
+                }
+                Some(CommitFault::DropAfterCommit) => {
+                    shared.fired.fetch_add(1, Ordering::SeqCst);
+                    cut.store(true, Ordering::SeqCst);
+                }
+                None => {}
+            }
+        }
+        to.write_all(&[tag]).await?;
+        to.write_all(&len.to_be_bytes()).await?;
+        to.write_all(&body).await?;
+    }
+}
