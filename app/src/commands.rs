@@ -1,0 +1,456 @@
+//! The commands other than `ingest` and `demo`: each calls the coordinator once
+//! (or twice) and prints the report.
+
+use serde::Serialize;
+use serde_json::Value;
+use tandem_core::{
+    DeleteSelector, Filter, RecordId, RecoveryReport, RepairReport, Scope, SearchQuery,
+    VerifyReport, WriteOptions,
+};
+
+use crate::backend::{AppCoordinator, MigrateReport, Stores};
+use crate::cli::{DeleteArgs, SearchArgs, VerifyArgs};
+use crate::embed::hash_embedding;
+use crate::error::{AppError, EXIT_FAILED, EXIT_OK};
+use crate::output::{self, Output};
+
+/// Rows of a listing shown in a table (JSON shows all).
+const SHOWN: usize = 10;
+
+/// Parses `key=value`; the value is JSON when it parses as JSON, else a string.
+pub fn parse_where(s: &str) -> Result<(String, Value), AppError> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| AppError::Usage(format!("--where {s:?}: expected KEY=VALUE")))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(AppError::Usage(format!("--where {s:?}: the key is empty")));
+    }
+    let value =
+        serde_json::from_str::<Value>(value).unwrap_or_else(|_| Value::String(value.into()));
+    Ok((key.to_owned(), value))
+}
+
+/// `tandem delete`.
+pub async fn delete(
+    args: DeleteArgs,
+    stores: &Stores,
+    c: &AppCoordinator,
+    out: Output,
+) -> Result<u8, AppError> {
+    let selector = if !args.ids.is_empty() {
+        let ids = args
+            .ids
+            .iter()
+            .map(|s| {
+                s.trim()
+                    .parse::<RecordId>()
+                    .map_err(|_| AppError::Usage(format!("--ids: {s:?} is not a UUID")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        DeleteSelector::Ids(ids)
+    } else {
+        let scope = Scope::new(args.scope.unwrap_or_default());
+        match args.where_eq.as_deref().map(parse_where).transpose()? {
+            Some((key, value)) => DeleteSelector::MetadataEq { scope, key, value },
+            None => DeleteSelector::Scope(scope),
+        }
+    };
+    let opts = WriteOptions {
+        idempotency_key: args.idempotency_key,
+    };
+    let report = c
+        .delete_with(selector, &opts)
+        .await
+        .map_err(|e| stores.error("delete", e))?;
+    if out.json {
+        out.json(&report);
+    } else {
+        let mut line = format!("deleted {} records", output::count(report.deleted));
+        if report.replayed {
+            line.push_str(" (replayed from the idempotency key: nothing deleted now)");
+        }
+        out.text(&line);
+        if report.deferred_cleanup > 0 {
+            out.text(&format!(
+                "{} index points are left for `tandem recover` to delete; searches never return them",
+                output::count(report.deferred_cleanup as u64)
+            ));
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// One search hit for output.
+#[derive(Serialize)]
+struct Hit {
+    score: f32,
+    id: RecordId,
+    scope: Scope,
+    version: u64,
+    content: String,
+    metadata: Value,
+}
+
+/// `tandem search`.
+pub async fn search(
+    args: SearchArgs,
+    stores: &Stores,
+    c: &AppCoordinator,
+    dimension: usize,
+    out: Output,
+) -> Result<u8, AppError> {
+    let vector = match (&args.vector, &args.text) {
+        (Some(v), _) => serde_json::from_str::<Vec<f32>>(v).map_err(|e| {
+            AppError::Usage(format!("--vector: expected a JSON array of numbers: {e}"))
+        })?,
+        (None, Some(t)) => hash_embedding(t, dimension)
+            .ok_or_else(|| AppError::Usage("--text: the text has no word to embed".into()))?,
+        (None, None) => return Err(AppError::Usage("give --vector or --text".into())),
+    };
+    let mut filter = Filter {
+        scope: args.scope.map(Scope::new),
+        ..Filter::default()
+    };
+    for w in &args.where_eq {
+        let (k, v) = parse_where(w)?;
+        filter.metadata_eq.insert(k, v);
+    }
+    let query = SearchQuery {
+        vector,
+        k: args.k,
+        filter,
+        score_threshold: args.min_score,
+    };
+    let hits = c
+        .search(&query)
+        .await
+        .map_err(|e| stores.error("search", e))?;
+    let hits: Vec<Hit> = hits
+        .into_iter()
+        .map(|h| Hit {
+            score: h.score,
+            id: h.record.id,
+            scope: h.record.scope,
+            version: h.record.version,
+            content: h.record.content,
+            metadata: Value::Object(h.record.metadata),
+        })
+        .collect();
+    if out.json {
+        out.json(&hits);
+    } else if hits.is_empty() {
+        out.text("no hits");
+    } else {
+        let rows = hits
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                vec![
+                    (i + 1).to_string(),
+                    format!("{:.4}", h.score),
+                    h.id.to_string(),
+                    h.scope.to_string(),
+                    output::truncate(&h.content, 48),
+                    output::truncate(&h.metadata.to_string(), 40),
+                ]
+            })
+            .collect();
+        out.text(&output::table(
+            &["#", "score", "id", "scope", "content", "metadata"],
+            &[true, true, false, false, false, false],
+            rows,
+        ));
+    }
+    Ok(EXIT_OK)
+}
+
+/// What `recover` reports.
+#[derive(Serialize)]
+struct RecoverOutput {
+    #[serde(flatten)]
+    report: RecoveryReport,
+    /// Unresolved intents left (writes in flight, or leases not yet ended).
+    pending_intents: usize,
+}
+
+/// `tandem recover`: exit 1 when an intent could not be handled.
+pub async fn recover(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u8, AppError> {
+    let report = c.recover().await.map_err(|e| stores.error("recover", e))?;
+    let stats = c.stats().await.map_err(|e| stores.error("recover", e))?;
+    let failed = report.failed;
+    let o = RecoverOutput {
+        report,
+        pending_intents: stats.live_intents,
+    };
+    if out.json {
+        out.json(&o);
+    } else {
+        out.text(&output::kv_table(vec![
+            (
+                "expired intents claimed",
+                output::count(o.report.claimed as u64),
+            ),
+            ("intents resolved", output::count(o.report.resolved as u64)),
+            (
+                "garbage points deleted",
+                output::count(o.report.points_deleted as u64),
+            ),
+            ("intents failed", output::count(o.report.failed as u64)),
+            (
+                "intents still pending (lease not ended)",
+                output::count(o.pending_intents as u64),
+            ),
+        ]));
+    }
+    Ok(if failed > 0 { EXIT_FAILED } else { EXIT_OK })
+}
+
+/// What `verify` reports.
+#[derive(Serialize)]
+struct VerifyOutput {
+    consistent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovery: Option<RecoveryReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair: Option<RepairSummary>,
+    #[serde(flatten)]
+    report: VerifyReport,
+}
+
+#[derive(Serialize)]
+struct RepairSummary {
+    orphans_deleted: usize,
+    orphans_too_young: usize,
+    missing_rewritten: usize,
+    missing_unrepairable: usize,
+}
+
+/// `tandem verify`: exit 0 only when consistent.
+pub async fn verify(
+    args: VerifyArgs,
+    stores: &Stores,
+    c: &AppCoordinator,
+    out: Output,
+) -> Result<u8, AppError> {
+    let scope = args.scope.map(Scope::new);
+    let (report, recovery, repair) = if args.repair {
+        let recovery = c.recover().await.map_err(|e| stores.error("recover", e))?;
+        let RepairReport {
+            orphans_deleted,
+            orphans_too_young,
+            missing_rewritten,
+            missing_unrepairable,
+            after,
+        } = c
+            .repair(scope.as_ref())
+            .await
+            .map_err(|e| stores.error("repair", e))?;
+        (
+            after,
+            Some(recovery),
+            Some(RepairSummary {
+                orphans_deleted,
+                orphans_too_young,
+                missing_rewritten,
+                missing_unrepairable,
+            }),
+        )
+    } else {
+        let report = c
+            .verify(scope.as_ref())
+            .await
+            .map_err(|e| stores.error("verify", e))?;
+        (report, None, None)
+    };
+    let consistent = report.is_consistent();
+    let o = VerifyOutput {
+        consistent,
+        recovery,
+        repair,
+        report,
+    };
+    if out.json {
+        out.json(&o);
+    } else {
+        print_verify(&o, out);
+    }
+    Ok(if consistent { EXIT_OK } else { EXIT_FAILED })
+}
+
+fn print_verify(o: &VerifyOutput, out: Output) {
+    if let Some(r) = &o.recovery {
+        out.text(&format!(
+            "recovery: {} expired intents claimed, {} resolved, {} garbage points deleted, {} failed",
+            r.claimed, r.resolved, r.points_deleted, r.failed
+        ));
+    }
+    if let Some(r) = &o.repair {
+        out.text(&format!(
+            "repair: {} orphan points deleted ({} too young to touch), {} missing points rewritten, {} unrepairable",
+            r.orphans_deleted, r.orphans_too_young, r.missing_rewritten, r.missing_unrepairable
+        ));
+    }
+    out.text(&scope_table(&o.report));
+    out.text(&output::kv_table(vec![
+        (
+            "missing points (rows without their vector)",
+            output::count(o.report.missing_points.len() as u64),
+        ),
+        (
+            "orphan points (vectors without a row or intent)",
+            output::count(o.report.orphan_points.len() as u64),
+        ),
+        ("live intents", output::count(o.report.live_intents as u64)),
+        (
+            "points named by live intents",
+            output::count(o.report.intent_points as u64),
+        ),
+    ]));
+    for m in o.report.missing_points.iter().take(SHOWN) {
+        out.text(&format!(
+            "  missing: record {} (scope {}) → point {}",
+            m.id, m.scope, m.point_id
+        ));
+    }
+    for p in o.report.orphan_points.iter().take(SHOWN) {
+        out.text(&format!(
+            "  orphan: point {} (record {}, scope {})",
+            p.id, p.record_id, p.scope
+        ));
+    }
+    if o.consistent {
+        out.text("consistent: both stores agree exactly");
+    } else if o.report.missing_points.is_empty()
+        && o.report.orphan_points.is_empty()
+        && o.report.live_intents > 0
+    {
+        out.text(
+            "NOT consistent: writes are pending (live intents); run `tandem recover` once their \
+             lease has ended, then verify again",
+        );
+    } else {
+        out.text("NOT consistent: run `tandem verify --repair`");
+    }
+}
+
+/// Per-scope counts in both stores, with a total row.
+pub fn scope_table(r: &VerifyReport) -> String {
+    let mut rows: Vec<Vec<String>> = r
+        .scopes
+        .iter()
+        .map(|(s, c)| {
+            vec![
+                s.to_string(),
+                output::count(c.rows),
+                output::count(c.points),
+                if c.rows == c.points { "yes" } else { "NO" }.into(),
+            ]
+        })
+        .collect();
+    let rows_total: u64 = r.scopes.values().map(|c| c.rows).sum();
+    let points_total: u64 = r.scopes.values().map(|c| c.points).sum();
+    rows.push(vec![
+        "total".into(),
+        output::count(rows_total),
+        output::count(points_total),
+        if rows_total == points_total {
+            "yes"
+        } else {
+            "NO"
+        }
+        .into(),
+    ]);
+    output::table(
+        &["scope", "rows (metadata)", "points (index)", "in sync"],
+        &[false, true, true, false],
+        rows,
+    )
+}
+
+/// `tandem stats`.
+pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u8, AppError> {
+    let s = c.stats().await.map_err(|e| stores.error("stats", e))?;
+    if out.json {
+        #[derive(Serialize)]
+        struct StatsOutput<'a> {
+            metadata_store: &'a str,
+            vector_index: &'a str,
+            rows: u64,
+            #[serde(flatten)]
+            stats: &'a tandem_core::Stats,
+        }
+        out.json(&StatsOutput {
+            metadata_store: &stores.metadata_name,
+            vector_index: &stores.index_name,
+            rows: s.rows_by_scope.values().sum(),
+            stats: &s,
+        });
+    } else {
+        out.text(&format!("metadata: {}", stores.metadata_name));
+        out.text(&format!("index:    {}", stores.index_name));
+        let mut rows: Vec<Vec<String>> = s
+            .rows_by_scope
+            .iter()
+            .map(|(scope, n)| vec![scope.to_string(), output::count(*n)])
+            .collect();
+        rows.push(vec![
+            "total".into(),
+            output::count(s.rows_by_scope.values().sum()),
+        ]);
+        out.text(&output::table(&["scope", "rows"], &[false, true], rows));
+        out.text(&output::kv_table(vec![
+            ("points in the index", output::count(s.points)),
+            ("live intents", output::count(s.live_intents as u64)),
+            (
+                "expired intents (recovery backlog)",
+                output::count(s.expired_intents as u64),
+            ),
+        ]));
+    }
+    Ok(EXIT_OK)
+}
+
+/// `tandem migrate`.
+pub fn print_migrate(r: &MigrateReport, out: Output) {
+    if out.json {
+        out.json(r);
+    } else {
+        out.text(&format!(
+            "{}: up to date ({} migrations applied now)",
+            r.metadata, r.migrations_applied
+        ));
+        out.text(&format!("{}: collection ready", r.index));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn where_values_are_json_when_they_parse() {
+        assert_eq!(
+            parse_where("item=42").unwrap(),
+            ("item".into(), Value::from(42))
+        );
+        assert_eq!(
+            parse_where("item=\"42\"").unwrap(),
+            ("item".into(), Value::from("42"))
+        );
+        assert_eq!(
+            parse_where("item=books-7").unwrap(),
+            ("item".into(), Value::from("books-7"))
+        );
+        assert_eq!(
+            parse_where("flag=true").unwrap(),
+            ("flag".into(), Value::from(true))
+        );
+        assert_eq!(
+            parse_where("a=b=c").unwrap(),
+            ("a".into(), Value::from("b=c"))
+        );
+        assert!(parse_where("novalue").is_err());
+        assert!(parse_where("=x").is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! A tiny run of `tandem bench` with every protocol and case: it must run and
+//! its JSON report (stdout and `--out`) must be well formed. No timing is
+//! asserted, only what the protocols are: Tandem's round trips per batch are
+//! constant, the naive protocol's grow with the batch.
+//!
+//! The embedded backend always runs. The servers backend (PostgreSQL +
+//! the Qdrant-compatible test server, in this process) runs when
+//! `DATABASE_URL` is set, and then must succeed: an unreachable server fails
+//! the test rather than skipping it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BATCHES: [u64; 2] = [1, 10];
+
+fn bench(args: &[&str], out_dir: &Path, database_url: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    for var in [
+        "DATABASE_URL",
+        "QDRANT_URL",
+        "QDRANT_API_KEY",
+        "TANDEM_CONFIG",
+        "RUST_LOG",
+    ] {
+        c.env_remove(var);
+    }
+    if let Some(url) = database_url {
+        c.env("DATABASE_URL", url);
+    }
+    c.current_dir(out_dir.parent().expect("a parent"))
+        .args([
+            "bench",
+            "--records",
+            "20",
+            "--dims",
+            "8",
+            "--batch-size",
+            "1,10",
+            "--repeat",
+            "2",
+            "--queries",
+            "6",
+            "--backlog",
+            "4",
+            "--scopes",
+            "4",
+            "--json",
+            "--out",
+        ])
+        .arg(out_dir)
+        .args(args);
+    c.output().expect("tandem runs")
+}
+
+fn case<'a>(run: &'a Value, op: &str, protocol: &str, batch: Option<u64>) -> &'a Value {
+    run["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| {
+            c["operation"] == op
+                && c["protocol"] == protocol
+                && batch.is_none_or(|b| c["batch_size"] == b)
+        })
+        .unwrap_or_else(|| panic!("no case {op}/{protocol}/{batch:?} in {run:#}"))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v:#}"))
+}
+
+/// Checks one run's cases; returns how many it has.
+fn check_run(run: &Value, backend: &str, latency_ms: f64) -> usize {
+    assert_eq!(run["backend"], backend);
+    assert_eq!(num(run, "added_latency_ms"), latency_ms);
+    assert_eq!(run["dim"], 8);
+    assert_eq!(run["consistent_after"], true, "{run:#}");
+    for c in run["cases"].as_array().expect("cases") {
+        assert!(num(c, "throughput") > 0.0, "{c:#}");
+        assert_eq!(c["passes"], 2, "{c:#}");
+        let l = &c["latency_ms"];
+        let (p50, p95, p99, max) = (num(l, "p50"), num(l, "p95"), num(l, "p99"), num(l, "max"));
+        assert!(
+            0.0 < p50 && p50 <= p95 && p95 <= p99 && p99 <= max * 1.001,
+            "{c:#}"
+        );
+        assert!(num(c, "peak_rss_mib") > 1.0, "{c:#}");
+        // Wire turns are counted exactly when a proxy adds latency.
+        assert_eq!(
+            c["metadata_wire_round_trips_per_batch"].is_number(),
+            latency_ms > 0.0,
+            "{c:#}"
+        );
+    }
+    for b in BATCHES {
+        let raw = case(run, "upsert", "raw", Some(b));
+        let naive = case(run, "upsert", "naive", Some(b));
+        let tandem = case(run, "upsert", "tandem", Some(b));
+        // Every protocol wrote the same records.
+        assert_eq!(raw["items"], naive["items"]);
+        assert_eq!(raw["items"], tandem["items"]);
+        // raw: BEGIN, insert, COMMIT; naive: 3 per record + BEGIN, COMMIT;
+        // tandem: prepare, commit, resolve. One index call each.
+        assert_eq!(num(raw, "metadata_calls_per_batch"), 3.0);
+        assert_eq!(num(naive, "metadata_calls_per_batch"), (3 * b + 2) as f64);
+        assert_eq!(num(tandem, "metadata_calls_per_batch"), 3.0);
+        for c in [raw, naive, tandem] {
+            assert_eq!(num(c, "index_calls_per_batch"), 1.0, "{c:#}");
+        }
+        assert!(tandem["vs_raw"]["median"].is_number());
+        assert!(tandem["vs_naive"]["median"].is_number());
+        assert!(raw["vs_raw"].is_null());
+        let deleted = case(run, "delete_ids", "tandem", Some(b));
+        assert_eq!(num(deleted, "metadata_calls_per_batch"), 3.0);
+    }
+    for op in ["search", "search_scope"] {
+        let index = case(run, op, "index", Some(10));
+        let guarded = case(run, op, "guarded", Some(10));
+        assert_eq!(num(index, "metadata_calls_per_batch"), 0.0);
+        // The read guard: one metadata query per search (the over-fetch was enough).
+        assert_eq!(num(guarded, "metadata_calls_per_batch"), 1.0);
+        assert!(guarded["vs_raw"]["median"].is_number());
+    }
+    // Two repetitions each delete one scope of 4 and verify another.
+    let scope = case(run, "delete_scope", "tandem", None);
+    assert!(num(scope, "items") > 0.0, "{scope:#}");
+    assert!(num(case(run, "verify_scope", "tandem", None), "items") > 0.0);
+    let recover = case(run, "recover", "tandem", Some(10));
+    assert_eq!(
+        num(recover, "items"),
+        8.0,
+        "2 repetitions × 4 expired intents"
+    );
+    assert!(!run["targets"].as_array().expect("targets").is_empty());
+    run["cases"].as_array().map_or(0, Vec::len)
+}
+
+fn check_report(output: &Output, out_dir: &Path) -> Value {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "tandem bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{stderr}"));
+    let written: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    assert_eq!(written, report, "--out and --json agree");
+    let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
+    assert!(
+        md.contains("| upsert | tandem |") && md.contains("throughput.svg"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(out_dir.join("throughput.svg")).expect("throughput.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("tandem"), "{svg}");
+    assert_eq!(report["consistent"], true);
+    assert!(
+        report["command"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("tandem bench"))
+    );
+    report
+}
+
+#[test]
+fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let output = bench(
+        &[
+            "--backends",
+            "embedded",
+            "--work-dir",
+            dir.path().to_str().unwrap(),
+        ],
+        &out_dir,
+        None,
+    );
+    let report = check_report(&output, &out_dir);
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 1);
+    let cases = check_run(&runs[0], "embedded", 0.0);
+    // 3 protocols × 2 batch sizes, 2 × 2 searches, verify, 2 deletes by ids,
+    // delete by scope, recover.
+    assert_eq!(cases, 6 + 4 + 1 + 2 + 1 + 1);
+    // The embedded stores lived in the work dir and are gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tandem-bench-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_bench_runs_when_database_url_is_set() {
+    let Ok(database_url) = std::env::var("DATABASE_URL") else {
+        eprintln!("DATABASE_URL is not set: the servers backend is not exercised");
+        return;
+    };
+    let double = tandem_tests::qdrant_double::QdrantDouble::start().await;
+    let qdrant_url = double.url();
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let namespace = format!("tandem_bench_smoke_{}", std::process::id());
+    let output = {
+        let out_dir = out_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            bench(
+                &[
+                    "--backends",
+                    "servers",
+                    "--added-latency",
+                    "0,1",
+                    "--qdrant-url",
+                    &qdrant_url,
+                    "--namespace",
+                    &namespace,
+                ],
+                &out_dir,
+                Some(&database_url),
+            )
+        })
+        .await
+        .unwrap()
+    };
+    let report = check_report(&output, &out_dir);
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "latency 0 and 1 ms");
+    check_run(&runs[0], "servers", 0.0);
+    check_run(&runs[1], "servers", 1.0);
+    assert!(
+        num(&runs[1], "measured_round_trip_ms") >= 2.0,
+        "{:#}",
+        runs[1]
+    );
+    // With latency the wire round trips show what the port counts hide: a
+    // Tandem batch costs the same whatever its size.
+    let wire = |p, b| {
+        num(
+            case(&runs[1], "upsert", p, Some(b)),
+            "metadata_wire_round_trips_per_batch",
+        )
+    };
+    // (A pool connection opened during a pass adds a few turns.)
+    assert!((wire("tandem", 1) - wire("tandem", 10)).abs() < 1.0);
+    assert!(wire("naive", 10) >= wire("naive", 1) + 25.0);
+    // The report never shows the URLs.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains("127.0.0.1:5432") && !stdout.contains(&double.url()),
+        "{stdout}"
+    );
+    // The bench dropped its collections (the test server keeps one
+    // directory per collection).
+    let left: Vec<String> = std::fs::read_dir(double.data_dir().join("collections"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .expect("the test server's collections directory");
+    assert!(
+        left.iter().all(|c| !c.starts_with("tandem_bench_smoke")),
+        "{left:?}"
+    );
+    double.shutdown().await;
+}
