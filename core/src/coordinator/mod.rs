@@ -315,3 +315,31 @@ pub(crate) enum PlantedBugMarker {
 pub(crate) use PlantedBug as Bug;
 #[cfg(not(feature = "planted-bugs"))]
 pub(crate) use PlantedBugMarker as Bug;
+
+/// Every operation's future is `Send`, so services can `tokio::spawn` them.
+#[cfg(test)]
+mod send_check {
+    use super::*;
+    use crate::model::{DeleteSelector, Scope};
+
+    fn assert_send<T: Send>(_: T) {}
+
+    #[allow(dead_code, clippy::let_underscore_future)]
+    fn operations_are_send<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+        c: &'static Coordinator<M, V>,
+    ) {
+        assert_send(c.upsert(Vec::new()));
+        assert_send(c.upsert_with(
+            Vec::new(),
+            &WriteOptions {
+                idempotency_key: None,
+            },
+        ));
+        assert_send(c.delete(DeleteSelector::Scope(Scope::new("s"))));
+        assert_send(c.search(Box::leak(Box::new(SearchQuery::new(vec![1.0], 1)))));
+        assert_send(c.recover());
+        assert_send(c.verify(None));
+        assert_send(c.repair(None));
+        assert_send(c.stats());
+    }
+}

@@ -5,7 +5,6 @@
 //! settled before anything else happens.
 
 use std::collections::HashMap;
-use std::future::Future;
 
 use futures::StreamExt;
 use serde_json::Value;
@@ -205,16 +204,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         });
         let started = Instant::now();
         let decision = self
-            .commit(intent_id, owner, deadline, |owner| {
-                let rows = &rows;
-                let idem = idem.as_ref();
-                async move {
-                    self.repo
-                        .commit_upsert(intent_id, owner, rows, idem)
-                        .await
-                        .map(|c| (c.summary, c.old_point_ids))
-                }
-            })
+            .commit(
+                intent_id,
+                owner,
+                deadline,
+                CommitRequest::Upsert {
+                    rows: &rows,
+                    idempotency: idem.as_ref(),
+                },
+            )
             .await;
         record_phase("upsert", "commit", started);
 
@@ -336,16 +334,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         });
         let started = Instant::now();
         let decision = self
-            .commit(intent_id, owner, deadline, |owner| {
-                let selector = &selector;
-                let idem = idem.as_ref();
-                async move {
-                    self.repo
-                        .commit_delete(intent_id, owner, selector, idem)
-                        .await
-                        .map(|c| (c.summary, c.point_ids))
-                }
-            })
+            .commit(
+                intent_id,
+                owner,
+                deadline,
+                CommitRequest::Delete {
+                    selector: &selector,
+                    idempotency: idem.as_ref(),
+                },
+            )
             .await;
         record_phase("delete", "commit", started);
 
@@ -464,32 +461,31 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// The commit step, with retries of failures that certainly did not apply,
     /// and settlement of ambiguous ones.
-    async fn commit<F, Fut>(
+    async fn commit(
         &self,
         intent: IntentId,
         mut owner: OwnerToken,
         deadline: Instant,
-        commit: F,
-    ) -> Decision
-    where
-        F: Fn(OwnerToken) -> Fut,
-        Fut: Future<Output = Result<(CommitSummary, Vec<PointId>), MetadataError>>,
-    {
+        request: CommitRequest<'_>,
+    ) -> Decision {
         let policy = &self.config.retry;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let failure = match tokio::time::timeout_at(deadline, commit(owner)).await {
-                Ok(Ok((summary, garbage))) => {
-                    return Decision::Committed {
-                        summary,
-                        garbage,
-                        owner,
-                    };
-                }
-                Ok(Err(e)) => Failed::Port(e),
-                Err(_) => Failed::Deadline,
-            };
+            let failure =
+                match tokio::time::timeout_at(deadline, self.commit_once(intent, owner, &request))
+                    .await
+                {
+                    Ok(Ok((summary, garbage))) => {
+                        return Decision::Committed {
+                            summary,
+                            garbage,
+                            owner,
+                        };
+                    }
+                    Ok(Err(e)) => Failed::Port(e),
+                    Err(_) => Failed::Deadline,
+                };
             match failure {
                 Failed::Port(MetadataError::Fenced { .. }) => return Decision::Fenced,
                 Failed::Port(e @ MetadataError::IdempotencyKeyTaken { .. }) => {
@@ -569,6 +565,30 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
     }
 
+    /// One attempt at the commit transaction.
+    async fn commit_once(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        request: &CommitRequest<'_>,
+    ) -> Result<(CommitSummary, Vec<PointId>), MetadataError> {
+        match request {
+            CommitRequest::Upsert { rows, idempotency } => self
+                .repo
+                .commit_upsert(intent, owner, rows, *idempotency)
+                .await
+                .map(|c| (c.summary, c.old_point_ids)),
+            CommitRequest::Delete {
+                selector,
+                idempotency,
+            } => self
+                .repo
+                .commit_delete(intent, owner, selector, *idempotency)
+                .await
+                .map(|c| (c.summary, c.point_ids)),
+        }
+    }
+
     /// Learns whether a commit whose reply was lost happened.
     async fn settle(
         &self,
@@ -612,21 +632,24 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         points: &[Point],
         deadline: Instant,
     ) -> Result<(), Failed<IndexError>> {
-        let chunk = self.config.limits.index_chunk;
-        let results: Vec<Result<(), Failed<IndexError>>> =
-            futures::stream::iter(points.chunks(chunk))
-                .map(|c| {
-                    with_retry(
-                        &self.config.retry,
-                        deadline,
-                        "index.upsert",
-                        Idempotence::Idempotent,
-                        move || self.index.upsert(c),
-                    )
-                })
-                .buffer_unordered(self.config.limits.index_parallelism)
-                .collect()
-                .await;
+        // The futures are built eagerly (not in a stream's closure) so that the
+        // operation's future stays `Send` for every lifetime.
+        let calls: Vec<_> = points
+            .chunks(self.config.limits.index_chunk)
+            .map(|c| {
+                with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "index.upsert",
+                    Idempotence::Idempotent,
+                    move || self.index.upsert(c),
+                )
+            })
+            .collect();
+        let results: Vec<Result<(), Failed<IndexError>>> = futures::stream::iter(calls)
+            .buffer_unordered(self.config.limits.index_parallelism)
+            .collect()
+            .await;
         first_failure(results)
     }
 
@@ -639,8 +662,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if ids.is_empty() {
             return Ok(());
         }
-        let chunk = self.config.limits.index_chunk;
-        let results: Vec<Result<(), Failed<IndexError>>> = futures::stream::iter(ids.chunks(chunk))
+        let calls: Vec<_> = ids
+            .chunks(self.config.limits.index_chunk)
             .map(|c| {
                 with_retry(
                     &self.config.retry,
@@ -650,6 +673,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     move || self.index.delete(c),
                 )
             })
+            .collect();
+        let results: Vec<Result<(), Failed<IndexError>>> = futures::stream::iter(calls)
             .buffer_unordered(self.config.limits.index_parallelism)
             .collect()
             .await;
@@ -724,6 +749,18 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             warn!(error = %e, "could not resolve the intent; recovery will");
         }
     }
+}
+
+/// What a commit writes.
+enum CommitRequest<'a> {
+    Upsert {
+        rows: &'a [RowWrite],
+        idempotency: Option<&'a IdempotencyRecord>,
+    },
+    Delete {
+        selector: &'a DeleteSelector,
+        idempotency: Option<&'a IdempotencyRecord>,
+    },
 }
 
 /// The outcome of a settlement, as the commit loop needs it.
