@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 use tracing::{Instrument, info_span};
 
-use super::retry::{Idempotence, with_retry};
 use super::validate::{check_filter, check_vector};
-use super::write::{index_failure, metadata_failure};
 use super::{Bug, Coordinator, SearchQuery};
 use crate::error::{CoordinatorError, ValidationError};
 use crate::model::{PointId, SearchHit, StoredRecord};
@@ -54,15 +52,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 filter: query.filter.clone(),
                 score_threshold: query.score_threshold,
             };
-            let hits = with_retry(
-                &self.config.retry,
-                deadline,
-                "index.search",
-                Idempotence::Idempotent,
-                || self.index.search(&index_query),
-            )
-            .await
-            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            let hits = self
+                .index_call("index.search", deadline, || self.index.search(&index_query))
+                .await?;
             metrics::histogram!("tandem_phase_seconds", "op" => "search", "phase" => "index")
                 .record(started.elapsed().as_secs_f64());
             let exhausted = hits.len() < fetch;
@@ -71,18 +63,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             let started = Instant::now();
             let rows: HashMap<PointId, StoredRecord> = if self.bug(Bug::UnguardedSearch) {
                 let ids: Vec<_> = hits.iter().map(|h| h.record_id).collect();
-                let by_id: HashMap<_, _> = with_retry(
-                    &self.config.retry,
-                    deadline,
-                    "metadata.get",
-                    Idempotence::Idempotent,
-                    || self.repo.get(&ids),
-                )
-                .await
-                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
+                let by_id: HashMap<_, _> = self
+                    .metadata_call("metadata.get", deadline, || self.repo.get(&ids))
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.id, r))
+                    .collect();
                 hits.iter()
                     .filter_map(|h| {
                         by_id.get(&h.record_id).map(|r| {
@@ -95,15 +81,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     })
                     .collect()
             } else {
-                with_retry(
-                    &self.config.retry,
-                    deadline,
-                    "metadata.rows_by_points",
-                    Idempotence::Idempotent,
-                    || self.repo.rows_by_points(&points),
-                )
-                .await
-                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+                self.metadata_call("metadata.rows_by_points", deadline, || {
+                    self.repo.rows_by_points(&points)
+                })
+                .await?
                 .into_iter()
                 .map(|r| (r.point_id, r))
                 .collect()

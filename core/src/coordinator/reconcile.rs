@@ -5,9 +5,8 @@ use std::collections::{HashMap, HashSet};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::retry::{Idempotence, with_retry};
 use super::validate::check_scope;
-use super::write::{index_failure, metadata_failure};
+use super::write::index_failure;
 use super::{Coordinator, RepairReport, ScopeCounts, Stats, VerifyReport};
 use crate::error::CoordinatorError;
 use crate::model::{IntentId, IntentKind, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope};
@@ -83,15 +82,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let mut offset = None;
         loop {
             let deadline = Instant::now() + self.config.call_deadline;
-            let page = with_retry(
-                &self.config.retry,
-                deadline,
-                "index.scroll",
-                Idempotence::Idempotent,
-                || self.index.scroll(scope, offset, PAGE),
-            )
-            .await
-            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            let page = self
+                .index_call("index.scroll", deadline, || {
+                    self.index.scroll(scope, offset, PAGE)
+                })
+                .await?;
             for p in page.items {
                 out.insert(p.id, p);
             }
@@ -107,15 +102,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let mut after = None;
         loop {
             let deadline = Instant::now() + self.config.call_deadline;
-            let page = with_retry(
-                &self.config.retry,
-                deadline,
-                "metadata.scan_refs",
-                Idempotence::Idempotent,
-                || self.repo.scan_refs(scope, after, PAGE),
-            )
-            .await
-            .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+            let page = self
+                .metadata_call("metadata.scan_refs", deadline, || {
+                    self.repo.scan_refs(scope, after, PAGE)
+                })
+                .await?;
             out.extend(page.items);
             match page.next {
                 Some(n) => after = Some(n),
@@ -127,15 +118,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// Number of live intents and the set of points they name.
     async fn intent_points(&self) -> Result<(usize, HashSet<PointId>), CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
-        let intents = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.list_intents",
-            Idempotence::Idempotent,
-            || self.repo.list_intents(MAX_INTENTS),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let intents = self
+            .metadata_call("metadata.list_intents", deadline, || {
+                self.repo.list_intents(MAX_INTENTS)
+            })
+            .await?;
         let named = intents
             .iter()
             .flat_map(|i| i.point_ids.iter().copied())
@@ -154,15 +141,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let ids: Vec<PointId> = candidates.iter().map(|r| r.point_id).collect();
         let mut present = HashSet::new();
         for chunk in ids.chunks(PAGE) {
-            let found = with_retry(
-                &self.config.retry,
-                deadline,
-                "index.retrieve",
-                Idempotence::Idempotent,
-                || self.index.retrieve(chunk),
-            )
-            .await
-            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            let found = self
+                .index_call("index.retrieve", deadline, || self.index.retrieve(chunk))
+                .await?;
             present.extend(found.into_iter().map(|p| p.id));
         }
         // Still referenced by the row? (It may have been updated or deleted.)
@@ -193,15 +174,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let deadline = Instant::now() + self.config.call_deadline;
         let mut out = HashSet::new();
         for chunk in ids.chunks(PAGE) {
-            let found = with_retry(
-                &self.config.retry,
-                deadline,
-                "metadata.referenced_points",
-                Idempotence::Idempotent,
-                || self.repo.referenced_points(chunk),
-            )
-            .await
-            .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+            let found = self
+                .metadata_call("metadata.referenced_points", deadline, || {
+                    self.repo.referenced_points(chunk)
+                })
+                .await?;
             out.extend(found);
         }
         Ok(out)
@@ -256,15 +233,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     ) -> Result<(usize, usize), CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
         let ids: Vec<_> = missing.iter().map(|r| r.id).collect();
-        let rows = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.get",
-            Idempotence::Idempotent,
-            || self.repo.get(&ids),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let rows = self
+            .metadata_call("metadata.get", deadline, || self.repo.get(&ids))
+            .await?;
         let now = self.clock.now_ms();
         let mut unrepairable = 0;
         let mut points = Vec::new();
@@ -293,26 +264,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             point_ids: points.iter().map(|p| p.id).collect(),
             created_ms: now,
         };
-        with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.prepare",
-            Idempotence::Idempotent,
-            || self.repo.prepare(&intent),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        self.metadata_call("metadata.prepare", deadline, || self.repo.prepare(&intent))
+            .await?;
         let chunk = self.config.limits.index_chunk;
         for c in points.chunks(chunk) {
-            with_retry(
-                &self.config.retry,
-                deadline,
-                "index.upsert",
-                Idempotence::Idempotent,
-                || self.index.upsert(c),
-            )
-            .await
-            .map_err(|f| index_failure(f, self.config.call_deadline))?;
+            self.index_call("index.upsert", deadline, || self.index.upsert(c))
+                .await?;
         }
         // The garbage rule, at once: a row may have moved on meanwhile.
         let referenced = self.referenced(&intent.point_ids).await?;
@@ -337,33 +294,19 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// Counts in both stores and the intent backlog.
     pub async fn stats(&self) -> Result<Stats, CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
-        let rows_by_scope = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.count_by_scope",
-            Idempotence::Idempotent,
-            || self.repo.count_by_scope(),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
-        let points = with_retry(
-            &self.config.retry,
-            deadline,
-            "index.count",
-            Idempotence::Idempotent,
-            || self.index.count(None),
-        )
-        .await
-        .map_err(|f| index_failure(f, self.config.call_deadline))?;
-        let intents = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.list_intents",
-            Idempotence::Idempotent,
-            || self.repo.list_intents(MAX_INTENTS),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let rows_by_scope = self
+            .metadata_call("metadata.count_by_scope", deadline, || {
+                self.repo.count_by_scope()
+            })
+            .await?;
+        let points = self
+            .index_call("index.count", deadline, || self.index.count(None))
+            .await?;
+        let intents = self
+            .metadata_call("metadata.list_intents", deadline, || {
+                self.repo.list_intents(MAX_INTENTS)
+            })
+            .await?;
         let now = self.clock.now_ms();
         let expired = intents.iter().filter(|i| i.lease_deadline_ms < now).count();
         metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);

@@ -36,15 +36,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             let lease_until = now.saturating_add(self.lease_ms());
             let deadline = Instant::now() + self.config.call_deadline;
             let claimed = if self.bug(Bug::RecoverIgnoringLeases) {
-                with_retry(
-                    &self.config.retry,
-                    deadline,
-                    "metadata.list_intents",
-                    Idempotence::Idempotent,
-                    || self.repo.list_intents(batch),
-                )
-                .await
-                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+                self.metadata_call("metadata.list_intents", deadline, || {
+                    self.repo.list_intents(batch)
+                })
+                .await?
             } else {
                 with_retry(
                     &self.config.retry,
@@ -113,15 +108,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let referenced = if intent.point_ids.is_empty() {
             HashSet::new()
         } else {
-            with_retry(
-                &self.config.retry,
-                deadline,
-                "metadata.referenced_points",
-                Idempotence::Idempotent,
-                || self.repo.referenced_points(&intent.point_ids),
-            )
-            .await
-            .map_err(|f| metadata_failure(f, self.config.call_deadline))?
+            self.metadata_call("metadata.referenced_points", deadline, || {
+                self.repo.referenced_points(&intent.point_ids)
+            })
+            .await?
         };
         let garbage: Vec<PointId> = intent
             .point_ids
@@ -135,15 +125,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if !resolve {
             return Ok(garbage.len());
         }
-        with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.resolve",
-            Idempotence::Idempotent,
-            || self.repo.resolve(intent.id, owner),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        self.metadata_call("metadata.resolve", deadline, || {
+            self.repo.resolve(intent.id, owner)
+        })
+        .await?;
         info!(intent = %intent.id, kind = intent.kind.as_str(), garbage = garbage.len(), "recovered intent");
         Ok(garbage.len())
     }

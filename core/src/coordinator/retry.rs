@@ -116,3 +116,49 @@ where
         }
     }
 }
+
+impl<M: crate::ports::MetadataRepo, V: crate::ports::VectorIndex> super::Coordinator<M, V> {
+    /// An idempotent metadata call under the call's deadline, retried.
+    pub(crate) async fn metadata_call<T, F, Fut>(
+        &self,
+        name: &'static str,
+        deadline: Instant,
+        call: F,
+    ) -> Result<T, crate::error::CoordinatorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, MetadataError>>,
+    {
+        with_retry(
+            &self.config.retry,
+            deadline,
+            name,
+            Idempotence::Idempotent,
+            call,
+        )
+        .await
+        .map_err(|f| super::write::metadata_failure(f, self.config.call_deadline))
+    }
+
+    /// An idempotent index call under the call's deadline, retried.
+    pub(crate) async fn index_call<T, F, Fut>(
+        &self,
+        name: &'static str,
+        deadline: Instant,
+        call: F,
+    ) -> Result<T, crate::error::CoordinatorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, IndexError>>,
+    {
+        with_retry(
+            &self.config.retry,
+            deadline,
+            name,
+            Idempotence::Idempotent,
+            call,
+        )
+        .await
+        .map_err(|f| super::write::index_failure(f, self.config.call_deadline))
+    }
+}

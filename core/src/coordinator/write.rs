@@ -103,18 +103,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let current: HashMap<RecordId, PointId> =
             if self.bug(Bug::OverwritePointInPlace) || self.bug(Bug::DeleteOldPointsBeforeCommit) {
                 let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
-                with_retry(
-                    &self.config.retry,
-                    deadline,
-                    "metadata.get",
-                    Idempotence::Idempotent,
-                    || self.repo.get(&ids),
-                )
-                .await
-                .map_err(|f| metadata_failure(f, self.config.call_deadline))?
-                .into_iter()
-                .map(|r| (r.id, r.point_id))
-                .collect()
+                self.metadata_call("metadata.get", deadline, || self.repo.get(&ids))
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.id, r.point_id))
+                    .collect()
             } else {
                 HashMap::new()
             };
@@ -396,15 +389,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         hash: &str,
         deadline: Instant,
     ) -> Result<Option<IdempotencyRecord>, CoordinatorError> {
-        let found = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.lookup_idempotency",
-            Idempotence::Idempotent,
-            || self.repo.lookup_idempotency(key),
-        )
-        .await
-        .map_err(|f| metadata_failure(f, self.config.call_deadline))?;
+        let found = self
+            .metadata_call("metadata.lookup_idempotency", deadline, || {
+                self.repo.lookup_idempotency(key)
+            })
+            .await?;
         match found {
             Some(rec) if rec.request_hash != hash => Err(CoordinatorError::IdempotencyKeyReused {
                 key: key.to_owned(),
