@@ -1,0 +1,1196 @@
+//! The kill -9 crash campaign: `tandem ingest`, `tandem delete` and `tandem
+//! recover` run as real child processes and are killed with SIGKILL at random
+//! moments, on the embedded stores (SQLite + qdrant-edge in a temporary data
+//! directory) and on PostgreSQL (a schema of its own) + the Qdrant test server
+//! (`qdrant-double`, its own process). After every kill:
+//!
+//! * `tandem verify --json` at once: no row without its point, no point that
+//!   neither a row nor a live intent accounts for (I1, I2 at every instant);
+//! * `tandem recover` (after the killed writer's lease), sometimes itself
+//!   killed and re-run, then `tandem verify --json`: exact equality (no
+//!   missing, no orphans, no live intents, rows = points per scope, and those
+//!   counts are the store's);
+//! * every stored record is one an input contained, with the content,
+//!   metadata and vector of one line (one version) the input gave it, and no
+//!   id-less line is stored twice;
+//! * a killed delete removed all of its selection or none of it;
+//! * re-running the interrupted ingest with the same `--idempotency-prefix`
+//!   completes the input (every id at its last version, as many records as
+//!   the input's distinct records), and a second re-run writes nothing.
+//!
+//! Recovery may only claim an intent once its writer's lease has ended, so
+//! the campaign's `tandem.toml` sets a short one (`[coordinator] lease_secs =
+//! 0.8`, which the configuration accepts as it exceeds `call_deadline_secs +
+//! cleanup_deadline_secs`); the campaign waits for the stored lease deadlines
+//! before it recovers.
+//!
+//! The `tandem` binary belongs to `tandem-app`, so this package gets no
+//! `CARGO_BIN_EXE_tandem`: `tandem_tests::campaign::tandem_binary` runs
+//! `cargo build -p tandem-app --bin tandem` with the cargo running the tests
+//! and takes the path from cargo's JSON messages (a no-op build when it is
+//! up to date; `TANDEM_BIN` overrides).
+//!
+//! The seed is printed; `CRASH_CAMPAIGN_SEED=N` replays the same data, delays
+//! and choices (the outcomes still depend on timing).
+//! `CRASH_CAMPAIGN_KILLS=N` sets the kills per backend (default 50: 26
+//! ingest, 12 delete, 12 recover).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{Map, Value, json};
+use tandem_core::{IntentKind, PointId, RecordId, StoredRecord};
+use tandem_tests::campaign::{
+    Finished, InputFile, InputLine, Inputs, KillOutcome, QdrantProcess, StoreReader, Tandem,
+    check_exact, check_no_missing_no_orphans, tandem_binary,
+};
+use tandem_tests::pg::TestSchema;
+
+/// Vector dimension of the campaign's collections.
+const DIM: usize = 16;
+/// Records per ingest batch.
+const BATCH: usize = 20;
+/// Lines per ingest input (12 batches).
+const LINES: usize = 240;
+/// Scopes of the ingest rounds.
+const SCOPES: [&str; 3] = ["books", "music", "films"];
+/// Scopes of the data set the deletes work on.
+const DEL_SCOPES: [&str; 6] = ["del-a", "del-b", "del-c", "del-d", "del-e", "del-f"];
+/// Items (metadata `item`) per delete scope: targets of `--where item=…`.
+const ITEMS: usize = 8;
+/// The delete data set is re-ingested when fewer rows than this are left.
+const DEL_REFILL_BELOW: usize = 80;
+/// The coordinator timings of every command: a short lease so recovery can
+/// claim a killed writer's intents within a second.
+const CONFIG: &str = "\
+[coordinator]
+lease_secs = 0.8
+call_deadline_secs = 0.5
+cleanup_deadline_secs = 0.2
+orphan_grace_secs = 0.8
+";
+
+fn seed() -> u64 {
+    match std::env::var("CRASH_CAMPAIGN_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_SEED={s:?} is not a number")),
+        Err(_) => rand::rng().random(),
+    }
+}
+
+/// Kills to reach, per kind, on one backend.
+#[derive(Clone, Copy, Debug)]
+struct Targets {
+    ingest: usize,
+    delete: usize,
+    recover: usize,
+}
+
+impl Targets {
+    fn from_env() -> Self {
+        let total: usize = match std::env::var("CRASH_CAMPAIGN_KILLS") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_KILLS={s:?} is not a number")),
+            Err(_) => 50,
+        };
+        let delete = total / 4;
+        let recover = total / 4;
+        Self {
+            ingest: total - delete - recover,
+            delete,
+            recover,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.ingest + self.delete + self.recover
+    }
+}
+
+/// Which command a kill hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Ingest,
+    Delete,
+    Recover,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Ingest => "ingest",
+            Kind::Delete => "delete",
+            Kind::Recover => "recover",
+        }
+    }
+}
+
+/// What the campaign did, for the summary.
+#[derive(Debug, Default)]
+struct Tally {
+    kills: BTreeMap<Kind, usize>,
+    outcomes: BTreeMap<(Kind, &'static str), usize>,
+    /// Runs that ended on their own before the signal was due.
+    not_killed: BTreeMap<(Kind, String), usize>,
+    /// Left by kills, found by `tandem recover` runs that finished.
+    recovered_claimed: u64,
+    recovered_resolved: u64,
+    garbage_deleted: u64,
+    recover_runs: usize,
+    /// Intents a killed `recover` had resolved or claimed before it died.
+    killed_recover_resolved: usize,
+    killed_recover_claimed: usize,
+    deletes_applied: usize,
+    deletes_not_applied: usize,
+    rounds_completed: usize,
+    replays_checked: usize,
+    verifies: usize,
+    /// Uninterrupted commands that exited 3 (unavailable) and were re-run.
+    exit3_retries: usize,
+}
+
+impl Tally {
+    fn kill(&mut self, kind: Kind, outcome: &'static str) {
+        *self.kills.entry(kind).or_default() += 1;
+        *self.outcomes.entry((kind, outcome)).or_default() += 1;
+    }
+
+    fn kills(&self, kind: Kind) -> usize {
+        self.kills.get(&kind).copied().unwrap_or(0)
+    }
+
+    fn total(&self) -> usize {
+        self.kills.values().sum()
+    }
+}
+
+/// Identity of the stored rows: which version of which record, on which point.
+fn row_versions(rows: &BTreeMap<RecordId, StoredRecord>) -> BTreeMap<RecordId, (u64, PointId)> {
+    rows.iter()
+        .map(|(id, r)| (*id, (r.version, r.point_id)))
+        .collect()
+}
+
+fn random_vector(rng: &mut StdRng) -> Vec<f32> {
+    // Components in [0.05, 1) with a random sign: never the zero vector.
+    (0..DIM)
+        .map(|_| {
+            let x: f32 = rng.random_range(0.05..1.0);
+            if rng.random_bool(0.5) { x } else { -x }
+        })
+        .collect()
+}
+
+fn random_id(rng: &mut StdRng) -> RecordId {
+    RecordId::from(uuid::Builder::from_random_bytes(rng.random()).into_uuid())
+}
+
+fn meta(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().expect("an object")
+}
+
+/// How a delete selects records.
+#[derive(Clone, Debug)]
+enum Selector {
+    Ids(Vec<RecordId>),
+    Scope(String),
+    Item(String, String),
+}
+
+impl Selector {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Selector::Ids(ids) => vec![
+                "--ids".into(),
+                ids.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ],
+            Selector::Scope(s) => vec!["--scope".into(), s.clone()],
+            Selector::Item(s, item) => vec![
+                "--scope".into(),
+                s.clone(),
+                "--where".into(),
+                format!("item={item}"),
+            ],
+        }
+    }
+
+    fn selects(&self, r: &StoredRecord) -> bool {
+        match self {
+            Selector::Ids(ids) => ids.contains(&r.id),
+            Selector::Scope(s) => r.scope.as_str() == s,
+            Selector::Item(s, item) => {
+                r.scope.as_str() == s
+                    && r.metadata.get("item").and_then(Value::as_str) == Some(item.as_str())
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Selector::Ids(ids) => format!("--ids ({} ids)", ids.len()),
+            Selector::Scope(s) => format!("--scope {s}"),
+            Selector::Item(s, item) => format!("--scope {s} --where item={item}"),
+        }
+    }
+}
+
+/// The ingest input being worked on and how many kills it may take.
+struct Round {
+    file: InputFile,
+    kills: usize,
+    max_kills: usize,
+}
+
+/// One backend's campaign.
+struct Campaign {
+    label: &'static str,
+    rt: Arc<tokio::runtime::Runtime>,
+    cli: Tandem,
+    store: StoreReader,
+    rng: StdRng,
+    dir: PathBuf,
+    targets: Targets,
+    inputs: Inputs,
+    tally: Tally,
+    round: Option<Round>,
+    rounds: usize,
+    del_ids: Vec<RecordId>,
+    del_gen: usize,
+    /// Kill delays are drawn uniformly from [0, window) ([0.35 window,
+    /// window) for `recover`): about the length of an uninterrupted run of
+    /// the same command, measured on this backend.
+    ingest_window: Duration,
+    delete_window: Duration,
+    recover_window: Duration,
+    kills_since_recovery: usize,
+    started: Instant,
+}
+
+impl Campaign {
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn say(&self, line: &str) {
+        println!("[{}] {line}", self.label);
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!("[{}] {what}", self.label)
+    }
+
+    fn rows(&self) -> BTreeMap<RecordId, StoredRecord> {
+        self.block_on(self.store.rows())
+    }
+
+    /// A command that must succeed. Exit code 3 (a store stayed unavailable
+    /// or the call deadline passed: nothing of the failing call applied) is
+    /// retried as the documentation says, a few times.
+    fn run_ok(&mut self, args: &[&str]) -> Finished {
+        for attempt in 1..=4 {
+            let out = self.cli.run(args);
+            match out.code() {
+                Some(0) => return out,
+                Some(3) if attempt < 4 => {
+                    self.say(&format!(
+                        "`tandem {}` exited 3 (unavailable), retrying: {}",
+                        args.join(" "),
+                        out.stderr.trim()
+                    ));
+                    self.tally.exit3_retries += 1;
+                }
+                _ => self.fail(&format!(
+                    "`tandem {}` failed: exit {}\nstdout:\n{}\nstderr:\n{}",
+                    args.join(" "),
+                    out.status,
+                    out.stdout,
+                    out.stderr
+                )),
+            }
+        }
+        unreachable!("the last attempt returns or fails")
+    }
+
+    fn ingest_args(file: &InputFile) -> Vec<String> {
+        vec![
+            "ingest".into(),
+            file.path.display().to_string(),
+            "--batch-size".into(),
+            file.batch_size.to_string(),
+            "--idempotency-prefix".into(),
+            file.tag.clone(),
+        ]
+    }
+
+    fn delay(&mut self, window: Duration) -> Duration {
+        Duration::from_secs_f64(self.rng.random_range(0.0..window.as_secs_f64()))
+    }
+
+    /// `tandem verify --json` right after a kill, before any recovery.
+    fn check_instant(&mut self, after: &str) {
+        let out = self.cli.run(&["verify"]);
+        if !matches!(out.code(), Some(0 | 1)) {
+            self.fail(&format!(
+                "verify after {after} failed: exit {}\n{}",
+                out.status, out.stderr
+            ));
+        }
+        self.tally.verifies += 1;
+        if let Err(e) = check_no_missing_no_orphans(&out.json()) {
+            self.fail(&format!("right after {after}, before recovery: {e}"));
+        }
+    }
+
+    /// Recovers everything the kills left (sometimes killing `recover`
+    /// itself first), then checks exact equality and that every stored
+    /// record comes from an input. Returns the rows.
+    fn recover_and_check(&mut self) -> BTreeMap<RecordId, StoredRecord> {
+        let rows_before = self.rows();
+        let mut killed_here = 0;
+        loop {
+            let pending = self.block_on(self.store.wait_for_leases());
+            if pending == 0 {
+                break;
+            }
+            let kill_it = self.tally.kills(Kind::Recover) < self.targets.recover
+                && killed_here < 3
+                && self.rng.random_bool(0.85);
+            if kill_it {
+                killed_here += 1;
+                self.kill_recover();
+                continue;
+            }
+            let out = self.run_ok(&["recover"]);
+            self.recovered(&out.json(), &out.stderr, out.elapsed, "");
+        }
+        let out = self.cli.run(&["verify"]);
+        self.tally.verifies += 1;
+        let rows = self.rows();
+        let verify = out.json();
+        if out.code() != Some(0) {
+            self.fail(&format!(
+                "verify after recovery: exit {}\n{verify:#}",
+                out.status
+            ));
+        }
+        if let Err(e) = check_exact(&verify, &rows) {
+            self.fail(&format!("after recovery: {e}"));
+        }
+        if let Err(e) = self.inputs.check_rows(&rows) {
+            self.fail(&e);
+        }
+        // Recovery deletes garbage points; it never changes a row.
+        if row_versions(&rows) != row_versions(&rows_before) {
+            self.fail("recovery changed committed rows");
+        }
+        self.kills_since_recovery = 0;
+        rows
+    }
+
+    /// Checks and counts what a finished `tandem recover --json` did.
+    fn recovered(&mut self, j: &Value, stderr: &str, took: Duration, note: &str) {
+        if j["failed"] != 0 || j["pending_intents"] != 0 {
+            self.fail(&format!(
+                "recover left work behind: {j:#}\nstderr:\n{stderr}"
+            ));
+        }
+        let claimed = j["claimed"].as_u64().unwrap_or(0);
+        self.tally.recover_runs += 1;
+        self.tally.recovered_claimed += claimed;
+        self.tally.recovered_resolved += j["resolved"].as_u64().unwrap_or(0);
+        self.tally.garbage_deleted += j["points_deleted"].as_u64().unwrap_or(0);
+        self.say(&format!(
+            "    recover{note}: {claimed} intent(s) claimed, {} resolved, {} garbage point(s) deleted ({} ms)",
+            j["resolved"],
+            j["points_deleted"],
+            took.as_millis()
+        ));
+        if claimed > 0 {
+            // Aim the next recover kills within a run with work to do: a
+            // running average of such runs' length.
+            let avg = (self.recover_window + took) / 2;
+            self.recover_window = avg.clamp(Duration::from_millis(100), Duration::from_secs(2));
+        }
+    }
+
+    /// One `tandem recover` run, killed at a random moment; there are
+    /// intents and their leases have ended.
+    fn kill_recover(&mut self) {
+        let before = self.block_on(self.store.intents());
+        // A recover run spends its first third or so starting up (opening
+        // the stores): draw from the rest, where it claims and cleans.
+        let w = self.recover_window.as_secs_f64();
+        let delay = Duration::from_secs_f64(self.rng.random_range(0.35 * w..w));
+        match self.cli.run_killed(&["recover"], delay) {
+            KillOutcome::Exited {
+                status,
+                after,
+                stdout,
+                stderr,
+            } => {
+                if status.code() != Some(0) {
+                    self.fail(&format!("recover failed on its own: {status}\n{stderr}"));
+                }
+                *self
+                    .tally
+                    .not_killed
+                    .entry((Kind::Recover, "finished before the signal".into()))
+                    .or_default() += 1;
+                let j: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+                    self.fail(&format!("recover printed no JSON ({e}):\n{stdout}"))
+                });
+                let note = format!(
+                    " (finished before the signal due at {} ms)",
+                    delay.as_millis()
+                );
+                self.recovered(&j, &stderr, after, &note);
+            }
+            KillOutcome::Killed(at) => {
+                let after = self.block_on(self.store.intents());
+                let left: BTreeMap<_, _> = after.iter().map(|i| (i.id, i)).collect();
+                let resolved = before.iter().filter(|i| !left.contains_key(&i.id)).count();
+                let claimed = before
+                    .iter()
+                    .filter(|i| left.get(&i.id).is_some_and(|a| a.owner != i.owner))
+                    .count();
+                if after.len() > before.len() - resolved {
+                    self.fail("a killed recover created intents");
+                }
+                let outcome = if resolved == 0 && claimed == 0 {
+                    "killed before claiming anything"
+                } else if resolved == before.len() {
+                    "killed after resolving every intent"
+                } else {
+                    "killed mid-run"
+                };
+                self.tally.kill(Kind::Recover, outcome);
+                self.tally.killed_recover_resolved += resolved;
+                self.tally.killed_recover_claimed += claimed;
+                self.check_instant("a killed recover");
+                self.say(&format!(
+                    "kill {:>3}: recover at {:>4} ms: {outcome} ({} of {} intent(s) resolved, {} claimed and left)",
+                    self.tally.total(),
+                    at.as_millis(),
+                    resolved,
+                    before.len(),
+                    claimed
+                ));
+            }
+        }
+    }
+
+    /// Decides whether to recover now or let the next kill pile more work
+    /// onto one recovery (up to three kills).
+    fn maybe_recover(&mut self) {
+        self.kills_since_recovery += 1;
+        // Piling up work makes the recover runs (and their kills) longer.
+        let defer = if self.tally.kills(Kind::Recover) < self.targets.recover {
+            0.5
+        } else {
+            0.3
+        };
+        if self.kills_since_recovery >= 3 || !self.rng.random_bool(defer) {
+            self.recover_and_check();
+        }
+    }
+
+    /// A fresh ingest input: new ids, some lines without an id, and from the
+    /// third batch on some updates of ids from earlier batches.
+    fn new_round(&mut self) -> Round {
+        self.rounds += 1;
+        let tag = format!("r{}", self.rounds);
+        let mut lines: Vec<InputLine> = Vec::with_capacity(LINES);
+        let mut earlier: Vec<(RecordId, &'static str)> = Vec::new();
+        for b in 0..LINES / BATCH {
+            let mut in_batch: HashSet<RecordId> = HashSet::new();
+            let mut fresh = Vec::new();
+            for _ in 0..BATCH {
+                let n = lines.len() + 1;
+                let roll: f64 = self.rng.random();
+                let update = if b >= 2 && roll < 0.25 {
+                    // An id of an earlier batch, at most once per batch.
+                    (0..8)
+                        .filter_map(|_| earlier.choose(&mut self.rng).copied())
+                        .find(|(id, _)| !in_batch.contains(id))
+                } else {
+                    None
+                };
+                let (id, scope) = match update {
+                    Some((id, scope)) => (Some(id), scope),
+                    None if roll < 0.33 => (None, *SCOPES.choose(&mut self.rng).unwrap()),
+                    None => {
+                        let id = random_id(&mut self.rng);
+                        let scope = *SCOPES.choose(&mut self.rng).unwrap();
+                        fresh.push((id, scope));
+                        (Some(id), scope)
+                    }
+                };
+                if let Some(id) = id {
+                    in_batch.insert(id);
+                }
+                let item = format!("i{}", self.rng.random_range(0..ITEMS));
+                lines.push(InputLine {
+                    id,
+                    scope: scope.to_owned(),
+                    content: format!("{tag} line {n}: {scope} record, version {b}"),
+                    metadata: meta(json!({"input": tag, "line": n, "item": item})),
+                    vector: random_vector(&mut self.rng),
+                });
+            }
+            earlier.extend(fresh);
+        }
+        let file = InputFile::write(&self.dir, &tag, lines, BATCH);
+        self.inputs.add(&file);
+        Round {
+            file,
+            kills: 0,
+            max_kills: self.rng.random_range(1..=4),
+        }
+    }
+
+    /// The delete data set, generation `gen`: the same ids every time, new
+    /// contents and vectors.
+    fn del_input(&mut self, generation: usize) -> InputFile {
+        let tag = format!("del-g{generation}");
+        let ids = self.del_ids.clone();
+        let lines = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let scope = DEL_SCOPES[i % DEL_SCOPES.len()];
+                let item = format!("i{}", (i / DEL_SCOPES.len()) % ITEMS);
+                InputLine {
+                    id: Some(*id),
+                    scope: scope.to_owned(),
+                    content: format!("{tag}: record {i} of {scope}, {item}"),
+                    metadata: meta(json!({"input": tag, "line": i + 1, "item": item})),
+                    vector: random_vector(&mut self.rng),
+                }
+            })
+            .collect();
+        let file = InputFile::write(&self.dir, &tag, lines, BATCH);
+        self.inputs.add(&file);
+        file
+    }
+
+    /// Ingests `file` to its end (no kill), then checks it completely stored,
+    /// and that a second run writes nothing.
+    fn ingest_to_completion(&mut self, file: &InputFile) -> Duration {
+        let args = Self::ingest_args(file);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.run_ok(&args);
+        let j = out.json();
+        if j["ok"] != true
+            || j["batches_committed"].as_u64().unwrap_or(0)
+                + j["batches_replayed"].as_u64().unwrap_or(0)
+                != file.batches() as u64
+        {
+            self.fail(&format!("ingest of {} did not complete: {j:#}", file.tag));
+        }
+        let rows = self.recover_and_check();
+        if let Err(e) = file.check_complete(&rows) {
+            self.fail(&format!("after re-running ingest to completion: {e}"));
+        }
+        // The same ingest once more: everything is replayed, nothing written.
+        let again = self.run_ok(&args).json();
+        let nothing_written = again["ok"] == true
+            && again["batches_committed"] == 0
+            && again["batches_replayed"] == file.batches() as u64
+            && again["inserted"] == 0
+            && again["updated"] == 0;
+        if !nothing_written {
+            self.fail(&format!(
+                "re-running the completed ingest {} wrote something: {again:#}",
+                file.tag
+            ));
+        }
+        let rows_again = self.rows();
+        if row_versions(&rows_again) != row_versions(&rows) {
+            self.fail("the replayed ingest changed stored rows");
+        }
+        self.tally.replays_checked += 1;
+        out.elapsed
+    }
+
+    /// One `tandem ingest` of the current round, killed at a random moment.
+    fn ingest_step(&mut self) {
+        let mut round = match self.round.take() {
+            Some(r) => r,
+            None => self.new_round(),
+        };
+        let batches = round.file.batches();
+        let tag = round.file.tag.clone();
+        let before = self.block_on(self.store.committed_batches(&tag, batches));
+        let delay = self.delay(self.ingest_window);
+        let args = Self::ingest_args(&round.file);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match self.cli.run_killed(&args, delay) {
+            KillOutcome::Exited {
+                status,
+                after,
+                stderr,
+                ..
+            } => {
+                let what = match status.code() {
+                    Some(0) => "finished before the signal".to_owned(),
+                    // Nothing of the failing batch applied; a re-run continues.
+                    Some(3) => "exited 3 (store unavailable / deadline) on its own".to_owned(),
+                    _ => self.fail(&format!(
+                        "ingest {tag} failed on its own: {status}\n{stderr}"
+                    )),
+                };
+                self.say(&format!(
+                    "    ingest {tag} {what} ({} ms, signal due at {} ms)",
+                    after.as_millis(),
+                    delay.as_millis()
+                ));
+                *self
+                    .tally
+                    .not_killed
+                    .entry((Kind::Ingest, what))
+                    .or_default() += 1;
+                if status.code() == Some(0) {
+                    self.complete_round(round);
+                } else {
+                    self.round = Some(round);
+                }
+            }
+            KillOutcome::Killed(at) => {
+                let after = self.block_on(self.store.committed_batches(&tag, batches));
+                let live = self.block_on(self.store.intents()).len();
+                let outcome = if after == before {
+                    "killed before any commit"
+                } else if after == batches {
+                    "killed after the last commit"
+                } else {
+                    "killed mid-run"
+                };
+                self.tally.kill(Kind::Ingest, outcome);
+                self.say(&format!(
+                    "kill {:>3}: ingest {tag} at {:>4} ms: {outcome} (batches committed {before} → {after} of {batches}; {live} live intent(s))",
+                    self.tally.total(),
+                    at.as_millis()
+                ));
+                self.check_instant("a killed ingest");
+                round.kills += 1;
+                if round.kills >= round.max_kills || after == batches {
+                    self.complete_round(round);
+                } else {
+                    self.maybe_recover();
+                    self.round = Some(round);
+                }
+            }
+        }
+    }
+
+    /// Re-runs the round's ingest with the same prefix to its end.
+    fn complete_round(&mut self, round: Round) {
+        self.ingest_to_completion(&round.file);
+        self.tally.rounds_completed += 1;
+        self.say(&format!(
+            "    ingest {} completed by re-running it after {} kill(s): {} records, second re-run wrote nothing",
+            round.file.tag,
+            round.kills,
+            round.file.expected_records()
+        ));
+    }
+
+    /// Loads a new generation of the delete data set (no kill).
+    fn refill_delete_set(&mut self) -> Duration {
+        self.del_gen += 1;
+        let file = self.del_input(self.del_gen);
+        let took = self.ingest_to_completion(&file);
+        self.say(&format!(
+            "    delete data set generation {} loaded ({} records, {} ms)",
+            self.del_gen,
+            file.lines.len(),
+            took.as_millis()
+        ));
+        took
+    }
+
+    fn pick_selector(&mut self, rows: &BTreeMap<RecordId, StoredRecord>) -> Selector {
+        let del: Vec<&StoredRecord> = rows
+            .values()
+            .filter(|r| r.scope.as_str().starts_with("del-"))
+            .collect();
+        let roll = self.rng.random_range(0..10);
+        if roll < 4 {
+            let k = self.rng.random_range(1..=12).min(del.len());
+            let mut ids: Vec<RecordId> = del
+                .choose_multiple(&mut self.rng, k)
+                .map(|r| r.id)
+                .collect();
+            if self.rng.random_bool(0.3) {
+                // An id that was never stored: ignored.
+                ids.push(random_id(&mut self.rng));
+            }
+            Selector::Ids(ids)
+        } else if roll < 6 {
+            let r = del.choose(&mut self.rng).expect("delete rows exist");
+            Selector::Scope(r.scope.to_string())
+        } else {
+            let r = del.choose(&mut self.rng).expect("delete rows exist");
+            let item = r.metadata["item"].as_str().expect("item").to_owned();
+            Selector::Item(r.scope.to_string(), item)
+        }
+    }
+
+    /// One `tandem delete`, killed at a random moment: all of its selection
+    /// is deleted or none of it, before and after recovery.
+    fn delete_step(&mut self) {
+        let mut rows = self.rows();
+        let del_rows = rows
+            .values()
+            .filter(|r| r.scope.as_str().starts_with("del-"))
+            .count();
+        if del_rows < DEL_REFILL_BELOW {
+            self.refill_delete_set();
+            rows = self.rows();
+        }
+        let selector = self.pick_selector(&rows);
+        let pre = row_versions(&rows);
+        let mut applied_state = pre.clone();
+        applied_state.retain(|id, _| !selector.selects(&rows[id]));
+        let selected = pre.len() - applied_state.len();
+        let intents_before: HashSet<_> = self
+            .block_on(self.store.intents())
+            .iter()
+            .map(|i| i.id)
+            .collect();
+        let delay = self.delay(self.delete_window);
+        let mut args = vec!["delete".to_owned()];
+        args.extend(selector.args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = self.cli.run_killed(&args, delay);
+        let post = row_versions(&self.rows());
+        let applied = if post == pre && selected > 0 {
+            false
+        } else if post == applied_state {
+            true
+        } else {
+            self.fail(&format!(
+                "delete {} (selecting {selected} of {} rows) was not all-or-nothing: {} rows left",
+                selector.describe(),
+                pre.len(),
+                post.len()
+            ))
+        };
+        match result {
+            KillOutcome::Exited {
+                status,
+                after,
+                stderr,
+                ..
+            } => {
+                if status.code() != Some(0) || !applied {
+                    self.fail(&format!(
+                        "delete {} exited {status} without the kill (applied: {applied})\n{stderr}",
+                        selector.describe()
+                    ));
+                }
+                // Move the window towards the length of a whole delete.
+                self.delete_window = (self.delete_window + after) / 2;
+                *self
+                    .tally
+                    .not_killed
+                    .entry((Kind::Delete, "finished before the signal".into()))
+                    .or_default() += 1;
+                self.say(&format!(
+                    "    delete {} finished before the signal ({} ms): {selected} deleted",
+                    selector.describe(),
+                    after.as_millis()
+                ));
+                self.tally.deletes_applied += 1;
+                self.recover_and_check();
+            }
+            KillOutcome::Killed(at) => {
+                let pending_delete = self
+                    .block_on(self.store.intents())
+                    .iter()
+                    .any(|i| i.kind == IntentKind::Delete && !intents_before.contains(&i.id));
+                let outcome = match (applied, pending_delete) {
+                    (false, _) => "killed before the commit: nothing deleted",
+                    (true, true) => "killed after the commit: index cleanup left to recovery",
+                    (true, false) => "killed after completion",
+                };
+                if applied {
+                    self.tally.deletes_applied += 1;
+                } else {
+                    self.tally.deletes_not_applied += 1;
+                }
+                self.tally.kill(Kind::Delete, outcome);
+                self.say(&format!(
+                    "kill {:>3}: delete {} at {:>4} ms: {outcome} ({selected} selected)",
+                    self.tally.total(),
+                    selector.describe(),
+                    at.as_millis()
+                ));
+                self.check_instant("a killed delete");
+                self.maybe_recover();
+            }
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.tally.kills(Kind::Ingest) >= self.targets.ingest
+            && self.tally.kills(Kind::Delete) >= self.targets.delete
+            && self.tally.kills(Kind::Recover) >= self.targets.recover
+    }
+
+    fn run(&mut self) {
+        // Calibration, uninterrupted: loading the delete data set measures
+        // an ingest of LINES lines; one delete measures a delete.
+        let took = self.refill_delete_set();
+        self.ingest_window = took.mul_f64(1.1);
+        let rows = self.rows();
+        let ids: Vec<String> = rows
+            .values()
+            .filter(|r| r.scope.as_str().starts_with("del-"))
+            .take(5)
+            .map(|r| r.id.to_string())
+            .collect();
+        let out = self.run_ok(&["delete", "--ids", &ids.join(",")]);
+        if out.json()["deleted"] != 5 {
+            self.fail(&format!("calibration delete: {}", out.stdout));
+        }
+        self.delete_window = out.elapsed.mul_f64(1.3);
+        self.recover_and_check();
+        self.say(&format!(
+            "kill windows: ingest {} ms, delete {} ms, recover {} ms (first)",
+            self.ingest_window.as_millis(),
+            self.delete_window.as_millis(),
+            self.recover_window.as_millis()
+        ));
+
+        while !self.done() {
+            let delete_due = self.tally.kills(Kind::Delete) < self.targets.delete;
+            let ingest_due = self.tally.kills(Kind::Ingest) < self.targets.ingest
+                || self.tally.kills(Kind::Recover) < self.targets.recover;
+            if delete_due && (!ingest_due || self.rng.random_bool(0.3)) {
+                self.delete_step();
+            } else {
+                self.ingest_step();
+            }
+        }
+        if let Some(round) = self.round.take() {
+            self.complete_round(round);
+        }
+        self.recover_and_check();
+        self.summary();
+    }
+
+    fn summary(&self) {
+        let t = &self.tally;
+        let mut s = format!(
+            "\n[{}] {} kills in {:.1} s:\n",
+            self.label,
+            t.total(),
+            self.started.elapsed().as_secs_f64()
+        );
+        for kind in [Kind::Ingest, Kind::Delete, Kind::Recover] {
+            let parts: Vec<String> = t
+                .outcomes
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|((_, o), n)| format!("{n} {o}"))
+                .collect();
+            s.push_str(&format!(
+                "  {:<8} {:>3} kills: {}\n",
+                kind.name(),
+                t.kills(kind),
+                parts.join(", ")
+            ));
+        }
+        let not_killed: Vec<String> = t
+            .not_killed
+            .iter()
+            .map(|((k, what), n)| format!("{n} {} {what}", k.name()))
+            .collect();
+        s.push_str(&format!(
+            "  not killed: {}\n",
+            if not_killed.is_empty() {
+                "none".to_owned()
+            } else {
+                not_killed.join(", ")
+            }
+        ));
+        s.push_str(&format!(
+            "  recovery: {} finished recover runs claimed {} intent(s), resolved {}, deleted {} garbage point(s); killed recovers had resolved {} and claimed {} more\n",
+            t.recover_runs,
+            t.recovered_claimed,
+            t.recovered_resolved,
+            t.garbage_deleted,
+            t.killed_recover_resolved,
+            t.killed_recover_claimed
+        ));
+        s.push_str(&format!(
+            "  deletes: {} applied whole, {} not at all; ingest inputs completed by re-running: {}, no-op re-runs checked: {}; verifies: {}; uninterrupted commands retried after exit 3: {}",
+            t.deletes_applied,
+            t.deletes_not_applied,
+            t.rounds_completed,
+            t.replays_checked,
+            t.verifies,
+            t.exit3_retries
+        ));
+        println!("{s}");
+    }
+}
+
+fn new_campaign(
+    label: &'static str,
+    rt: Arc<tokio::runtime::Runtime>,
+    cli: Tandem,
+    store: StoreReader,
+    seed: u64,
+    dir: &Path,
+) -> Campaign {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let del_ids = (0..DEL_SCOPES.len() * 40)
+        .map(|_| random_id(&mut rng))
+        .collect();
+    Campaign {
+        label,
+        rt,
+        cli,
+        store,
+        rng,
+        dir: dir.to_path_buf(),
+        targets: Targets::from_env(),
+        inputs: Inputs::default(),
+        tally: Tally::default(),
+        round: None,
+        rounds: 0,
+        del_ids,
+        del_gen: 0,
+        ingest_window: Duration::from_secs(1),
+        delete_window: Duration::from_millis(300),
+        recover_window: Duration::from_millis(250),
+        kills_since_recovery: 0,
+        started: Instant::now(),
+    }
+}
+
+fn runtime() -> Arc<tokio::runtime::Runtime> {
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+    )
+}
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("tandem.toml");
+    std::fs::write(&path, CONFIG).expect("write tandem.toml");
+    path
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+fn assert_enough(c: &Campaign) {
+    let t = &c.tally;
+    assert!(
+        t.total() >= c.targets.total()
+            && t.kills(Kind::Ingest) >= c.targets.ingest
+            && t.kills(Kind::Delete) >= c.targets.delete
+            && t.kills(Kind::Recover) >= c.targets.recover,
+        "[{}] too few kills: {:?} (targets {:?})",
+        c.label,
+        t.kills,
+        c.targets
+    );
+}
+
+#[test]
+fn kill_9_campaign_on_the_embedded_stores() {
+    let seed = seed();
+    println!("[embedded] seed {seed} (CRASH_CAMPAIGN_SEED={seed} replays it)");
+    let bin = tandem_binary();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = write_config(tmp.path());
+    let data_dir = tmp.path().join("data");
+    let mut global = os(&["--json", "-q", "--dim", &DIM.to_string(), "--config"]);
+    global.push(config.into());
+    global.push("--data-dir".into());
+    global.push(data_dir.clone().into());
+    let cli = Tandem::new(bin, tmp.path(), global, Vec::new());
+    let rt = runtime();
+    // The SQLite file exists once `migrate` ran; the campaign reads it
+    // between runs of the binary.
+    let out = cli.run(&["migrate"]);
+    assert_eq!(out.code(), Some(0), "migrate: {}", out.stderr);
+    let repo = rt
+        .block_on(tandem_adapters::sqlite::SqliteMetadataRepo::open(
+            tandem_adapters::sqlite::SqliteConfig {
+                migrate_on_start: false,
+                ..tandem_adapters::sqlite::SqliteConfig::new(data_dir.join("metadata.sqlite3"))
+            },
+        ))
+        .expect("open the SQLite store");
+    let store = StoreReader::new(Arc::new(repo));
+    let mut c = new_campaign("embedded", rt.clone(), cli, store, seed, tmp.path());
+    c.run();
+    assert_enough(&c);
+}
+
+#[test]
+fn kill_9_campaign_on_postgres_and_the_qdrant_server() {
+    let base = seed();
+    println!("[postgres+qdrant] seed {base} (CRASH_CAMPAIGN_SEED={base} replays it)");
+    // Other data and draws than the embedded campaign of the same seed.
+    let seed = base ^ 0x9e37_79b9_7f4a_7c15;
+    let rt = runtime();
+    // Panics, saying so, if the server at DATABASE_URL (or the local
+    // default) is unreachable: this suite never skips.
+    let schema = rt.block_on(TestSchema::new());
+    let bin = tandem_binary();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = write_config(tmp.path());
+    let mut qdrant = QdrantProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_qdrant-double")),
+        &tmp.path().join("qdrant"),
+    );
+    let collection = format!("crash_{}", uuid::Uuid::new_v4().simple());
+    let mut global = os(&["--json", "-q", "--dim", &DIM.to_string(), "--config"]);
+    global.push(config.into());
+    global.extend(os(&[
+        "--postgres-schema",
+        schema.name(),
+        "--qdrant-url",
+        qdrant.url(),
+        "--collection",
+        &collection,
+    ]));
+    // The URL through the environment, as an operator would (keeps a password
+    // off the process list).
+    let env = vec![("DATABASE_URL".to_owned(), schema.url().to_owned())];
+    let cli = Tandem::new(bin, tmp.path(), global, env);
+    let out = cli.run(&["migrate"]);
+    assert_eq!(out.code(), Some(0), "migrate: {}", out.stderr);
+    let store = StoreReader::new(Arc::new(rt.block_on(schema.repo())));
+    let mut c = new_campaign("postgres+qdrant", rt.clone(), cli, store, seed, tmp.path());
+    c.run();
+    assert!(
+        qdrant.is_running(),
+        "the Qdrant test server died during the campaign"
+    );
+    assert_enough(&c);
+}
+
+/// The campaign's checks must be able to fail: each is fed a store state
+/// that breaks it.
+#[test]
+fn the_campaign_checks_reject_what_they_must() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut rng = StdRng::seed_from_u64(7);
+    let id = random_id(&mut rng);
+    let line = |n: u64, id: Option<RecordId>, content: &str, rng: &mut StdRng| InputLine {
+        id,
+        scope: "books".into(),
+        content: content.into(),
+        metadata: meta(json!({"input": "t", "line": n, "item": "i0"})),
+        vector: random_vector(rng),
+    };
+    let lines = vec![
+        line(1, Some(id), "first version", &mut rng),
+        line(2, None, "no id", &mut rng),
+        line(3, Some(id), "second version", &mut rng),
+    ];
+    let file = InputFile::write(dir.path(), "t", lines.clone(), 2);
+    assert_eq!((file.batches(), file.expected_records()), (2, 2));
+    let mut inputs = Inputs::default();
+    inputs.add(&file);
+    let stored = |l: &InputLine, id: RecordId| StoredRecord {
+        id,
+        scope: tandem_core::Scope::new(l.scope.as_str()),
+        content: l.content.clone(),
+        metadata: l.metadata.clone(),
+        point_id: PointId::new_random(),
+        version: 1,
+        vector: Some(l.vector.clone()),
+    };
+    let idless = random_id(&mut rng);
+    let good: BTreeMap<RecordId, StoredRecord> = [
+        (id, stored(&lines[2], id)),
+        (idless, stored(&lines[1], idless)),
+    ]
+    .into();
+    inputs
+        .check_rows(&good)
+        .expect("the completed input passes");
+    file.check_complete(&good)
+        .expect("the completed input passes");
+
+    // An earlier version is a version the input gave: fine for check_rows,
+    // not for a completed ingest.
+    let mut old = good.clone();
+    old.insert(id, stored(&lines[0], id));
+    inputs
+        .check_rows(&old)
+        .expect("an earlier version is from the input");
+    assert!(
+        file.check_complete(&old).is_err(),
+        "not at the last version"
+    );
+
+    // Content the input never gave that record.
+    let mut changed = good.clone();
+    changed.get_mut(&id).unwrap().content = "tampered".into();
+    assert!(inputs.check_rows(&changed).is_err());
+
+    // The id-less line stored twice (a duplicate).
+    let mut dup = good.clone();
+    let again = random_id(&mut rng);
+    dup.insert(again, stored(&lines[1], again));
+    assert!(inputs.check_rows(&dup).is_err());
+    assert!(file.check_complete(&dup).is_err());
+
+    // A record missing.
+    let mut missing = good.clone();
+    missing.remove(&id);
+    assert!(file.check_complete(&missing).is_err());
+
+    // A record from no input.
+    let mut foreign = good.clone();
+    let stranger = random_id(&mut rng);
+    let mut rec = stored(&lines[0], stranger);
+    rec.metadata = meta(json!({"input": "other", "line": 1}));
+    foreign.insert(stranger, rec);
+    assert!(inputs.check_rows(&foreign).is_err());
+
+    // verify documents.
+    let ok = json!({"consistent": true, "scopes": {"books": {"rows": 2, "points": 2}},
+        "missing_points": [], "orphan_points": [], "live_intents": 0, "intent_points": 0});
+    check_exact(&ok, &good).expect("consistent");
+    let mut orphan = ok.clone();
+    orphan["orphan_points"] = json!([{"id": "x"}]);
+    assert!(check_no_missing_no_orphans(&orphan).is_err());
+    let mut pending = ok.clone();
+    pending["live_intents"] = json!(1);
+    check_no_missing_no_orphans(&pending).expect("live intents are allowed before recovery");
+    assert!(check_exact(&pending, &good).is_err());
+    let mut short = ok.clone();
+    short["scopes"]["books"]["points"] = json!(1);
+    assert!(check_exact(&short, &good).is_err());
+    assert!(
+        check_exact(&ok, &dup).is_err(),
+        "verify's counts must be the store's"
+    );
+}
