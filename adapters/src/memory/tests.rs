@@ -231,12 +231,14 @@ async fn delete_by_metadata_compares_whole_json_values() {
             .unwrap()
     };
     let deleted = delete(json!({ "size": 3, "tags": ["a", "b"] })).await;
-    let mut expected = vec![rows[0].point_id, rows[1].point_id];
-    expected.sort();
-    assert_eq!(
-        deleted.point_ids, expected,
-        "points come in record id order"
-    );
+    // Points come in record id order.
+    let mut by_record = vec![
+        (rows[0].id, rows[0].point_id),
+        (rows[1].id, rows[1].point_id),
+    ];
+    by_record.sort();
+    let expected: Vec<_> = by_record.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(deleted.point_ids, expected);
     // `null` matches an explicit null, not a missing key.
     let deleted = delete(Value::Null).await;
     assert_eq!(deleted.point_ids, vec![rows[4].point_id]);
