@@ -14,18 +14,18 @@
 //! Adapters translate; they never retry or compensate. Each maps its driver's
 //! errors in its own `error.rs`.
 
-#[cfg(feature = "memory")]
-pub mod memory;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod sql;
-#[cfg(feature = "postgres")]
-pub mod postgres;
-#[cfg(feature = "sqlite")]
-pub mod sqlite;
-#[cfg(feature = "qdrant")]
-pub mod qdrant;
 #[cfg(feature = "edge")]
 pub mod edge;
+#[cfg(feature = "memory")]
+pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "qdrant")]
+pub mod qdrant;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

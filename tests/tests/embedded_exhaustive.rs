@@ -51,7 +51,11 @@ async fn every_single_fault_keeps_every_invariant_on_the_embedded_pair() {
     for f in &summary.failures {
         println!("FAILED: {f:?}");
     }
-    assert!(summary.failures.is_empty(), "{} cases broke an invariant", summary.failures.len());
+    assert!(
+        summary.failures.is_empty(),
+        "{} cases broke an invariant",
+        summary.failures.len()
+    );
     assert!(summary.cases >= 300, "only {} cases ran", summary.cases);
 }
 
