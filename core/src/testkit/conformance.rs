@@ -143,20 +143,20 @@ impl<B: VectorIndex, G> VectorFixture for Guarded<B, G> {
 /// ```
 /// # #[derive(Debug, Default)] struct MyRepo;
 /// # #[async_trait::async_trait] impl tandem_core::MetadataRepo for MyRepo {
-/// #   async fn prepare(&self, _: &tandem_core::NewIntent) -> Result<(), tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn commit_upsert(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &[tandem_core::RowWrite], _: Option<&tandem_core::IdempotencyRecord>) -> Result<tandem_core::UpsertCommit, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn commit_delete(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &tandem_core::DeleteSelector, _: Option<&tandem_core::IdempotencyRecord>) -> Result<tandem_core::DeleteCommit, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn settle(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: tandem_core::OwnerToken) -> Result<tandem_core::Settlement, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn resolve(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken) -> Result<bool, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn claim_expired(&self, _: i64, _: tandem_core::OwnerToken, _: i64, _: usize) -> Result<Vec<tandem_core::Intent>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn record_failure(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &str) -> Result<(), tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn referenced_points(&self, _: &[tandem_core::PointId]) -> Result<std::collections::HashSet<tandem_core::PointId>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn rows_by_points(&self, _: &[tandem_core::PointId]) -> Result<Vec<tandem_core::StoredRecord>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn get(&self, _: &[tandem_core::RecordId]) -> Result<Vec<tandem_core::StoredRecord>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn lookup_idempotency(&self, _: &str) -> Result<Option<tandem_core::IdempotencyRecord>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn scan_refs(&self, _: Option<&tandem_core::Scope>, _: Option<tandem_core::RecordId>, _: usize) -> Result<tandem_core::Page<tandem_core::RowRef, tandem_core::RecordId>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn list_intents(&self, _: usize) -> Result<Vec<tandem_core::Intent>, tandem_core::MetadataError> { unimplemented!() }
-/// #   async fn count_by_scope(&self) -> Result<std::collections::BTreeMap<tandem_core::Scope, u64>, tandem_core::MetadataError> { unimplemented!() }
+/// #   async fn prepare(&self, _: &tandem_core::NewIntent) -> Result<(), tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn commit_upsert(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &[tandem_core::RowWrite], _: Option<&tandem_core::IdempotencyRecord>) -> Result<tandem_core::UpsertCommit, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn commit_delete(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &tandem_core::DeleteSelector, _: Option<&tandem_core::IdempotencyRecord>) -> Result<tandem_core::DeleteCommit, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn settle(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: tandem_core::OwnerToken) -> Result<tandem_core::Settlement, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn resolve(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken) -> Result<bool, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn claim_expired(&self, _: i64, _: tandem_core::OwnerToken, _: i64, _: usize) -> Result<Vec<tandem_core::Intent>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn record_failure(&self, _: tandem_core::IntentId, _: tandem_core::OwnerToken, _: &str) -> Result<(), tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn referenced_points(&self, _: &[tandem_core::PointId]) -> Result<std::collections::HashSet<tandem_core::PointId>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn rows_by_points(&self, _: &[tandem_core::PointId]) -> Result<Vec<tandem_core::StoredRecord>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn get(&self, _: &[tandem_core::RecordId]) -> Result<Vec<tandem_core::StoredRecord>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn lookup_idempotency(&self, _: &str) -> Result<Option<tandem_core::IdempotencyRecord>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn scan_refs(&self, _: Option<&tandem_core::Scope>, _: Option<tandem_core::RecordId>, _: usize) -> Result<tandem_core::Page<tandem_core::RowRef, tandem_core::RecordId>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn list_intents(&self, _: usize) -> Result<Vec<tandem_core::Intent>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
+/// #   async fn count_by_scope(&self) -> Result<std::collections::BTreeMap<tandem_core::Scope, u64>, tandem_core::MetadataError> { Err(tandem_core::MetadataError::transient("example stub")) }
 /// # }
 /// // One test per case, e.g. `my_repo::prepare_then_read`.
 /// tandem_core::metadata_repo_conformance!(my_repo, async { MyRepo::default() });
@@ -262,12 +262,12 @@ macro_rules! __metadata_conformance_cases {
 /// # #[async_trait::async_trait] impl tandem_core::VectorIndex for MyIndex {
 /// #   fn dimension(&self) -> usize { self.0 }
 /// #   fn distance(&self) -> tandem_core::Distance { self.1 }
-/// #   async fn upsert(&self, _: &[tandem_core::Point]) -> Result<(), tandem_core::IndexError> { unimplemented!() }
-/// #   async fn delete(&self, _: &[tandem_core::PointId]) -> Result<(), tandem_core::IndexError> { unimplemented!() }
-/// #   async fn retrieve(&self, _: &[tandem_core::PointId]) -> Result<Vec<tandem_core::PointInfo>, tandem_core::IndexError> { unimplemented!() }
-/// #   async fn search(&self, _: &tandem_core::IndexQuery) -> Result<Vec<tandem_core::ScoredPoint>, tandem_core::IndexError> { unimplemented!() }
-/// #   async fn count(&self, _: Option<&tandem_core::Scope>) -> Result<u64, tandem_core::IndexError> { unimplemented!() }
-/// #   async fn scroll(&self, _: Option<&tandem_core::Scope>, _: Option<tandem_core::PointId>, _: usize) -> Result<tandem_core::Page<tandem_core::PointInfo, tandem_core::PointId>, tandem_core::IndexError> { unimplemented!() }
+/// #   async fn upsert(&self, _: &[tandem_core::Point]) -> Result<(), tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
+/// #   async fn delete(&self, _: &[tandem_core::PointId]) -> Result<(), tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
+/// #   async fn retrieve(&self, _: &[tandem_core::PointId]) -> Result<Vec<tandem_core::PointInfo>, tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
+/// #   async fn search(&self, _: &tandem_core::IndexQuery) -> Result<Vec<tandem_core::ScoredPoint>, tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
+/// #   async fn count(&self, _: Option<&tandem_core::Scope>) -> Result<u64, tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
+/// #   async fn scroll(&self, _: Option<&tandem_core::Scope>, _: Option<tandem_core::PointId>, _: usize) -> Result<tandem_core::Page<tandem_core::PointInfo, tandem_core::PointId>, tandem_core::IndexError> { Err(tandem_core::IndexError::transient("example stub")) }
 /// # }
 /// // One test per case, e.g. `my_index::search_orders_by_score`.
 /// tandem_core::vector_index_conformance!(my_index, |dim, distance| async move {
