@@ -181,19 +181,19 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
 
         // 3. Commit, fenced by the owner token.
-        let idem = key.map(|(key, request_hash)| IdempotencyRecord {
-            key,
-            request_hash,
-            outcome: serde_json::to_value(UpsertReport {
-                intent: intent_id,
-                ids: ids.clone(),
-                inserted: 0,
-                updated: 0,
-                deferred_cleanup: 0,
-                replayed: false,
-            })
-            .unwrap_or(Value::Null),
-            summary: CommitSummary::default(),
+        let idem = key.map(|(key, request_hash)| {
+            keyed(
+                key,
+                request_hash,
+                &UpsertReport {
+                    intent: intent_id,
+                    ids: ids.clone(),
+                    inserted: 0,
+                    updated: 0,
+                    deferred_cleanup: 0,
+                    replayed: false,
+                },
+            )
         });
         let started = Instant::now();
         let decision = self
@@ -313,17 +313,17 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         // be settled by locking it, like an upsert's.
         self.prepare(&intent, deadline, "delete").await?;
 
-        let idem = key.map(|(key, request_hash)| IdempotencyRecord {
-            key,
-            request_hash,
-            outcome: serde_json::to_value(DeleteReport {
-                intent: intent_id,
-                deleted: 0,
-                deferred_cleanup: 0,
-                replayed: false,
-            })
-            .unwrap_or(Value::Null),
-            summary: CommitSummary::default(),
+        let idem = key.map(|(key, request_hash)| {
+            keyed(
+                key,
+                request_hash,
+                &DeleteReport {
+                    intent: intent_id,
+                    deleted: 0,
+                    deferred_cleanup: 0,
+                    replayed: false,
+                },
+            )
         });
         let started = Instant::now();
         let decision = self
@@ -800,6 +800,17 @@ pub(super) fn index_failure(
     match f {
         Failed::Port(e) => CoordinatorError::Index(e),
         Failed::Deadline => CoordinatorError::DeadlineExceeded(budget),
+    }
+}
+
+/// The idempotency record a keyed write commits with: the answer to replay
+/// (counts are filled from the commit's own summary on replay).
+fn keyed<R: serde::Serialize>(key: String, request_hash: String, answer: &R) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key,
+        request_hash,
+        outcome: serde_json::to_value(answer).unwrap_or(Value::Null),
+        summary: CommitSummary::default(),
     }
 }
 
