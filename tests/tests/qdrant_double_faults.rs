@@ -200,9 +200,19 @@ async fn delay_slows_a_call_that_then_succeeds() {
     let started = Instant::now();
     assert_eq!(count(&client).await, 0);
     assert!(started.elapsed() >= Duration::from_millis(400));
-    let started = Instant::now();
+    // The fault was once: the second call is not delayed (checked in the
+    // server's log, not by a wall-clock bound).
     assert_eq!(count(&client).await, 0);
-    assert!(started.elapsed() < Duration::from_millis(400));
+    let faults: Vec<_> = double
+        .faults()
+        .calls_to("Points/Count")
+        .into_iter()
+        .map(|c| c.fault)
+        .collect();
+    assert_eq!(
+        faults,
+        vec![Some(RpcAction::Delay(Duration::from_millis(400))), None]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,7 +420,6 @@ async fn shutting_down_ends_hanging_calls() {
     while double.faults().calls_to("Points/Count").is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(5), double.shutdown())
         .await
         .expect("shutdown does not wait for hanging calls");
@@ -419,7 +428,6 @@ async fn shutting_down_ends_hanging_calls() {
         .expect("the hanging call ends")
         .unwrap();
     assert!(result.is_err());
-    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
