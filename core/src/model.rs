@@ -250,7 +250,8 @@ pub struct ScoredPoint {
 /// A guarded search result: a committed, current record with its score.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SearchHit {
-    /// The record as committed.
+    /// The record as committed, without its vector (`vector` is `None`; read
+    /// it with `get` when needed).
     pub record: StoredRecord,
     /// The similarity score.
     pub score: f32,

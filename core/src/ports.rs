@@ -172,6 +172,9 @@ pub trait MetadataRepo: Send + Sync {
     /// Contract:
     /// - `rows_by_points_current_only`: a row is returned only for its current
     ///   point; superseded and unknown points return nothing.
+    /// - `rows_by_points_without_vectors`: rows come without their vectors
+    ///   (`vector: None`) even in a store that keeps them — a search needs the
+    ///   row, not its embedding, and [`get`](Self::get) returns it.
     async fn rows_by_points(&self, points: &[PointId]) -> Result<Vec<StoredRecord>, MetadataError>;
 
     /// The committed rows with these ids.

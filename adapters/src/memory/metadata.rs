@@ -397,7 +397,11 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .iter()
             .filter_map(|p| state.by_point.get(p))
             .filter(|id| seen.insert(**id))
-            .filter_map(|id| state.rows.get(id).cloned())
+            .filter_map(|id| state.rows.get(id))
+            .map(|row| StoredRecord {
+                vector: None,
+                ..row.clone()
+            })
             .collect())
     }
 

@@ -601,7 +601,8 @@ impl Session {
         &mut self,
         points: &[PointId],
     ) -> Result<Vec<StoredRecord>, MetadataError> {
-        let keep = self.keep_vectors;
+        // The read guard needs the rows, not their vectors.
+        let keep = false;
         let rows: Vec<PgRecord> = diesel::sql_query(format!(
             "SELECT {RECORD_COLUMNS} FROM records WHERE point_id = ANY($2)"
         ))

@@ -312,7 +312,8 @@ impl MetadataRepo for SqliteMetadataRepo {
 
     async fn rows_by_points(&self, points: &[PointId]) -> Result<Vec<StoredRecord>, MetadataError> {
         let points = points.to_vec();
-        self.simple(move |c, keep| session::rows_by_points(c, &points, keep))
+        // The read guard needs the rows, not their vectors.
+        self.simple(move |c, _| session::rows_by_points(c, &points, false))
             .await
     }
 

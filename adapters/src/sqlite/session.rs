@@ -588,18 +588,18 @@ pub(crate) fn referenced_points(
 pub(crate) fn rows_by_points(
     c: &mut SqliteConnection,
     points: &[PointId],
-    keep_vectors: bool,
+    with_vectors: bool,
 ) -> Result<Vec<StoredRecord>, MetadataError> {
     let rows: Vec<SqlRecord> = diesel::sql_query(format!(
         "SELECT {RECORD_COLUMNS} FROM records WHERE point_id IN {IN_JSON}"
     ))
-    .bind::<Bool, _>(keep_vectors)
+    .bind::<Bool, _>(with_vectors)
     .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
     .load(c)
     .map_err(stmt)?;
     let mut by_point = HashMap::with_capacity(rows.len());
     for row in rows {
-        let record = row.into_record(keep_vectors)?;
+        let record = row.into_record(with_vectors)?;
         by_point.insert(record.point_id, record);
     }
     Ok(points.iter().filter_map(|p| by_point.remove(p)).collect())

@@ -204,6 +204,7 @@ macro_rules! metadata_repo_conformance {
                 record_failure_sets_last_error,
                 referenced_points_subset,
                 rows_by_points_current_only,
+                rows_by_points_without_vectors,
                 get_returns_existing,
                 lookup_idempotency_unknown_key,
                 scan_refs_pages_cover_all,

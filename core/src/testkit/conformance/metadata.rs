@@ -1296,6 +1296,18 @@ pub async fn rows_by_points_current_only<M: MetadataRepo + ?Sized>(repo: &M) {
     );
 }
 
+/// `rows_by_points_without_vectors`: rows come without their vectors.
+pub async fn rows_by_points_without_vectors<M: MetadataRepo + ?Sized>(repo: &M) {
+    let scope = fresh_scope("rows-by-points-vectors");
+    let mut a = row(&scope, 1);
+    a.vector = vec![0.5, -2.0, 1.0, 4.0];
+    committed(repo, std::slice::from_ref(&a)).await;
+    let rows = ok(repo.rows_by_points(&[a.point_id]).await, "rows_by_points");
+    assert_eq!(rows.len(), 1, "rows_by_points returned {rows:?}");
+    assert_row_is(&rows[0], &a, 1);
+    assert_eq!(rows[0].vector, None, "rows_by_points returned a vector");
+}
+
 /// `get_returns_existing`: existing ids are returned, missing ones omitted.
 pub async fn get_returns_existing<M: MetadataRepo + ?Sized>(repo: &M) {
     let scope = fresh_scope("get");
