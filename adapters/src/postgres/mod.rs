@@ -49,6 +49,11 @@ pub struct PostgresConfig {
     pub pool_size: u32,
     /// How long opening a connection, or waiting for a free one, may take.
     pub connect_timeout: Duration,
+    /// A pooled connection idle at least this long is verified with a round
+    /// trip (`SELECT 1`) before a call gets it; one used more recently is only
+    /// checked locally (has the driver seen it close?). `Duration::ZERO`
+    /// verifies every checkout, at one round trip per port call.
+    pub verify_idle_after: Duration,
     /// The server's `statement_timeout` for every statement (none if `None`).
     pub statement_timeout: Option<Duration>,
     /// The server's `lock_timeout` for every lock wait (none if `None`).
@@ -72,13 +77,14 @@ pub struct PostgresConfig {
 
 impl PostgresConfig {
     /// Defaults for everything but the URL: pool of 10, 5 s connect timeout,
-    /// no statement or lock timeout, 60 s idle-in-transaction timeout, schema
+    /// connections idle 500 ms or more verified on checkout, no statement or lock timeout, 60 s idle-in-transaction timeout, schema
     /// `tandem`, vectors kept, no migration on start.
     pub fn new(url: impl Into<SecretUrl>) -> Self {
         Self {
             url: url.into(),
             pool_size: 10,
             connect_timeout: Duration::from_secs(5),
+            verify_idle_after: Duration::from_millis(500),
             statement_timeout: None,
             lock_timeout: None,
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
@@ -181,6 +187,7 @@ impl PostgresMetadataRepo {
             connector,
             config.pool_size,
             config.connect_timeout,
+            config.verify_idle_after,
             "postgres",
         );
         let repo = Self { pool, config };

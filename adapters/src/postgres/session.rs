@@ -4,10 +4,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
-use diesel::QueryableByName;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
 };
+use diesel::{QueryResult, QueryableByName};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use serde_json::Value;
 use tandem_core::{
@@ -49,6 +51,13 @@ impl Connector for PgConnector {
         conn.batch_execute("SELECT 1")
             .await
             .map_err(ConnectError::Check)
+    }
+
+    fn is_closed(&self, conn: &mut AsyncPgConnection) -> bool {
+        // The driver's connection task has seen the socket close (server
+        // shutdown, terminated backend, reset), or diesel's transaction
+        // manager is broken.
+        diesel_async::pooled_connection::PoolableConnection::is_broken(conn)
     }
 }
 
@@ -113,6 +122,49 @@ impl Session {
         }
     }
 }
+
+/// A statement whose SQL text is one of this module's constants, which
+/// diesel-async may therefore keep prepared on the connection.
+///
+/// diesel marks every `sql_query` unsafe to cache (its text could be built
+/// from anything), so each one would cost a Parse round trip (and a server
+/// parse and plan) before its Bind/Execute. The adapter's statements are a
+/// small fixed set of constant texts with bound parameters, so caching them is
+/// exactly what the statement cache is for: after a connection's first use of
+/// a statement, it is one round trip.
+///
+/// A change of the tables' columns invalidates cached statements; migrations
+/// run before the pool serves calls (and a repo is built after them).
+struct Prepared<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Prepared<Q> {
+    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> QueryId for Prepared<Q> {
+    // No static id: the cache is keyed by the SQL text and bind types.
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: Query> Query for Prepared<Q> {
+    type SqlType = Q::SqlType;
+}
+
+/// `.prepared()` on any statement of this module.
+trait PreparedExt: Sized {
+    fn prepared(self) -> Prepared<Self> {
+        Prepared(self)
+    }
+}
+
+impl<Q> PreparedExt for Q {}
 
 #[derive(QueryableByName)]
 struct PgRecord {
@@ -320,6 +372,7 @@ impl TxOps for Session {
             "SELECT {INTENT_COLUMNS} FROM intents WHERE id = $1 FOR UPDATE"
         ))
         .bind::<SqlUuid, _>(id.0)
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -337,6 +390,7 @@ impl TxOps for Session {
             "SELECT id, point_id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -364,6 +418,7 @@ impl TxOps for Session {
         .bind::<Array<Jsonb>, _>(cols.metadata)
         .bind::<Array<SqlUuid>, _>(cols.points)
         .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -384,6 +439,7 @@ impl TxOps for Session {
         .bind::<Array<Jsonb>, _>(cols.metadata)
         .bind::<Array<SqlUuid>, _>(cols.points)
         .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .prepared()
         .execute(self.c())
         .await
         .map_err(stmt)?;
@@ -403,6 +459,7 @@ impl TxOps for Session {
                     "SELECT id, point_id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 )
                 .bind::<Array<SqlUuid>, _>(ids)
+                .prepared()
                 .load::<PgRef>(self.c())
                 .await
             }
@@ -411,6 +468,7 @@ impl TxOps for Session {
                     "SELECT id, point_id FROM records WHERE scope = $1 ORDER BY id FOR UPDATE",
                 )
                 .bind::<Text, _>(scope.as_str())
+                .prepared()
                 .load::<PgRef>(self.c())
                 .await
             }
@@ -422,6 +480,7 @@ impl TxOps for Session {
                 .bind::<Text, _>(scope.as_str())
                 .bind::<Text, _>(key.as_str())
                 .bind::<Jsonb, _>(value)
+                .prepared()
                 .load::<PgRef>(self.c())
                 .await
             }
@@ -436,6 +495,7 @@ impl TxOps for Session {
     async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError> {
         let n = diesel::sql_query("DELETE FROM records WHERE id = ANY($1)")
             .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+            .prepared()
             .execute(self.c())
             .await
             .map_err(stmt)?;
@@ -458,6 +518,7 @@ impl TxOps for Session {
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
+        .prepared()
         .execute(self.c())
         .await
         .map_err(stmt)?;
@@ -480,6 +541,7 @@ impl TxOps for Session {
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
+        .prepared()
         .execute(self.c())
         .await
         .map_err(stmt)?;
@@ -490,6 +552,7 @@ impl TxOps for Session {
         diesel::sql_query("UPDATE intents SET owner = $2 WHERE id = $1")
             .bind::<SqlUuid, _>(id.0)
             .bind::<SqlUuid, _>(to.0)
+            .prepared()
             .execute(self.c())
             .await
             .map_err(stmt)?;
@@ -512,6 +575,7 @@ impl Session {
         .bind::<BigInt, _>(intent.lease_deadline_ms)
         .bind::<Array<SqlUuid>, _>(uuids(&intent.point_ids, |p| p.0))
         .bind::<BigInt, _>(intent.created_ms)
+        .prepared()
         .execute(self.c())
         .await
         .map_err(autocommit)?;
@@ -526,6 +590,7 @@ impl Session {
         let n = diesel::sql_query("DELETE FROM intents WHERE id = $1 AND owner = $2")
             .bind::<SqlUuid, _>(id.0)
             .bind::<SqlUuid, _>(owner.0)
+            .prepared()
             .execute(self.c())
             .await
             .map_err(autocommit)?;
@@ -561,6 +626,7 @@ impl Session {
         .bind::<BigInt, _>(limit)
         .bind::<SqlUuid, _>(owner.0)
         .bind::<BigInt, _>(lease_deadline_ms)
+        .prepared()
         .load(self.c())
         .await
         .map_err(autocommit)?;
@@ -578,6 +644,7 @@ impl Session {
             .bind::<SqlUuid, _>(id.0)
             .bind::<SqlUuid, _>(owner.0)
             .bind::<Text, _>(message)
+            .prepared()
             .execute(self.c())
             .await
             .map_err(autocommit)?;
@@ -591,6 +658,7 @@ impl Session {
         let rows: Vec<PgPoint> =
             diesel::sql_query("SELECT point_id FROM records WHERE point_id = ANY($1)")
                 .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
+                .prepared()
                 .load(self.c())
                 .await
                 .map_err(stmt)?;
@@ -608,6 +676,7 @@ impl Session {
         ))
         .bind::<Bool, _>(keep)
         .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -630,6 +699,7 @@ impl Session {
         ))
         .bind::<Bool, _>(keep)
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -650,6 +720,7 @@ impl Session {
              FROM idempotency_keys WHERE key = $1",
         )
         .bind::<Text, _>(key)
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -682,6 +753,7 @@ impl Session {
             (None, None) => {
                 diesel::sql_query(format!("{COLS} ORDER BY id LIMIT $1"))
                     .bind::<BigInt, _>(fetch)
+                    .prepared()
                     .load(self.c())
                     .await
             }
@@ -689,6 +761,7 @@ impl Session {
                 diesel::sql_query(format!("{COLS} WHERE id > $1 ORDER BY id LIMIT $2"))
                     .bind::<SqlUuid, _>(after.0)
                     .bind::<BigInt, _>(fetch)
+                    .prepared()
                     .load(self.c())
                     .await
             }
@@ -696,6 +769,7 @@ impl Session {
                 diesel::sql_query(format!("{COLS} WHERE scope = $1 ORDER BY id LIMIT $2"))
                     .bind::<Text, _>(scope.as_str())
                     .bind::<BigInt, _>(fetch)
+                    .prepared()
                     .load(self.c())
                     .await
             }
@@ -706,6 +780,7 @@ impl Session {
                 .bind::<Text, _>(scope.as_str())
                 .bind::<SqlUuid, _>(after.0)
                 .bind::<BigInt, _>(fetch)
+                .prepared()
                 .load(self.c())
                 .await
             }
@@ -740,6 +815,7 @@ impl Session {
             "SELECT {INTENT_COLUMNS} FROM intents ORDER BY created_ms, seq LIMIT $1"
         ))
         .bind::<BigInt, _>(limit)
+        .prepared()
         .load(self.c())
         .await
         .map_err(stmt)?;
@@ -749,6 +825,7 @@ impl Session {
     pub(crate) async fn count_by_scope(&mut self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
         let rows: Vec<PgScopeCount> =
             diesel::sql_query("SELECT scope, count(*) AS n FROM records GROUP BY scope")
+                .prepared()
                 .load(self.c())
                 .await
                 .map_err(stmt)?;

@@ -5,8 +5,16 @@
 //!   COMMIT / ROLLBACK failed) leaves it dirty, and the pool discards it
 //!   instead of handing out a session with an open transaction or a reply in
 //!   flight.
-//! - Every connection is verified with a round trip before it is handed out,
-//!   so connections killed by a server restart are replaced, not returned.
+//! - A connection is verified before it is handed out: always by a local
+//!   check (has the driver seen its socket close?), and by a round trip when
+//!   it sat idle longer than the pool's *verify window* — the bypass window
+//!   of HikariCP's `aliveBypassWindowMs`. A connection killed by a server
+//!   restart or `pg_terminate_backend` is seen closed at once; the round trip
+//!   catches the rest (a peer that vanished silently) on connections that
+//!   idled long enough for that to be likely, without costing a round trip on
+//!   every call of a busy pool. A dead connection that slips through fails its
+//!   first statement, which classifies as not applied (retryable), and the
+//!   pool discards it.
 //! - bb8 opens connections in background tasks and tells a waiting caller only
 //!   that its wait timed out; the pool's error sink hands the real failure to
 //!   every caller waiting at that moment, so an unreachable or refusing server
@@ -15,7 +23,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
@@ -31,12 +39,17 @@ pub(crate) trait Connector: Send + Sync + 'static {
 
     /// A round trip proving the connection still works.
     fn check(&self, conn: &mut Self::Conn) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Whether the driver already knows the connection is unusable (no I/O).
+    fn is_closed(&self, conn: &mut Self::Conn) -> bool;
 }
 
 /// A pooled connection and whether a call left it mid-way.
 pub(crate) struct Tracked<T> {
     conn: T,
     dirty: bool,
+    /// When a call last finished with it cleanly (or it was opened).
+    last_used: Instant,
 }
 
 /// Why bb8's manager failed: opening (reported to waiting callers) or
@@ -49,6 +62,7 @@ pub(crate) enum ManagerError<E> {
 
 pub(crate) struct Manager<C> {
     connector: C,
+    verify_after: Duration,
 }
 
 impl<C: Connector> bb8::ManageConnection for Manager<C> {
@@ -61,10 +75,20 @@ impl<C: Connector> bb8::ManageConnection for Manager<C> {
             .connect()
             .await
             .map_err(ManagerError::Connect)?;
-        Ok(Tracked { conn, dirty: false })
+        Ok(Tracked {
+            conn,
+            dirty: false,
+            last_used: Instant::now(),
+        })
     }
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
+        if conn.last_used.elapsed() < self.verify_after && !self.connector.is_closed(&mut conn.conn)
+        {
+            // Used moments ago and not seen closed: no round trip.
+            return Ok(());
+        }
+        // Idle for a while, or closed (then the round trip fails at once).
         self.connector
             .check(&mut conn.conn)
             .await
@@ -72,7 +96,7 @@ impl<C: Connector> bb8::ManageConnection for Manager<C> {
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.dirty
+        conn.dirty || self.connector.is_closed(&mut conn.conn)
     }
 }
 
@@ -134,9 +158,17 @@ pub(crate) struct Pool<C: Connector> {
 }
 
 impl<C: Connector> Pool<C> {
-    /// A pool of at most `size` connections; a caller waits at most `timeout`.
-    /// No connection is opened until one is needed.
-    pub(crate) fn new(connector: C, size: u32, timeout: Duration, backend: &'static str) -> Self
+    /// A pool of at most `size` connections; a caller waits at most `timeout`;
+    /// a connection idle for `verify_after` or longer is verified with a round
+    /// trip before it is handed out. No connection is opened until one is
+    /// needed.
+    pub(crate) fn new(
+        connector: C,
+        size: u32,
+        timeout: Duration,
+        verify_after: Duration,
+        backend: &'static str,
+    ) -> Self
     where
         C: Clone,
     {
@@ -153,6 +185,7 @@ impl<C: Connector> Pool<C> {
             .error_sink(Box::new(sink))
             .build_unchecked(Manager {
                 connector: connector.clone(),
+                verify_after,
             });
         Self {
             pool,
@@ -204,5 +237,6 @@ impl<C: Connector> Checkout<C> {
     /// The call finished cleanly: the connection may be reused.
     pub(crate) fn release(&mut self) {
         self.conn.dirty = false;
+        self.conn.last_used = Instant::now();
     }
 }

@@ -36,6 +36,10 @@ use crate::sql::steps;
 /// The migrations under `adapters/migrations/sqlite`, compiled in.
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
+/// A pooled connection idle this long is checked with `SELECT 1` before use
+/// (the same window as the PostgreSQL adapter's default).
+const VERIFY_IDLE_AFTER: Duration = Duration::from_millis(500);
+
 /// Where and how to keep the embedded metadata store.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SqliteConfig {
@@ -119,7 +123,13 @@ impl SqliteMetadataRepo {
             busy_timeout: config.busy_timeout,
         };
         // A caller waits for a free connection as long as for the write lock.
-        let pool = Pool::new(connector, config.pool_size, config.busy_timeout, "sqlite");
+        let pool = Pool::new(
+            connector,
+            config.pool_size,
+            config.busy_timeout,
+            VERIFY_IDLE_AFTER,
+            "sqlite",
+        );
         let repo = Self { pool, config };
         if repo.config.migrate_on_start {
             repo.migrate().await?;

@@ -62,6 +62,12 @@ impl Connector for SqliteConnector {
             .await
             .map_err(OpenError::Check)
     }
+
+    fn is_closed(&self, _conn: &mut Conn) -> bool {
+        // A file connection has no socket to lose; a call that went wrong
+        // leaves its connection dirty, and the pool discards it.
+        false
+    }
 }
 
 /// Runs `body` inside `BEGIN IMMEDIATE` … `COMMIT` on the calling (blocking)
