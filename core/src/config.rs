@@ -99,6 +99,12 @@ pub struct CoordinatorConfig {
     /// `repair` deletes orphans only if they were written at least this long ago
     /// (so in-flight writes are never touched).
     pub orphan_grace: Duration,
+    /// Whether an upsert starts its commit while its index write is in flight
+    /// ([`MetadataRepo::commit_upsert_gated`](crate::MetadataRepo::commit_upsert_gated)):
+    /// the commit's statements overlap the index write and only the final
+    /// `COMMIT` waits for it. Off: the commit starts after the index write.
+    /// Both keep every invariant (see `docs/protocol.md`).
+    pub overlap_index_write: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -112,6 +118,7 @@ impl Default for CoordinatorConfig {
             search_overfetch: 2,
             recovery_batch: 256,
             orphan_grace: Duration::from_secs(600),
+            overlap_index_write: true,
         }
     }
 }

@@ -61,6 +61,14 @@ pub enum MetadataError {
         #[source]
         source: Option<BoxError>,
     },
+    /// A gated commit ([`MetadataRepo::commit_upsert_gated`](crate::MetadataRepo::commit_upsert_gated))
+    /// was abandoned because the index write it waited for failed: nothing
+    /// was written.
+    #[error("commit of intent {intent} abandoned: the index write it waited for failed")]
+    Aborted {
+        /// The intent.
+        intent: IntentId,
+    },
     /// A permanent failure (schema missing, permission denied, misconfiguration).
     #[error("metadata store failure ({outcome:?}): {message}")]
     Permanent {
@@ -107,9 +115,10 @@ impl MetadataError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::Transient { outcome, .. } | Self::Permanent { outcome, .. } => *outcome,
-            Self::Fenced { .. } | Self::IdempotencyKeyTaken { .. } | Self::InvalidInput { .. } => {
-                Outcome::NotApplied
-            }
+            Self::Fenced { .. }
+            | Self::Aborted { .. }
+            | Self::IdempotencyKeyTaken { .. }
+            | Self::InvalidInput { .. } => Outcome::NotApplied,
         }
     }
 }

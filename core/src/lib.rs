@@ -25,7 +25,7 @@ pub use coordinator::{
 };
 pub use error::{BoxError, CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
 pub use model::*;
-pub use ports::{IndexQuery, MetadataRepo, RowRef, VectorIndex};
+pub use ports::{GateOpener, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
 
 #[cfg(feature = "planted-bugs")]
 pub use coordinator::PlantedBug;

@@ -19,6 +19,79 @@ use crate::model::{
     Settlement, StoredRecord, UpsertCommit,
 };
 
+/// Whether the index write that a gated commit must follow succeeded
+/// ([`MetadataRepo::commit_upsert_gated`]).
+///
+/// Cheap to clone; every clone sees the same decision. Made with
+/// [`IndexGate::pending`] (decided later through its [`GateOpener`]), or
+/// already decided with [`IndexGate::passed`] / [`IndexGate::failed`].
+#[derive(Clone, Debug)]
+pub struct IndexGate {
+    rx: tokio::sync::watch::Receiver<Option<bool>>,
+}
+
+/// Decides an [`IndexGate`]. Dropping it undecided fails the gate.
+#[derive(Debug)]
+pub struct GateOpener {
+    tx: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl IndexGate {
+    /// An undecided gate and the opener that decides it.
+    pub fn pending() -> (GateOpener, IndexGate) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (GateOpener { tx }, IndexGate { rx })
+    }
+
+    /// A gate whose index write already succeeded.
+    pub fn passed() -> Self {
+        let (opener, gate) = Self::pending();
+        opener.decide(true);
+        gate
+    }
+
+    /// A gate whose index write already failed.
+    pub fn failed() -> Self {
+        let (opener, gate) = Self::pending();
+        opener.decide(false);
+        gate
+    }
+
+    /// Waits for the decision: `true` once the index write succeeded, `false`
+    /// if it failed (or its opener was dropped undecided).
+    pub async fn wait(&self) -> bool {
+        let mut rx = self.rx.clone();
+        let decided = match rx.wait_for(Option::is_some).await {
+            Ok(decided) => *decided,
+            // The opener is gone without deciding (its drop decides `false`).
+            Err(_) => None,
+        };
+        decided.unwrap_or(false)
+    }
+}
+
+impl GateOpener {
+    /// Decides the gate: `true` if the index write succeeded.
+    pub fn decide(self, index_written: bool) {
+        // No receiver left is fine: nobody waits any more.
+        let _ = self.tx.send(Some(index_written));
+    }
+}
+
+impl Drop for GateOpener {
+    fn drop(&mut self) {
+        // Undecided at drop (the writer's future was dropped): fail the gate.
+        self.tx.send_if_modified(|v| {
+            if v.is_none() {
+                *v = Some(false);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
 /// A committed row's reference to its point, as listed by
 /// [`MetadataRepo::scan_refs`].
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -81,6 +154,42 @@ pub trait MetadataRepo: Send + Sync {
         rows: &[RowWrite],
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<UpsertCommit, MetadataError>;
+
+    /// [`commit_upsert`](Self::commit_upsert), started while the index write it
+    /// must follow is still in flight: the commit becomes durable and visible
+    /// only after `gate` says that write succeeded.
+    ///
+    /// The coordinator calls this instead of `commit_upsert` when
+    /// [`overlap_index_write`](crate::CoordinatorConfig::overlap_index_write)
+    /// is on. A store whose transactions can stay open overrides it to run the
+    /// commit's statements (locks, inserts, updates, the intent's mark) while
+    /// the index write is in flight and to send `COMMIT` only once the gate
+    /// passed — so the write costs the longer of the two, not their sum. The
+    /// default waits for the gate, then calls `commit_upsert`: correct for
+    /// every store, without the overlap. Wrappers must forward it.
+    ///
+    /// Contract:
+    /// - `commit_upsert_gated_passed`: once the gate passed, the result and the
+    ///   effects are exactly those of `commit_upsert`.
+    /// - `commit_upsert_gated_failed`: if the gate fails, it returns
+    ///   [`MetadataError::Aborted`] and writes nothing (the intent stays
+    ///   `Prepared`, owned by `owner`).
+    /// - `commit_upsert_gated_waits`: until the gate is decided, nothing of the
+    ///   commit is visible to other calls (rows, intent state), and the call
+    ///   does not return.
+    async fn commit_upsert_gated(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        rows: &[RowWrite],
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<UpsertCommit, MetadataError> {
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        self.commit_upsert(intent, owner, rows, idempotency).await
+    }
 
     /// Commit of a delete: in one transaction, fenced by `owner`, deletes the
     /// selected rows, sets the intent's point list to their points, marks it
@@ -312,6 +421,18 @@ macro_rules! forward_metadata_repo {
                 idempotency: Option<&IdempotencyRecord>,
             ) -> Result<UpsertCommit, MetadataError> {
                 (**self).commit_upsert(intent, owner, rows, idempotency).await
+            }
+            async fn commit_upsert_gated(
+                &self,
+                intent: IntentId,
+                owner: OwnerToken,
+                rows: &[RowWrite],
+                idempotency: Option<&IdempotencyRecord>,
+                gate: &IndexGate,
+            ) -> Result<UpsertCommit, MetadataError> {
+                (**self)
+                    .commit_upsert_gated(intent, owner, rows, idempotency, gate)
+                    .await
             }
             async fn commit_delete(
                 &self,

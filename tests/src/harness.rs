@@ -60,6 +60,8 @@ pub fn fault_config(deadline: Duration) -> CoordinatorConfig {
         search_overfetch: 2,
         recovery_batch: 2,
         orphan_grace: Duration::from_secs(600),
+        // The production default: the commit overlaps the index write.
+        overlap_index_write: true,
     }
 }
 

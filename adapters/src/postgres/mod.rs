@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tandem_core::{
-    DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, MetadataRepo,
-    NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, Settlement,
-    StoredRecord, UpsertCommit,
+    DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId, MetadataError,
+    MetadataRepo, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope,
+    Settlement, StoredRecord, UpsertCommit,
 };
 
 use self::error::classify_connect;
@@ -61,8 +61,10 @@ pub struct PostgresConfig {
     /// The server's `idle_in_transaction_session_timeout`: a session of this
     /// repo left inside a transaction that long (its process frozen, or its
     /// connection lost without the server noticing) is ended, releasing its
-    /// locks — which a settle or a claim may be waiting for. The adapter never
-    /// idles inside a transaction itself.
+    /// locks — which a settle or a claim may be waiting for. The adapter idles
+    /// inside a transaction only in a gated commit, while the coordinator's
+    /// index write is in flight (at most its `call_deadline`): keep this
+    /// timeout above that deadline.
     pub idle_in_transaction_timeout: Option<Duration>,
     /// The schema holding Tandem's tables: lowercase ASCII letters, digits and
     /// `_`. Several applications can share a database with different schemas.
@@ -240,6 +242,27 @@ impl MetadataRepo for PostgresMetadataRepo {
         let mut s = self.session().await?;
         s.begin().await?;
         let r = steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await;
+        s.finish(r).await
+    }
+
+    /// The commit's statements run at once, inside a transaction held open
+    /// while the index write is in flight; `COMMIT` is sent only after the gate
+    /// passed (`ROLLBACK` if it failed).
+    async fn commit_upsert_gated(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        rows: &[RowWrite],
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<UpsertCommit, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin().await?;
+        let r = match steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await {
+            Ok(commit) if gate.wait().await => Ok(commit),
+            Ok(_) => Err(MetadataError::Aborted { intent }),
+            Err(e) => Err(e),
+        };
         s.finish(r).await
     }
 

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use tandem_core::{
-    DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError, IndexQuery, Intent,
-    IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, Point, PointId, PointInfo,
-    RecordId, RowRef, RowWrite, Scope, ScoredPoint, Settlement, StoredRecord, UpsertCommit,
-    VectorIndex,
+    DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError, IndexGate, IndexQuery,
+    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, Point, PointId,
+    PointInfo, RecordId, RowRef, RowWrite, Scope, ScoredPoint, Settlement, StoredRecord,
+    UpsertCommit, VectorIndex,
 };
 
 /// Calls counted so far. Cheap to read at any time; the runner takes the
@@ -101,6 +101,19 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         self.counters.metadata_call();
         self.inner
             .commit_upsert(intent, owner, rows, idempotency)
+            .await
+    }
+    async fn commit_upsert_gated(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        rows: &[RowWrite],
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<UpsertCommit, MetadataError> {
+        self.counters.metadata_call();
+        self.inner
+            .commit_upsert_gated(intent, owner, rows, idempotency, gate)
             .await
     }
     async fn commit_delete(

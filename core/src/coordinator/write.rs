@@ -2,14 +2,16 @@
 //!
 //! prepare (intent) → index write → commit (fenced) → cleanup (old points) →
 //! resolve. Any failure before the commit compensates; an ambiguous commit is
-//! settled before anything else happens.
+//! settled before anything else happens. An upsert's commit may start while its
+//! index write is in flight ([`IndexGate`]): it becomes durable only after the
+//! write succeeded.
 
 use std::collections::HashMap;
 
 use futures::StreamExt;
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::retry::{Failed, Idempotence, with_retry};
 use super::validate::{check_batch, check_selector, request_hash};
@@ -19,7 +21,7 @@ use crate::model::{
     CommitSummary, DeleteSelector, IdempotencyRecord, IntentId, IntentKind, NewIntent, NewRecord,
     OwnerToken, Point, PointId, RecordId, RowWrite, Settlement,
 };
-use crate::ports::{MetadataRepo, VectorIndex};
+use crate::ports::{IndexGate, MetadataRepo, VectorIndex};
 
 /// How the commit step ended.
 enum Decision {
@@ -161,26 +163,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             self.prepare(&intent, deadline, "upsert").await?;
         }
 
-        // 2. Index write.
-        let started = Instant::now();
-        if let Err(failure) = self.write_points(&points, deadline).await {
-            record_phase("upsert", "index_write", started);
-            let abandoned = failure.abandoned();
-            self.compensate(intent_id, owner, &new_points, abandoned)
-                .await;
-            return Err(index_failure(failure, self.config.call_deadline));
-        }
-        record_phase("upsert", "index_write", started);
-        drop(points);
-        if self.bug(Bug::IndexWriteBeforeIntent) {
-            self.prepare(&intent, deadline, "upsert").await?;
-        }
-        if self.bug(Bug::DeleteOldPointsBeforeCommit) {
-            let old: Vec<PointId> = current.values().copied().collect();
-            let _ = self.delete_points(&old, deadline).await;
-        }
-
-        // 3. Commit, fenced by the owner token.
+        // 2 and 3. Index write, then the commit, fenced by the owner token.
         let idem = key.map(|(key, request_hash)| {
             keyed(
                 key,
@@ -195,19 +178,98 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 },
             )
         });
+        let overlap = self.config.overlap_index_write
+            && !self.bug(Bug::IndexWriteBeforeIntent)
+            && !self.bug(Bug::DeleteOldPointsBeforeCommit);
         let started = Instant::now();
-        let decision = self
-            .commit(
+        // The decision, or why the index write failed (with the commit's
+        // decision when it ran alongside).
+        let outcome: Result<Decision, (Failed<IndexError>, Option<Decision>)> = if overlap {
+            // The commit's statements run while the points are written; it
+            // becomes durable only once the gate says the write succeeded, so
+            // no row is ever committed before its point exists.
+            let (opener, gate) = IndexGate::pending();
+            let write = async {
+                let written = self.write_points(&points, deadline).await;
+                record_phase("upsert", "index_write", started);
+                opener.decide(written.is_ok());
+                written
+            };
+            let commit = self.commit(
                 intent_id,
                 owner,
                 deadline,
                 CommitRequest::Upsert {
                     rows: &rows,
                     idempotency: idem.as_ref(),
+                    gate: Some(&gate),
                 },
-            )
-            .await;
+            );
+            // Both run to the end: a failed commit never leaves a chunk in
+            // flight behind it, and a failed write is seen by the commit.
+            match tokio::join!(write, commit) {
+                (Ok(()), decision) => Ok(decision),
+                (Err(failure), decision) => Err((failure, Some(decision))),
+            }
+        } else {
+            match self.write_points(&points, deadline).await {
+                Err(failure) => {
+                    record_phase("upsert", "index_write", started);
+                    Err((failure, None))
+                }
+                Ok(()) => {
+                    record_phase("upsert", "index_write", started);
+                    if self.bug(Bug::IndexWriteBeforeIntent) {
+                        self.prepare(&intent, deadline, "upsert").await?;
+                    }
+                    if self.bug(Bug::DeleteOldPointsBeforeCommit) {
+                        let old: Vec<PointId> = current.values().copied().collect();
+                        let _ = self.delete_points(&old, deadline).await;
+                    }
+                    let decision = self
+                        .commit(
+                            intent_id,
+                            owner,
+                            deadline,
+                            CommitRequest::Upsert {
+                                rows: &rows,
+                                idempotency: idem.as_ref(),
+                                gate: None,
+                            },
+                        )
+                        .await;
+                    Ok(decision)
+                }
+            }
+        };
         record_phase("upsert", "commit", started);
+        drop(points);
+
+        let decision = match outcome {
+            Ok(decision) => decision,
+            Err((failure, decision)) => {
+                // The commit, if it started, waited for the write and was abandoned:
+                // undo the write under whichever token owns the intent now.
+                let owner = match decision {
+                    None => Some(owner),
+                    Some(Decision::NotApplied { owner, .. }) => Some(owner),
+                    // Recovery owns the intent, or nobody can tell who does: it is
+                    // left to recovery.
+                    Some(Decision::Fenced | Decision::Unknown(_)) => None,
+                    Some(Decision::Committed { .. }) => {
+                        // Only a store that ignores the gate gets here.
+                        error!("the metadata store committed although the index write failed");
+                        None
+                    }
+                };
+                if let Some(owner) = owner {
+                    let abandoned = failure.abandoned();
+                    self.compensate(intent_id, owner, &new_points, abandoned)
+                        .await;
+                }
+                return Err(index_failure(failure, self.config.call_deadline));
+            }
+        };
 
         match decision {
             Decision::Committed {
@@ -562,9 +624,22 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         request: &CommitRequest<'_>,
     ) -> Result<(CommitSummary, Vec<PointId>), MetadataError> {
         match request {
-            CommitRequest::Upsert { rows, idempotency } => self
+            CommitRequest::Upsert {
+                rows,
+                idempotency,
+                gate: None,
+            } => self
                 .repo
                 .commit_upsert(intent, owner, rows, *idempotency)
+                .await
+                .map(|c| (c.summary, c.old_point_ids)),
+            CommitRequest::Upsert {
+                rows,
+                idempotency,
+                gate: Some(gate),
+            } => self
+                .repo
+                .commit_upsert_gated(intent, owner, rows, *idempotency, gate)
                 .await
                 .map(|c| (c.summary, c.old_point_ids)),
             CommitRequest::Delete {
@@ -745,6 +820,8 @@ enum CommitRequest<'a> {
     Upsert {
         rows: &'a [RowWrite],
         idempotency: Option<&'a IdempotencyRecord>,
+        /// Set when the commit overlaps the index write it must follow.
+        gate: Option<&'a IndexGate>,
     },
     Delete {
         selector: &'a DeleteSelector,

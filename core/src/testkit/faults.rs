@@ -45,7 +45,7 @@ use crate::model::{
     OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope, ScoredPoint,
     Settlement, StoredRecord, UpsertCommit,
 };
-use crate::ports::{IndexQuery, MetadataRepo, RowRef, VectorIndex};
+use crate::ports::{IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
 
 /// Which port method a call is. One enum for both ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -707,6 +707,27 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
     ) -> Result<UpsertCommit, MetadataError> {
         intercept(&self.ctl, Call::CommitUpsert, || {
             self.inner.commit_upsert(intent, owner, rows, idempotency)
+        })
+        .await
+    }
+
+    /// The gate is awaited outside the fault plan, so a gated commit is the
+    /// same `CommitUpsert` call, at the same place in the call log, as an
+    /// ungated one; the inner store's own gated commit then runs under it.
+    async fn commit_upsert_gated(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        rows: &[RowWrite],
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<UpsertCommit, MetadataError> {
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        intercept(&self.ctl, Call::CommitUpsert, || {
+            self.inner
+                .commit_upsert_gated(intent, owner, rows, idempotency, gate)
         })
         .await
     }

@@ -13,7 +13,7 @@ use crate::model::{
     Metadata, NewIntent, OwnerToken, PointId, RecordId, RowWrite, Scope, Settlement, StoredRecord,
     UpsertCommit, unix_ms,
 };
-use crate::ports::MetadataRepo;
+use crate::ports::{IndexGate, MetadataRepo};
 
 /// A lease that never expires during a test (2100-01-01).
 const FAR_FUTURE_MS: i64 = 4_102_444_800_000;
@@ -1294,6 +1294,126 @@ pub async fn rows_by_points_current_only<M: MetadataRepo + ?Sized>(repo: &M) {
         superseded.is_empty(),
         "superseded/uncommitted points returned rows: {superseded:?}"
     );
+}
+
+/// `commit_upsert_gated_passed`: once the gate passed, a gated commit has the
+/// result and effects of `commit_upsert` (inserts, updates, the intent's swap).
+pub async fn commit_upsert_gated_passed<M: MetadataRepo + ?Sized>(repo: &M) {
+    let scope = fresh_scope("gated-passed");
+    let a = row(&scope, 1);
+    committed(repo, std::slice::from_ref(&a)).await;
+    let a2 = rewrite(&a, &scope, 2);
+    let b = row(&scope, 3);
+    let rows = [a2.clone(), b.clone()];
+    let intent = prepared(repo, IntentKind::Upsert, points_of(&rows)).await;
+    let commit = ok(
+        repo.commit_upsert_gated(intent.id, intent.owner, &rows, None, &IndexGate::passed())
+            .await,
+        "commit_upsert_gated",
+    );
+    assert_eq!(
+        commit.summary,
+        CommitSummary {
+            inserted: 1,
+            updated: 1,
+            deleted: 0
+        }
+    );
+    assert_eq!(commit.old_point_ids, vec![a.point_id]);
+    assert_row_is(&get_one(repo, a.id).await.expect("a updated"), &a2, 2);
+    assert_row_is(&get_one(repo, b.id).await.expect("b inserted"), &b, 1);
+    let stored = intent_of(repo, intent.id).await;
+    assert_eq!(stored.state, IntentState::Committed);
+    assert_eq!(stored.point_ids, vec![a.point_id]);
+}
+
+/// `commit_upsert_gated_failed`: a failed gate aborts the commit, which writes
+/// nothing.
+pub async fn commit_upsert_gated_failed<M: MetadataRepo + ?Sized>(repo: &M) {
+    let scope = fresh_scope("gated-failed");
+    let a = row(&scope, 1);
+    committed(repo, std::slice::from_ref(&a)).await;
+    let a2 = rewrite(&a, &scope, 2);
+    let b = row(&scope, 3);
+    let rows = [a2, b.clone()];
+    let intent = prepared(repo, IntentKind::Upsert, points_of(&rows)).await;
+    let err = repo
+        .commit_upsert_gated(
+            intent.id,
+            intent.owner,
+            &rows,
+            Some(&idempotency(&format!("gated-failed-{}", scope.as_str()))),
+            &IndexGate::failed(),
+        )
+        .await
+        .expect_err("a failed gate must abort the commit");
+    assert!(
+        matches!(err, MetadataError::Aborted { intent: i } if i == intent.id),
+        "expected Aborted, got {err:?}"
+    );
+    assert_eq!(err.outcome(), crate::error::Outcome::NotApplied);
+    assert_row_is(&get_one(repo, a.id).await.expect("a kept"), &a, 1);
+    assert!(get_one(repo, b.id).await.is_none(), "b was inserted");
+    let stored = intent_of(repo, intent.id).await;
+    assert_eq!(stored.state, IntentState::Prepared);
+    assert_eq!(stored.owner, intent.owner);
+    let key = format!("gated-failed-{}", scope.as_str());
+    assert!(
+        ok(repo.lookup_idempotency(&key).await, "lookup_idempotency").is_none(),
+        "the key was recorded"
+    );
+}
+
+/// `commit_upsert_gated_waits`: until the gate is decided the commit neither
+/// returns nor shows any effect to other calls.
+pub async fn commit_upsert_gated_waits<M: MetadataRepo + ?Sized>(repo: &M) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let scope = fresh_scope("gated-waits");
+    let a = row(&scope, 1);
+    committed(repo, std::slice::from_ref(&a)).await;
+    let a2 = rewrite(&a, &scope, 2);
+    let b = row(&scope, 3);
+    let rows = [a2.clone(), b.clone()];
+    let intent = prepared(repo, IntentKind::Upsert, points_of(&rows)).await;
+    let (opener, gate) = IndexGate::pending();
+    let returned = AtomicBool::new(false);
+    let commit = async {
+        let result = repo
+            .commit_upsert_gated(intent.id, intent.owner, &rows, None, &gate)
+            .await;
+        returned.store(true, Ordering::SeqCst);
+        result
+    };
+    let observer = async {
+        // Long enough for a store that overlaps to have run its statements.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "the commit returned before its gate was decided"
+        );
+        assert_row_is(&get_one(repo, a.id).await.expect("a"), &a, 1);
+        assert!(
+            get_one(repo, b.id).await.is_none(),
+            "b visible before the gate"
+        );
+        assert!(
+            ok(repo.rows_by_points(&[b.point_id]).await, "rows_by_points").is_empty(),
+            "b's point is referenced before the gate"
+        );
+        let pending = intent_of(repo, intent.id).await;
+        assert_eq!(
+            pending.state,
+            IntentState::Prepared,
+            "committed before the gate"
+        );
+        opener.decide(true);
+    };
+    let (commit, ()) = tokio::join!(commit, observer);
+    let commit = ok(commit, "commit_upsert_gated");
+    assert_eq!(commit.old_point_ids, vec![a.point_id]);
+    assert_row_is(&get_one(repo, a.id).await.expect("a updated"), &a2, 2);
+    assert_row_is(&get_one(repo, b.id).await.expect("b inserted"), &b, 1);
 }
 
 /// `rows_by_points_without_vectors`: rows come without their vectors.

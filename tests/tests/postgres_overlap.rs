@@ -1,0 +1,231 @@
+//! The PostgreSQL adapter's gated commit (`commit_upsert_gated`), which the
+//! coordinator overlaps with the index write, checked against the real server:
+//!
+//! - while the gate is undecided, the commit's statements have run inside an
+//!   open transaction that holds the intent's and the rows' locks, and nothing
+//!   is visible — on a fresh connection (the pipelined `BEGIN` and the intent
+//!   lock both need a Parse first) and on a warm one (both cached);
+//! - a failed gate ends the transaction and leaves the connection reusable;
+//! - end to end, a backend terminated while the commit waits for the index
+//!   write is settled and retried: the call succeeds and the stores converge.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_adapters::memory::InMemoryVectorIndex;
+use tandem_core::testkit::faults::{Call, Fault, FaultController, FaultyVectorIndex, Rule};
+use tandem_core::{
+    Coordinator, CoordinatorConfig, Distance, IndexGate, MetadataError, MetadataRepo, NewRecord,
+    RetryPolicy,
+};
+use tandem_tests::invariants;
+use tandem_tests::pg::TestSchema;
+use tandem_tests::pg::data::{prepare_upsert, rewrite, row};
+use tokio_postgres::error::SqlState;
+
+/// Waits until the schema's repo sessions include one in `state` and returns
+/// its pid.
+async fn wait_for_session(schema: &TestSchema, admin: &tokio_postgres::Client, state: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND state = $2",
+                &[&schema.name(), &state],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if let Some(r) = rows.first() {
+            return r.get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no repo session became {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether `FOR UPDATE NOWAIT` on the row with this id fails because another
+/// transaction holds its lock.
+async fn locked(admin: &tokio_postgres::Client, table: &str, id: uuid::Uuid) -> bool {
+    let sql = format!("SELECT 1 FROM {table} WHERE id = $1::text::uuid FOR UPDATE NOWAIT");
+    match admin.query(&sql, &[&id.to_string()]).await {
+        Ok(_) => false,
+        Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => true,
+        Err(e) => panic!("probing the lock on {table}: {e}"),
+    }
+}
+
+async fn count(admin: &tokio_postgres::Client, sql: &str, id: uuid::Uuid) -> i64 {
+    admin
+        .query_one(sql, &[&id.to_string()])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gated_commit_runs_its_statements_in_an_open_transaction_before_the_gate() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let seeding = schema.repo().await;
+    let mut current = row("overlap", "v0");
+    let (i, o) = prepare_upsert(&seeding, std::slice::from_ref(&current)).await;
+    seeding
+        .commit_upsert(i, o, std::slice::from_ref(&current), None)
+        .await
+        .expect("seed");
+    drop(seeding);
+
+    // One connection: the first round runs on a connection that has never
+    // sent `BEGIN` or the intent lock (both need a Parse first); the second
+    // reuses it with both cached.
+    let repo = schema.repo_with(|c| c.pool_size = 1).await;
+    for round in ["fresh connection", "warm connection"] {
+        let update = rewrite(&current, round);
+        let new = row("overlap", round);
+        let rows = [update.clone(), new.clone()];
+        let (intent, owner) = prepare_upsert(&repo, &rows).await;
+        let (opener, gate) = IndexGate::pending();
+        let commit = repo.commit_upsert_gated(intent, owner, &rows, None, &gate);
+        let probe = async {
+            wait_for_session(&schema, &admin, "idle in transaction").await;
+            assert!(
+                locked(&admin, "intents", intent.0).await,
+                "{round}: the intent is not locked by the open commit"
+            );
+            assert!(
+                locked(&admin, "records", update.id.0).await,
+                "{round}: the updated row is not locked by the open commit"
+            );
+            assert_eq!(
+                count(
+                    &admin,
+                    "SELECT count(*) FROM records WHERE id = $1::text::uuid",
+                    new.id.0
+                )
+                .await,
+                0,
+                "{round}: the new row is visible before the gate"
+            );
+            assert_eq!(
+                count(
+                    &admin,
+                    "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
+                    intent.0
+                )
+                .await,
+                1,
+                "{round}: the intent is committed before the gate"
+            );
+            opener.decide(true);
+        };
+        let (committed, ()) = tokio::join!(commit, probe);
+        let committed = committed.unwrap_or_else(|e| panic!("{round}: {e}"));
+        assert_eq!(committed.old_point_ids, vec![current.point_id], "{round}");
+        assert!(!locked(&admin, "intents", intent.0).await, "{round}");
+        let stored = repo.get(&[update.id, new.id]).await.expect("get");
+        assert_eq!(stored.len(), 2, "{round}");
+        assert!(stored.iter().any(|r| r.point_id == update.point_id));
+        current = update;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_gate_ends_the_transaction_and_keeps_the_connection() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let repo = schema.repo_with(|c| c.pool_size = 1).await;
+    let rows = [row("overlap", "never")];
+    let (intent, owner) = prepare_upsert(&repo, &rows).await;
+    let (opener, gate) = IndexGate::pending();
+    let commit = repo.commit_upsert_gated(intent, owner, &rows, None, &gate);
+    let probe = async {
+        wait_for_session(&schema, &admin, "idle in transaction").await;
+        opener.decide(false);
+    };
+    let (result, ()) = tokio::join!(commit, probe);
+    assert!(
+        matches!(result, Err(MetadataError::Aborted { intent: i }) if i == intent),
+        "{result:?}"
+    );
+    wait_for_session(&schema, &admin, "idle").await;
+    assert!(!locked(&admin, "intents", intent.0).await);
+    // The one pooled connection was kept and works.
+    let status = repo.pool_status();
+    assert_eq!((status.connections, status.idle), (1, 1));
+    let (i2, o2) = prepare_upsert(&repo, &rows).await;
+    let done = repo
+        .commit_upsert_gated(i2, o2, &rows, None, &IndexGate::passed())
+        .await
+        .expect("the next commit on the same connection");
+    assert_eq!(done.summary.inserted, 1);
+}
+
+/// A coordinator on PostgreSQL whose index write is slow: the commit waits
+/// for it inside its open transaction, and the test terminates that backend.
+/// (The repo is not behind a fault wrapper: wrappers await the gate before
+/// the store's gated commit starts, which would take the overlap away.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_terminated_while_the_commit_waits_for_the_index_is_settled_and_retried() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let repo = Arc::new(schema.repo().await);
+    let index = Arc::new(InMemoryVectorIndex::new(3, Distance::Cosine));
+    let ctl = FaultController::new(7);
+    ctl.add(Rule::once(
+        Call::IndexUpsert,
+        0,
+        Fault::Delay(Duration::from_millis(1500)),
+    ));
+    let config = CoordinatorConfig {
+        call_deadline: Duration::from_secs(10),
+        cleanup_deadline: Duration::from_secs(5),
+        lease: Duration::from_secs(60),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(100),
+        },
+        ..CoordinatorConfig::default()
+    };
+    assert!(config.overlap_index_write, "the default overlaps");
+    let coordinator = Coordinator::new(
+        repo.clone(),
+        FaultyVectorIndex::new(index.clone(), ctl.clone()),
+        config,
+    )
+    .expect("config");
+    let batch: Vec<NewRecord> = (0..5)
+        .map(|n| NewRecord::new("overlap", format!("r{n}"), vec![1.0, n as f32, 0.5]))
+        .collect();
+    let upsert = coordinator.upsert(batch);
+    let kill = async {
+        let pid = wait_for_session(&schema, &admin, "idle in transaction").await;
+        let killed: bool = admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("terminate")
+            .get(0);
+        assert!(killed);
+    };
+    let (report, ()) = tokio::join!(upsert, kill);
+    // The commit's session died before COMMIT: the call settled the intent
+    // (not committed, fenced), retried the commit under the fence token, and
+    // that commit went through.
+    let report = report.expect("settled, retried under the fence token, committed");
+    assert_eq!(report.inserted, 5);
+    assert_eq!(ctl.invocations(Call::IndexUpsert), 1, "one index write");
+
+    let rows = invariants::rows(&*repo).await.expect("rows");
+    assert_eq!(rows.len(), 5);
+    let points = invariants::points(&*index).await.expect("points");
+    let referenced: std::collections::BTreeSet<_> = rows.values().map(|r| r.point_id).collect();
+    let present: std::collections::BTreeSet<_> = points.keys().copied().collect();
+    assert_eq!(present, referenced, "index = referenced points exactly");
+    assert!(
+        repo.list_intents(10).await.expect("intents").is_empty(),
+        "the call resolved its intent"
+    );
+}
