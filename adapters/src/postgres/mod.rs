@@ -240,7 +240,7 @@ impl MetadataRepo for PostgresMetadataRepo {
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<UpsertCommit, MetadataError> {
         let mut s = self.session().await?;
-        s.begin().await?;
+        s.begin();
         let r = steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await;
         s.finish(r).await
     }
@@ -257,7 +257,7 @@ impl MetadataRepo for PostgresMetadataRepo {
         gate: &IndexGate,
     ) -> Result<UpsertCommit, MetadataError> {
         let mut s = self.session().await?;
-        s.begin().await?;
+        s.begin();
         let r = match steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await {
             Ok(commit) if gate.wait().await => Ok(commit),
             Ok(_) => Err(MetadataError::Aborted { intent }),
@@ -274,7 +274,7 @@ impl MetadataRepo for PostgresMetadataRepo {
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<DeleteCommit, MetadataError> {
         let mut s = self.session().await?;
-        s.begin().await?;
+        s.begin();
         let r = steps::commit_delete(&mut s, intent, owner, selector, idempotency).await;
         s.finish(r).await
     }
@@ -286,7 +286,7 @@ impl MetadataRepo for PostgresMetadataRepo {
         fence: OwnerToken,
     ) -> Result<Settlement, MetadataError> {
         let mut s = self.session().await?;
-        s.begin().await?;
+        s.begin();
         let r = steps::settle(&mut s, intent, owner, fence).await;
         s.finish(r).await
     }

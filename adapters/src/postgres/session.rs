@@ -63,16 +63,33 @@ impl Connector for PgConnector {
 
 pub(crate) type PgPool = Pool<PgConnector>;
 
+/// Where a session is with its transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tx {
+    /// No transaction (single-statement calls).
+    None,
+    /// [`Session::begin`] was called; `BEGIN` goes out with the first
+    /// statement.
+    Pending,
+    /// `BEGIN` was sent.
+    Open,
+}
+
 /// One port call's use of a pooled connection.
 pub(crate) struct Session {
     conn: Checkout<PgConnector>,
     keep_vectors: bool,
+    tx: Tx,
 }
 
 impl Session {
     pub(crate) async fn open(pool: &PgPool, keep_vectors: bool) -> Result<Self, MetadataError> {
         let conn = pool.checkout().await.map_err(classify_checkout)?;
-        Ok(Self { conn, keep_vectors })
+        Ok(Self {
+            conn,
+            keep_vectors,
+            tx: Tx::None,
+        })
     }
 
     fn c(&mut self) -> &mut AsyncPgConnection {
@@ -87,11 +104,24 @@ impl Session {
         result
     }
 
-    pub(crate) async fn begin(&mut self) -> Result<(), MetadataError> {
-        self.c()
-            .batch_execute("BEGIN")
-            .await
-            .map_err(|e| classify(e, Phase::Statement))
+    /// Starts a transaction. `BEGIN` is not sent yet: it goes out pipelined
+    /// with the transaction's first statement (see [`Session::lock_intent`]),
+    /// saving a round trip; any other first statement sends it first.
+    pub(crate) fn begin(&mut self) {
+        self.tx = Tx::Pending;
+    }
+
+    /// Sends a pending `BEGIN` on its own, before a statement that must run
+    /// inside the transaction.
+    async fn in_tx(&mut self) -> Result<(), MetadataError> {
+        if self.tx == Tx::Pending {
+            self.c()
+                .batch_execute("BEGIN")
+                .await
+                .map_err(|e| classify(e, Phase::Statement))?;
+            self.tx = Tx::Open;
+        }
+        Ok(())
     }
 
     /// Commits after a body that succeeded (a failure of COMMIT itself may have
@@ -100,6 +130,10 @@ impl Session {
         mut self,
         result: Result<T, MetadataError>,
     ) -> Result<T, MetadataError> {
+        if self.tx != Tx::Open {
+            // No statement ran, so there is no transaction to end.
+            return self.done(result);
+        }
         match result {
             Ok(value) => {
                 let committed = self
@@ -368,14 +402,33 @@ const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[
 #[async_trait]
 impl TxOps for Session {
     async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError> {
-        let rows: Vec<PgIntent> = diesel::sql_query(format!(
+        let lock = diesel::sql_query(format!(
             "SELECT {INTENT_COLUMNS} FROM intents WHERE id = $1 FOR UPDATE"
         ))
         .bind::<SqlUuid, _>(id.0)
-        .prepared()
-        .load(self.c())
-        .await
-        .map_err(stmt)?;
+        .prepared();
+        let rows: Vec<PgIntent> = if self.tx == Tx::Pending {
+            // Pipelined: `BEGIN` and the lock go out together, one round trip.
+            // The server runs them in the order they were sent, and they are
+            // sent in the order their futures are first polled (`join!` polls
+            // in order): diesel-async sends a statement from its first poll,
+            // and when it must prepare one first it holds the connection's
+            // statement-cache lock (a FIFO tokio mutex) until the statement
+            // has been sent, so a later statement cannot overtake it. The
+            // lock is therefore always taken inside the transaction (the
+            // `postgres_overlap` suite checks it on a fresh connection, whose
+            // cache is empty, and on a warm one).
+            let conn: &AsyncPgConnection = self.c();
+            let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
+            let lock = lock.load::<PgIntent>(&mut &*conn);
+            let (began, locked) = futures::join!(begin, lock);
+            began.map_err(stmt)?;
+            self.tx = Tx::Open;
+            locked.map_err(stmt)?
+        } else {
+            self.in_tx().await?;
+            lock.load(self.c()).await.map_err(stmt)?
+        };
         rows.into_iter()
             .next()
             .map(PgIntent::into_intent)
@@ -386,6 +439,7 @@ impl TxOps for Session {
         &mut self,
         ids: &[RecordId],
     ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        self.in_tx().await?;
         let rows: Vec<PgRef> = diesel::sql_query(
             "SELECT id, point_id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
         )
@@ -401,6 +455,7 @@ impl TxOps for Session {
     }
 
     async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError> {
+        self.in_tx().await?;
         let cols = RowColumns::new(rows, self.keep_vectors);
         // In id order. `DO UPDATE … WHERE false` updates nothing but locks
         // every conflicting row (PostgreSQL locks all rows the ON CONFLICT DO
@@ -426,6 +481,7 @@ impl TxOps for Session {
     }
 
     async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError> {
+        self.in_tx().await?;
         let cols = RowColumns::new(rows, self.keep_vectors);
         let n = diesel::sql_query(format!(
             "UPDATE records AS r SET scope = t.scope, content = t.content, \
@@ -450,6 +506,7 @@ impl TxOps for Session {
         &mut self,
         selector: &DeleteSelector,
     ) -> Result<Vec<(RecordId, PointId)>, MetadataError> {
+        self.in_tx().await?;
         let query = match selector {
             DeleteSelector::Ids(ids) => {
                 let mut ids = uuids(ids, |i| i.0);
@@ -493,6 +550,7 @@ impl TxOps for Session {
     }
 
     async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError> {
+        self.in_tx().await?;
         let n = diesel::sql_query("DELETE FROM records WHERE id = ANY($1)")
             .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
             .prepared()
@@ -508,6 +566,7 @@ impl TxOps for Session {
         point_ids: &[PointId],
         summary: CommitSummary,
     ) -> Result<(), MetadataError> {
+        self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         diesel::sql_query(
             "UPDATE intents SET state = 'committed', point_ids = $2, inserted = $3, \
@@ -530,6 +589,7 @@ impl TxOps for Session {
         record: &IdempotencyRecord,
         summary: CommitSummary,
     ) -> Result<bool, MetadataError> {
+        self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         let n = diesel::sql_query(
             "INSERT INTO idempotency_keys (key, request_hash, outcome, inserted, updated, deleted) \
@@ -549,6 +609,7 @@ impl TxOps for Session {
     }
 
     async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError> {
+        self.in_tx().await?;
         diesel::sql_query("UPDATE intents SET owner = $2 WHERE id = $1")
             .bind::<SqlUuid, _>(id.0)
             .bind::<SqlUuid, _>(to.0)
