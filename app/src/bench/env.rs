@@ -51,6 +51,8 @@ pub struct EnvSpec<'a> {
     pub keep_vectors: bool,
     /// Prefix of every schema and collection the bench creates on servers.
     pub namespace: &'a Ident,
+    /// Tandem's coordinator configuration.
+    pub config: &'a CoordinatorConfig,
 }
 
 /// One baseline protocol's stores.
@@ -135,11 +137,12 @@ fn coordinator(
     repo: Repo,
     index: Index,
     counters: &Arc<Counters>,
+    config: &CoordinatorConfig,
 ) -> Result<BenchCoordinator, AppError> {
     Coordinator::new(
         CountingRepo::new(repo, counters.clone()),
         CountingIndex::new(index, counters.clone()),
-        CoordinatorConfig::default(),
+        config.clone(),
     )
     .map_err(|e| failed("configuration", e))
 }
@@ -180,7 +183,7 @@ impl Env {
                 .map_err(|e| failed("opening SQLite", e))?,
         );
         let counters = Arc::new(Counters::default());
-        let tandem = coordinator(repo, edge("tandem-index").await?, &counters)?;
+        let tandem = coordinator(repo, edge("tandem-index").await?, &counters, spec.config)?;
         let mut baselines = Vec::new();
         for (db, index) in [
             ("raw.sqlite3", "raw-index"),
@@ -280,7 +283,12 @@ impl Env {
             }
         };
         let counters = Arc::new(Counters::default());
-        let tandem = coordinator(repo, open_index(&collections[0], false).await?, &counters)?;
+        let tandem = coordinator(
+            repo,
+            open_index(&collections[0], false).await?,
+            &counters,
+            spec.config,
+        )?;
         let mut baselines = Vec::new();
         for name in &collections[1..] {
             let c = Arc::new(Counters::default());

@@ -122,6 +122,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub keep_vectors: bool,
 
+    /// Whether Tandem's upsert overlaps its commit with the index write
+    /// (`CoordinatorConfig::overlap_index_write`; `false` measures the
+    /// sequential protocol).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub overlap_index_write: bool,
+
+    /// Candidates a guarded search asks the index for, per wanted hit
+    /// (`CoordinatorConfig::search_overfetch`; default: the coordinator's).
+    #[arg(long, value_name = "N")]
+    pub search_overfetch: Option<usize>,
+
     /// Seed of the generated data.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -252,6 +263,16 @@ pub async fn run(
         seed: args.seed,
         quiet: out.quiet,
     };
+    let mut config = tandem_core::CoordinatorConfig {
+        overlap_index_write: args.overlap_index_write,
+        ..Default::default()
+    };
+    if let Some(n) = args.search_overfetch {
+        config.search_overfetch = n;
+    }
+    config
+        .validate()
+        .map_err(|e| AppError::Usage(format!("bench configuration: {e}")))?;
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let namespace = sql::Ident::new(&args.namespace)?;
 
@@ -303,6 +324,7 @@ pub async fn run(
                     concurrency: args.concurrency,
                     keep_vectors: args.keep_vectors,
                     namespace: &namespace,
+                    config: &config,
                 };
                 let env = Arc::new(
                     env::Env::open(&spec)
@@ -342,6 +364,8 @@ pub async fn run(
             "backlog_points_per_intent": plan.backlog_points,
             "scopes": args.scopes,
             "keep_vectors": args.keep_vectors,
+            "overlap_index_write": config.overlap_index_write,
+            "search_overfetch": config.search_overfetch,
             "seed": args.seed,
         }),
         consistent: runs.iter().all(|r| r.consistent_after),
