@@ -92,7 +92,11 @@ pub struct CoordinatorConfig {
     /// Batch and chunk limits.
     pub limits: Limits,
     /// How many candidates a guarded search asks the index for, per wanted hit,
-    /// before filtering out uncommitted and superseded points.
+    /// before filtering out uncommitted and superseded points. When the guard
+    /// leaves fewer than `k`, the search asks again for 4× as many, so 1 (the
+    /// default) is the cheapest setting while uncommitted or superseded points
+    /// are rare among the nearest; raise it for write-heavy collections, where
+    /// a search would otherwise often take a second round.
     pub search_overfetch: usize,
     /// Intents claimed per recovery round.
     pub recovery_batch: usize,
@@ -115,7 +119,7 @@ impl Default for CoordinatorConfig {
             lease: Duration::from_secs(300),
             retry: RetryPolicy::default(),
             limits: Limits::default(),
-            search_overfetch: 2,
+            search_overfetch: 1,
             recovery_batch: 256,
             orphan_grace: Duration::from_secs(600),
             overlap_index_write: true,
