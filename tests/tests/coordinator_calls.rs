@@ -1744,6 +1744,8 @@ async fn search_asks_the_index_again_for_more_when_too_few_hits_survive_the_guar
 async fn search_stops_when_the_index_has_no_more_candidates() {
     let mut repo = MockRepo::new();
     let mut index = index_mock();
+    let mut cfg = config();
+    cfg.search_overfetch = 2;
     let cand = points(3);
     let ret = cand.clone();
     // Three of the four asked for: the index is exhausted, so one round only.
@@ -1757,7 +1759,7 @@ async fn search_stops_when_the_index_has_no_more_candidates() {
         .times(1)
         .returning(move |_| Ok(vec![stored(keep, "catalog")]));
 
-    let c = coordinator(repo, index);
+    let c = Coordinator::new(repo, index, cfg).unwrap();
     let found = c
         .search(&SearchQuery::new(vec![0.0, 0.0, 1.0], 2))
         .await

@@ -565,14 +565,16 @@ async fn recovery_after_the_server_stopped_mid_batch_and_came_back() {
     }
 
     // Batch 5 is half written when the server stops: its first chunk is slow
-    // but lands (the stop waits for it), its second hangs until the stop.
+    // but lands (the stop waits for it), its second hangs until the stop —
+    // and so does every retry of it, which could otherwise be served while
+    // the stopping server drains the first chunk.
     let faults = double.faults().clone();
     faults
         .add(RpcFault::once(
             "Points/Upsert",
             RpcAction::Delay(Duration::from_millis(300)),
         ))
-        .add(RpcFault::once("Points/Upsert", RpcAction::Hang).after(1));
+        .add(RpcFault::always("Points/Upsert", RpcAction::Hang).after(1));
     let (result, ()) = tokio::join!(c.upsert(outage_batch(5)), async {
         until_faulted_call_pending(&faults, "Points/Upsert").await;
         double.shutdown().await;
