@@ -4,12 +4,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
-use diesel::pg::Pg;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::QueryableByName;
 use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
 };
-use diesel::{QueryResult, QueryableByName};
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use serde_json::Value;
 use tandem_core::{
@@ -23,6 +21,7 @@ use crate::sql::codec::{
     IdempotencyRow, IntentRow, RecordRow, encode_vector, page_limit, summary_columns, to_u64,
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
+use crate::sql::prepared::PreparedExt;
 use crate::sql::steps::TxOps;
 
 /// Opens connections with tokio-postgres directly (so connection failures keep
@@ -156,49 +155,6 @@ impl Session {
         }
     }
 }
-
-/// A statement whose SQL text is one of this module's constants, which
-/// diesel-async may therefore keep prepared on the connection.
-///
-/// diesel marks every `sql_query` unsafe to cache (its text could be built
-/// from anything), so each one would cost a Parse round trip (and a server
-/// parse and plan) before its Bind/Execute. The adapter's statements are a
-/// small fixed set of constant texts with bound parameters, so caching them is
-/// exactly what the statement cache is for: after a connection's first use of
-/// a statement, it is one round trip.
-///
-/// A change of the tables' columns invalidates cached statements; migrations
-/// run before the pool serves calls (and a repo is built after them).
-struct Prepared<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Prepared<Q> {
-    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q> QueryId for Prepared<Q> {
-    // No static id: the cache is keyed by the SQL text and bind types.
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: Query> Query for Prepared<Q> {
-    type SqlType = Q::SqlType;
-}
-
-/// `.prepared()` on any statement of this module.
-trait PreparedExt: Sized {
-    fn prepared(self) -> Prepared<Self> {
-        Prepared(self)
-    }
-}
-
-impl<Q> PreparedExt for Q {}
 
 #[derive(QueryableByName)]
 struct PgRecord {

@@ -5,6 +5,7 @@
 
 pub(crate) mod codec;
 pub(crate) mod pool;
+pub(crate) mod prepared;
 #[cfg(feature = "postgres")]
 mod secret;
 pub(crate) mod steps;

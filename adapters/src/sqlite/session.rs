@@ -25,6 +25,7 @@ use crate::sql::codec::{
     to_u64,
 };
 use crate::sql::pool::Connector;
+use crate::sql::prepared::PreparedExt;
 use crate::sql::steps::TxOps;
 
 /// The async connection the pool holds.
@@ -308,6 +309,7 @@ fn read_intent(c: &mut SqliteConnection, id: IntentId) -> Result<Option<Intent>,
     let rows: Vec<SqlIntent> =
         diesel::sql_query(format!("SELECT {INTENT_COLUMNS} FROM intents WHERE id = ?"))
             .bind::<Text, _>(id.0.to_string())
+            .prepared()
             .load(c)
             .map_err(stmt)?;
     rows.into_iter()
@@ -324,6 +326,7 @@ fn refs_by_ids(
         "SELECT id, point_id FROM records WHERE id IN {IN_JSON} ORDER BY id"
     ))
     .bind::<Text, _>(json_ids(ids))
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     rows.iter().map(SqlRef::parse).collect()
@@ -501,6 +504,7 @@ pub(crate) fn insert_intent(
     .bind::<BigInt, _>(intent.lease_deadline_ms)
     .bind::<Text, _>(json_ids(intent.point_ids.iter().map(|p| p.0)))
     .bind::<BigInt, _>(intent.created_ms)
+    .prepared()
     .execute(c)
     .map_err(autocommit)?;
     Ok(())
@@ -514,6 +518,7 @@ pub(crate) fn delete_intent(
     let n = diesel::sql_query("DELETE FROM intents WHERE id = ? AND owner = ?")
         .bind::<Text, _>(id.0.to_string())
         .bind::<Text, _>(owner.0.to_string())
+        .prepared()
         .execute(c)
         .map_err(autocommit)?;
     Ok(n == 1)
@@ -535,6 +540,7 @@ pub(crate) fn claim_expired(
     ))
     .bind::<BigInt, _>(now_ms)
     .bind::<BigInt, _>(limit)
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     let mut claimed = rows
@@ -551,6 +557,7 @@ pub(crate) fn claim_expired(
     .bind::<Text, _>(owner.0.to_string())
     .bind::<BigInt, _>(lease_deadline_ms)
     .bind::<Text, _>(json_ids(claimed.iter().map(|i| i.id.0)))
+    .prepared()
     .execute(c)
     .map_err(stmt)?;
     for intent in &mut claimed {
@@ -571,6 +578,7 @@ pub(crate) fn set_last_error(
         .bind::<Text, _>(message)
         .bind::<Text, _>(id.0.to_string())
         .bind::<Text, _>(owner.0.to_string())
+        .prepared()
         .execute(c)
         .map_err(autocommit)?;
     Ok(())
@@ -584,6 +592,7 @@ pub(crate) fn referenced_points(
         "SELECT point_id FROM records WHERE point_id IN {IN_JSON}"
     ))
     .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     rows.iter()
@@ -601,6 +610,7 @@ pub(crate) fn rows_by_points(
     ))
     .bind::<Bool, _>(with_vectors)
     .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     let mut by_point = HashMap::with_capacity(rows.len());
@@ -621,6 +631,7 @@ pub(crate) fn get(
     ))
     .bind::<Bool, _>(keep_vectors)
     .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     let mut by_id = HashMap::with_capacity(rows.len());
@@ -640,6 +651,7 @@ pub(crate) fn lookup_idempotency(
          FROM idempotency_keys WHERE key = ?",
     )
     .bind::<Text, _>(key)
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     rows.into_iter()
@@ -670,17 +682,20 @@ pub(crate) fn scan_refs(
     let rows: Vec<SqlScanRow> = match (scope, after) {
         (None, None) => diesel::sql_query(format!("{COLS} ORDER BY id LIMIT ?"))
             .bind::<BigInt, _>(fetch)
+            .prepared()
             .load(c),
         (None, Some(after)) => {
             diesel::sql_query(format!("{COLS} WHERE id > ? ORDER BY id LIMIT ?"))
                 .bind::<Text, _>(after.0.to_string())
                 .bind::<BigInt, _>(fetch)
+                .prepared()
                 .load(c)
         }
         (Some(scope), None) => {
             diesel::sql_query(format!("{COLS} WHERE scope = ? ORDER BY id LIMIT ?"))
                 .bind::<Text, _>(scope.as_str())
                 .bind::<BigInt, _>(fetch)
+                .prepared()
                 .load(c)
         }
         (Some(scope), Some(after)) => diesel::sql_query(format!(
@@ -689,6 +704,7 @@ pub(crate) fn scan_refs(
         .bind::<Text, _>(scope.as_str())
         .bind::<Text, _>(after.0.to_string())
         .bind::<BigInt, _>(fetch)
+        .prepared()
         .load(c),
     }
     .map_err(stmt)?;
@@ -721,6 +737,7 @@ pub(crate) fn list_intents(
         "SELECT {INTENT_COLUMNS} FROM intents ORDER BY created_ms, seq LIMIT ?"
     ))
     .bind::<BigInt, _>(limit)
+    .prepared()
     .load(c)
     .map_err(stmt)?;
     rows.into_iter().map(SqlIntent::into_intent).collect()
@@ -731,6 +748,7 @@ pub(crate) fn count_by_scope(
 ) -> Result<BTreeMap<Scope, u64>, MetadataError> {
     let rows: Vec<SqlScopeCount> =
         diesel::sql_query("SELECT scope, count(*) AS n FROM records GROUP BY scope")
+            .prepared()
             .load(c)
             .map_err(stmt)?;
     rows.into_iter()
