@@ -248,7 +248,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let decision = match outcome {
             Ok(decision) => decision,
             Err((failure, decision)) => {
-                // The commit, if it started, waited for the write and was abandoned:
+                // The commit, if it started, waited for the write and was abandoned
+                // (a failed gate never lets `COMMIT` through, on any attempt):
                 // undo the write under whichever token owns the intent now.
                 let owner = match decision {
                     None => Some(owner),
@@ -257,9 +258,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     // left to recovery.
                     Some(Decision::Fenced | Decision::Unknown(_)) => None,
                     Some(Decision::Committed { .. }) => {
-                        // Only a store that ignores the gate gets here.
+                        // Only a store that ignores the gate gets here: its rows
+                        // are committed, so the call must not report "not
+                        // applied", and nothing may be compensated.
                         error!("the metadata store committed although the index write failed");
-                        None
+                        return Err(CoordinatorError::OutcomeUnknown {
+                            intent: intent_id,
+                            source: Box::new(index_failure(failure, self.config.call_deadline)),
+                        });
                     }
                 };
                 if let Some(owner) = owner {
