@@ -195,16 +195,23 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 opener.decide(written.is_ok());
                 written
             };
-            let commit = self.commit(
-                intent_id,
-                owner,
-                deadline,
-                CommitRequest::Upsert {
-                    rows: &rows,
-                    idempotency: idem.as_ref(),
-                    gate: Some(&gate),
-                },
-            );
+            let commit = async {
+                let started = Instant::now();
+                let decision = self
+                    .commit(
+                        intent_id,
+                        owner,
+                        deadline,
+                        CommitRequest::Upsert {
+                            rows: &rows,
+                            idempotency: idem.as_ref(),
+                            gate: Some(&gate),
+                        },
+                    )
+                    .await;
+                record_phase("upsert", "commit", started);
+                decision
+            };
             // Both run to the end: a failed commit never leaves a chunk in
             // flight behind it, and a failed write is seen by the commit.
             match tokio::join!(write, commit) {
@@ -212,13 +219,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 (Err(failure), decision) => Err((failure, Some(decision))),
             }
         } else {
-            match self.write_points(&points, deadline).await {
-                Err(failure) => {
-                    record_phase("upsert", "index_write", started);
-                    Err((failure, None))
-                }
+            let written = self.write_points(&points, deadline).await;
+            record_phase("upsert", "index_write", started);
+            match written {
+                Err(failure) => Err((failure, None)),
                 Ok(()) => {
-                    record_phase("upsert", "index_write", started);
                     if self.bug(Bug::IndexWriteBeforeIntent) {
                         self.prepare(&intent, deadline, "upsert").await?;
                     }
@@ -226,6 +231,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         let old: Vec<PointId> = current.values().copied().collect();
                         let _ = self.delete_points(&old, deadline).await;
                     }
+                    let started = Instant::now();
                     let decision = self
                         .commit(
                             intent_id,
@@ -238,11 +244,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                             },
                         )
                         .await;
+                    record_phase("upsert", "commit", started);
                     Ok(decision)
                 }
             }
         };
-        record_phase("upsert", "commit", started);
         drop(points);
 
         let decision = match outcome {
