@@ -1,7 +1,7 @@
 //! # tandem-adapters
 //!
-//! Backends for Tandem's two ports, one module per backend, each behind a
-//! feature of the same name:
+//! Backends for Tandem's ports, one module per backend, each behind a
+//! feature of the same name (but [`hash`], always there):
 //!
 //! | module | port | backend |
 //! |---|---|---|
@@ -10,14 +10,19 @@
 //! | `sqlite` | `MetadataRepo` | SQLite through diesel-async (embedded default) |
 //! | `qdrant` | `VectorIndex` | Qdrant over gRPC through qdrant-client |
 //! | `edge` | `VectorIndex` | qdrant-edge, Qdrant's in-process engine (embedded default) |
+//! | `openai` | `Embedder` | any OpenAI-compatible `/embeddings` server, over HTTP (reqwest) |
+//! | [`hash`] | `Embedder` | the lexical hash embedding, local and deterministic |
 //!
 //! Adapters translate; they never retry or compensate. Each maps its driver's
 //! errors in its own `error.rs`.
 
 #[cfg(feature = "edge")]
 pub mod edge;
+pub mod hash;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "openai")]
+pub mod openai;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "qdrant")]

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::model::{IntentId, RecordId};
+use crate::model::{IntentId, RecordId, SagaId};
 
 /// A boxed driver error, kept as the `source` of a port error.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -69,6 +69,22 @@ pub enum MetadataError {
         /// The intent.
         intent: IntentId,
     },
+    /// The caller's own step in a transaction's commit failed (with an error
+    /// that is not a transient database error): the transaction rolled back,
+    /// nothing was written.
+    #[error("the transaction's caller step failed: {source}")]
+    StepFailed {
+        /// The caller's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The saga whose step this commit is no longer belongs to the caller
+    /// (recovery or an abort took it over): the commit did not apply.
+    #[error("saga {saga} is fenced: it is no longer owned by this call")]
+    SagaFenced {
+        /// The saga.
+        saga: SagaId,
+    },
     /// A permanent failure (schema missing, permission denied, misconfiguration).
     #[error("metadata store failure ({outcome:?}): {message}")]
     Permanent {
@@ -116,6 +132,8 @@ impl MetadataError {
         match self {
             Self::Transient { outcome, .. } | Self::Permanent { outcome, .. } => *outcome,
             Self::Fenced { .. }
+            | Self::SagaFenced { .. }
+            | Self::StepFailed { .. }
             | Self::Aborted { .. }
             | Self::IdempotencyKeyTaken { .. }
             | Self::InvalidInput { .. } => Outcome::NotApplied,
@@ -294,6 +312,37 @@ pub enum ValidationError {
     /// A delete by ids with no ids, or a search with k = 0.
     #[error("{0}")]
     Invalid(String),
+    /// A transaction without parts.
+    #[error("the transaction has no parts")]
+    EmptyTransaction,
+    /// A part of a transaction is invalid.
+    #[error("part #{part}: {error}")]
+    InPart {
+        /// Position of the part in the transaction.
+        part: usize,
+        /// What is wrong with it.
+        error: Box<ValidationError>,
+    },
+    /// Two parts of one transaction upsert the same id.
+    #[error("part #{part}: record {id} is already upserted by an earlier part")]
+    UpsertedTwice {
+        /// The later part.
+        part: usize,
+        /// The id.
+        id: RecordId,
+    },
+    /// The transaction's caller step runs on another connection type than the
+    /// metadata store's (or the store runs no caller steps).
+    #[error("{}", match store {
+        Some(store) => format!("the transaction's step runs on {step}, but the metadata store's connection is {store}"),
+        None => format!("the transaction's step runs on {step}, but this metadata store runs no caller steps"),
+    })]
+    StepUnsupported {
+        /// The step's connection type.
+        step: &'static str,
+        /// The store's connection type, if it runs caller steps.
+        store: Option<&'static str>,
+    },
 }
 
 /// The error of a [`Coordinator`](crate::Coordinator) operation.
@@ -336,6 +385,44 @@ pub enum CoordinatorError {
     /// The coordinator is misconfigured.
     #[error("configuration: {0}")]
     Config(String),
+    /// The caller's own step in a transaction failed; the transaction rolled
+    /// back and nothing of it was applied. The caller's error is the source.
+    #[error("the transaction's caller step failed: {source}")]
+    StepFailed {
+        /// The caller's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The saga was taken over by another process (recovery, an abort) while
+    /// this call drove it; this call's step did not apply and it stopped.
+    #[error("saga {0} was taken over by another process; this call stopped driving it")]
+    SagaFenced(SagaId),
+    /// The saga could not be driven to its end now (a store failed, a
+    /// compensation failed, a step's outcome is unknown): it stays journaled
+    /// — its state says where it is — and recovery finishes it, forward or
+    /// backward, after its lease. Whether its effects stand is therefore
+    /// unknown until then; do not start it again.
+    #[error("saga {saga} is unfinished (recovery will finish it): {source}")]
+    SagaUnfinished {
+        /// The saga.
+        saga: SagaId,
+        /// Why it stopped.
+        #[source]
+        source: Box<CoordinatorError>,
+    },
+    /// A caller action of a saga failed.
+    #[error("{0}")]
+    Action(#[source] BoxError),
+    /// No saga definition of this name is registered with the coordinator.
+    #[error("no saga named {0:?} is registered")]
+    UnknownSaga(String),
+    /// No saga with this id is journaled.
+    #[error("saga {0} does not exist")]
+    SagaNotFound(SagaId),
+    /// The saga is past its pivot step (or already ended): it can only go
+    /// forward, it cannot be aborted.
+    #[error("saga {0} cannot be aborted: {1}")]
+    CannotAbort(SagaId, &'static str),
 }
 
 impl CoordinatorError {
@@ -343,6 +430,7 @@ impl CoordinatorError {
     pub fn outcome(&self) -> Outcome {
         match self {
             Self::OutcomeUnknown { .. } => Outcome::Unknown,
+            Self::SagaUnfinished { .. } => Outcome::Unknown,
             _ => Outcome::NotApplied,
         }
     }
@@ -352,7 +440,158 @@ impl CoordinatorError {
             Self::Metadata(e) => e.is_retryable(),
             Self::Index(e) => e.is_retryable(),
             Self::DeadlineExceeded(_) | Self::Fenced(_) | Self::OutcomeUnknown { .. } => true,
-            Self::Invalid(_) | Self::IdempotencyKeyReused { .. } | Self::Config(_) => false,
+            // Recovery finishes it; starting it again would start another.
+            Self::SagaUnfinished { .. } => false,
+            Self::Invalid(_)
+            | Self::IdempotencyKeyReused { .. }
+            | Self::Config(_)
+            | Self::StepFailed { .. }
+            | Self::SagaFenced(_)
+            | Self::Action(_)
+            | Self::UnknownSaga(_)
+            | Self::SagaNotFound(_)
+            | Self::CannotAbort(..) => false,
+        }
+    }
+}
+
+/// An error of an [`Embedder`](crate::Embedder) call. Embedding has no side
+/// effect, so the one question it answers is *can a retry help?*
+/// ([`is_retryable`](Self::is_retryable)), and after how long
+/// ([`retry_after`](Self::retry_after)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmbedError {
+    /// A transient failure (connection refused or reset, timeout, a 5xx
+    /// answer): a retry may succeed, after `retry_after` when the server said so.
+    #[error("embedding service unavailable: {message}")]
+    Transient {
+        /// How long the server asked us to wait.
+        retry_after: Option<Duration>,
+        /// What went wrong, without secrets.
+        message: String,
+        /// The driver's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The service is rate limiting us (HTTP 429): retry after `retry_after`
+    /// (or a backoff when the server did not say).
+    #[error("embedding service rate limited the request{}: {message}", retry_after_text(*.retry_after))]
+    RateLimited {
+        /// How long the server asked us to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+        /// What the server said, without secrets.
+        message: String,
+    },
+    /// The service refused the texts (too long, empty, not embeddable):
+    /// permanent for these texts. `index` is the text's position in the call,
+    /// when known.
+    #[error("embedding service rejected the input{}: {message}", index_text(*.index))]
+    InvalidInput {
+        /// The offending text's position in the call, when known.
+        index: Option<usize>,
+        /// What was wrong.
+        message: String,
+    },
+    /// The credentials were refused (HTTP 401/403): permanent until the
+    /// configuration changes.
+    #[error("embedding service refused the credentials: {message}")]
+    Unauthorized {
+        /// What the server said, without secrets.
+        message: String,
+    },
+    /// The service answered, but not with what the contract requires (wrong
+    /// number of vectors, wrong dimension, non-finite values, unreadable
+    /// body): permanent — the model or the configuration is wrong, and a
+    /// retry would get the same answer.
+    #[error("embedding service broke the protocol: {0}")]
+    Protocol(ProtocolViolation),
+    /// Any other permanent failure (unknown model, misconfiguration).
+    #[error("embedding service failure: {message}")]
+    Permanent {
+        /// What went wrong, without secrets.
+        message: String,
+        /// The driver's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+fn retry_after_text(retry_after: Option<Duration>) -> String {
+    retry_after
+        .map(|d| format!(" (retry after {:.1} s)", d.as_secs_f64()))
+        .unwrap_or_default()
+}
+
+fn index_text(index: Option<usize>) -> String {
+    index.map(|i| format!(" (text #{i})")).unwrap_or_default()
+}
+
+/// How an embedding service's answer broke the [`Embedder`](crate::Embedder)
+/// contract.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolViolation {
+    /// Not one vector per text.
+    #[error("{got} vectors for {expected} texts")]
+    WrongCount {
+        /// Texts sent.
+        expected: usize,
+        /// Vectors received.
+        got: usize,
+    },
+    /// A vector of another dimension than the embedder's.
+    #[error("vector #{index} has dimension {got}; expected {expected}")]
+    WrongDimension {
+        /// Position of the vector.
+        index: usize,
+        /// The embedder's (and the collection's) dimension.
+        expected: usize,
+        /// The vector's length.
+        got: usize,
+    },
+    /// A vector holds NaN or an infinity.
+    #[error("vector #{index} component {position} is not finite")]
+    NonFinite {
+        /// Position of the vector.
+        index: usize,
+        /// Position in the vector.
+        position: usize,
+    },
+    /// The answer could not be read, or its order could not be established
+    /// (a missing, repeated or out-of-range index).
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl EmbedError {
+    /// A transient error without a server hint.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::Transient {
+            retry_after: None,
+            message: message.into(),
+            source: None,
+        }
+    }
+    /// A permanent error.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent {
+            message: message.into(),
+            source: None,
+        }
+    }
+    /// Can a retry help? Only for [`Transient`](Self::Transient) and
+    /// [`RateLimited`](Self::RateLimited).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Transient { .. } | Self::RateLimited { .. })
+    }
+    /// How long the server asked to wait before a retry.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Transient { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
         }
     }
 }
@@ -385,5 +624,48 @@ mod tests {
         };
         assert_eq!(unknown.outcome(), Outcome::Unknown);
         assert!(!CoordinatorError::Invalid(ValidationError::EmptyBatch).is_retryable());
+    }
+
+    #[test]
+    fn embed_errors_say_whether_a_retry_helps_and_when() {
+        let wait = Some(Duration::from_secs(2));
+        let limited = EmbedError::RateLimited {
+            retry_after: wait,
+            message: "slow down".into(),
+        };
+        assert!(limited.is_retryable());
+        assert_eq!(limited.retry_after(), wait);
+        assert!(
+            limited.to_string().contains("retry after 2.0 s"),
+            "{limited}"
+        );
+        assert!(EmbedError::transient("reset").is_retryable());
+        assert_eq!(EmbedError::transient("reset").retry_after(), None);
+        for permanent in [
+            EmbedError::permanent("no such model"),
+            EmbedError::Unauthorized {
+                message: "bad key".into(),
+            },
+            EmbedError::InvalidInput {
+                index: Some(3),
+                message: "too long".into(),
+            },
+            EmbedError::Protocol(ProtocolViolation::WrongDimension {
+                index: 0,
+                expected: 4,
+                got: 3,
+            }),
+        ] {
+            assert!(!permanent.is_retryable(), "{permanent}");
+            assert_eq!(permanent.retry_after(), None);
+        }
+        let e = EmbedError::Protocol(ProtocolViolation::WrongCount {
+            expected: 3,
+            got: 2,
+        });
+        assert_eq!(
+            e.to_string(),
+            "embedding service broke the protocol: 2 vectors for 3 texts"
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! truth; the index is derived from it. The [`Coordinator`] owns the whole
 //! protocol (write-ahead intents, copy-on-write point ids, leases with fencing,
 //! ambiguous-commit settlement, recovery, guarded reads); backends implement
-//! the two small ports [`MetadataRepo`] and [`VectorIndex`].
+//! the two small ports [`MetadataRepo`] and [`VectorIndex`]. Texts become
+//! vectors through a third, [`Embedder`] (module [`embed`]).
 //!
 //! See `docs/protocol.md` for the mechanism and its invariants, and
 //! `docs/errors.md` for the error model.
@@ -13,19 +14,33 @@
 pub mod clock;
 pub mod config;
 pub mod coordinator;
+pub mod embed;
 pub mod error;
 pub mod model;
 pub mod ports;
+pub mod saga;
+pub mod transaction;
 
 pub use clock::{Clock, SystemClock};
 pub use config::{CoordinatorConfig, Limits, RetryPolicy};
 pub use coordinator::{
-    Coordinator, DeleteReport, RecoveryReport, RepairReport, ScopeCounts, SearchQuery, Stats,
-    UpsertReport, VerifyReport, WriteOptions,
+    Coordinator, DeleteReport, RecoveryReport, RepairReport, SagaRun, ScopeCounts, SearchQuery,
+    Stats, UpsertReport, VerifyCursor, VerifyPage, VerifyReport, WriteOptions,
 };
-pub use error::{BoxError, CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
+pub use embed::{BatchLimits, BatchingEmbedder, Embedder, RetryingEmbedder};
+pub use error::{
+    BoxError, CoordinatorError, EmbedError, IndexError, MetadataError, Outcome, ProtocolViolation,
+    ValidationError,
+};
 pub use model::*;
 pub use ports::{GateOpener, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
+pub use saga::{
+    ActionFn, Resume, SagaContext, SagaCounts, SagaDefinition, SagaOutcome, SagaRecord, SagaState,
+    StepDefinition, StepKind, StepRecord, StepState, TandemStepFn,
+};
+pub use transaction::{
+    CommitStep, ConnectionType, SqlStep, Transaction, TransactionReport, WriteOp,
+};
 
 #[cfg(feature = "planted-bugs")]
 pub use coordinator::PlantedBug;

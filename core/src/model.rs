@@ -74,6 +74,10 @@ uuid_newtype!(
     /// The lease owner token that fences an intent: only the holder may commit it.
     OwnerToken
 );
+uuid_newtype!(
+    /// The identity of a saga (a journaled multi-step operation).
+    SagaId
+);
 
 /// The partition every record belongs to (a catalog, a tenant, ...): counting,
 /// deleting and verifying work per scope.
@@ -373,6 +377,9 @@ pub enum IntentKind {
     Delete,
     /// A repair rewriting missing points.
     Repair,
+    /// A [`Transaction`](crate::Transaction) of several parts (or with a
+    /// caller step, or a saga step's, or a saga compensation's restore).
+    Transaction,
 }
 
 impl IntentKind {
@@ -382,6 +389,7 @@ impl IntentKind {
             IntentKind::Upsert => "upsert",
             IntentKind::Delete => "delete",
             IntentKind::Repair => "repair",
+            IntentKind::Transaction => "transaction",
         }
     }
     /// Parses [`IntentKind::as_str`].
@@ -390,6 +398,7 @@ impl IntentKind {
             "upsert" => Some(IntentKind::Upsert),
             "delete" => Some(IntentKind::Delete),
             "repair" => Some(IntentKind::Repair),
+            "transaction" => Some(IntentKind::Transaction),
             _ => None,
         }
     }
@@ -403,6 +412,12 @@ pub enum IntentState {
     Prepared,
     /// The metadata commit happened; the intent now names the points it made garbage.
     Committed,
+    /// Committed by a saga step: its garbage is *kept* (not deleted, not
+    /// claimable by recovery) and the rows it touched are remembered as
+    /// [`UndoImage`]s, so that a compensation can restore them exactly,
+    /// until the saga ends and releases it
+    /// ([`MetadataRepo::release_held`](crate::MetadataRepo::release_held)).
+    Held,
 }
 
 impl IntentState {
@@ -411,6 +426,7 @@ impl IntentState {
         match self {
             IntentState::Prepared => "prepared",
             IntentState::Committed => "committed",
+            IntentState::Held => "held",
         }
     }
     /// Parses [`IntentState::as_str`].
@@ -418,6 +434,7 @@ impl IntentState {
         match s {
             "prepared" => Some(IntentState::Prepared),
             "committed" => Some(IntentState::Committed),
+            "held" => Some(IntentState::Held),
             _ => None,
         }
     }
@@ -512,10 +529,140 @@ pub struct IdempotencyRecord {
     pub summary: CommitSummary,
 }
 
+/// One part of a multi-part commit
+/// ([`MetadataRepo::commit_transaction`](crate::MetadataRepo::commit_transaction)),
+/// applied in order inside the one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommitPart {
+    /// Insert or switch these rows to their new points (as
+    /// [`commit_upsert`](crate::MetadataRepo::commit_upsert)).
+    Upsert(Vec<RowWrite>),
+    /// Delete the selected rows (as
+    /// [`commit_delete`](crate::MetadataRepo::commit_delete)).
+    Delete(DeleteSelector),
+    /// A saga compensation: put each record back as its image says — but
+    /// only where the record is still as the step left it
+    /// (`after_version`); a record changed since is left alone and reported
+    /// as a conflict.
+    Restore(Vec<UndoImage>),
+}
+
+/// A record as it was before a held commit touched it, and as that commit
+/// left it: enough to restore it exactly, without re-embedding (its old point
+/// is kept in the index while the commit is held).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UndoImage {
+    /// The record.
+    pub id: RecordId,
+    /// The row before the commit (with its vector when the store keeps
+    /// vectors); `None`: the commit inserted it.
+    pub before: Option<StoredRecordImage>,
+    /// The version the commit left; `None`: the commit deleted it.
+    pub after_version: Option<u64>,
+}
+
+/// A full row, as kept in an [`UndoImage`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredRecordImage {
+    /// Scope.
+    pub scope: Scope,
+    /// Content.
+    pub content: String,
+    /// Metadata.
+    pub metadata: Metadata,
+    /// The point the row referenced (kept in the index while held).
+    pub point_id: PointId,
+    /// Its version then.
+    pub version: u64,
+    /// Its vector, when the store keeps vectors.
+    pub vector: Option<Vec<f32>>,
+}
+
+impl StoredRecordImage {
+    /// The image of a stored row.
+    pub fn of(record: &StoredRecord) -> Self {
+        Self {
+            scope: record.scope.clone(),
+            content: record.content.clone(),
+            metadata: record.metadata.clone(),
+            point_id: record.point_id,
+            version: record.version,
+            vector: record.vector.clone(),
+        }
+    }
+
+    /// The stored row this image describes, for record `id`.
+    pub fn to_record(&self, id: RecordId) -> StoredRecord {
+        StoredRecord {
+            id,
+            scope: self.scope.clone(),
+            content: self.content.clone(),
+            metadata: self.metadata.clone(),
+            point_id: self.point_id,
+            version: self.version,
+            vector: self.vector.clone(),
+        }
+    }
+}
+
+/// A saga's fence on a commit: the commit applies only while `owner` still
+/// owns the saga (a process that lost the saga to recovery or an abort can
+/// no longer commit its steps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SagaFence {
+    /// The saga.
+    pub saga: SagaId,
+    /// The token its driver holds.
+    pub owner: OwnerToken,
+}
+
+/// What a multi-part commit writes
+/// ([`MetadataRepo::commit_transaction`](crate::MetadataRepo::commit_transaction)).
+#[derive(Clone)]
+pub struct TransactionCommit<'a> {
+    /// The parts, applied in order.
+    pub parts: &'a [CommitPart],
+    /// The caller's own statements, run in the same transaction after the
+    /// parts.
+    pub step: Option<std::sync::Arc<dyn crate::transaction::CommitStep>>,
+    /// Hold the commit for a saga: the intent becomes
+    /// [`IntentState::Held`] (its garbage kept, not claimable) and an
+    /// [`UndoImage`] of every touched record is kept with it.
+    pub hold: bool,
+    /// Commit only while the saga is still owned by this driver.
+    pub saga: Option<SagaFence>,
+}
+
+impl fmt::Debug for TransactionCommit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionCommit")
+            .field("parts", &self.parts)
+            .field("step", &self.step.as_ref().map(|s| s.connection()))
+            .field("hold", &self.hold)
+            .field("saga", &self.saga)
+            .finish()
+    }
+}
+
+/// The result of a multi-part commit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransactionCommitResult {
+    /// The counts over every part (a restore counts as the insert, update or
+    /// delete it is).
+    pub summary: CommitSummary,
+    /// Every point the commit made garbage (superseded, deleted, or written
+    /// and deleted within the unit), as the intent now lists them.
+    pub garbage: Vec<PointId>,
+    /// Records a [`CommitPart::Restore`] left alone because they changed after
+    /// the step it undoes (empty when the commit is repeated).
+    pub conflicts: Vec<RecordId>,
+}
+
 /// How an ambiguous commit was settled.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Settlement {
-    /// The commit happened; the intent now lists the points it made garbage.
+    /// The commit happened; the intent now lists the points it made garbage
+    /// (state `Committed`, or `Held` for a saga step's commit).
     Committed(Intent),
     /// The commit did not happen, and never will: the intent is now owned by the
     /// new token, so a late commit of the old one fails its fencing check.

@@ -15,9 +15,11 @@ use async_trait::async_trait;
 use crate::error::{IndexError, MetadataError};
 use crate::model::{
     DeleteCommit, DeleteSelector, Distance, Filter, IdempotencyRecord, Intent, IntentId, NewIntent,
-    OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope, ScoredPoint,
-    Settlement, StoredRecord, UpsertCommit,
+    OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, SagaId, Scope, ScoredPoint,
+    Settlement, StoredRecord, TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
+use crate::saga::{SagaCounts, SagaRecord, SagaState};
+use crate::transaction::ConnectionType;
 
 /// Whether the index write that a gated commit must follow succeeded
 /// ([`MetadataRepo::commit_upsert_gated`]).
@@ -209,13 +211,206 @@ pub trait MetadataRepo: Send + Sync {
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<DeleteCommit, MetadataError>;
 
+    /// The connection type this store runs a transaction's caller step on
+    /// ([`CommitStep`](crate::CommitStep)), or `None` if it runs none. A
+    /// transaction with a step of another type is rejected before anything
+    /// is written.
+    ///
+    /// Contract: see `commit_transaction_runs_the_step`.
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        None
+    }
+
+    /// Commit of a [`Transaction`](crate::Transaction) (several parts, a
+    /// caller step, or a saga step's held commit): in **one** transaction,
+    /// fenced by `owner` (and by the saga, if `commit.saga` is set), applies
+    /// the parts in order, runs the caller's step, lists every point the
+    /// parts made garbage in the intent and marks it `Committed` — or `Held`,
+    /// keeping an undo image of every touched record, if `commit.hold` — and
+    /// records the idempotency key. Like
+    /// [`commit_upsert_gated`](Self::commit_upsert_gated), it becomes durable
+    /// and visible only after `gate` passed.
+    ///
+    /// The default fails: a store must implement it to run transactions and
+    /// sagas (upserts and deletes do not need it). Wrappers must forward it.
+    ///
+    /// Contract:
+    /// - `commit_transaction_applies_parts_in_order`: each part has the
+    ///   effect of `commit_upsert` / `commit_delete`, in order, in one
+    ///   transaction (a record deleted then upserted ends up inserted anew,
+    ///   upserted then deleted ends up deleted); the summary adds them up;
+    ///   `garbage` lists every point a row referenced before and no longer
+    ///   does (including points written for the unit and deleted by a later
+    ///   part), and the intent lists exactly `garbage`.
+    /// - `commit_transaction_fenced_by_owner`: another owner's token fails
+    ///   with [`MetadataError::Fenced`] and writes nothing.
+    /// - `commit_transaction_fenced_by_saga`: with `commit.saga` set, a saga
+    ///   that is missing, ended, or owned by another token fails with
+    ///   [`MetadataError::SagaFenced`] and writes nothing.
+    /// - `commit_transaction_is_idempotent`: repeating a commit that applied
+    ///   returns the recorded summary and garbage and changes nothing.
+    /// - `commit_transaction_records_idempotency_key`: as for upserts.
+    /// - `commit_transaction_all_or_nothing`: if any part fails (a point
+    ///   already referenced, say), nothing of any part is written.
+    /// - `commit_transaction_runs_the_step`: the caller's step runs on
+    ///   [`commit_step_connection`](Self::commit_step_connection)'s type
+    ///   inside the transaction: its writes commit with the records; if it
+    ///   fails, nothing is written and the error is
+    ///   [`MetadataError::StepFailed`] (or a transient error for a transient
+    ///   database failure).
+    /// - `commit_transaction_holds`: with `hold`, the intent is `Held`, is
+    ///   never claimed by [`claim_expired`](Self::claim_expired), and
+    ///   [`undo_images`](Self::undo_images) returns one image per touched
+    ///   record: its row before the commit (with its vector where vectors
+    ///   are kept; `None` if inserted) and the version it left (`None` if
+    ///   deleted).
+    /// - `commit_transaction_restores`: a [`Restore`](crate::CommitPart::Restore)
+    ///   part puts each record back as its image says (a new version,
+    ///   referencing the image's point), deletes records the image says did
+    ///   not exist, and leaves alone (reporting it in `conflicts`) any record
+    ///   whose current version is not the image's `after_version`.
+    /// - `commit_transaction_gated`: a failed gate returns
+    ///   [`MetadataError::Aborted`] and writes nothing.
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        let _ = (owner, commit, idempotency, gate);
+        Err(MetadataError::permanent(format!(
+            "this metadata store does not support transactions (intent {intent})"
+        )))
+    }
+
+    /// The undo images a held commit kept (see
+    /// [`commit_transaction`](Self::commit_transaction)), in record id order;
+    /// empty once the intent is released or gone.
+    ///
+    /// Contract: see `commit_transaction_holds` and
+    /// `saga_save_terminal_releases_held`.
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        Err(MetadataError::permanent(format!(
+            "this metadata store does not support sagas (intent {intent})"
+        )))
+    }
+
+    /// Writes a saga's journal entry. With `fence: None` it creates the saga
+    /// (an existing one is left unchanged). With `fence: Some(token)` it
+    /// overwrites the saga's state, steps, owner, lease, attempts, error and
+    /// update time, only while `token` owns it. A save in a terminal state
+    /// (`Done`, `Compensated`, `Failed`) also **releases** the held intents
+    /// its steps name, in the same transaction: they become `Committed`,
+    /// owned by the saga's (new) owner until its lease deadline, and their
+    /// undo images are dropped. Returns the intents it released.
+    ///
+    /// Contract:
+    /// - `saga_save_creates`: a new saga is readable through
+    ///   [`saga_get`](Self::saga_get) exactly as saved.
+    /// - `saga_save_create_is_idempotent`: creating an existing saga changes
+    ///   nothing.
+    /// - `saga_save_fenced_by_owner`: with a token that does not own the saga
+    ///   (or a missing saga) it fails with [`MetadataError::SagaFenced`] and
+    ///   writes nothing.
+    /// - `saga_save_terminal_releases_held`: a terminal save returns the held
+    ///   intents of its steps, now `Committed` under the saga's owner, and
+    ///   `undo_images` of them is empty; a non-terminal save releases nothing.
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let _ = fence;
+        Err(MetadataError::permanent(format!(
+            "this metadata store does not support sagas (saga {})",
+            saga.id
+        )))
+    }
+
+    /// Recovery's claim of sagas: atomically takes over up to `limit` live
+    /// sagas (`Running`, `Compensating`) whose lease ended before `now_ms`,
+    /// giving them to `owner` until `lease_deadline_ms` and counting an
+    /// attempt. Oldest lease first. The default claims none (a store without
+    /// sagas has none to recover).
+    ///
+    /// Contract:
+    /// - `saga_claim_takes_only_expired_live`: sagas whose lease has not
+    ///   ended, and ended sagas, are not claimed.
+    /// - `saga_claim_transfers_ownership`: claimed sagas come back with the
+    ///   new owner, lease and attempts + 1; the old owner's saves are fenced.
+    /// - `saga_claim_is_exclusive`: concurrent claims never return the same
+    ///   saga.
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let _ = (now_ms, owner, lease_deadline_ms, limit);
+        Ok(Vec::new())
+    }
+
+    /// Takes over one live saga whatever its lease (an operator's abort):
+    /// gives it to `owner` until `lease_deadline_ms`. `None` if it does not
+    /// exist or has ended.
+    ///
+    /// Contract:
+    /// - `saga_take_fences_the_driver`: afterwards the saga is `owner`'s and
+    ///   a save with the previous token fails with `SagaFenced`; an ended
+    ///   or missing saga returns `None` and changes nothing.
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        let _ = (owner, lease_deadline_ms);
+        Err(MetadataError::permanent(format!(
+            "this metadata store does not support sagas (saga {id})"
+        )))
+    }
+
+    /// One saga's journal entry.
+    ///
+    /// Contract: see `saga_save_creates`; a missing saga returns `None`.
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// Sagas, optionally in one state, newest first, up to `limit`.
+    ///
+    /// Contract:
+    /// - `saga_list_filters_by_state`: only sagas in the given state (every
+    ///   saga without one), newest first, at most `limit`.
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let _ = (state, limit);
+        Ok(Vec::new())
+    }
+
+    /// Number of sagas per state (states without sagas are absent).
+    ///
+    /// Contract:
+    /// - `saga_counts_by_state`: counts every saga once, under its state.
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        Ok(SagaCounts::new())
+    }
+
     /// Settles a commit whose reply was lost. Locks the intent (waiting for any
     /// transaction still holding it, so a commit still landing is seen), and
     /// reports whether the commit happened; if it did not and `owner` still owns
     /// the intent, transfers it to `fence` so the lost commit can never apply.
     ///
     /// Contract:
-    /// - `settle_committed`: a committed intent is reported `Committed`, unchanged.
+    /// - `settle_committed`: a committed (or held) intent is reported
+    ///   `Committed`, unchanged.
     /// - `settle_fences_prepared`: a prepared intent owned by `owner` is
     ///   reported `NotCommitted` and is owned by `fence` afterwards, so a commit
     ///   with `owner` fails with `Fenced`.
@@ -235,13 +430,41 @@ pub trait MetadataRepo: Send + Sync {
     ///   token, returns `false` and changes nothing.
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError>;
 
+    /// Resolves (deletes), in one call, every intent of `intents` that `owner`
+    /// owns — recovery's batch of claimed intents. Returns how many it
+    /// resolved.
+    ///
+    /// The default calls [`resolve`](Self::resolve) once per intent; a store
+    /// that can do it in one statement overrides it. Wrappers must forward it.
+    ///
+    /// Contract:
+    /// - `resolve_many_removes_only_owned`: exactly the listed intents owned
+    ///   by `owner` are gone afterwards, and their number is returned;
+    ///   intents of another owner, and intents not listed, are untouched.
+    /// - `resolve_many_is_idempotent`: missing intents are skipped; repeating
+    ///   the call returns 0 and changes nothing.
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        let mut resolved = 0;
+        for &intent in intents {
+            if self.resolve(intent, owner).await? {
+                resolved += 1;
+            }
+        }
+        Ok(resolved)
+    }
+
     /// Recovery's claim: atomically takes over up to `limit` intents whose lease
     /// ended before `now_ms`, giving them to `owner` until `lease_deadline_ms` and
-    /// counting an attempt. Oldest lease first.
+    /// counting an attempt. Oldest lease first. `Held` intents are never
+    /// claimed: their saga releases them.
     ///
     /// Contract:
     /// - `claim_takes_only_expired`: intents whose lease has not ended are not
-    ///   claimed.
+    ///   claimed (nor held ones: see `commit_transaction_holds`).
     /// - `claim_transfers_ownership`: claimed intents are returned with the new
     ///   owner, lease and attempts + 1; the old owner's commit is fenced.
     /// - `claim_is_exclusive`: concurrent claims never return the same intent.
@@ -266,11 +489,15 @@ pub trait MetadataRepo: Send + Sync {
         message: &str,
     ) -> Result<(), MetadataError>;
 
-    /// Which of `points` a committed row references now.
+    /// Which of `points` are in use: a committed row references them now, or
+    /// a `Held` intent keeps them (a live saga may put a row back on them).
+    /// Recovery's garbage rule deletes only points *not* in use.
     ///
     /// Contract:
     /// - `referenced_points_subset`: returns exactly the given points that some
     ///   row references; unknown points are simply absent.
+    /// - `referenced_points_includes_held`: the points a held intent lists are
+    ///   returned too, until it is released.
     async fn referenced_points(
         &self,
         points: &[PointId],
@@ -443,6 +670,61 @@ macro_rules! forward_metadata_repo {
             ) -> Result<DeleteCommit, MetadataError> {
                 (**self).commit_delete(intent, owner, selector, idempotency).await
             }
+            fn commit_step_connection(&self) -> Option<ConnectionType> {
+                (**self).commit_step_connection()
+            }
+            async fn commit_transaction(
+                &self,
+                intent: IntentId,
+                owner: OwnerToken,
+                commit: &TransactionCommit<'_>,
+                idempotency: Option<&IdempotencyRecord>,
+                gate: &IndexGate,
+            ) -> Result<TransactionCommitResult, MetadataError> {
+                (**self)
+                    .commit_transaction(intent, owner, commit, idempotency, gate)
+                    .await
+            }
+            async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+                (**self).undo_images(intent).await
+            }
+            async fn saga_save(
+                &self,
+                saga: &SagaRecord,
+                fence: Option<OwnerToken>,
+            ) -> Result<Vec<Intent>, MetadataError> {
+                (**self).saga_save(saga, fence).await
+            }
+            async fn saga_claim(
+                &self,
+                now_ms: i64,
+                owner: OwnerToken,
+                lease_deadline_ms: i64,
+                limit: usize,
+            ) -> Result<Vec<SagaRecord>, MetadataError> {
+                (**self).saga_claim(now_ms, owner, lease_deadline_ms, limit).await
+            }
+            async fn saga_take(
+                &self,
+                id: SagaId,
+                owner: OwnerToken,
+                lease_deadline_ms: i64,
+            ) -> Result<Option<SagaRecord>, MetadataError> {
+                (**self).saga_take(id, owner, lease_deadline_ms).await
+            }
+            async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+                (**self).saga_get(id).await
+            }
+            async fn saga_list(
+                &self,
+                state: Option<SagaState>,
+                limit: usize,
+            ) -> Result<Vec<SagaRecord>, MetadataError> {
+                (**self).saga_list(state, limit).await
+            }
+            async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+                (**self).saga_counts().await
+            }
             async fn settle(
                 &self,
                 intent: IntentId,
@@ -453,6 +735,13 @@ macro_rules! forward_metadata_repo {
             }
             async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
                 (**self).resolve(intent, owner).await
+            }
+            async fn resolve_many(
+                &self,
+                intents: &[IntentId],
+                owner: OwnerToken,
+            ) -> Result<usize, MetadataError> {
+                (**self).resolve_many(intents, owner).await
             }
             async fn claim_expired(
                 &self,

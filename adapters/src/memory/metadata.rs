@@ -4,10 +4,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
+use serde_json::Value;
 use tandem_core::{
-    CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
-    MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite,
-    Scope, Settlement, StoredRecord, UpsertCommit,
+    CommitPart, CommitSummary, ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord,
+    IndexGate, Intent, IntentId, IntentState, MetadataError, MetadataRepo, NewIntent, OwnerToken,
+    Page, PointId, RecordId, RowRef, RowWrite, SagaCounts, SagaFence, SagaId, SagaRecord,
+    SagaState, Scope, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
 /// A [`MetadataRepo`] that keeps rows, intents and idempotency keys in memory.
@@ -20,6 +23,8 @@ use tandem_core::{
 pub struct InMemoryMetadataRepo {
     keep_vectors: bool,
     state: Mutex<State>,
+    /// Serialises transactions with a caller step (which may await).
+    steps: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -29,9 +34,234 @@ struct State {
     /// Which row references each point (only current points).
     by_point: HashMap<PointId, RecordId>,
     intents: HashMap<IntentId, StoredIntent>,
-    /// Tie-breaker for intents created in the same millisecond.
+    /// Tie-breaker for intents (and sagas) created in the same millisecond.
     next_seq: u64,
     idempotency: HashMap<String, IdempotencyRecord>,
+    /// Undo images of held intents.
+    undo: HashMap<IntentId, Vec<UndoImage>>,
+    /// Saga journal entries, with their creation sequence.
+    sagas: HashMap<SagaId, (SagaRecord, u64)>,
+    /// The caller's own tables ([`InMemoryTables`]).
+    tables: InMemoryTables,
+}
+
+/// The memory store's equivalent of a caller's own SQL tables: named tables
+/// of JSON values by key, written by a transaction's caller step
+/// ([`SqlStep`](tandem_core::SqlStep) over `InMemoryTables`) and committed
+/// if and only if the transaction's records are.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InMemoryTables {
+    tables: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+impl InMemoryTables {
+    /// Sets `table[key] = value`.
+    pub fn insert(&mut self, table: &str, key: impl Into<String>, value: Value) {
+        self.tables
+            .entry(table.to_owned())
+            .or_default()
+            .insert(key.into(), value);
+    }
+
+    /// `table[key]`, if set.
+    pub fn get(&self, table: &str, key: &str) -> Option<&Value> {
+        self.tables.get(table).and_then(|t| t.get(key))
+    }
+
+    /// Removes `table[key]`, returning it.
+    pub fn remove(&mut self, table: &str, key: &str) -> Option<Value> {
+        self.tables.get_mut(table).and_then(|t| t.remove(key))
+    }
+
+    /// A whole table (empty if never written).
+    pub fn table(&self, table: &str) -> BTreeMap<String, Value> {
+        self.tables.get(table).cloned().unwrap_or_default()
+    }
+}
+
+/// The rows as a commit changes them, part by part, in place: the first
+/// change of each record saves its previous row, so that a commit whose
+/// later part fails can be undone ([`Scratch::rollback`]) and a held commit
+/// knows every record's row before it.
+struct Scratch<'s> {
+    rows: &'s mut BTreeMap<RecordId, StoredRecord>,
+    by_point: &'s mut HashMap<PointId, RecordId>,
+    keep_vectors: bool,
+    summary: CommitSummary,
+    /// Points that stopped being referenced, in the order they did.
+    garbage: Vec<PointId>,
+    /// Every record a part touched, with its row before the commit, in the
+    /// order it was first touched.
+    saved: Vec<(RecordId, Option<StoredRecord>)>,
+    conflicts: Vec<RecordId>,
+}
+
+impl<'s> Scratch<'s> {
+    fn new(
+        rows: &'s mut BTreeMap<RecordId, StoredRecord>,
+        by_point: &'s mut HashMap<PointId, RecordId>,
+        keep_vectors: bool,
+    ) -> Self {
+        Self {
+            rows,
+            by_point,
+            keep_vectors,
+            summary: CommitSummary::default(),
+            garbage: Vec::new(),
+            saved: Vec::new(),
+            conflicts: Vec::new(),
+        }
+    }
+
+    fn touch(&mut self, id: RecordId) {
+        if !self.saved.iter().any(|(s, _)| *s == id) {
+            self.saved.push((id, self.rows.get(&id).cloned()));
+        }
+    }
+
+    fn unreference(&mut self, point: PointId) {
+        self.by_point.remove(&point);
+        self.garbage.push(point);
+    }
+
+    /// Puts every touched row back as it was.
+    fn rollback(self) {
+        for (id, before) in self.saved.into_iter().rev() {
+            if let Some(now) = self.rows.remove(&id) {
+                self.by_point.remove(&now.point_id);
+            }
+            if let Some(before) = before {
+                self.by_point.insert(before.point_id, id);
+                self.rows.insert(id, before);
+            }
+        }
+    }
+
+    /// The undo image of every touched record.
+    fn undo_images(&self) -> Vec<UndoImage> {
+        let mut images: Vec<UndoImage> = self
+            .saved
+            .iter()
+            .map(|(id, before)| UndoImage {
+                id: *id,
+                before: before.as_ref().map(StoredRecordImage::of),
+                after_version: self.rows.get(id).map(|r| r.version),
+            })
+            .collect();
+        images.sort_by_key(|i| i.id);
+        images
+    }
+
+    fn upsert(&mut self, rows: &[RowWrite]) -> Result<(), MetadataError> {
+        validate_rows(self.by_point, rows)?;
+        for row in rows {
+            self.touch(row.id);
+            let vector = self.keep_vectors.then(|| row.vector.clone());
+            let previous = self.rows.get(&row.id).map(|r| (r.version, r.point_id));
+            let version = match previous {
+                Some((version, old_point)) => {
+                    self.unreference(old_point);
+                    self.summary.updated += 1;
+                    version + 1
+                }
+                None => {
+                    self.summary.inserted += 1;
+                    1
+                }
+            };
+            self.by_point.insert(row.point_id, row.id);
+            self.rows.insert(
+                row.id,
+                StoredRecord {
+                    id: row.id,
+                    scope: row.scope.clone(),
+                    content: row.content.clone(),
+                    metadata: row.metadata.clone(),
+                    point_id: row.point_id,
+                    version,
+                    vector,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, selector: &DeleteSelector) {
+        let selected: Vec<RecordId> = match selector {
+            DeleteSelector::Ids(ids) => {
+                let wanted: HashSet<&RecordId> = ids.iter().collect();
+                // Walk the ordered map so the reported points come in record id order.
+                self.rows
+                    .keys()
+                    .filter(|id| wanted.contains(id))
+                    .copied()
+                    .collect()
+            }
+            _ => self
+                .rows
+                .values()
+                .filter(|row| selector.matches(row))
+                .map(|row| row.id)
+                .collect(),
+        };
+        for id in selected {
+            self.touch(id);
+            if let Some(row) = self.rows.remove(&id) {
+                self.unreference(row.point_id);
+                self.summary.deleted += 1;
+            }
+        }
+    }
+
+    fn restore(&mut self, images: &[UndoImage]) -> Result<(), MetadataError> {
+        let mut images: Vec<&UndoImage> = images.iter().collect();
+        images.sort_by_key(|i| i.id);
+        for image in images {
+            let current = self.rows.get(&image.id).map(|r| (r.version, r.point_id));
+            if current.map(|(v, _)| v) != image.after_version {
+                self.conflicts.push(image.id);
+                continue;
+            }
+            self.touch(image.id);
+            match (&image.before, current) {
+                (None, None) => {}
+                (None, Some((_, point))) => {
+                    self.rows.remove(&image.id);
+                    self.unreference(point);
+                    self.summary.deleted += 1;
+                }
+                (Some(before), current) => {
+                    if let Some(owner) = self.by_point.get(&before.point_id)
+                        && *owner != image.id
+                    {
+                        return Err(invalid(format!(
+                            "restore of record {}: point {} is referenced by record {owner}",
+                            image.id, before.point_id
+                        )));
+                    }
+                    let version = match current {
+                        Some((v, point)) => {
+                            self.unreference(point);
+                            self.summary.updated += 1;
+                            v + 1
+                        }
+                        None => {
+                            self.summary.inserted += 1;
+                            before.version + 1
+                        }
+                    };
+                    let mut row = before.to_record(image.id);
+                    row.version = version;
+                    if !self.keep_vectors {
+                        row.vector = None;
+                    }
+                    self.by_point.insert(row.point_id, image.id);
+                    self.rows.insert(image.id, row);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -62,12 +292,18 @@ impl InMemoryMetadataRepo {
         Self {
             keep_vectors,
             state: Mutex::new(State::default()),
+            steps: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Whether rows keep their vectors.
     pub fn keeps_vectors(&self) -> bool {
         self.keep_vectors
+    }
+
+    /// A copy of the caller's tables that transactions' steps wrote.
+    pub fn tables(&self) -> InMemoryTables {
+        self.lock().tables.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -112,10 +348,31 @@ impl State {
         point_ids: Vec<PointId>,
         summary: CommitSummary,
     ) {
+        self.mark(intent, point_ids, summary, IntentState::Committed);
+    }
+
+    fn mark(
+        &mut self,
+        intent: IntentId,
+        point_ids: Vec<PointId>,
+        summary: CommitSummary,
+        state: IntentState,
+    ) {
         if let Some(stored) = self.intents.get_mut(&intent) {
-            stored.intent.state = IntentState::Committed;
+            stored.intent.state = state;
             stored.intent.point_ids = point_ids;
             stored.intent.summary = Some(summary);
+        }
+    }
+
+    /// Whether `fence` still owns a live saga.
+    fn check_saga(&self, fence: Option<SagaFence>) -> Result<(), MetadataError> {
+        match fence {
+            None => Ok(()),
+            Some(f) => match self.sagas.get(&f.saga) {
+                Some((saga, _)) if saga.owner == f.owner && saga.state.is_live() => Ok(()),
+                _ => Err(MetadataError::SagaFenced { saga: f.saga }),
+            },
         }
     }
 
@@ -130,7 +387,10 @@ impl State {
 /// Rejects what a relational schema's constraints would: a record twice in one
 /// batch, a point twice in one batch, or a point some committed row already
 /// references (copy-on-write points are always fresh).
-fn validate_rows(state: &State, rows: &[RowWrite]) -> Result<(), MetadataError> {
+fn validate_rows(
+    by_point: &HashMap<PointId, RecordId>,
+    rows: &[RowWrite],
+) -> Result<(), MetadataError> {
     let mut ids = HashSet::with_capacity(rows.len());
     let mut points = HashSet::with_capacity(rows.len());
     for (index, row) in rows.iter().enumerate() {
@@ -146,7 +406,7 @@ fn validate_rows(state: &State, rows: &[RowWrite]) -> Result<(), MetadataError> 
                 row.point_id
             )));
         }
-        if let Some(owner) = state.by_point.get(&row.point_id) {
+        if let Some(owner) = by_point.get(&row.point_id) {
             return Err(invalid(format!(
                 "row #{index}: point {} is already referenced by record {owner}",
                 row.point_id
@@ -202,9 +462,10 @@ impl MetadataRepo for InMemoryMetadataRepo {
         rows: &[RowWrite],
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<UpsertCommit, MetadataError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let current = state.owned_intent(intent, owner)?;
-        if current.state == IntentState::Committed {
+        if current.state != IntentState::Prepared {
             // The commit already applied: answer what it decided.
             return Ok(UpsertCommit {
                 summary: current.summary.unwrap_or_default(),
@@ -212,39 +473,10 @@ impl MetadataRepo for InMemoryMetadataRepo {
             });
         }
         state.check_key_free(idempotency)?;
-        validate_rows(&state, rows)?;
-
-        let mut summary = CommitSummary::default();
-        let mut old_point_ids = Vec::new();
-        for row in rows {
-            let vector = self.keep_vectors.then(|| row.vector.clone());
-            let previous = state.rows.get(&row.id).map(|r| (r.version, r.point_id));
-            let version = match previous {
-                Some((version, old_point)) => {
-                    state.by_point.remove(&old_point);
-                    old_point_ids.push(old_point);
-                    summary.updated += 1;
-                    version + 1
-                }
-                None => {
-                    summary.inserted += 1;
-                    1
-                }
-            };
-            state.by_point.insert(row.point_id, row.id);
-            state.rows.insert(
-                row.id,
-                StoredRecord {
-                    id: row.id,
-                    scope: row.scope.clone(),
-                    content: row.content.clone(),
-                    metadata: row.metadata.clone(),
-                    point_id: row.point_id,
-                    version,
-                    vector,
-                },
-            );
-        }
+        // Validated before anything changes: the commit applies whole or not at all.
+        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        scratch.upsert(rows)?;
+        let (summary, old_point_ids) = (scratch.summary, scratch.garbage);
         state.mark_committed(intent, old_point_ids.clone(), summary);
         state.record_key(idempotency, summary);
         Ok(UpsertCommit {
@@ -260,48 +492,236 @@ impl MetadataRepo for InMemoryMetadataRepo {
         selector: &DeleteSelector,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<DeleteCommit, MetadataError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let current = state.owned_intent(intent, owner)?;
-        if current.state == IntentState::Committed {
+        if current.state != IntentState::Prepared {
             return Ok(DeleteCommit {
                 summary: current.summary.unwrap_or_default(),
                 point_ids: current.point_ids.clone(),
             });
         }
         state.check_key_free(idempotency)?;
-
-        let selected: Vec<RecordId> = match selector {
-            DeleteSelector::Ids(ids) => {
-                let wanted: HashSet<&RecordId> = ids.iter().collect();
-                // Walk the ordered map so the reported points come in record id order.
-                state
-                    .rows
-                    .keys()
-                    .filter(|id| wanted.contains(id))
-                    .copied()
-                    .collect()
-            }
-            _ => state
-                .rows
-                .values()
-                .filter(|row| selector.matches(row))
-                .map(|row| row.id)
-                .collect(),
-        };
-        let mut point_ids = Vec::with_capacity(selected.len());
-        for id in &selected {
-            if let Some(row) = state.rows.remove(id) {
-                state.by_point.remove(&row.point_id);
-                point_ids.push(row.point_id);
-            }
-        }
-        let summary = CommitSummary {
-            deleted: point_ids.len() as u64,
-            ..CommitSummary::default()
-        };
+        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        scratch.delete(selector);
+        let (summary, point_ids) = (scratch.summary, scratch.garbage);
         state.mark_committed(intent, point_ids.clone(), summary);
         state.record_key(idempotency, summary);
         Ok(DeleteCommit { summary, point_ids })
+    }
+
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        Some(ConnectionType::of::<InMemoryTables>())
+    }
+
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        // No transaction stays open in memory: wait for the index write
+        // first, then commit (the trait's sequential order).
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        // The caller's step runs on a copy of the tables (it may await), under
+        // a lock that serialises steps, so that no other step's writes are
+        // lost; the copy replaces the tables only if the whole commit applies.
+        let _steps = self.steps.lock().await;
+        let tables = match &commit.step {
+            Some(step) => {
+                let mut tables = self.lock().tables.clone();
+                step.run(&mut tables)
+                    .await
+                    .map_err(|source| MetadataError::StepFailed { source })?;
+                Some(tables)
+            }
+            None => None,
+        };
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let current = state.owned_intent(intent, owner)?;
+        if current.state != IntentState::Prepared {
+            return Ok(TransactionCommitResult {
+                summary: current.summary.unwrap_or_default(),
+                garbage: current.point_ids.clone(),
+                conflicts: Vec::new(),
+            });
+        }
+        state.check_saga(commit.saga)?;
+        state.check_key_free(idempotency)?;
+        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        for part in commit.parts {
+            let applied = match part {
+                CommitPart::Upsert(rows) => scratch.upsert(rows),
+                CommitPart::Delete(selector) => {
+                    scratch.delete(selector);
+                    Ok(())
+                }
+                CommitPart::Restore(images) => scratch.restore(images),
+            };
+            if let Err(e) = applied {
+                scratch.rollback();
+                return Err(e);
+            }
+        }
+        let undo = commit.hold.then(|| scratch.undo_images());
+        let referenced: HashSet<PointId> = scratch.by_point.keys().copied().collect();
+        let mut seen = HashSet::new();
+        let garbage: Vec<PointId> = scratch
+            .garbage
+            .iter()
+            .copied()
+            .filter(|p| !referenced.contains(p) && seen.insert(*p))
+            .collect();
+        let (summary, conflicts) = (scratch.summary, scratch.conflicts);
+        let held = if commit.hold {
+            IntentState::Held
+        } else {
+            IntentState::Committed
+        };
+        state.mark(intent, garbage.clone(), summary, held);
+        if let Some(undo) = undo {
+            state.undo.insert(intent, undo);
+        }
+        if let Some(tables) = tables {
+            state.tables = tables;
+        }
+        state.record_key(idempotency, summary);
+        Ok(TransactionCommitResult {
+            summary,
+            garbage,
+            conflicts,
+        })
+    }
+
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        Ok(self.lock().undo.get(&intent).cloned().unwrap_or_default())
+    }
+
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Some(fence) = fence else {
+            if !state.sagas.contains_key(&saga.id) {
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                state.sagas.insert(saga.id, (saga.clone(), seq));
+            }
+            return Ok(Vec::new());
+        };
+        match state.sagas.get_mut(&saga.id) {
+            Some((stored, _)) if stored.owner == fence => {
+                let (name, input, created) =
+                    (stored.name.clone(), stored.input.clone(), stored.created_ms);
+                *stored = SagaRecord {
+                    name,
+                    input,
+                    created_ms: created,
+                    ..saga.clone()
+                };
+            }
+            _ => return Err(MetadataError::SagaFenced { saga: saga.id }),
+        }
+        if saga.state.is_live() {
+            return Ok(Vec::new());
+        }
+        // A terminal save releases what the saga's steps held.
+        let mut released = Vec::new();
+        for id in saga.held_intents() {
+            if let Some(stored) = state.intents.get_mut(&id)
+                && stored.intent.state == IntentState::Held
+            {
+                stored.intent.state = IntentState::Committed;
+                stored.intent.owner = saga.owner;
+                stored.intent.lease_deadline_ms = saga.lease_deadline_ms;
+                state.undo.remove(&id);
+                released.push(stored.intent.clone());
+            }
+        }
+        Ok(released)
+    }
+
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let mut state = self.lock();
+        let mut claimable: Vec<(i64, u64, SagaId)> = state
+            .sagas
+            .values()
+            .filter(|(s, _)| s.state.is_live() && s.lease_deadline_ms < now_ms)
+            .map(|(s, seq)| (s.lease_deadline_ms, *seq, s.id))
+            .collect();
+        claimable.sort();
+        let mut claimed = Vec::new();
+        for (_, _, id) in claimable.into_iter().take(limit) {
+            if let Some((saga, _)) = state.sagas.get_mut(&id) {
+                saga.owner = owner;
+                saga.lease_deadline_ms = lease_deadline_ms;
+                saga.attempts = saga.attempts.saturating_add(1);
+                claimed.push(saga.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        let mut state = self.lock();
+        Ok(match state.sagas.get_mut(&id) {
+            Some((saga, _)) if saga.state.is_live() => {
+                saga.owner = owner;
+                saga.lease_deadline_ms = lease_deadline_ms;
+                Some(saga.clone())
+            }
+            _ => None,
+        })
+    }
+
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        Ok(self.lock().sagas.get(&id).map(|(s, _)| s.clone()))
+    }
+
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let guard = self.lock();
+        let mut sagas: Vec<&(SagaRecord, u64)> = guard
+            .sagas
+            .values()
+            .filter(|(s, _)| state.is_none_or(|st| s.state == st))
+            .collect();
+        sagas.sort_by_key(|(s, seq)| std::cmp::Reverse((s.created_ms, *seq)));
+        Ok(sagas
+            .into_iter()
+            .take(limit)
+            .map(|(s, _)| s.clone())
+            .collect())
+    }
+
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        let mut counts = SagaCounts::new();
+        for (saga, _) in self.lock().sagas.values() {
+            *counts.entry(saga.state).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     async fn settle(
@@ -316,7 +736,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         };
         let current = &mut stored.intent;
         Ok(match current.state {
-            IntentState::Committed => Settlement::Committed(current.clone()),
+            IntentState::Committed | IntentState::Held => Settlement::Committed(current.clone()),
             IntentState::Prepared => {
                 if current.owner == owner {
                     current.owner = fence;
@@ -335,6 +755,22 @@ impl MetadataRepo for InMemoryMetadataRepo {
         Ok(true)
     }
 
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        let mut state = self.lock();
+        let mut resolved = 0;
+        for &intent in intents {
+            if state.owned_intent(intent, owner).is_ok() {
+                state.intents.remove(&intent);
+                resolved += 1;
+            }
+        }
+        Ok(resolved)
+    }
+
     async fn claim_expired(
         &self,
         now_ms: i64,
@@ -346,7 +782,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         let claimable: Vec<IntentId> = state
             .sorted_intents(|s| (s.intent.lease_deadline_ms, s.seq))
             .into_iter()
-            .filter(|s| s.intent.lease_deadline_ms < now_ms)
+            .filter(|s| s.intent.lease_deadline_ms < now_ms && s.intent.state != IntentState::Held)
             .take(limit)
             .map(|s| s.intent.id)
             .collect();
@@ -383,9 +819,15 @@ impl MetadataRepo for InMemoryMetadataRepo {
         points: &[PointId],
     ) -> Result<HashSet<PointId>, MetadataError> {
         let state = self.lock();
+        let held: HashSet<PointId> = state
+            .intents
+            .values()
+            .filter(|s| s.intent.state == IntentState::Held)
+            .flat_map(|s| s.intent.point_ids.iter().copied())
+            .collect();
         Ok(points
             .iter()
-            .filter(|p| state.by_point.contains_key(p))
+            .filter(|p| state.by_point.contains_key(p) || held.contains(p))
             .copied()
             .collect())
     }

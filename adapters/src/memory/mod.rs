@@ -19,7 +19,7 @@
 mod metadata;
 mod vector;
 
-pub use metadata::InMemoryMetadataRepo;
+pub use metadata::{InMemoryMetadataRepo, InMemoryTables};
 pub use vector::InMemoryVectorIndex;
 
 #[cfg(test)]

@@ -9,21 +9,20 @@
 //! | `22xxx` data, `23xxx` constraint, `54000` value too large | invalid input | invalid input |
 //! | `28xxx` authentication, `3D000` no such database, `42xxx` syntax or schema, anything else | permanent, not applied | permanent, not applied |
 //!
-//! diesel-async keeps the SQLSTATE only for a handful of error kinds
-//! (serialization failure, unique / foreign key / not-null / check
-//! violations, read-only transaction); the rest arrive as
-//! `DatabaseErrorKind::Unknown` carrying the server's message, and failures
-//! without a reply as `UnableToSendCommand`. [`sqlstate`] recovers the code
-//! from the kind where it can and otherwise from the server's primary message,
-//! which PostgreSQL words identically in every version for the codes above
-//! (in English: with `lc_messages` in another language, unrecognised codes are
-//! treated as permanent, so they are not retried, but never misreported as
-//! applied). Connection failures are established through tokio-postgres
-//! directly, so their SQLSTATE is exact.
+//! The SQLSTATE is always the one the server sent, never read from the
+//! message's wording (which is in the server's `lc_messages` language):
+//! diesel-async keeps the code only for a few error kinds, so every
+//! connection the adapter opens records the code of each server error off
+//! the wire ([`ServerErrors`], see `wire.rs` for why and how), and
+//! [`ServerErrors::sqlstate`] looks it up for a diesel error. A failure
+//! without any reply from the server (connection lost, I/O error) carries no
+//! code and is `08006`. Connection failures come from tokio-postgres
+//! directly, with its exact SQLSTATE.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use tandem_core::{MetadataError, Outcome};
 
+pub use super::wire::ServerErrors;
 pub use crate::sql::Phase;
 use crate::sql::pool::CheckoutError;
 pub use tokio_postgres::error::SqlState;
@@ -39,8 +38,9 @@ pub enum Class {
     Permanent(Outcome),
 }
 
-/// Classifies an SQLSTATE (see the module's table). `None` means the server
-/// answered with an error this adapter cannot identify.
+/// Classifies an SQLSTATE (see the module's table). `None`: no code is known
+/// for the error (not a server error this connection recorded), so it is
+/// not retried.
 pub fn classify_code(code: Option<&SqlState>, phase: Phase) -> Class {
     use Outcome::{NotApplied, Unknown};
     let Some(code) = code else {
@@ -64,167 +64,95 @@ pub fn classify_code(code: Option<&SqlState>, phase: Phase) -> Class {
     Class::Permanent(NotApplied)
 }
 
-/// The SQLSTATE of a diesel error, as far as it can be recovered (see the
-/// module docs). A failure without any reply from the server is reported as
-/// `08006` (connection failure). `None`: not a database error, or a server
-/// message this adapter does not know.
-pub fn sqlstate(err: &DieselError) -> Option<SqlState> {
-    let DieselError::DatabaseError(kind, info) = err else {
-        return None;
-    };
-    match kind {
-        DatabaseErrorKind::UniqueViolation => Some(SqlState::UNIQUE_VIOLATION),
-        DatabaseErrorKind::ForeignKeyViolation => Some(SqlState::FOREIGN_KEY_VIOLATION),
-        DatabaseErrorKind::NotNullViolation => Some(SqlState::NOT_NULL_VIOLATION),
-        DatabaseErrorKind::CheckViolation => Some(SqlState::CHECK_VIOLATION),
-        DatabaseErrorKind::RestrictViolation => Some(SqlState::RESTRICT_VIOLATION),
-        DatabaseErrorKind::ExclusionViolation => Some(SqlState::EXCLUSION_VIOLATION),
-        DatabaseErrorKind::SerializationFailure => Some(SqlState::T_R_SERIALIZATION_FAILURE),
-        DatabaseErrorKind::ReadOnlyTransaction => Some(SqlState::READ_ONLY_SQL_TRANSACTION),
-        DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
-            Some(SqlState::CONNECTION_FAILURE)
-        }
-        _ => sqlstate_from_message(info.message()),
-    }
-}
-
-/// PostgreSQL's primary messages for the codes diesel-async does not keep.
-fn sqlstate_from_message(message: &str) -> Option<SqlState> {
-    const PREFIXES: &[(&str, SqlState)] = &[
-        ("deadlock detected", SqlState::T_R_DEADLOCK_DETECTED),
-        (
-            "could not serialize access",
-            SqlState::T_R_SERIALIZATION_FAILURE,
-        ),
-        (
-            "canceling statement due to conflict with recovery",
-            SqlState::T_R_SERIALIZATION_FAILURE,
-        ),
-        (
-            "canceling statement due to lock timeout",
-            SqlState::LOCK_NOT_AVAILABLE,
-        ),
-        ("could not obtain lock", SqlState::LOCK_NOT_AVAILABLE),
-        (
-            "canceling statement due to statement timeout",
-            SqlState::QUERY_CANCELED,
-        ),
-        (
-            "canceling statement due to user request",
-            SqlState::QUERY_CANCELED,
-        ),
-        (
-            "terminating connection due to administrator command",
-            SqlState::ADMIN_SHUTDOWN,
-        ),
-        (
-            "terminating connection due to unexpected postmaster exit",
-            SqlState::ADMIN_SHUTDOWN,
-        ),
-        (
-            "terminating connection because of crash of another server process",
-            SqlState::CRASH_SHUTDOWN,
-        ),
-        (
-            "terminating connection due to idle-in-transaction timeout",
-            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-        ),
-        (
-            "terminating connection due to idle-session timeout",
-            SqlState::IDLE_SESSION_TIMEOUT,
-        ),
-        ("the database system is", SqlState::CANNOT_CONNECT_NOW),
-        ("sorry, too many clients", SqlState::TOO_MANY_CONNECTIONS),
-        (
-            "remaining connection slots are reserved",
-            SqlState::TOO_MANY_CONNECTIONS,
-        ),
-        ("too many connections for", SqlState::TOO_MANY_CONNECTIONS),
-        ("out of memory", SqlState::OUT_OF_MEMORY),
-        ("out of shared memory", SqlState::OUT_OF_MEMORY),
-        ("could not extend file", SqlState::DISK_FULL),
-        (
-            "value too long for type",
-            SqlState::STRING_DATA_RIGHT_TRUNCATION,
-        ),
-        (
-            "invalid byte sequence for encoding",
-            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
-        ),
-        (
-            "invalid input syntax",
-            SqlState::INVALID_TEXT_REPRESENTATION,
-        ),
-        (
-            "unsupported Unicode escape sequence",
-            SqlState::UNTRANSLATABLE_CHARACTER,
-        ),
-        (
-            "string too long to represent as jsonb",
-            SqlState::PROGRAM_LIMIT_EXCEEDED,
-        ),
-        ("total size of jsonb", SqlState::PROGRAM_LIMIT_EXCEEDED),
-        ("index row size", SqlState::PROGRAM_LIMIT_EXCEEDED),
-        ("index row requires", SqlState::PROGRAM_LIMIT_EXCEEDED),
-        ("syntax error", SqlState::SYNTAX_ERROR),
-        ("permission denied", SqlState::INSUFFICIENT_PRIVILEGE),
-        (
-            "current transaction is aborted",
-            SqlState::IN_FAILED_SQL_TRANSACTION,
-        ),
-    ];
-    if let Some((_, code)) = PREFIXES.iter().find(|(p, _)| message.starts_with(p)) {
-        return Some(code.clone());
-    }
-    if message.ends_with("does not exist") {
-        let code = if message.starts_with("relation ") {
-            SqlState::UNDEFINED_TABLE
-        } else if message.starts_with("column ") {
-            SqlState::UNDEFINED_COLUMN
-        } else if message.starts_with("schema ") {
-            SqlState::INVALID_SCHEMA_NAME
-        } else if message.starts_with("function ") || message.starts_with("operator ") {
-            SqlState::UNDEFINED_FUNCTION
-        } else if message.starts_with("database ") {
-            SqlState::INVALID_CATALOG_NAME
-        } else {
-            SqlState::UNDEFINED_OBJECT
+impl ServerErrors {
+    /// The SQLSTATE of a diesel error of this connection: the code the
+    /// server sent with it; `08006` (connection failure) for a failure with
+    /// no reply from the server. `None`: not a database error, or none this
+    /// connection recorded (a diesel error from elsewhere).
+    pub fn sqlstate(&self, err: &DieselError) -> Option<SqlState> {
+        let DieselError::DatabaseError(kind, info) = err else {
+            return None;
         };
-        return Some(code);
+        match kind {
+            // diesel-async's kind for a tokio-postgres error without a code:
+            // the request or its reply was lost on the way.
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => {
+                Some(SqlState::CONNECTION_FAILURE)
+            }
+            _ => self.code_for(info.message()).or_else(|| kind_code(kind)),
+        }
     }
-    if message.contains(" out of range") {
-        return Some(SqlState::NUMERIC_VALUE_OUT_OF_RANGE);
+
+    /// A diesel error of a statement (or `COMMIT`) on this connection, as
+    /// the port's error.
+    pub fn classify(&self, err: DieselError, phase: Phase) -> MetadataError {
+        let code = self.sqlstate(&err);
+        let shown = match &err {
+            DieselError::DatabaseError(_, info) => info.message().to_owned(),
+            other => other.to_string(),
+        };
+        let message = describe(&shown, code.as_ref(), phase);
+        into_error(classify_code(code.as_ref(), phase), message, Box::new(err))
     }
-    None
 }
 
-/// A diesel error of a statement (or `COMMIT`) as the port's error.
-pub fn classify(err: DieselError, phase: Phase) -> MetadataError {
-    let code = sqlstate(&err);
-    let shown = match &err {
-        DieselError::DatabaseError(_, info) => info.message().to_owned(),
-        other => other.to_string(),
-    };
-    let message = describe(&shown, code.as_ref(), phase);
-    into_error(classify_code(code.as_ref(), phase), message, Box::new(err))
+/// The codes diesel-async derives its error kinds from (exact, but only
+/// these), for a database error the connection did not record.
+fn kind_code(kind: &DatabaseErrorKind) -> Option<SqlState> {
+    Some(match kind {
+        DatabaseErrorKind::UniqueViolation => SqlState::UNIQUE_VIOLATION,
+        DatabaseErrorKind::ForeignKeyViolation => SqlState::FOREIGN_KEY_VIOLATION,
+        DatabaseErrorKind::NotNullViolation => SqlState::NOT_NULL_VIOLATION,
+        DatabaseErrorKind::CheckViolation => SqlState::CHECK_VIOLATION,
+        DatabaseErrorKind::RestrictViolation => SqlState::RESTRICT_VIOLATION,
+        DatabaseErrorKind::ExclusionViolation => SqlState::EXCLUSION_VIOLATION,
+        DatabaseErrorKind::SerializationFailure => SqlState::T_R_SERIALIZATION_FAILURE,
+        DatabaseErrorKind::ReadOnlyTransaction => SqlState::READ_ONLY_SQL_TRANSACTION,
+        _ => return None,
+    })
 }
 
 /// Why a pooled connection could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The server could not be reached or refused the session.
+    /// The connection string is inconsistent (e.g. more ports than hosts).
+    #[error("invalid PostgreSQL connection string: {0}")]
+    Config(String),
+    /// No transport to the server: refused, timed out, no such host.
+    #[error("cannot connect to PostgreSQL at {addr}: {source}")]
+    Transport {
+        /// Where it tried (host and port, or a socket path; no credentials).
+        addr: String,
+        /// The socket's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused the session, or the startup failed.
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(#[source] tokio_postgres::Error),
     /// The session could not be set up after connecting.
-    #[error("cannot set up the PostgreSQL session: {0}")]
-    Setup(#[source] diesel::ConnectionError),
+    #[error("cannot set up the PostgreSQL session: {source}")]
+    Setup {
+        /// diesel-async's error.
+        #[source]
+        source: diesel::ConnectionError,
+        /// Its SQLSTATE: the server's, or `08006` for a failure without a
+        /// reply.
+        code: Option<SqlState>,
+    },
     /// A pooled connection failed its check before use.
-    #[error("pooled PostgreSQL connection failed its check: {0}")]
-    Check(#[source] DieselError),
+    #[error("pooled PostgreSQL connection failed its check: {source}")]
+    Check {
+        /// diesel-async's error.
+        #[source]
+        source: DieselError,
+        /// Its SQLSTATE ([`ServerErrors::sqlstate`]).
+        code: Option<SqlState>,
+    },
 }
 
 /// A connection failure as the port's error: nothing was sent, so never
-/// applied; exact SQLSTATE from tokio-postgres.
+/// applied; exact SQLSTATE from tokio-postgres or the connection's record.
 pub fn classify_connect(err: ConnectError) -> MetadataError {
     let (class, message) = connect_class(&err);
     into_error(class, message, Box::new(err))
@@ -232,10 +160,10 @@ pub fn classify_connect(err: ConnectError) -> MetadataError {
 
 fn connect_class(err: &ConnectError) -> (Class, String) {
     let code = match err {
+        ConnectError::Config(_) => None,
+        ConnectError::Transport { .. } => Some(SqlState::CONNECTION_FAILURE),
         ConnectError::Connect(e) => Some(e.code().cloned().unwrap_or(SqlState::CONNECTION_FAILURE)),
-        ConnectError::Setup(diesel::ConnectionError::CouldntSetupConfiguration(e))
-        | ConnectError::Check(e) => sqlstate(e),
-        ConnectError::Setup(_) => Some(SqlState::CONNECTION_FAILURE),
+        ConnectError::Setup { code, .. } | ConnectError::Check { code, .. } => code.clone(),
     };
     let shown = match err {
         ConnectError::Connect(e) => match e.as_db_error() {
@@ -303,6 +231,7 @@ fn into_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::postgres::wire::tests::error_response;
     use Outcome::{NotApplied, Unknown};
 
     fn class(code: &str, phase: Phase) -> Class {
@@ -336,39 +265,119 @@ mod tests {
         );
     }
 
+    /// A diesel error as diesel-async builds it from a server error.
+    fn server_error(kind: DatabaseErrorKind, message: &str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    /// The errors a connection recorded after receiving these
+    /// `ErrorResponse`s.
+    fn received(errors: &[(&str, &str)]) -> ServerErrors {
+        let wire: Vec<u8> = errors
+            .iter()
+            .flat_map(|(code, message)| error_response(code, message))
+            .collect();
+        ServerErrors::scanned(&wire)
+    }
+
     #[test]
-    fn messages_recover_collapsed_codes() {
-        let cases = [
-            ("deadlock detected", "40P01"),
-            ("canceling statement due to lock timeout", "55P03"),
-            ("canceling statement due to statement timeout", "57014"),
+    fn non_english_errors_are_classified_by_their_code() {
+        let errors = received(&[
+            ("40P01", "Verklemmung entdeckt"),
             (
-                "terminating connection due to administrator command",
+                "55P03",
+                "storniere Anfrage wegen Zeitüberschreitung einer Sperre",
+            ),
+            (
+                "57P01",
+                "Verbindung wird abgebrochen aufgrund von Anweisung des Administrators",
+            ),
+            ("42P01", "Relation »records« existiert nicht"),
+            (
+                "23505",
+                "doppelter Schlüsselwert verletzt Unique-Constraint »records_point_id_key«",
+            ),
+        ]);
+        let cases = [
+            ("Verklemmung entdeckt", Phase::Statement, "40P01"),
+            (
+                "storniere Anfrage wegen Zeitüberschreitung einer Sperre",
+                Phase::Commit,
+                "55P03",
+            ),
+            (
+                "Verbindung wird abgebrochen aufgrund von Anweisung des Administrators",
+                Phase::Commit,
                 "57P01",
             ),
-            ("sorry, too many clients already", "53300"),
-            ("too many connections for role \"x\"", "53300"),
-            ("the database system is starting up", "57P03"),
-            ("relation \"records\" does not exist", "42P01"),
-            ("invalid byte sequence for encoding \"UTF8\": 0x00", "22021"),
-            ("value too long for type character varying(3)", "22001"),
+            (
+                "Relation »records« existiert nicht",
+                Phase::Statement,
+                "42P01",
+            ),
         ];
-        for (message, code) in cases {
-            let err = DieselError::DatabaseError(
-                DatabaseErrorKind::Unknown,
-                Box::new(message.to_owned()),
-            );
+        let want = [
+            Class::Transient(NotApplied),
+            Class::Transient(NotApplied),
+            Class::Transient(Unknown),
+            Class::Permanent(NotApplied),
+        ];
+        for ((message, phase, code), want) in cases.into_iter().zip(want) {
+            let err = server_error(DatabaseErrorKind::Unknown, message);
             assert_eq!(
-                sqlstate(&err).map(|c| c.code().to_owned()).as_deref(),
+                errors.sqlstate(&err).as_ref().map(SqlState::code),
                 Some(code)
             );
+            let classified = errors.classify(err, phase);
+            assert!(
+                classified.to_string().contains(&format!("SQLSTATE {code}")),
+                "{classified}"
+            );
+            assert_eq!(
+                classified.is_retryable(),
+                matches!(want, Class::Transient(_))
+            );
+            let outcome = match want {
+                Class::Transient(o) | Class::Permanent(o) => o,
+                Class::InvalidInput => NotApplied,
+            };
+            assert_eq!(classified.outcome(), outcome, "{classified}");
         }
-        let lost = DieselError::DatabaseError(
-            DatabaseErrorKind::UnableToSendCommand,
-            Box::new("connection closed".to_owned()),
+        // A kind diesel-async does keep: the recorded code agrees.
+        let unique = server_error(
+            DatabaseErrorKind::UniqueViolation,
+            "doppelter Schlüsselwert verletzt Unique-Constraint »records_point_id_key«",
         );
         assert!(matches!(
-            classify(lost, Phase::Commit),
+            errors.classify(unique, Phase::Commit),
+            MetadataError::InvalidInput { .. }
+        ));
+    }
+
+    #[test]
+    fn the_wording_alone_decides_nothing() {
+        // English words, but no error with that message was received: not
+        // recognised, hence permanent (no text is read).
+        let none = ServerErrors::default();
+        let err = server_error(DatabaseErrorKind::Unknown, "deadlock detected");
+        assert_eq!(none.sqlstate(&err), None);
+        assert!(matches!(
+            none.classify(err, Phase::Statement),
+            MetadataError::Permanent {
+                outcome: Outcome::NotApplied,
+                ..
+            }
+        ));
+        // Without a record, a kind diesel-async keeps still gives its code.
+        let err = server_error(DatabaseErrorKind::SerializationFailure, "beliebig");
+        assert_eq!(
+            none.sqlstate(&err),
+            Some(SqlState::T_R_SERIALIZATION_FAILURE)
+        );
+        // No reply at all: a lost connection, whatever the words.
+        let lost = server_error(DatabaseErrorKind::UnableToSendCommand, "connection closed");
+        assert!(matches!(
+            none.classify(lost, Phase::Commit),
             MetadataError::Transient {
                 outcome: Outcome::Unknown,
                 ..

@@ -7,7 +7,8 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tandem_core::MetadataError;
 
-use super::error::{Phase, classify};
+use super::connect::Connection;
+use super::error::Phase;
 use crate::sql::codec::quote_identifier;
 
 /// The migrations under `adapters/migrations/postgres`, compiled in.
@@ -19,7 +20,8 @@ pub(crate) const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/
 /// `conn` has `search_path` set to `schema`, so the tables (and diesel's
 /// migration bookkeeping) land there. The synchronous migration harness runs
 /// on a blocking thread, driving the async connection through the runtime.
-pub(crate) async fn run(conn: AsyncPgConnection, schema: &str) -> Result<usize, MetadataError> {
+pub(crate) async fn run(conn: Connection, schema: &str) -> Result<usize, MetadataError> {
+    let (conn, errors) = conn.into_parts();
     let quoted = quote_identifier(schema).map_err(MetadataError::permanent)?;
     let lock_key = format!("tandem-migrate:{schema}");
     let task = tokio::task::spawn_blocking(move || -> Result<usize, MetadataError> {
@@ -29,17 +31,17 @@ pub(crate) async fn run(conn: AsyncPgConnection, schema: &str) -> Result<usize, 
                 diesel::sql_query(sql).bind::<Text, _>(lock_key.as_str()),
                 conn,
             )
-            .map_err(|e| classify(e, Phase::Statement))
+            .map_err(|e| errors.classify(e, Phase::Statement))
         };
         advisory("SELECT pg_advisory_lock(hashtext($1))", &mut conn)?;
         let result = (|| {
             conn.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {quoted}"))
-                .map_err(|e| classify(e, Phase::Commit))?;
+                .map_err(|e| errors.classify(e, Phase::Commit))?;
             conn.run_pending_migrations(MIGRATIONS)
                 .map(|applied| applied.len())
                 .map_err(|e| match e.downcast::<diesel::result::Error>() {
                     // Each migration is its own transaction: its COMMIT may be in flight.
-                    Ok(db) => classify(*db, Phase::Commit),
+                    Ok(db) => errors.classify(*db, Phase::Commit),
                     Err(other) => MetadataError::Permanent {
                         outcome: tandem_core::Outcome::NotApplied,
                         message: format!("PostgreSQL migration failed: {other}"),

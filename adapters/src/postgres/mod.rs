@@ -12,13 +12,18 @@
 //!   waits for a commit still landing.
 //! - Failures are classified by SQLSTATE and by phase in [`error`]: only a
 //!   failure while `COMMIT` is in flight has an unknown outcome, and
-//!   [`MetadataRepo::settle`] learns it on a fresh connection.
+//!   [`MetadataRepo::settle`] learns it on a fresh connection. The SQLSTATE
+//!   is the one the server sent, whatever the language of its messages:
+//!   every connection records it off the wire ([`error::ServerErrors`]).
 //!
 //! See `docs/postgres.md`.
 
+mod connect;
 pub mod error;
+mod journal;
 mod migrate;
 mod session;
+mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -26,11 +31,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tandem_core::{
-    DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId, MetadataError,
-    MetadataRepo, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope,
-    Settlement, StoredRecord, UpsertCommit,
+    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId,
+    MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite,
+    SagaCounts, SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
+pub use self::connect::Connection;
 use self::error::classify_connect;
 use self::session::{PgConnector, PgPool, Session};
 pub use crate::sql::SecretUrl;
@@ -125,6 +132,12 @@ impl PostgresConfig {
                         self.url.redacted()
                     ))
                 })?;
+        connect::targets(&config).map_err(|e| {
+            config_error(format!(
+                "invalid PostgreSQL URL {}: {e}",
+                self.url.redacted()
+            ))
+        })?;
         config.connect_timeout(self.connect_timeout);
         config.application_name(&self.application_name);
         let mut options: Vec<String> = config
@@ -279,6 +292,100 @@ impl MetadataRepo for PostgresMetadataRepo {
         s.finish(r).await
     }
 
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        Some(ConnectionType::of::<diesel_async::AsyncPgConnection>())
+    }
+
+    /// Like the gated upsert commit: the statements (and the caller's step)
+    /// run at once, `COMMIT` waits for the gate.
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = match steps::commit_transaction(&mut s, intent, owner, commit, idempotency).await {
+            Ok(commit) if gate.wait().await => Ok(commit),
+            Ok(_) => Err(MetadataError::Aborted { intent }),
+            Err(e) => Err(e),
+        };
+        s.finish(r).await
+    }
+
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.undo_images(intent).await;
+        s.done(r)
+    }
+
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let mut s = self.session().await?;
+        match fence {
+            None => {
+                let r = s.create_saga(saga).await.map(|()| Vec::new());
+                s.done(r)
+            }
+            Some(fence) => {
+                s.begin();
+                let r = s.save_saga(saga, fence).await;
+                s.finish(r).await
+            }
+        }
+    }
+
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.claim_sagas(now_ms, owner, lease_deadline_ms, limit).await;
+        s.done(r)
+    }
+
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.take_saga(id, owner, lease_deadline_ms).await;
+        s.done(r)
+    }
+
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.get_saga(id).await;
+        s.done(r)
+    }
+
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.list_sagas(state, limit).await;
+        s.done(r)
+    }
+
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.count_sagas().await;
+        s.done(r)
+    }
+
     async fn settle(
         &self,
         intent: IntentId,
@@ -294,6 +401,19 @@ impl MetadataRepo for PostgresMetadataRepo {
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         let mut s = self.session().await?;
         let r = s.delete_intent(intent, owner).await;
+        s.done(r)
+    }
+
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        if intents.is_empty() {
+            return Ok(0);
+        }
+        let mut s = self.session().await?;
+        let r = s.delete_intents(intents, owner).await;
         s.done(r)
     }
 

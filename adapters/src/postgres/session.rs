@@ -11,52 +11,52 @@ use diesel::sql_types::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use serde_json::Value;
 use tandem_core::{
-    CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, NewIntent,
-    OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, StoredRecord,
+    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
+    MetadataError, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, SagaId,
+    SagaState, Scope, StoredRecord, UndoImage,
 };
 use uuid::Uuid;
 
-use super::error::{ConnectError, Phase, classify, classify_checkout};
+use super::connect::{Connection, open};
+use super::error::{ConnectError, Phase, ServerErrors, classify_checkout};
 use crate::sql::codec::{
-    IdempotencyRow, IntentRow, RecordRow, encode_vector, page_limit, summary_columns, to_u64,
+    IdempotencyRow, IntentRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit, step_failed,
+    summary_columns, to_i64, to_u64,
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
 use crate::sql::prepared::PreparedExt;
 use crate::sql::steps::TxOps;
 
-/// Opens connections with tokio-postgres directly (so connection failures keep
-/// their SQLSTATE) and hands them to diesel-async.
+/// Opens connections that record their server errors' SQLSTATEs
+/// ([`super::connect`]), through tokio-postgres directly (so connection
+/// failures keep their SQLSTATE too), and hands them to diesel-async.
 #[derive(Clone)]
 pub(crate) struct PgConnector {
     pub(crate) config: tokio_postgres::Config,
 }
 
 impl Connector for PgConnector {
-    type Conn = AsyncPgConnection;
+    type Conn = Connection;
     type Error = ConnectError;
 
-    async fn connect(&self) -> Result<AsyncPgConnection, ConnectError> {
-        let (client, connection) = self
-            .config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(ConnectError::Connect)?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection)
-            .await
-            .map_err(ConnectError::Setup)
+    async fn connect(&self) -> Result<Connection, ConnectError> {
+        open(&self.config).await
     }
 
-    async fn check(&self, conn: &mut AsyncPgConnection) -> Result<(), ConnectError> {
+    async fn check(&self, conn: &mut Connection) -> Result<(), ConnectError> {
         conn.batch_execute("SELECT 1")
             .await
-            .map_err(ConnectError::Check)
+            .map_err(|source| ConnectError::Check {
+                code: conn.errors().sqlstate(&source),
+                source,
+            })
     }
 
-    fn is_closed(&self, conn: &mut AsyncPgConnection) -> bool {
+    fn is_closed(&self, conn: &mut Connection) -> bool {
         // The driver's connection task has seen the socket close (server
         // shutdown, terminated backend, reset), or diesel's transaction
         // manager is broken.
-        diesel_async::pooled_connection::PoolableConnection::is_broken(conn)
+        diesel_async::pooled_connection::PoolableConnection::is_broken(&mut **conn)
     }
 }
 
@@ -77,7 +77,7 @@ enum Tx {
 /// One port call's use of a pooled connection.
 pub(crate) struct Session {
     conn: Checkout<PgConnector>,
-    keep_vectors: bool,
+    pub(super) keep_vectors: bool,
     tx: Tx,
 }
 
@@ -91,8 +91,24 @@ impl Session {
         })
     }
 
-    fn c(&mut self) -> &mut AsyncPgConnection {
+    pub(super) fn c(&mut self) -> &mut AsyncPgConnection {
         self.conn.conn()
+    }
+
+    /// The connection's record of server errors, for classifying.
+    fn errors(&mut self) -> &ServerErrors {
+        self.conn.conn().errors()
+    }
+
+    /// A failed statement inside a transaction (or a read).
+    pub(super) fn stmt(&mut self, e: diesel::result::Error) -> MetadataError {
+        self.errors().classify(e, Phase::Statement)
+    }
+
+    /// A failed single-statement write outside a transaction: its reply is
+    /// its commit's.
+    pub(super) fn autocommit(&mut self, e: diesel::result::Error) -> MetadataError {
+        self.errors().classify(e, Phase::Commit)
     }
 
     /// The call is over and the connection is idle again.
@@ -112,12 +128,12 @@ impl Session {
 
     /// Sends a pending `BEGIN` on its own, before a statement that must run
     /// inside the transaction.
-    async fn in_tx(&mut self) -> Result<(), MetadataError> {
+    pub(super) async fn in_tx(&mut self) -> Result<(), MetadataError> {
         if self.tx == Tx::Pending {
             self.c()
                 .batch_execute("BEGIN")
                 .await
-                .map_err(|e| classify(e, Phase::Statement))?;
+                .map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
         }
         Ok(())
@@ -140,7 +156,7 @@ impl Session {
                     .batch_execute("COMMIT")
                     .await
                     .map(|()| value)
-                    .map_err(|e| classify(e, Phase::Commit));
+                    .map_err(|e| self.errors().classify(e, Phase::Commit));
                 self.done(committed)
             }
             Err(e) => {
@@ -190,7 +206,7 @@ impl PgRecord {
 }
 
 #[derive(QueryableByName)]
-struct PgIntent {
+pub(super) struct PgIntent {
     #[diesel(sql_type = SqlUuid)]
     id: Uuid,
     #[diesel(sql_type = Text)]
@@ -218,7 +234,7 @@ struct PgIntent {
 }
 
 impl PgIntent {
-    fn into_intent(self) -> Result<Intent, MetadataError> {
+    pub(super) fn into_intent(self) -> Result<Intent, MetadataError> {
         IntentRow {
             id: self.id,
             kind: self.kind,
@@ -245,6 +261,14 @@ struct PgClaimed {
     old_lease: i64,
     #[diesel(sql_type = BigInt)]
     seq: i64,
+}
+
+#[derive(QueryableByName)]
+pub(super) struct PgSagaOwner {
+    #[diesel(sql_type = SqlUuid)]
+    pub(super) owner: Uuid,
+    #[diesel(sql_type = Text)]
+    pub(super) state: String,
 }
 
 #[derive(QueryableByName)]
@@ -303,7 +327,7 @@ struct PgIdempotency {
     deleted: i64,
 }
 
-const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
+pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
                               updated, deleted, attempts, last_error, created_ms";
 
 /// The record columns; `$1` says whether to return the vector.
@@ -312,15 +336,6 @@ const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
 
 fn uuids<T: Copy>(items: &[T], f: impl Fn(T) -> Uuid) -> Vec<Uuid> {
     items.iter().map(|x| f(*x)).collect()
-}
-
-fn stmt(e: diesel::result::Error) -> MetadataError {
-    classify(e, Phase::Statement)
-}
-
-/// A single-statement write outside a transaction: its reply is its commit's.
-fn autocommit(e: diesel::result::Error) -> MetadataError {
-    classify(e, Phase::Commit)
 }
 
 /// Column arrays for `UNNEST`: one bind per column, whatever the batch size.
@@ -378,12 +393,12 @@ impl TxOps for Session {
             let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
             let lock = lock.load::<PgIntent>(&mut &*conn);
             let (began, locked) = futures::join!(begin, lock);
-            began.map_err(stmt)?;
+            began.map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
-            locked.map_err(stmt)?
+            locked.map_err(|e| self.stmt(e))?
         } else {
             self.in_tx().await?;
-            lock.load(self.c()).await.map_err(stmt)?
+            lock.load(self.c()).await.map_err(|e| self.stmt(e))?
         };
         rows.into_iter()
             .next()
@@ -403,7 +418,7 @@ impl TxOps for Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         Ok(rows
             .into_iter()
             .map(|r| (RecordId(r.id), PointId(r.point_id)))
@@ -432,7 +447,7 @@ impl TxOps for Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         Ok(inserted.into_iter().map(|r| RecordId(r.id)).collect())
     }
 
@@ -454,7 +469,7 @@ impl TxOps for Session {
         .prepared()
         .execute(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         Ok(n as u64)
     }
 
@@ -499,7 +514,7 @@ impl TxOps for Session {
             }
         };
         Ok(query
-            .map_err(stmt)?
+            .map_err(|e| self.stmt(e))?
             .into_iter()
             .map(|r| (RecordId(r.id), PointId(r.point_id)))
             .collect())
@@ -512,7 +527,7 @@ impl TxOps for Session {
             .prepared()
             .execute(self.c())
             .await
-            .map_err(stmt)?;
+            .map_err(|e| self.stmt(e))?;
         Ok(n as u64)
     }
 
@@ -521,11 +536,12 @@ impl TxOps for Session {
         id: IntentId,
         point_ids: &[PointId],
         summary: CommitSummary,
+        state: IntentState,
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         diesel::sql_query(
-            "UPDATE intents SET state = 'committed', point_ids = $2, inserted = $3, \
+            "UPDATE intents SET state = $6, point_ids = $2, inserted = $3, \
              updated = $4, deleted = $5 WHERE id = $1",
         )
         .bind::<SqlUuid, _>(id.0)
@@ -533,11 +549,145 @@ impl TxOps for Session {
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
+        .bind::<Text, _>(state.as_str())
         .prepared()
         .execute(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         Ok(())
+    }
+
+    async fn lock_rows_full(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<StoredRecord>, MetadataError> {
+        self.in_tx().await?;
+        let keep = self.keep_vectors;
+        let rows: Vec<PgRecord> = diesel::sql_query(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id = ANY($2) ORDER BY id FOR UPDATE"
+        ))
+        .bind::<Bool, _>(keep)
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        rows.into_iter().map(|r| r.into_record(keep)).collect()
+    }
+
+    async fn write_rows_exact(&mut self, rows: &[StoredRecord]) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let keep = self.keep_vectors;
+        let versions = rows
+            .iter()
+            .map(|r| to_i64(r.version, "version"))
+            .collect::<Result<Vec<i64>, _>>()?;
+        diesel::sql_query(
+            "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], \
+                 $6::bigint[], $7::bytea[]) \
+             ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, content = excluded.content, \
+                 metadata = excluded.metadata, point_id = excluded.point_id, \
+                 version = excluded.version, vector = excluded.vector, updated_at = now()",
+        )
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.id.0).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(
+            rows.iter()
+                .map(|r| r.scope.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<Text>, _>(rows.iter().map(|r| r.content.clone()).collect::<Vec<_>>())
+        .bind::<Array<Jsonb>, _>(
+            rows.iter()
+                .map(|r| Value::Object(r.metadata.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.point_id.0).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(versions)
+        .bind::<Array<Nullable<Bytea>>, _>(
+            rows.iter()
+                .map(|r| r.vector.as_deref().filter(|_| keep).map(encode_vector))
+                .collect::<Vec<_>>(),
+        )
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn save_undo(&mut self, id: IntentId, images: &[UndoImage]) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let rows = images
+            .iter()
+            .map(|i| UndoRow::of(i, self.keep_vectors))
+            .collect::<Result<Vec<_>, _>>()?;
+        diesel::sql_query(
+            "INSERT INTO intent_undo (intent_id, record_id, scope, content, metadata, point_id, \
+                 version, vector, after_version) \
+             SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], \
+                 $6::uuid[], $7::bigint[], $8::bytea[], $9::bigint[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind::<SqlUuid, _>(id.0)
+        .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.record_id).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(rows.iter().map(|r| r.scope.clone()).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Text>>, _>(
+            rows.iter().map(|r| r.content.clone()).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Jsonb>>, _>(
+            rows.iter().map(|r| r.metadata.clone()).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<SqlUuid>>, _>(rows.iter().map(|r| r.point_id).collect::<Vec<_>>())
+        .bind::<Array<Nullable<BigInt>>, _>(rows.iter().map(|r| r.version).collect::<Vec<_>>())
+        .bind::<Array<Nullable<Bytea>>, _>(
+            rows.iter().map(|r| r.vector.clone()).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<BigInt>>, _>(
+            rows.iter().map(|r| r.after_version).collect::<Vec<_>>(),
+        )
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn lock_saga(
+        &mut self,
+        id: SagaId,
+    ) -> Result<Option<(OwnerToken, SagaState)>, MetadataError> {
+        self.in_tx().await?;
+        let rows: Vec<PgSagaOwner> =
+            diesel::sql_query("SELECT owner, state FROM sagas WHERE id = $1 FOR UPDATE")
+                .bind::<SqlUuid, _>(id.0)
+                .prepared()
+                .load(self.c())
+                .await
+                .map_err(|e| self.stmt(e))?;
+        rows.into_iter()
+            .next()
+            .map(|r| {
+                SagaState::parse(&r.state)
+                    .map(|state| (OwnerToken(r.owner), state))
+                    .ok_or_else(|| corrupt(format!("saga {id}: unknown state {:?}", r.state)))
+            })
+            .transpose()
+    }
+
+    async fn run_step(&mut self, step: &dyn CommitStep) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let conn: &mut AsyncPgConnection = self.c();
+        let Err(e) = step.run(conn).await else {
+            return Ok(());
+        };
+        // A database error is classified like the adapter's own statements
+        // (by the SQLSTATE the server sent): a serialization failure or a
+        // deadlock is retried with the whole commit.
+        Err(match e.downcast::<diesel::result::Error>() {
+            Ok(db) => step_failed(self.stmt(*db)),
+            Err(other) => MetadataError::StepFailed { source: other },
+        })
     }
 
     async fn record_idempotency(
@@ -560,7 +710,7 @@ impl TxOps for Session {
         .prepared()
         .execute(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         Ok(n == 1)
     }
 
@@ -572,7 +722,7 @@ impl TxOps for Session {
             .prepared()
             .execute(self.c())
             .await
-            .map_err(stmt)?;
+            .map_err(|e| self.stmt(e))?;
         Ok(())
     }
 }
@@ -595,7 +745,7 @@ impl Session {
         .prepared()
         .execute(self.c())
         .await
-        .map_err(autocommit)?;
+        .map_err(|e| self.autocommit(e))?;
         Ok(())
     }
 
@@ -610,8 +760,22 @@ impl Session {
             .prepared()
             .execute(self.c())
             .await
-            .map_err(autocommit)?;
+            .map_err(|e| self.autocommit(e))?;
         Ok(n == 1)
+    }
+
+    pub(crate) async fn delete_intents(
+        &mut self,
+        ids: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        diesel::sql_query("DELETE FROM intents WHERE id = ANY($1) AND owner = $2")
+            .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+            .bind::<SqlUuid, _>(owner.0)
+            .prepared()
+            .execute(self.c())
+            .await
+            .map_err(|e| self.autocommit(e))
     }
 
     pub(crate) async fn claim_expired(
@@ -627,7 +791,8 @@ impl Session {
         let mut rows: Vec<PgClaimed> = diesel::sql_query(format!(
             "WITH picked AS ( \
                  SELECT id, lease_deadline_ms AS old_lease, seq FROM intents \
-                 WHERE lease_deadline_ms < $1 ORDER BY lease_deadline_ms, seq \
+                 WHERE lease_deadline_ms < $1 AND state <> 'held' \
+                 ORDER BY lease_deadline_ms, seq \
                  LIMIT $2 FOR UPDATE SKIP LOCKED) \
              UPDATE intents AS i SET owner = $3, lease_deadline_ms = $4, \
                  attempts = i.attempts + 1 \
@@ -646,7 +811,7 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(autocommit)?;
+        .map_err(|e| self.autocommit(e))?;
         rows.sort_by_key(|r| (r.old_lease, r.seq));
         rows.into_iter().map(|r| r.intent.into_intent()).collect()
     }
@@ -664,7 +829,7 @@ impl Session {
             .prepared()
             .execute(self.c())
             .await
-            .map_err(autocommit)?;
+            .map_err(|e| self.autocommit(e))?;
         Ok(())
     }
 
@@ -672,13 +837,18 @@ impl Session {
         &mut self,
         points: &[PointId],
     ) -> Result<HashSet<PointId>, MetadataError> {
-        let rows: Vec<PgPoint> =
-            diesel::sql_query("SELECT point_id FROM records WHERE point_id = ANY($1)")
-                .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
-                .prepared()
-                .load(self.c())
-                .await
-                .map_err(stmt)?;
+        // Held intents are few (one per step of a live saga): the second arm
+        // scans only them.
+        let rows: Vec<PgPoint> = diesel::sql_query(
+            "SELECT point_id FROM records WHERE point_id = ANY($1) \
+             UNION SELECT p FROM intents, unnest(point_ids) AS p \
+             WHERE state = 'held' AND p = ANY($1)",
+        )
+        .bind::<Array<SqlUuid>, _>(uuids(points, |p| p.0))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
         Ok(rows.into_iter().map(|r| PointId(r.point_id)).collect())
     }
 
@@ -696,7 +866,7 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         let mut by_point: HashMap<PointId, StoredRecord> = HashMap::with_capacity(rows.len());
         for row in rows {
             let record = row.into_record(keep)?;
@@ -719,7 +889,7 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         let mut by_id: HashMap<RecordId, StoredRecord> = HashMap::with_capacity(rows.len());
         for row in rows {
             let record = row.into_record(keep)?;
@@ -740,7 +910,7 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         rows.into_iter()
             .next()
             .map(|r| {
@@ -802,7 +972,7 @@ impl Session {
                 .await
             }
         }
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         let mut items = rows
             .into_iter()
             .map(|r| {
@@ -835,7 +1005,7 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(stmt)?;
+        .map_err(|e| self.stmt(e))?;
         rows.into_iter().map(PgIntent::into_intent).collect()
     }
 
@@ -845,7 +1015,7 @@ impl Session {
                 .prepared()
                 .load(self.c())
                 .await
-                .map_err(stmt)?;
+                .map_err(|e| self.stmt(e))?;
         rows.into_iter()
             .map(|r| Ok((Scope::new(r.scope), to_u64(r.n, "count")?)))
             .collect()

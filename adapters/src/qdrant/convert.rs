@@ -13,6 +13,8 @@ use tandem_core::{
     Distance, Filter, IndexError, Metadata, Outcome, Point, PointId, PointInfo, RecordId, Scope,
 };
 
+use super::config::{CollectionSettings, PayloadFieldType, Quantization};
+
 /// Payload field: the record the point was written for (UUID string, keyword index).
 pub const RECORD_ID: &str = "record_id";
 /// Payload field: the record's scope (keyword index).
@@ -267,6 +269,242 @@ pub fn threshold(d: Distance, tandem_threshold: f32) -> f32 {
     }
 }
 
+/// Qdrant's field type (of a payload index to create) for a configured one.
+pub fn field_type(t: PayloadFieldType) -> qdrant::FieldType {
+    match t {
+        PayloadFieldType::Keyword => qdrant::FieldType::Keyword,
+        PayloadFieldType::Integer => qdrant::FieldType::Integer,
+        PayloadFieldType::Float => qdrant::FieldType::Float,
+        PayloadFieldType::Bool => qdrant::FieldType::Bool,
+        PayloadFieldType::Geo => qdrant::FieldType::Geo,
+        PayloadFieldType::Text => qdrant::FieldType::Text,
+        PayloadFieldType::Datetime => qdrant::FieldType::Datetime,
+        PayloadFieldType::Uuid => qdrant::FieldType::Uuid,
+    }
+}
+
+/// Qdrant's schema type (of an existing payload index) for a configured one.
+pub fn schema_type(t: PayloadFieldType) -> qdrant::PayloadSchemaType {
+    match t {
+        PayloadFieldType::Keyword => qdrant::PayloadSchemaType::Keyword,
+        PayloadFieldType::Integer => qdrant::PayloadSchemaType::Integer,
+        PayloadFieldType::Float => qdrant::PayloadSchemaType::Float,
+        PayloadFieldType::Bool => qdrant::PayloadSchemaType::Bool,
+        PayloadFieldType::Geo => qdrant::PayloadSchemaType::Geo,
+        PayloadFieldType::Text => qdrant::PayloadSchemaType::Text,
+        PayloadFieldType::Datetime => qdrant::PayloadSchemaType::Datetime,
+        PayloadFieldType::Uuid => qdrant::PayloadSchemaType::Uuid,
+    }
+}
+
+/// The name of a reported schema type, lower case as in the configuration.
+pub fn schema_type_name(data_type: i32) -> String {
+    match qdrant::PayloadSchemaType::try_from(data_type) {
+        Ok(t) => t.as_str_name().to_ascii_lowercase(),
+        Err(_) => format!("#{data_type}"),
+    }
+}
+
+/// The quantization of an existing collection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FoundQuantization {
+    /// One Tandem can configure.
+    Known(Quantization),
+    /// Product or turbo quantization (not configurable here).
+    Other(&'static str),
+}
+
+impl FoundQuantization {
+    fn kind(&self) -> &'static str {
+        match self {
+            FoundQuantization::Known(q) => q.kind(),
+            FoundQuantization::Other(kind) => kind,
+        }
+    }
+}
+
+impl std::fmt::Display for FoundQuantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FoundQuantization::Known(q) => q.fmt(f),
+            FoundQuantization::Other(kind) => f.write_str(kind),
+        }
+    }
+}
+
+/// The settings of an existing collection as Qdrant reports them, with
+/// Qdrant's defaults where it reports nothing, and the vector's own HNSW and
+/// quantization settings where they override the collection's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FoundSettings {
+    /// `params.shard_number`.
+    pub shard_number: u32,
+    /// `params.replication_factor` (default 1).
+    pub replication_factor: u32,
+    /// `params.write_consistency_factor` (default 1).
+    pub write_consistency_factor: u32,
+    /// The vector's `on_disk` (default false).
+    pub on_disk: bool,
+    /// `params.on_disk_payload`.
+    pub on_disk_payload: bool,
+    /// HNSW `m`, if reported.
+    pub hnsw_m: Option<u64>,
+    /// HNSW `ef_construct`, if reported.
+    pub hnsw_ef_construct: Option<u64>,
+    /// The quantization.
+    pub quantization: FoundQuantization,
+}
+
+/// One configured setting that an existing collection does not have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Difference {
+    /// The setting's name, as in the configuration.
+    pub setting: &'static str,
+    /// The configured value.
+    pub expected: String,
+    /// The collection's value.
+    pub found: String,
+    /// Whether the difference changes what the collection holds or how it
+    /// survives a node loss (refused), rather than only its speed or memory
+    /// use (a warning).
+    pub fatal: bool,
+}
+
+impl FoundSettings {
+    /// Reads them from a collection's info.
+    // `on_disk`, `on_disk_payload` and `always_ram` are deprecated in
+    // qdrant-client 1.20 in favour of `memory` (new in 1.19), which Qdrant 1.18 ignores.
+    #[allow(deprecated)]
+    pub fn of(info: &qdrant::CollectionInfo) -> Self {
+        let config = info.config.as_ref();
+        let params = config.and_then(|c| c.params.as_ref());
+        let vector = match params
+            .and_then(|p| p.vectors_config.as_ref())
+            .and_then(|v| v.config.as_ref())
+        {
+            Some(qdrant::vectors_config::Config::Params(p)) => Some(p),
+            _ => None,
+        };
+        let hnsw = config.and_then(|c| c.hnsw_config.as_ref());
+        let vector_hnsw = vector.and_then(|v| v.hnsw_config.as_ref());
+        let hnsw_value = |get: fn(&qdrant::HnswConfigDiff) -> Option<u64>| {
+            vector_hnsw.and_then(get).or_else(|| hnsw.and_then(get))
+        };
+        let quantization = vector
+            .and_then(|v| v.quantization_config.as_ref())
+            .or_else(|| config.and_then(|c| c.quantization_config.as_ref()))
+            .and_then(|q| q.quantization.as_ref());
+        use qdrant::quantization_config::Quantization as Q;
+        let quantization = match quantization {
+            None => FoundQuantization::Known(Quantization::None),
+            Some(Q::Scalar(s)) => FoundQuantization::Known(Quantization::Scalar {
+                quantile: s.quantile,
+                always_ram: s.always_ram,
+            }),
+            Some(Q::Binary(b)) => FoundQuantization::Known(Quantization::Binary {
+                always_ram: b.always_ram,
+            }),
+            Some(Q::Product(_)) => FoundQuantization::Other("product"),
+            Some(Q::Turboquant(_)) => FoundQuantization::Other("turbo"),
+        };
+        Self {
+            shard_number: params.map_or(1, |p| p.shard_number),
+            replication_factor: params.and_then(|p| p.replication_factor).unwrap_or(1),
+            write_consistency_factor: params.and_then(|p| p.write_consistency_factor).unwrap_or(1),
+            on_disk: vector.and_then(|v| v.on_disk).unwrap_or(false),
+            on_disk_payload: params.is_some_and(|p| p.on_disk_payload),
+            hnsw_m: hnsw_value(|h| h.m),
+            hnsw_ef_construct: hnsw_value(|h| h.ef_construct),
+            quantization,
+        }
+    }
+
+    /// The configured settings this collection does not have (unset settings
+    /// are never a difference).
+    pub fn differences(&self, wanted: &CollectionSettings) -> Vec<Difference> {
+        let mut out = Vec::new();
+        let mut differ = |setting, expected: String, found: String, fatal| {
+            if expected != found {
+                out.push(Difference {
+                    setting,
+                    expected,
+                    found,
+                    fatal,
+                });
+            }
+        };
+        let show = |v: Option<u64>| v.map_or_else(|| "unset".to_owned(), |v| v.to_string());
+        if let Some(n) = wanted.shard_number {
+            differ(
+                "shard_number",
+                n.to_string(),
+                self.shard_number.to_string(),
+                true,
+            );
+        }
+        if let Some(n) = wanted.replication_factor {
+            let found = self.replication_factor.to_string();
+            differ("replication_factor", n.to_string(), found, true);
+        }
+        if let Some(n) = wanted.write_consistency_factor {
+            let found = self.write_consistency_factor.to_string();
+            differ("write_consistency_factor", n.to_string(), found, false);
+        }
+        if let Some(b) = wanted.on_disk {
+            differ("on_disk", b.to_string(), self.on_disk.to_string(), false);
+        }
+        if let Some(b) = wanted.on_disk_payload {
+            let found = self.on_disk_payload.to_string();
+            differ("on_disk_payload", b.to_string(), found, false);
+        }
+        if let Some(m) = wanted.hnsw_m {
+            differ("hnsw_m", m.to_string(), show(self.hnsw_m), false);
+        }
+        if let Some(ef) = wanted.hnsw_ef_construct {
+            differ(
+                "hnsw_ef_construct",
+                ef.to_string(),
+                show(self.hnsw_ef_construct),
+                false,
+            );
+        }
+        if let Some(q) = wanted.quantization {
+            let found = self.quantization;
+            if q.kind() != found.kind() {
+                differ("quantization", q.to_string(), found.to_string(), true);
+            } else if let FoundQuantization::Known(f) = found
+                && !options_match(&q, &f)
+            {
+                differ("quantization", q.to_string(), f.to_string(), false);
+            }
+        }
+        out
+    }
+}
+
+/// Whether the options set in `wanted` (same kind as `found`) are what the
+/// collection has; `always_ram` unset on the server is Qdrant's `false`.
+fn options_match(wanted: &Quantization, found: &Quantization) -> bool {
+    let ram =
+        |want: Option<bool>, got: Option<bool>| want.is_none_or(|w| w == got.unwrap_or(false));
+    match (wanted, found) {
+        (
+            Quantization::Scalar {
+                quantile: wq,
+                always_ram: wr,
+            },
+            Quantization::Scalar {
+                quantile: fq,
+                always_ram: fr,
+            },
+        ) => wq.is_none_or(|w| Some(w) == *fq) && ram(*wr, *fr),
+        (Quantization::Binary { always_ram: wr }, Quantization::Binary { always_ram: fr }) => {
+            ram(*wr, *fr)
+        }
+        _ => true,
+    }
+}
+
 /// The metadata object of a payload, as JSON.
 pub fn metadata_json(value: Option<&qdrant::Value>) -> Metadata {
     match value.cloned().map(qdrant::Value::into_json) {
@@ -420,5 +658,238 @@ mod tests {
         assert_eq!(distance(Distance::Cosine), qdrant::Distance::Cosine);
         assert_eq!(distance(Distance::Dot), qdrant::Distance::Dot);
         assert_eq!(distance(Distance::Euclid), qdrant::Distance::Euclid);
+    }
+
+    #[allow(deprecated)] // on_disk, on_disk_payload, always_ram: see FoundSettings::of
+    fn info(
+        params: qdrant::CollectionParams,
+        vector: qdrant::VectorParams,
+        hnsw: Option<qdrant::HnswConfigDiff>,
+        quantization: Option<qdrant::quantization_config::Quantization>,
+    ) -> qdrant::CollectionInfo {
+        qdrant::CollectionInfo {
+            config: Some(qdrant::CollectionConfig {
+                params: Some(qdrant::CollectionParams {
+                    vectors_config: Some(qdrant::VectorsConfig {
+                        config: Some(qdrant::vectors_config::Config::Params(vector)),
+                    }),
+                    ..params
+                }),
+                hnsw_config: hnsw,
+                quantization_config: quantization.map(|q| qdrant::QuantizationConfig {
+                    quantization: Some(q),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[allow(deprecated)]
+    fn reported() -> qdrant::CollectionInfo {
+        info(
+            qdrant::CollectionParams {
+                shard_number: 3,
+                replication_factor: Some(2),
+                write_consistency_factor: Some(2),
+                on_disk_payload: false,
+                ..Default::default()
+            },
+            qdrant::VectorParams {
+                size: 4,
+                on_disk: Some(true),
+                ..Default::default()
+            },
+            Some(qdrant::HnswConfigDiff {
+                m: Some(8),
+                ef_construct: Some(50),
+                ..Default::default()
+            }),
+            Some(qdrant::quantization_config::Quantization::Scalar(
+                qdrant::ScalarQuantization {
+                    r#type: qdrant::QuantizationType::Int8 as i32,
+                    quantile: Some(0.99),
+                    always_ram: Some(true),
+                    ..Default::default()
+                },
+            )),
+        )
+    }
+
+    fn matching() -> CollectionSettings {
+        CollectionSettings::new()
+            .with_shard_number(3)
+            .with_replication_factor(2)
+            .with_write_consistency_factor(2)
+            .with_on_disk(true)
+            .with_on_disk_payload(false)
+            .with_hnsw_m(8)
+            .with_hnsw_ef_construct(50)
+            .with_quantization(Quantization::Scalar {
+                quantile: Some(0.99),
+                always_ram: Some(true),
+            })
+    }
+
+    #[test]
+    fn found_settings_are_read_from_collection_info() {
+        let found = FoundSettings::of(&reported());
+        assert_eq!(
+            found,
+            FoundSettings {
+                shard_number: 3,
+                replication_factor: 2,
+                write_consistency_factor: 2,
+                on_disk: true,
+                on_disk_payload: false,
+                hnsw_m: Some(8),
+                hnsw_ef_construct: Some(50),
+                quantization: FoundQuantization::Known(Quantization::Scalar {
+                    quantile: Some(0.99),
+                    always_ram: Some(true)
+                }),
+            }
+        );
+        assert!(found.differences(&matching()).is_empty());
+        // Unset settings are never checked.
+        assert!(found.differences(&CollectionSettings::new()).is_empty());
+    }
+
+    #[test]
+    fn what_qdrant_omits_is_its_default() {
+        let found = FoundSettings::of(&info(
+            qdrant::CollectionParams::default(),
+            qdrant::VectorParams::default(),
+            None,
+            None,
+        ));
+        assert_eq!(found.replication_factor, 1);
+        assert_eq!(found.write_consistency_factor, 1);
+        assert!(!found.on_disk);
+        assert_eq!(
+            found.quantization,
+            FoundQuantization::Known(Quantization::None)
+        );
+        let d = found.differences(&CollectionSettings::new().with_hnsw_m(16));
+        assert_eq!(d[0].found, "unset");
+        assert!(
+            found
+                .differences(&CollectionSettings::new().with_quantization(Quantization::None))
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_vectors_own_hnsw_and_quantization_override_the_collections() {
+        let mut i = reported();
+        let params = i.config.as_mut().unwrap().params.as_mut().unwrap();
+        if let Some(qdrant::vectors_config::Config::Params(v)) =
+            params.vectors_config.as_mut().unwrap().config.as_mut()
+        {
+            v.hnsw_config = Some(qdrant::HnswConfigDiff {
+                m: Some(32),
+                ..Default::default()
+            });
+            v.quantization_config = Some(qdrant::QuantizationConfig {
+                quantization: Some(qdrant::quantization_config::Quantization::Binary(
+                    qdrant::BinaryQuantization::default(),
+                )),
+            });
+        }
+        let found = FoundSettings::of(&i);
+        assert_eq!(
+            (found.hnsw_m, found.hnsw_ef_construct),
+            (Some(32), Some(50))
+        );
+        assert_eq!(found.quantization.kind(), "binary");
+    }
+
+    #[test]
+    fn differences_that_change_semantics_or_durability_are_fatal() {
+        let found = FoundSettings::of(&reported());
+        let d = found.differences(
+            &matching()
+                .with_shard_number(1)
+                .with_replication_factor(3)
+                .with_quantization(Quantization::binary()),
+        );
+        let fatal: Vec<_> = d.iter().map(|d| (d.setting, d.fatal)).collect();
+        assert_eq!(
+            fatal,
+            [
+                ("shard_number", true),
+                ("replication_factor", true),
+                ("quantization", true)
+            ]
+        );
+        assert_eq!((d[0].expected.as_str(), d[0].found.as_str()), ("1", "3"));
+        assert_eq!(d[2].expected, "binary");
+        assert_eq!(d[2].found, "scalar:quantile=0.99,always_ram=true");
+        // Product quantization is a kind of its own.
+        let mut i = reported();
+        i.config.as_mut().unwrap().quantization_config = Some(qdrant::QuantizationConfig {
+            quantization: Some(qdrant::quantization_config::Quantization::Product(
+                qdrant::ProductQuantization::default(),
+            )),
+        });
+        let d = FoundSettings::of(&i).differences(&matching());
+        assert_eq!((d[0].setting, d[0].fatal), ("quantization", true));
+        assert_eq!(d[0].found, "product");
+    }
+
+    #[test]
+    fn harmless_differences_are_not_fatal() {
+        let found = FoundSettings::of(&reported());
+        let d = found.differences(
+            &matching()
+                .with_write_consistency_factor(1)
+                .with_on_disk(false)
+                .with_on_disk_payload(true)
+                .with_hnsw_m(16)
+                .with_hnsw_ef_construct(100)
+                .with_quantization(Quantization::Scalar {
+                    quantile: Some(0.95),
+                    always_ram: None,
+                }),
+        );
+        let names: Vec<_> = d.iter().map(|d| d.setting).collect();
+        assert_eq!(
+            names,
+            [
+                "write_consistency_factor",
+                "on_disk",
+                "on_disk_payload",
+                "hnsw_m",
+                "hnsw_ef_construct",
+                "quantization"
+            ]
+        );
+        assert!(d.iter().all(|d| !d.fatal), "{d:?}");
+        // always_ram unset on the server is false.
+        let mut i = reported();
+        i.config.as_mut().unwrap().quantization_config = Some(qdrant::QuantizationConfig {
+            quantization: Some(qdrant::quantization_config::Quantization::Binary(
+                qdrant::BinaryQuantization::default(),
+            )),
+        });
+        let found = FoundSettings::of(&i);
+        let want = |r| {
+            CollectionSettings::new().with_quantization(Quantization::Binary {
+                always_ram: Some(r),
+            })
+        };
+        assert!(found.differences(&want(false)).is_empty());
+        assert_eq!(found.differences(&want(true)).len(), 1);
+    }
+
+    #[test]
+    fn payload_types_map_both_ways() {
+        for t in PayloadFieldType::ALL {
+            let schema = schema_type(t);
+            assert_eq!(schema_type_name(schema as i32), t.as_str());
+            let name = field_type(t).as_str_name().to_ascii_lowercase();
+            assert_eq!(name, format!("fieldtype{t}"));
+        }
+        assert_eq!(schema_type_name(999), "#999");
     }
 }

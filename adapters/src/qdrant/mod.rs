@@ -3,10 +3,12 @@
 //!
 //! - [`QdrantVectorIndex::connect`] builds the client (without qdrant-client's
 //!   version check, which prints to stdout), checks the server's health, and
-//!   ensures the collection: created if absent with the configured size and
-//!   distance and keyword payload indexes on `record_id` and `scope`; an
-//!   existing collection of another size or distance is an
-//!   [`IndexError::Config`], at start, never at the first write.
+//!   ensures the collection: created if absent with the configured size,
+//!   distance and [`CollectionSettings`], keyword payload indexes on
+//!   `record_id` and `scope` and the configured indexes on metadata keys; an
+//!   existing collection of another size, distance, shard number, replication
+//!   factor or quantization kind is an [`IndexError::Config`], at start, never
+//!   at the first write (other differences are warnings).
 //! - Points are UUIDs (Tandem's [`PointId`]); the payload is
 //!   `{record_id, scope, metadata, written_at_ms}`.
 //! - Writes use `wait=true` and the configured write ordering, are chunked, and
@@ -30,17 +32,20 @@ use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
 use qdrant_client::Qdrant;
 use qdrant_client::qdrant::{
-    self, CollectionExistsRequest, CountPoints, CreateCollection, CreateFieldIndexCollection,
-    DeleteCollection, DeletePoints, FieldType, GetCollectionInfoRequest, GetPoints,
-    PayloadSchemaType, PointsIdsList, PointsSelector, Query, QueryPoints, ScrollPoints,
-    UpsertPoints, VectorParams, VectorsConfig, points_selector, vectors_config,
+    self, BinaryQuantizationBuilder, CollectionExistsRequest, CountPoints, CreateCollection,
+    CreateCollectionBuilder, CreateFieldIndexCollectionBuilder, DeleteCollection, DeletePoints,
+    GetCollectionInfoRequest, GetPoints, HnswConfigDiffBuilder, PointsIdsList, PointsSelector,
+    Query, QueryPoints, ScalarQuantizationBuilder, ScrollPoints, UpsertPoints, VectorParamsBuilder,
+    points_selector, vectors_config,
 };
 use tandem_core::{
     Distance, IndexError, IndexQuery, Outcome, Page, Point, PointId, PointInfo, Scope, ScoredPoint,
     VectorIndex,
 };
 
-pub use config::{QdrantConfig, Secret, WriteOrdering};
+pub use config::{
+    CollectionSettings, PayloadFieldType, QdrantConfig, Quantization, Secret, WriteOrdering,
+};
 use convert::{METADATA, RECORD_ID, SCOPE};
 use error::{Op, check_update, classify, partially_applied};
 
@@ -119,13 +124,20 @@ impl QdrantVectorIndex {
         &self.server_version
     }
 
-    /// Creates the collection if it is absent (configured size and distance,
-    /// keyword payload indexes on `record_id` and `scope`); checks an existing
-    /// one. Idempotent, and safe when several processes start at once.
+    /// Creates the collection if it is absent (configured size, distance and
+    /// [`CollectionSettings`]; keyword payload indexes on `record_id` and
+    /// `scope`, and the configured payload indexes on `metadata.<key>`);
+    /// checks an existing one. Idempotent, and safe when several processes
+    /// start at once.
     ///
     /// An existing collection with another vector size or distance, or with
-    /// named vectors, fails with [`IndexError::Config`]: Tandem never writes to
-    /// a collection it does not match. A missing payload index is created.
+    /// named vectors, or whose `shard_number`, `replication_factor` or
+    /// quantization kind differ from configured ones, fails with
+    /// [`IndexError::Config`]: Tandem never writes to a collection it does not
+    /// match, and never alters one. Other configured settings that differ
+    /// (HNSW parameters, `on_disk` flags, `write_consistency_factor`,
+    /// quantization options, a payload index of another type) are logged as
+    /// warnings. A missing payload index is created (`wait=true`).
     pub async fn ensure_collection(&self) -> Result<(), IndexError> {
         let name = self.collection();
         let exists = self
@@ -136,18 +148,7 @@ impl QdrantVectorIndex {
             .await
             .map_err(|e| classify(e, Op::Read, name))?;
         if !exists {
-            let create = CreateCollection {
-                collection_name: name.to_owned(),
-                vectors_config: Some(VectorsConfig {
-                    config: Some(vectors_config::Config::Params(VectorParams {
-                        size: self.config.dimension as u64,
-                        distance: convert::distance(self.config.distance) as i32,
-                        ..Default::default()
-                    })),
-                }),
-                timeout: Some(self.config.server_wait_secs()),
-                ..Default::default()
-            };
+            let create = create_request(&self.config);
             match self.client.create_collection(create).await {
                 Ok(_) => tracing::info!(collection = %name, "created Qdrant collection"),
                 // Another process may have created it meanwhile: check it below.
@@ -171,19 +172,78 @@ impl QdrantVectorIndex {
                 message: format!("Qdrant returned no information on collection `{name}`"),
             })?;
         self.check_layout(&info)?;
-        for field in [RECORD_ID, SCOPE] {
-            match info.payload_schema.get(field) {
-                Some(schema) if schema.data_type == PayloadSchemaType::Keyword as i32 => {}
+        self.check_settings(&info)?;
+        for (field, kind) in self.wanted_payload_indexes()? {
+            match info.payload_schema.get(&field) {
+                Some(schema) if schema.data_type == convert::schema_type(kind) as i32 => {}
                 Some(schema) => tracing::warn!(
                     collection = %name,
                     field,
-                    data_type = schema.data_type,
-                    "payload field is indexed with another type than keyword; leaving it"
+                    expected = %kind,
+                    found = %convert::schema_type_name(schema.data_type),
+                    "payload field is indexed with another type than configured; leaving it \
+                     (filters still work, maybe slower)"
                 ),
-                None => self.create_keyword_index(field).await?,
+                None => self.create_field_index(&field, kind).await?,
             }
         }
         Ok(())
+    }
+
+    /// The payload indexes the collection must have: keyword indexes on
+    /// `record_id` and `scope`, and the configured ones on `metadata.<key>`.
+    fn wanted_payload_indexes(&self) -> Result<Vec<(String, PayloadFieldType)>, IndexError> {
+        let mut wanted = vec![
+            (RECORD_ID.to_owned(), PayloadFieldType::Keyword),
+            (SCOPE.to_owned(), PayloadFieldType::Keyword),
+        ];
+        for (key, kind) in &self.config.collection_settings.payload_indexes {
+            // Validated in `QdrantConfig::validate`; mapped again for safety.
+            let path = convert::metadata_path(key).map_err(|e| IndexError::Config {
+                message: format!("Qdrant collection setting `payload_indexes`: {e}"),
+            })?;
+            wanted.push((path, *kind));
+        }
+        Ok(wanted)
+    }
+
+    /// Compares an existing collection with the configured settings (unset
+    /// ones are not checked). A difference that changes what the collection
+    /// holds or how it survives a node loss — `shard_number`,
+    /// `replication_factor`, the quantization kind — is an
+    /// [`IndexError::Config`] naming each setting with the expected and found
+    /// values; any other difference is a warning.
+    fn check_settings(&self, info: &qdrant::CollectionInfo) -> Result<(), IndexError> {
+        let name = self.collection();
+        let found = convert::FoundSettings::of(info);
+        let mut errors = Vec::new();
+        for d in found.differences(&self.config.collection_settings) {
+            if d.fatal {
+                errors.push(format!(
+                    "`{}`: expected {}, found {}",
+                    d.setting, d.expected, d.found
+                ));
+            } else {
+                tracing::warn!(
+                    collection = %name,
+                    setting = d.setting,
+                    expected = %d.expected,
+                    found = %d.found,
+                    "existing Qdrant collection differs from the configured setting; using it as it is"
+                );
+            }
+        }
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(IndexError::Config {
+            message: format!(
+                "Qdrant collection `{name}` exists with other settings than configured: {}. \
+                 Tandem never alters an existing collection: use another collection, change \
+                 the configuration, or recreate the collection",
+                errors.join("; ")
+            ),
+        })
     }
 
     /// Deletes the collection (for tests and operators); `true` if it existed.
@@ -255,23 +315,24 @@ impl QdrantVectorIndex {
         Ok(())
     }
 
-    async fn create_keyword_index(&self, field: &str) -> Result<(), IndexError> {
+    async fn create_field_index(
+        &self,
+        field: &str,
+        kind: PayloadFieldType,
+    ) -> Result<(), IndexError> {
         let name = self.collection();
+        let request =
+            CreateFieldIndexCollectionBuilder::new(name, field, convert::field_type(kind))
+                .wait(true)
+                .ordering(self.ordering())
+                .timeout(self.config.server_wait_secs());
         let reply = self
             .client
-            .create_field_index(CreateFieldIndexCollection {
-                collection_name: name.to_owned(),
-                wait: Some(true),
-                field_name: field.to_owned(),
-                field_type: Some(FieldType::Keyword as i32),
-                ordering: Some(self.ordering()),
-                timeout: Some(self.config.server_wait_secs()),
-                ..Default::default()
-            })
+            .create_field_index(request)
             .await
             .map_err(|e| classify(e, Op::Write, name))?;
         check_update(&reply, &format!("creating the payload index on `{field}`"))?;
-        tracing::info!(collection = %name, field, "created keyword payload index");
+        tracing::info!(collection = %name, field, kind = %kind, "created payload index");
         Ok(())
     }
 
@@ -387,6 +448,67 @@ impl QdrantVectorIndex {
         tracing::debug!(collection = %name, points = ids.len(), "deleted chunk");
         Ok(())
     }
+}
+
+/// The request that creates the collection: the vector's size and distance
+/// and every configured collection setting (unset ones are left to Qdrant).
+fn create_request(config: &QdrantConfig) -> CreateCollection {
+    let s = &config.collection_settings;
+    let mut vectors =
+        VectorParamsBuilder::new(config.dimension as u64, convert::distance(config.distance));
+    if let Some(on_disk) = s.on_disk {
+        vectors = vectors.on_disk(on_disk);
+    }
+    let mut create = CreateCollectionBuilder::new(config.collection.as_str())
+        .vectors_config(vectors)
+        .timeout(config.server_wait_secs());
+    if let Some(n) = s.shard_number {
+        create = create.shard_number(n);
+    }
+    if let Some(n) = s.replication_factor {
+        create = create.replication_factor(n);
+    }
+    if let Some(n) = s.write_consistency_factor {
+        create = create.write_consistency_factor(n);
+    }
+    if let Some(on_disk) = s.on_disk_payload {
+        create = create.on_disk_payload(on_disk);
+    }
+    if s.hnsw_m.is_some() || s.hnsw_ef_construct.is_some() {
+        let mut hnsw = HnswConfigDiffBuilder::default();
+        if let Some(m) = s.hnsw_m {
+            hnsw = hnsw.m(m);
+        }
+        if let Some(ef) = s.hnsw_ef_construct {
+            hnsw = hnsw.ef_construct(ef);
+        }
+        create = create.hnsw_config(hnsw);
+    }
+    match s.quantization {
+        None | Some(Quantization::None) => {}
+        Some(Quantization::Scalar {
+            quantile,
+            always_ram,
+        }) => {
+            // `default()` is int8, the only scalar type.
+            let mut scalar = ScalarQuantizationBuilder::default();
+            if let Some(q) = quantile {
+                scalar = scalar.quantile(q);
+            }
+            if let Some(r) = always_ram {
+                scalar = scalar.always_ram(r);
+            }
+            create = create.quantization_config(scalar);
+        }
+        Some(Quantization::Binary { always_ram }) => {
+            let mut binary = BinaryQuantizationBuilder::default();
+            if let Some(r) = always_ram {
+                binary = binary.always_ram(r);
+            }
+            create = create.quantization_config(binary);
+        }
+    }
+    create.build()
 }
 
 /// Sends `request` unless an earlier chunk failed; records a failure.
@@ -612,5 +734,89 @@ impl VectorIndex for QdrantVectorIndex {
             .map(|id| convert::from_point_id(Some(id), name))
             .transpose()?;
         Ok(Page { items, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> QdrantConfig {
+        QdrantConfig::new("http://127.0.0.1:6334", "records", 4, Distance::Dot)
+    }
+
+    #[test]
+    #[allow(deprecated)] // on_disk, on_disk_payload, always_ram: Qdrant 1.18 ignores `memory`
+    fn create_request_carries_every_setting() {
+        let settings = CollectionSettings::new()
+            .with_shard_number(3)
+            .with_replication_factor(2)
+            .with_write_consistency_factor(2)
+            .with_on_disk(true)
+            .with_on_disk_payload(false)
+            .with_hnsw_m(8)
+            .with_hnsw_ef_construct(50)
+            .with_quantization(Quantization::Scalar {
+                quantile: Some(0.99),
+                always_ram: Some(true),
+            });
+        let r = create_request(&base().with_collection_settings(settings));
+        assert_eq!(r.collection_name, "records");
+        assert_eq!(r.shard_number, Some(3));
+        assert_eq!(r.replication_factor, Some(2));
+        assert_eq!(r.write_consistency_factor, Some(2));
+        assert_eq!(r.on_disk_payload, Some(false));
+        let Some(vectors_config::Config::Params(v)) = r.vectors_config.and_then(|c| c.config)
+        else {
+            panic!("no vector params");
+        };
+        assert_eq!((v.size, v.distance), (4, qdrant::Distance::Dot as i32));
+        assert_eq!(v.on_disk, Some(true));
+        let hnsw = r.hnsw_config.unwrap();
+        assert_eq!((hnsw.m, hnsw.ef_construct), (Some(8), Some(50)));
+        match r.quantization_config.and_then(|q| q.quantization) {
+            Some(qdrant::quantization_config::Quantization::Scalar(s)) => {
+                assert_eq!(s.r#type, qdrant::QuantizationType::Int8 as i32);
+                assert_eq!((s.quantile, s.always_ram), (Some(0.99), Some(true)));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let binary = CollectionSettings::new().with_quantization(Quantization::binary());
+        let r = create_request(&base().with_collection_settings(binary));
+        match r.quantization_config.and_then(|q| q.quantization) {
+            Some(qdrant::quantization_config::Quantization::Binary(b)) => {
+                assert_eq!(b.always_ram, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn unset_settings_are_left_to_qdrant() {
+        let r = create_request(&base());
+        assert_eq!(
+            (
+                r.shard_number,
+                r.replication_factor,
+                r.write_consistency_factor
+            ),
+            (None, None, None)
+        );
+        assert_eq!(r.on_disk_payload, None);
+        assert!(r.hnsw_config.is_none() && r.quantization_config.is_none());
+        let none = CollectionSettings::new().with_quantization(Quantization::None);
+        assert!(
+            create_request(&base().with_collection_settings(none))
+                .quantization_config
+                .is_none()
+        );
+        // Only the set HNSW parameter is sent.
+        let m = CollectionSettings::new().with_hnsw_m(0);
+        let hnsw = create_request(&base().with_collection_settings(m))
+            .hnsw_config
+            .unwrap();
+        assert_eq!((hnsw.m, hnsw.ef_construct), (Some(0), None));
     }
 }

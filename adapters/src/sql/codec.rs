@@ -6,7 +6,8 @@ use std::collections::HashSet;
 use serde_json::Value;
 use tandem_core::{
     CommitSummary, IdempotencyRecord, Intent, IntentId, IntentKind, IntentState, MetadataError,
-    OwnerToken, PointId, RecordId, RowWrite, Scope, StoredRecord,
+    OwnerToken, PointId, RecordId, RowWrite, SagaId, SagaRecord, SagaState, Scope, StepRecord,
+    StoredRecord, StoredRecordImage, UndoImage,
 };
 use uuid::Uuid;
 
@@ -355,5 +356,152 @@ mod tests {
         assert_eq!(intent.kind, IntentKind::Delete);
         assert_eq!(intent.summary.unwrap().deleted, 1);
         assert_eq!(intent.attempts, 2);
+    }
+}
+
+/// An `intent_undo` row as either backend reads or writes it: the columns of
+/// the row before a held commit (all `None` if it inserted the record) and
+/// the version it left.
+#[derive(Debug)]
+pub(crate) struct UndoRow {
+    pub record_id: Uuid,
+    pub scope: Option<String>,
+    pub content: Option<String>,
+    pub metadata: Option<Value>,
+    pub point_id: Option<Uuid>,
+    pub version: Option<i64>,
+    pub vector: Option<Vec<u8>>,
+    pub after_version: Option<i64>,
+}
+
+impl UndoRow {
+    /// The row of an image. `keep_vectors: false` stores no vector.
+    pub fn of(image: &UndoImage, keep_vectors: bool) -> Result<Self, MetadataError> {
+        let b = image.before.as_ref();
+        Ok(Self {
+            record_id: image.id.0,
+            scope: b.map(|b| b.scope.as_str().to_owned()),
+            content: b.map(|b| b.content.clone()),
+            metadata: b.map(|b| Value::Object(b.metadata.clone())),
+            point_id: b.map(|b| b.point_id.0),
+            version: b.map(|b| to_i64(b.version, "version")).transpose()?,
+            vector: b
+                .and_then(|b| b.vector.as_deref())
+                .filter(|_| keep_vectors)
+                .map(encode_vector),
+            after_version: image
+                .after_version
+                .map(|v| to_i64(v, "version"))
+                .transpose()?,
+        })
+    }
+
+    /// The model's image.
+    pub fn into_image(self) -> Result<UndoImage, MetadataError> {
+        let id = RecordId(self.record_id);
+        let before = match (
+            self.scope,
+            self.content,
+            self.metadata,
+            self.point_id,
+            self.version,
+        ) {
+            (Some(scope), Some(content), Some(metadata), Some(point), Some(version)) => {
+                let Value::Object(metadata) = metadata else {
+                    return Err(corrupt(format!(
+                        "undo image of record {id}: metadata is not a JSON object"
+                    )));
+                };
+                let vector = match self.vector {
+                    Some(bytes) => Some(decode_vector(&bytes).ok_or_else(|| {
+                        corrupt(format!("undo image of record {id}: bad vector bytes"))
+                    })?),
+                    None => None,
+                };
+                Some(StoredRecordImage {
+                    scope: Scope::new(scope),
+                    content,
+                    metadata,
+                    point_id: PointId(point),
+                    version: to_u64(version, "version")?,
+                    vector,
+                })
+            }
+            (None, None, None, None, None) => None,
+            _ => {
+                return Err(corrupt(format!(
+                    "undo image of record {id}: some columns of the previous row are missing"
+                )));
+            }
+        };
+        Ok(UndoImage {
+            id,
+            before,
+            after_version: self
+                .after_version
+                .map(|v| to_u64(v, "version"))
+                .transpose()?,
+        })
+    }
+}
+
+/// A `sagas` row as either backend reads it (`steps` and `input` as JSON).
+#[derive(Debug)]
+pub(crate) struct SagaRow {
+    pub id: Uuid,
+    pub name: String,
+    pub input: Value,
+    pub state: String,
+    pub steps: Value,
+    pub owner: Uuid,
+    pub lease_deadline_ms: i64,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+impl SagaRow {
+    /// The model's saga.
+    pub fn into_saga(self) -> Result<SagaRecord, MetadataError> {
+        let id = SagaId(self.id);
+        let state = SagaState::parse(&self.state)
+            .ok_or_else(|| corrupt(format!("saga {id}: unknown state {:?}", self.state)))?;
+        let steps: Vec<StepRecord> = serde_json::from_value(self.steps)
+            .map_err(|e| corrupt(format!("saga {id}: unreadable steps: {e}")))?;
+        Ok(SagaRecord {
+            id,
+            name: self.name,
+            input: self.input,
+            state,
+            steps,
+            owner: OwnerToken(self.owner),
+            lease_deadline_ms: self.lease_deadline_ms,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            last_error: self.last_error,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        })
+    }
+}
+
+/// A saga's steps as the JSON its row stores.
+pub(crate) fn steps_json(saga: &SagaRecord) -> Result<Value, MetadataError> {
+    serde_json::to_value(&saga.steps)
+        .map_err(|e| invalid(format!("saga {}: steps cannot be stored: {e}", saga.id)))
+}
+
+/// What a caller step's database error becomes, once classified like the
+/// adapter's own statements: a transient error that did not apply stays one
+/// (the commit is retried, the step with it); anything else fails the
+/// transaction, with the classified error (and the driver's under it) as the
+/// source.
+pub(crate) fn step_failed(classified: MetadataError) -> MetadataError {
+    if classified.is_retryable() && classified.outcome() == tandem_core::Outcome::NotApplied {
+        classified
+    } else {
+        MetadataError::StepFailed {
+            source: Box::new(classified),
+        }
     }
 }

@@ -9,8 +9,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
 use tandem_core::{
-    CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
-    MetadataError, OwnerToken, PointId, RecordId, RowWrite, Settlement, UpsertCommit,
+    CommitPart, CommitStep, CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord, Intent,
+    IntentId, IntentState, MetadataError, OwnerToken, PointId, RecordId, RowWrite, SagaId,
+    SagaState, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
 use super::codec::validate_batch;
@@ -51,13 +53,40 @@ pub(crate) trait TxOps: Send {
     /// Deletes these rows; returns how many were deleted.
     async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError>;
 
-    /// Marks the intent `Committed`, listing `point_ids`, with the summary.
+    /// Marks the intent `state` (`Committed` or `Held`), listing
+    /// `point_ids`, with the summary.
     async fn mark_committed(
         &mut self,
         id: IntentId,
         point_ids: &[PointId],
         summary: CommitSummary,
+        state: IntentState,
     ) -> Result<(), MetadataError>;
+
+    /// The full rows of the existing records among `ids` (with their vectors
+    /// where kept), locked, in id order.
+    async fn lock_rows_full(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<StoredRecord>, MetadataError>;
+
+    /// Inserts or overwrites these rows exactly as given (version included;
+    /// the vector only where vectors are kept).
+    async fn write_rows_exact(&mut self, rows: &[StoredRecord]) -> Result<(), MetadataError>;
+
+    /// Keeps the undo images of a held intent.
+    async fn save_undo(&mut self, id: IntentId, images: &[UndoImage]) -> Result<(), MetadataError>;
+
+    /// A saga's owner and state, locked (`None`: no such saga).
+    async fn lock_saga(
+        &mut self,
+        id: SagaId,
+    ) -> Result<Option<(OwnerToken, SagaState)>, MetadataError>;
+
+    /// Runs the caller's step on this transaction's connection. A transient
+    /// database error comes back as such (the commit is retried); any other
+    /// failure as [`MetadataError::StepFailed`].
+    async fn run_step(&mut self, step: &dyn CommitStep) -> Result<(), MetadataError>;
 
     /// Records the key with this commit's summary; `false` if the key was
     /// already recorded (nothing is written then).
@@ -112,7 +141,7 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
     // Lock the intent first: recovery's claim skips it while we hold it, and a
     // settle waits for our outcome.
     let current = owned_intent(tx, intent, owner).await?;
-    if current.state == IntentState::Committed {
+    if current.state != IntentState::Prepared {
         // The commit already applied: answer what it decided, change nothing.
         return Ok(UpsertCommit {
             summary: current.summary.unwrap_or_default(),
@@ -157,7 +186,8 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
         updated: updates.len() as u64,
         deleted: 0,
     };
-    tx.mark_committed(intent, &old_point_ids, summary).await?;
+    tx.mark_committed(intent, &old_point_ids, summary, IntentState::Committed)
+        .await?;
     record_key(tx, idempotency, summary).await?;
     Ok(UpsertCommit {
         summary,
@@ -175,7 +205,7 @@ pub(crate) async fn commit_delete<T: TxOps + ?Sized>(
     idempotency: Option<&IdempotencyRecord>,
 ) -> Result<DeleteCommit, MetadataError> {
     let current = owned_intent(tx, intent, owner).await?;
-    if current.state == IntentState::Committed {
+    if current.state != IntentState::Prepared {
         return Ok(DeleteCommit {
             summary: current.summary.unwrap_or_default(),
             point_ids: current.point_ids,
@@ -191,9 +221,252 @@ pub(crate) async fn commit_delete<T: TxOps + ?Sized>(
         deleted: point_ids.len() as u64,
         ..CommitSummary::default()
     };
-    tx.mark_committed(intent, &point_ids, summary).await?;
+    tx.mark_committed(intent, &point_ids, summary, IntentState::Committed)
+        .await?;
     record_key(tx, idempotency, summary).await?;
     Ok(DeleteCommit { summary, point_ids })
+}
+
+/// [`MetadataRepo::commit_transaction`](tandem_core::MetadataRepo::commit_transaction)
+/// inside the caller's transaction: the parts in order, the caller's step,
+/// the intent marked (`Held` with undo images when holding), the key.
+pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: IntentId,
+    owner: OwnerToken,
+    commit: &TransactionCommit<'_>,
+    idempotency: Option<&IdempotencyRecord>,
+) -> Result<TransactionCommitResult, MetadataError> {
+    for part in commit.parts {
+        if let CommitPart::Upsert(rows) = part {
+            validate_batch(rows)?;
+        }
+    }
+    let current = owned_intent(tx, intent, owner).await?;
+    if current.state != IntentState::Prepared {
+        return Ok(TransactionCommitResult {
+            summary: current.summary.unwrap_or_default(),
+            garbage: current.point_ids,
+            conflicts: Vec::new(),
+        });
+    }
+    if let Some(fence) = commit.saga {
+        match tx.lock_saga(fence.saga).await? {
+            Some((owner, state)) if owner == fence.owner && state.is_live() => {}
+            _ => return Err(MetadataError::SagaFenced { saga: fence.saga }),
+        }
+    }
+    let mut applied = Applied::default();
+    for part in commit.parts {
+        match part {
+            CommitPart::Upsert(rows) => applied.upsert(tx, rows, commit.hold).await?,
+            CommitPart::Delete(selector) => applied.delete(tx, selector, commit.hold).await?,
+            CommitPart::Restore(images) => applied.restore(tx, images, commit.hold).await?,
+        }
+    }
+    if let Some(step) = &commit.step {
+        tx.run_step(step.as_ref()).await?;
+    }
+    let mut seen = HashSet::new();
+    let garbage: Vec<PointId> = applied
+        .garbage
+        .iter()
+        .copied()
+        .filter(|p| seen.insert(*p))
+        .collect();
+    let state = if commit.hold {
+        IntentState::Held
+    } else {
+        IntentState::Committed
+    };
+    tx.mark_committed(intent, &garbage, applied.summary, state)
+        .await?;
+    if commit.hold && !applied.before.is_empty() {
+        let ids: Vec<RecordId> = applied.before.keys().copied().collect();
+        let after: BTreeMap<RecordId, u64> = tx
+            .lock_rows_full(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.version))
+            .collect();
+        let images: Vec<UndoImage> = applied
+            .before
+            .iter()
+            .map(|(id, before)| UndoImage {
+                id: *id,
+                before: before.as_ref().map(StoredRecordImage::of),
+                after_version: after.get(id).copied(),
+            })
+            .collect();
+        tx.save_undo(intent, &images).await?;
+    }
+    record_key(tx, idempotency, applied.summary).await?;
+    Ok(TransactionCommitResult {
+        summary: applied.summary,
+        garbage,
+        conflicts: applied.conflicts,
+    })
+}
+
+/// What a multi-part commit has done so far.
+#[derive(Default)]
+struct Applied {
+    summary: CommitSummary,
+    /// Points that stopped being referenced, in the order they did.
+    garbage: Vec<PointId>,
+    /// Each touched record's row before the commit (held commits only).
+    before: BTreeMap<RecordId, Option<StoredRecord>>,
+    conflicts: Vec<RecordId>,
+}
+
+impl Applied {
+    /// Remembers the rows of `ids` as they are now, for those touched for
+    /// the first time (held commits only).
+    async fn save_before<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        ids: &[RecordId],
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        if !hold {
+            return Ok(());
+        }
+        let fresh: Vec<RecordId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.before.contains_key(id))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut found: BTreeMap<RecordId, StoredRecord> = tx
+            .lock_rows_full(&fresh)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        for id in fresh {
+            self.before.insert(id, found.remove(&id));
+        }
+        Ok(())
+    }
+
+    async fn upsert<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        rows: &[RowWrite],
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        let mut sorted: Vec<&RowWrite> = rows.iter().collect();
+        sorted.sort_unstable_by_key(|r| r.id);
+        let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
+        self.save_before(tx, &ids, hold).await?;
+        let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
+        let existing_ids: Vec<RecordId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        let existing: BTreeMap<RecordId, PointId> = if existing_ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            tx.lock_records(&existing_ids).await?.into_iter().collect()
+        };
+        if existing.len() != existing_ids.len() {
+            return Err(MetadataError::transient(
+                "records changed concurrently during the commit; nothing was written",
+            ));
+        }
+        let updates: Vec<&RowWrite> = rows
+            .iter()
+            .filter(|r| existing.contains_key(&r.id))
+            .collect();
+        if !updates.is_empty() {
+            tx.update_records(&updates).await?;
+        }
+        self.garbage.extend(updates.iter().map(|r| existing[&r.id]));
+        self.summary.inserted += inserted.len() as u64;
+        self.summary.updated += updates.len() as u64;
+        Ok(())
+    }
+
+    async fn delete<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        selector: &DeleteSelector,
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        let selected = tx.lock_selected(selector).await?;
+        let ids: Vec<RecordId> = selected.iter().map(|(id, _)| *id).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.save_before(tx, &ids, hold).await?;
+        tx.delete_records(&ids).await?;
+        self.garbage.extend(selected.iter().map(|(_, p)| *p));
+        self.summary.deleted += ids.len() as u64;
+        Ok(())
+    }
+
+    async fn restore<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        images: &[UndoImage],
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        let mut images: Vec<&UndoImage> = images.iter().collect();
+        images.sort_by_key(|i| i.id);
+        let ids: Vec<RecordId> = images.iter().map(|i| i.id).collect();
+        self.save_before(tx, &ids, hold).await?;
+        let current: BTreeMap<RecordId, StoredRecord> = tx
+            .lock_rows_full(&ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
+        let mut deletes = Vec::new();
+        let mut writes = Vec::new();
+        for image in images {
+            let now = current.get(&image.id);
+            if now.map(|r| r.version) != image.after_version {
+                // Changed since the step: a later write stands.
+                self.conflicts.push(image.id);
+                continue;
+            }
+            match (&image.before, now) {
+                (None, None) => {}
+                (None, Some(now)) => {
+                    deletes.push(image.id);
+                    self.garbage.push(now.point_id);
+                    self.summary.deleted += 1;
+                }
+                (Some(before), now) => {
+                    let mut row = before.to_record(image.id);
+                    match now {
+                        Some(now) => {
+                            row.version = now.version + 1;
+                            if now.point_id != before.point_id {
+                                self.garbage.push(now.point_id);
+                            }
+                            self.summary.updated += 1;
+                        }
+                        None => {
+                            row.version = before.version + 1;
+                            self.summary.inserted += 1;
+                        }
+                    }
+                    writes.push(row);
+                }
+            }
+        }
+        if !deletes.is_empty() {
+            tx.delete_records(&deletes).await?;
+        }
+        if !writes.is_empty() {
+            tx.write_rows_exact(&writes).await?;
+        }
+        Ok(())
+    }
 }
 
 /// [`MetadataRepo::settle`](tandem_core::MetadataRepo::settle) inside the
@@ -209,7 +482,7 @@ pub(crate) async fn settle<T: TxOps + ?Sized>(
         return Ok(Settlement::Missing);
     };
     Ok(match current.state {
-        IntentState::Committed => Settlement::Committed(current),
+        IntentState::Committed | IntentState::Held => Settlement::Committed(current),
         IntentState::Prepared => {
             if current.owner == owner {
                 tx.transfer_intent(intent, fence).await?;

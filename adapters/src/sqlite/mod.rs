@@ -12,6 +12,7 @@
 //! `synchronous = FULL` makes a commit durable when it returns.
 
 pub mod error;
+mod journal;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
@@ -23,9 +24,10 @@ use async_trait::async_trait;
 use diesel::SqliteConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tandem_core::{
-    DeleteCommit, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, MetadataRepo,
-    NewIntent, Outcome, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, Settlement,
-    StoredRecord, UpsertCommit,
+    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId,
+    MetadataError, MetadataRepo, NewIntent, Outcome, OwnerToken, Page, PointId, RecordId, RowRef,
+    RowWrite, SagaCounts, SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord,
+    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
 use self::error::{Phase, classify, classify_checkout, task_lost};
@@ -280,8 +282,128 @@ impl MetadataRepo for SqliteMetadataRepo {
         .await
     }
 
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        Some(ConnectionType::of::<SqliteConnection>())
+    }
+
+    /// The caller's step runs on the connection's blocking thread, inside
+    /// the immediate transaction, after the gate passed (SQLite keeps the
+    /// sequential commit).
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        let parts = commit.parts.to_vec();
+        let (step, hold, saga) = (commit.step.clone(), commit.hold, commit.saga);
+        let idempotency = idempotency.cloned();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                let commit = TransactionCommit {
+                    parts: &parts,
+                    step,
+                    hold,
+                    saga,
+                };
+                futures::executor::block_on(steps::commit_transaction(
+                    &mut tx,
+                    intent,
+                    owner,
+                    &commit,
+                    idempotency.as_ref(),
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        self.simple(move |c, keep| journal::undo_images(c, intent, keep))
+            .await
+    }
+
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let saga = saga.clone();
+        match fence {
+            None => {
+                self.simple(move |c, _| journal::create_saga(c, &saga).map(|()| Vec::new()))
+                    .await
+            }
+            Some(fence) => {
+                self.run(move |c, _| immediate(c, |c| journal::save_saga(c, &saga, fence)))
+                    .await
+            }
+        }
+    }
+
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        self.run(move |c, _| {
+            immediate(c, |c| {
+                journal::claim_sagas(c, now_ms, owner, lease_deadline_ms, limit)
+            })
+        })
+        .await
+    }
+
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        self.run(move |c, _| immediate(c, |c| journal::take_saga(c, id, owner, lease_deadline_ms)))
+            .await
+    }
+
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        self.simple(move |c, _| journal::get_saga(c, id)).await
+    }
+
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        self.simple(move |c, _| journal::list_sagas(c, state, limit))
+            .await
+    }
+
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        self.simple(journal::count_sagas_of).await
+    }
+
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         self.simple(move |c, _| session::delete_intent(c, intent, owner))
+            .await
+    }
+
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        if intents.is_empty() {
+            return Ok(0);
+        }
+        let intents = intents.to_vec();
+        self.simple(move |c, _| session::delete_intents(c, &intents, owner))
             .await
     }
 

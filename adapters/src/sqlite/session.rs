@@ -14,15 +14,16 @@ use diesel_async::AsyncConnection;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use serde_json::Value;
 use tandem_core::{
-    CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, MetadataError, NewIntent,
-    OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, Scope, StoredRecord,
+    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
+    MetadataError, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, SagaId,
+    SagaState, Scope, StoredRecord, UndoImage,
 };
 use uuid::Uuid;
 
 use super::error::{OpenError, Phase, classify};
 use crate::sql::codec::{
-    IdempotencyRow, IntentRow, RecordRow, corrupt, encode_vector, page_limit, summary_columns,
-    to_u64,
+    IdempotencyRow, IntentRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit, step_failed,
+    summary_columns, to_i64, to_u64,
 };
 use crate::sql::pool::Connector;
 use crate::sql::prepared::PreparedExt;
@@ -145,7 +146,7 @@ impl SqlRecord {
 }
 
 #[derive(QueryableByName)]
-struct SqlIntent {
+pub(super) struct SqlIntent {
     #[diesel(sql_type = Text)]
     id: String,
     #[diesel(sql_type = Text)]
@@ -173,7 +174,7 @@ struct SqlIntent {
 }
 
 impl SqlIntent {
-    fn into_intent(self) -> Result<Intent, MetadataError> {
+    pub(super) fn into_intent(self) -> Result<Intent, MetadataError> {
         let points: Vec<String> = serde_json::from_str(&self.point_ids)
             .map_err(|e| corrupt(format!("intent {}: point list: {e}", self.id)))?;
         IntentRow {
@@ -195,6 +196,14 @@ impl SqlIntent {
         }
         .into_intent()
     }
+}
+
+#[derive(QueryableByName)]
+struct SqlSagaOwner {
+    #[diesel(sql_type = Text)]
+    owner: String,
+    #[diesel(sql_type = Text)]
+    state: String,
 }
 
 #[derive(QueryableByName)]
@@ -266,7 +275,7 @@ struct SqlIdempotency {
     deleted: i64,
 }
 
-const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
+pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_ms, point_ids, inserted, \
                               updated, deleted, attempts, last_error, created_ms";
 
 /// The record columns; the first bind says whether to return the vector.
@@ -274,34 +283,34 @@ const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
                               CASE WHEN ? THEN vector END AS vector";
 
 /// `id IN (…)` over a JSON array bound as one parameter.
-const IN_JSON: &str = "(SELECT value FROM json_each(?))";
+pub(super) const IN_JSON: &str = "(SELECT value FROM json_each(?))";
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
-fn parse_uuid(s: &str) -> Result<Uuid, MetadataError> {
+pub(super) fn parse_uuid(s: &str) -> Result<Uuid, MetadataError> {
     Uuid::parse_str(s).map_err(|e| corrupt(format!("bad uuid {s:?}: {e}")))
 }
 
-fn parse_json(s: &str) -> Result<Value, MetadataError> {
+pub(super) fn parse_json(s: &str) -> Result<Value, MetadataError> {
     serde_json::from_str(s).map_err(|e| corrupt(format!("bad JSON: {e}")))
 }
 
-fn json_text(v: &Value) -> String {
+pub(super) fn json_text(v: &Value) -> String {
     v.to_string()
 }
 
 /// A JSON array of uuid strings, for [`IN_JSON`] and point lists.
-fn json_ids(ids: impl IntoIterator<Item = Uuid>) -> String {
+pub(super) fn json_ids(ids: impl IntoIterator<Item = Uuid>) -> String {
     let ids: Vec<String> = ids.into_iter().map(|u| u.to_string()).collect();
     serde_json::to_string(&ids).unwrap_or_else(|_| "[]".to_owned())
 }
 
-fn stmt(e: diesel::result::Error) -> MetadataError {
+pub(super) fn stmt(e: diesel::result::Error) -> MetadataError {
     classify(e, Phase::Statement)
 }
 
 /// A single-statement write in autocommit mode: it commits as it returns.
-fn autocommit(e: diesel::result::Error) -> MetadataError {
+pub(super) fn autocommit(e: diesel::result::Error) -> MetadataError {
     classify(e, Phase::Commit)
 }
 
@@ -442,12 +451,14 @@ impl TxOps for SyncTx<'_> {
         id: IntentId,
         point_ids: &[PointId],
         summary: CommitSummary,
+        state: IntentState,
     ) -> Result<(), MetadataError> {
         let (inserted, updated, deleted) = summary_columns(summary)?;
         diesel::sql_query(
-            "UPDATE intents SET state = 'committed', point_ids = ?, inserted = ?, updated = ?, \
+            "UPDATE intents SET state = ?, point_ids = ?, inserted = ?, updated = ?, \
              deleted = ? WHERE id = ?",
         )
+        .bind::<Text, _>(state.as_str())
         .bind::<Text, _>(json_ids(point_ids.iter().map(|p| p.0)))
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
@@ -456,6 +467,105 @@ impl TxOps for SyncTx<'_> {
         .execute(self.c)
         .map_err(stmt)?;
         Ok(())
+    }
+
+    async fn lock_rows_full(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<StoredRecord>, MetadataError> {
+        let keep = self.keep_vectors;
+        let rows: Vec<SqlRecord> = diesel::sql_query(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id IN {IN_JSON} ORDER BY id"
+        ))
+        .bind::<Bool, _>(keep)
+        .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+        .prepared()
+        .load(self.c)
+        .map_err(stmt)?;
+        rows.into_iter().map(|r| r.into_record(keep)).collect()
+    }
+
+    async fn write_rows_exact(&mut self, rows: &[StoredRecord]) -> Result<(), MetadataError> {
+        for row in rows {
+            diesel::sql_query(format!(
+                "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, \
+                     content = excluded.content, metadata = excluded.metadata, \
+                     point_id = excluded.point_id, version = excluded.version, \
+                     vector = excluded.vector, updated_at = {NOW}"
+            ))
+            .bind::<Text, _>(row.id.0.to_string())
+            .bind::<Text, _>(row.scope.as_str())
+            .bind::<Text, _>(row.content.as_str())
+            .bind::<Text, _>(json_text(&Value::Object(row.metadata.clone())))
+            .bind::<Text, _>(row.point_id.0.to_string())
+            .bind::<BigInt, _>(to_i64(row.version, "version")?)
+            .bind::<Nullable<Binary>, _>(
+                row.vector
+                    .as_deref()
+                    .filter(|_| self.keep_vectors)
+                    .map(encode_vector),
+            )
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn save_undo(&mut self, id: IntentId, images: &[UndoImage]) -> Result<(), MetadataError> {
+        for image in images {
+            let r = UndoRow::of(image, self.keep_vectors)?;
+            diesel::sql_query(
+                "INSERT INTO intent_undo (intent_id, record_id, scope, content, metadata, \
+                 point_id, version, vector, after_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind::<Text, _>(id.0.to_string())
+            .bind::<Text, _>(r.record_id.to_string())
+            .bind::<Nullable<Text>, _>(r.scope)
+            .bind::<Nullable<Text>, _>(r.content)
+            .bind::<Nullable<Text>, _>(r.metadata.as_ref().map(json_text))
+            .bind::<Nullable<Text>, _>(r.point_id.map(|p| p.to_string()))
+            .bind::<Nullable<BigInt>, _>(r.version)
+            .bind::<Nullable<Binary>, _>(r.vector)
+            .bind::<Nullable<BigInt>, _>(r.after_version)
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn lock_saga(
+        &mut self,
+        id: SagaId,
+    ) -> Result<Option<(OwnerToken, SagaState)>, MetadataError> {
+        // The immediate transaction holds the database's write lock.
+        let rows: Vec<SqlSagaOwner> =
+            diesel::sql_query("SELECT owner, state FROM sagas WHERE id = ?")
+                .bind::<Text, _>(id.0.to_string())
+                .prepared()
+                .load(self.c)
+                .map_err(stmt)?;
+        rows.into_iter()
+            .next()
+            .map(|r| {
+                let state = SagaState::parse(&r.state)
+                    .ok_or_else(|| corrupt(format!("saga {id}: unknown state {:?}", r.state)))?;
+                Ok((OwnerToken(parse_uuid(&r.owner)?), state))
+            })
+            .transpose()
+    }
+
+    async fn run_step(&mut self, step: &dyn CommitStep) -> Result<(), MetadataError> {
+        let conn: &mut SqliteConnection = self.c;
+        let Err(e) = step.run(conn).await else {
+            return Ok(());
+        };
+        Err(match e.downcast::<diesel::result::Error>() {
+            Ok(db) => step_failed(stmt(*db)),
+            Err(other) => MetadataError::StepFailed { source: other },
+        })
     }
 
     async fn record_idempotency(
@@ -524,6 +634,21 @@ pub(crate) fn delete_intent(
     Ok(n == 1)
 }
 
+pub(crate) fn delete_intents(
+    c: &mut SqliteConnection,
+    ids: &[IntentId],
+    owner: OwnerToken,
+) -> Result<usize, MetadataError> {
+    diesel::sql_query(format!(
+        "DELETE FROM intents WHERE id IN {IN_JSON} AND owner = ?"
+    ))
+    .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+    .bind::<Text, _>(owner.0.to_string())
+    .prepared()
+    .execute(c)
+    .map_err(autocommit)
+}
+
 /// Inside [`immediate`]: no other writer can claim between the read and the
 /// update.
 pub(crate) fn claim_expired(
@@ -535,7 +660,7 @@ pub(crate) fn claim_expired(
 ) -> Result<Vec<Intent>, MetadataError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows: Vec<SqlIntent> = diesel::sql_query(format!(
-        "SELECT {INTENT_COLUMNS} FROM intents WHERE lease_deadline_ms < ? \
+        "SELECT {INTENT_COLUMNS} FROM intents WHERE lease_deadline_ms < ? AND state <> 'held' \
          ORDER BY lease_deadline_ms, seq LIMIT ?"
     ))
     .bind::<BigInt, _>(now_ms)
@@ -588,10 +713,14 @@ pub(crate) fn referenced_points(
     c: &mut SqliteConnection,
     points: &[PointId],
 ) -> Result<HashSet<PointId>, MetadataError> {
+    let wanted = json_ids(points.iter().map(|p| p.0));
     let rows: Vec<SqlPoint> = diesel::sql_query(format!(
-        "SELECT point_id FROM records WHERE point_id IN {IN_JSON}"
+        "SELECT point_id FROM records WHERE point_id IN {IN_JSON} \
+         UNION SELECT j.value AS point_id FROM intents, json_each(intents.point_ids) AS j \
+         WHERE intents.state = 'held' AND j.value IN {IN_JSON}"
     ))
-    .bind::<Text, _>(json_ids(points.iter().map(|p| p.0)))
+    .bind::<Text, _>(&wanted)
+    .bind::<Text, _>(&wanted)
     .prepared()
     .load(c)
     .map_err(stmt)?;

@@ -6,10 +6,13 @@ mod read;
 mod reconcile;
 mod recovery;
 mod retry;
+mod saga;
 mod validate;
 mod write;
 
-use std::collections::BTreeMap;
+pub use saga::SagaRun;
+
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{Clock, SystemClock};
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
-use crate::model::{Filter, IntentId, PointInfo, RecordId, Scope};
+use crate::model::{Filter, IntentId, PointId, PointInfo, RecordId, Scope};
 use crate::ports::{MetadataRepo, RowRef, VectorIndex};
 
 /// Deliberate protocol bugs, compiled in only with the `planted-bugs` feature, to
@@ -42,12 +45,31 @@ pub enum PlantedBug {
     UnguardedSearch,
     /// Resolve the intent before the old points are deleted.
     ResolveBeforeCleanup,
+    /// After a rollback, resolve the intent although an index write request
+    /// may still land (only a cut-off request counts as in flight: the rule
+    /// before late-landing writes were handled).
+    ResolveAfterUncertainWrite,
+    /// Commit after an index write whose requests may still land without
+    /// first naming its points in a guard intent.
+    NoLateWriteGuard,
+    /// Batched recovery resolves every claimed intent of the batch, also those
+    /// whose garbage could not be deleted.
+    RecoverBatchResolvesAll,
+    /// A saga's compensation undoes its steps first to last instead of last
+    /// to first.
+    CompensateInWrongOrder,
+    /// Recovery drives every live saga, expired or not, without taking it
+    /// over (no lease, no fencing).
+    ResumeSagaWithoutLease,
+    /// A saga step's commit deletes the points it superseded or deleted at
+    /// once, although the live saga still needs them for a compensation.
+    CollectHeldGarbage,
 }
 
 #[cfg(feature = "planted-bugs")]
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 7] = [
+    pub const ALL: [PlantedBug; 13] = [
         PlantedBug::CompensateOnUnknown,
         PlantedBug::RecoverIgnoringLeases,
         PlantedBug::DeleteOldPointsBeforeCommit,
@@ -55,6 +77,12 @@ impl PlantedBug {
         PlantedBug::OverwritePointInPlace,
         PlantedBug::UnguardedSearch,
         PlantedBug::ResolveBeforeCleanup,
+        PlantedBug::ResolveAfterUncertainWrite,
+        PlantedBug::NoLateWriteGuard,
+        PlantedBug::RecoverBatchResolvesAll,
+        PlantedBug::CompensateInWrongOrder,
+        PlantedBug::ResumeSagaWithoutLease,
+        PlantedBug::CollectHeldGarbage,
     ];
 }
 
@@ -148,8 +176,19 @@ pub struct RecoveryReport {
     pub resolved: usize,
     /// Garbage points deleted from the index.
     pub points_deleted: usize,
-    /// Intents whose handling failed; they stay and a later run retries them.
+    /// Intents (and sagas) whose handling failed; they stay and a later run
+    /// retries them.
     pub failed: usize,
+    /// Live sagas whose lease had ended, claimed.
+    pub sagas_claimed: usize,
+    /// Claimed sagas finished forward.
+    pub sagas_done: usize,
+    /// Claimed sagas compensated.
+    pub sagas_compensated: usize,
+    /// Claimed sagas that ended `Failed` (an operator must look).
+    pub sagas_failed: usize,
+    /// Claimed sagas left alone: no definition of theirs is registered here.
+    pub sagas_skipped: usize,
 }
 
 /// Counts of one scope in both stores.
@@ -185,6 +224,41 @@ impl VerifyReport {
             && self.live_intents == 0
             && self.scopes.values().all(|c| c.rows == c.points)
     }
+}
+
+/// Where a paged verification ([`Coordinator::verify_page`]) stands: the
+/// next page of rows (in record id order) and of points (in the index's own
+/// order) still to check. The default starts a new pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyCursor {
+    /// The rows after this record id are still to check (`None`: from the first).
+    pub rows_after: Option<RecordId>,
+    /// Every row has been checked.
+    pub rows_done: bool,
+    /// The points from this offset on are still to check (`None`: from the first).
+    pub points_offset: Option<PointId>,
+    /// Every point has been checked.
+    pub points_done: bool,
+}
+
+impl VerifyCursor {
+    /// The pass has checked every row and every point.
+    pub fn is_done(&self) -> bool {
+        self.rows_done && self.points_done
+    }
+}
+
+/// What one step of a paged verification found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct VerifyPage {
+    /// Rows and points checked in this step, per scope.
+    pub scopes: BTreeMap<Scope, ScopeCounts>,
+    /// Committed rows of this step whose point is missing from the index.
+    pub missing_points: Vec<RowRef>,
+    /// Points of this step referenced by no row and named by no live intent.
+    pub orphan_points: Vec<PointInfo>,
+    /// Where the next step starts.
+    pub next: VerifyCursor,
 }
 
 /// What `repair` did.
@@ -226,6 +300,8 @@ pub struct Coordinator<M, V> {
     index: V,
     config: CoordinatorConfig,
     clock: Arc<dyn Clock>,
+    /// Saga definitions by name ([`Coordinator::register_saga`]).
+    sagas: std::sync::RwLock<HashMap<String, Arc<crate::saga::SagaDefinition>>>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<PlantedBug>,
 }
@@ -249,6 +325,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             index,
             config,
             clock: Arc::new(SystemClock),
+            sagas: std::sync::RwLock::new(HashMap::new()),
             #[cfg(feature = "planted-bugs")]
             bug: None,
         })
@@ -309,6 +386,12 @@ pub(crate) enum PlantedBugMarker {
     OverwritePointInPlace,
     UnguardedSearch,
     ResolveBeforeCleanup,
+    ResolveAfterUncertainWrite,
+    NoLateWriteGuard,
+    RecoverBatchResolvesAll,
+    CompensateInWrongOrder,
+    ResumeSagaWithoutLease,
+    CollectHeldGarbage,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -339,6 +422,8 @@ mod send_check {
         assert_send(c.search(Box::leak(Box::new(SearchQuery::new(vec![1.0], 1)))));
         assert_send(c.recover());
         assert_send(c.verify(None));
+        assert_send(c.verify_page(None, Box::leak(Box::new(VerifyCursor::default())), 10));
+        assert_send(c.get(Box::leak(Box::new(Vec::new()))));
         assert_send(c.repair(None));
         assert_send(c.stats());
     }

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 use tracing::{Instrument, info_span};
 
-use super::validate::{check_filter, check_vector};
+use super::validate::{check_filter, check_scope, check_vector};
 use super::{Bug, Coordinator, SearchQuery};
 use crate::error::{CoordinatorError, ValidationError};
-use crate::model::{PointId, SearchHit, StoredRecord};
+use crate::model::{Page, PointId, RecordId, Scope, SearchHit, StoredRecord};
 use crate::ports::{IndexQuery, MetadataRepo, VectorIndex};
 
 /// The most candidates one search asks the index for.
@@ -35,6 +35,61 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         check_filter(&query.filter, &self.config.limits)?;
         let span = info_span!("tandem.search", k = query.k);
         self.search_inner(query).instrument(span).await
+    }
+
+    /// The committed records with these ids, as the metadata store (the source
+    /// of truth) holds them now; missing ids are omitted. At most
+    /// [`Limits::max_batch`](crate::Limits::max_batch) ids per call. Retried
+    /// on transient errors under the call deadline, like every read.
+    pub async fn get(&self, ids: &[RecordId]) -> Result<Vec<StoredRecord>, CoordinatorError> {
+        if ids.is_empty() {
+            return Err(ValidationError::Invalid("get needs at least one id".into()).into());
+        }
+        let max = self.config.limits.max_batch;
+        if ids.len() > max {
+            return Err(ValidationError::BatchTooLarge {
+                len: ids.len(),
+                max,
+            }
+            .into());
+        }
+        let deadline = Instant::now() + self.config.call_deadline;
+        self.metadata_call("metadata.get", deadline, || self.repo.get(ids))
+            .instrument(info_span!("tandem.get", ids = ids.len()))
+            .await
+    }
+
+    /// The ids of the committed records of `scope`, in id order, one page
+    /// of at most `limit` (≤ [`Limits::max_batch`](crate::Limits::max_batch))
+    /// after `after`; the page's `next` is the `after` of the next page. For
+    /// callers that compare a scope with what they wrote (`tandem ingest
+    /// --replace-scope`). A page is read in one statement; the pages of a
+    /// scope being written meanwhile reflect the writes committed by then.
+    pub async fn record_ids(
+        &self,
+        scope: &Scope,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Page<RecordId, RecordId>, CoordinatorError> {
+        check_scope(scope, 0, &self.config.limits)?;
+        let max = self.config.limits.max_batch;
+        if limit == 0 || limit > max {
+            return Err(ValidationError::Invalid(format!(
+                "the page size must be between 1 and {max}"
+            ))
+            .into());
+        }
+        let deadline = Instant::now() + self.config.call_deadline;
+        let page = self
+            .metadata_call("metadata.scan_refs", deadline, || {
+                self.repo.scan_refs(Some(scope), after, limit)
+            })
+            .instrument(info_span!("tandem.record_ids", limit))
+            .await?;
+        Ok(Page {
+            items: page.items.into_iter().map(|r| r.id).collect(),
+            next: page.next,
+        })
     }
 
     async fn search_inner(&self, query: &SearchQuery) -> Result<Vec<SearchHit>, CoordinatorError> {

@@ -7,8 +7,10 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::validate::check_scope;
 use super::write::index_failure;
-use super::{Coordinator, RepairReport, ScopeCounts, Stats, VerifyReport};
-use crate::error::CoordinatorError;
+use super::{
+    Coordinator, RepairReport, ScopeCounts, Stats, VerifyCursor, VerifyPage, VerifyReport,
+};
+use crate::error::{CoordinatorError, ValidationError};
 use crate::model::{IntentId, IntentKind, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope};
 use crate::ports::{MetadataRepo, RowRef, VectorIndex};
 
@@ -72,6 +74,105 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         metrics::gauge!("tandem_pending_intents").set(report.live_intents as f64);
         Ok(report)
+    }
+
+    /// One bounded step of a paged verification: checks the next page of at
+    /// most `limit` points and the next page of at most `limit` rows after
+    /// `cursor` (one scope, or all), and returns what it found and where the
+    /// next step starts ([`VerifyPage::next`]).
+    ///
+    /// Calling it again with the returned cursor until
+    /// [`VerifyCursor::is_done`] covers every row and every point once, with a
+    /// bounded amount of work per call, so a service can verify a large store
+    /// over time instead of in one scan. Each page's findings are confirmed as
+    /// [`verify`](Self::verify) confirms them: a missing point must still be
+    /// missing while its row still references it, an orphan must be referenced
+    /// by no row and named by no live intent. The counts are taken page by
+    /// page while writes go on, so over a whole pass they can differ by the
+    /// writes made meanwhile; on a quiet store they are exact.
+    pub async fn verify_page(
+        &self,
+        scope: Option<&Scope>,
+        cursor: &VerifyCursor,
+        limit: usize,
+    ) -> Result<VerifyPage, CoordinatorError> {
+        if let Some(s) = scope {
+            check_scope(s, 0, &self.config.limits)?;
+        }
+        if limit == 0 {
+            return Err(ValidationError::Invalid("the page size must be at least 1".into()).into());
+        }
+        self.verify_page_inner(scope, cursor, limit.min(PAGE))
+            .instrument(info_span!("tandem.verify_page"))
+            .await
+    }
+
+    async fn verify_page_inner(
+        &self,
+        scope: Option<&Scope>,
+        cursor: &VerifyCursor,
+        limit: usize,
+    ) -> Result<VerifyPage, CoordinatorError> {
+        let mut page = VerifyPage {
+            next: cursor.clone(),
+            ..VerifyPage::default()
+        };
+        if !cursor.points_done {
+            let deadline = Instant::now() + self.config.call_deadline;
+            let points = self
+                .index_call("index.scroll", deadline, || {
+                    self.index.scroll(scope, cursor.points_offset, limit)
+                })
+                .await?;
+            for p in &points.items {
+                page.scopes.entry(p.scope.clone()).or_default().points += 1;
+            }
+            let ids: Vec<PointId> = points.items.iter().map(|p| p.id).collect();
+            let referenced = self.referenced(&ids).await?;
+            let unreferenced: Vec<PointInfo> = points
+                .items
+                .into_iter()
+                .filter(|p| !referenced.contains(&p.id))
+                .collect();
+            if !unreferenced.is_empty() {
+                let (_, named) = self.intent_points().await?;
+                let candidates = unreferenced
+                    .into_iter()
+                    .filter(|p| !named.contains(&p.id))
+                    .collect();
+                page.orphan_points = self.confirm_orphans(candidates).await?;
+            }
+            page.next.points_done = points.next.is_none();
+            page.next.points_offset = points.next;
+        }
+        if !cursor.rows_done {
+            let deadline = Instant::now() + self.config.call_deadline;
+            let rows = self
+                .metadata_call("metadata.scan_refs", deadline, || {
+                    self.repo.scan_refs(scope, cursor.rows_after, limit)
+                })
+                .await?;
+            for r in &rows.items {
+                page.scopes.entry(r.scope.clone()).or_default().rows += 1;
+            }
+            let ids: Vec<PointId> = rows.items.iter().map(|r| r.point_id).collect();
+            let mut present = HashSet::with_capacity(ids.len());
+            for chunk in ids.chunks(PAGE) {
+                let found = self
+                    .index_call("index.retrieve", deadline, || self.index.retrieve(chunk))
+                    .await?;
+                present.extend(found.into_iter().map(|p| p.id));
+            }
+            let candidates = rows
+                .items
+                .into_iter()
+                .filter(|r| !present.contains(&r.point_id))
+                .collect();
+            page.missing_points = self.confirm_missing(candidates).await?;
+            page.next.rows_done = rows.next.is_none();
+            page.next.rows_after = rows.next;
+        }
+        Ok(page)
     }
 
     async fn list_points(

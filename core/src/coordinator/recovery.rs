@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -56,34 +57,20 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             }
             let n = claimed.len();
             report.claimed += n;
-            for intent in claimed {
-                let owner = if self.bug(Bug::RecoverIgnoringLeases) {
-                    intent.owner
-                } else {
-                    owner
-                };
-                // The planted bug cleans live intents too, without fencing them.
-                let fenced =
-                    !self.bug(Bug::RecoverIgnoringLeases) || intent.lease_deadline_ms < now;
-                match self.recover_one(&intent, owner, fenced).await {
-                    Ok(deleted) => {
-                        report.resolved += 1;
-                        report.points_deleted += deleted;
-                        metrics::counter!("tandem_recovered_intents_total").increment(1);
-                    }
-                    Err(e) => {
-                        report.failed += 1;
-                        warn!(intent = %intent.id, error = %e, "recovery of the intent failed; a later run retries it");
-                        let msg = e.to_string();
-                        let _ = self.repo.record_failure(intent.id, owner, &msg).await;
-                    }
-                }
+            if self.bug(Bug::RecoverIgnoringLeases) {
+                self.recover_unclaimed(&claimed, now, &mut report).await;
+            } else {
+                let before = report.resolved;
+                self.recover_batch(&claimed, owner, &mut report).await;
+                metrics::counter!("tandem_recovered_intents_total")
+                    .increment((report.resolved - before) as u64);
             }
             // With the planted bug nothing is claimed, so one round is all.
             if n < batch || self.bug(Bug::RecoverIgnoringLeases) {
                 break;
             }
         }
+        self.recover_sagas(&mut report).await;
         if report.claimed > 0 {
             info!(
                 claimed = report.claimed,
@@ -96,8 +83,158 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         Ok(report)
     }
 
-    /// The garbage rule for one claimed intent: delete what it names and no
-    /// committed row references, then resolve it.
+    /// The garbage rule for a batch of intents claimed by `owner`, in a
+    /// constant number of calls: one `referenced_points` for every point they
+    /// name, ⌈garbage / chunk⌉ index deletes, and one `resolve_many`. An
+    /// intent is resolved only when all of its garbage is known deleted; the
+    /// others stay (with the reason recorded) for a later run after their new
+    /// lease. Fencing is the claim's: every intent of the batch is `owner`'s.
+    pub(super) async fn recover_batch(
+        &self,
+        claimed: &[Intent],
+        owner: OwnerToken,
+        report: &mut RecoveryReport,
+    ) {
+        let deadline = Instant::now() + self.config.call_deadline;
+        // Intents may name the same point (a guard and its call): each point once.
+        let mut seen = HashSet::new();
+        let named: Vec<PointId> = claimed
+            .iter()
+            .flat_map(|i| i.point_ids.iter().copied())
+            .filter(|p| seen.insert(*p))
+            .collect();
+        let referenced = if named.is_empty() {
+            HashSet::new()
+        } else {
+            match self
+                .metadata_call("metadata.referenced_points", deadline, || {
+                    self.repo.referenced_points(&named)
+                })
+                .await
+            {
+                Ok(referenced) => referenced,
+                Err(e) => return self.batch_failed(claimed, owner, &e, report).await,
+            }
+        };
+        let garbage: Vec<PointId> = named
+            .into_iter()
+            .filter(|p| !referenced.contains(p))
+            .collect();
+        let (undeleted, error) = self.delete_points_reporting(&garbage, deadline).await;
+        let (done, stuck): (Vec<&Intent>, Vec<&Intent>) = claimed.iter().partition(|i| {
+            self.bug(Bug::RecoverBatchResolvesAll)
+                || !i.point_ids.iter().any(|p| undeleted.contains(p))
+        });
+        let done_ids: Vec<_> = done.iter().map(|i| i.id).collect();
+        // A step of its own: deletes that ran into the deadline must not leave
+        // the resolve of what they did finish without time.
+        let deadline = Instant::now() + self.config.cleanup_deadline;
+        let resolved = if done_ids.is_empty() {
+            0
+        } else {
+            match self
+                .metadata_call("metadata.resolve_many", deadline, || {
+                    self.repo.resolve_many(&done_ids, owner)
+                })
+                .await
+            {
+                Ok(resolved) => resolved,
+                Err(e) => {
+                    let done: Vec<Intent> = done.into_iter().cloned().collect();
+                    self.batch_failed(&done, owner, &e, report).await;
+                    0
+                }
+            }
+        };
+        report.resolved += resolved;
+        report.points_deleted += garbage.len() - undeleted.len();
+        info!(
+            intents = claimed.len(),
+            resolved,
+            garbage = garbage.len(),
+            "recovered a batch of intents"
+        );
+        if let Some(e) = error {
+            let stuck: Vec<Intent> = stuck.into_iter().cloned().collect();
+            self.batch_failed(&stuck, owner, &e, report).await;
+        }
+    }
+
+    /// Counts and records why the handling of `intents` failed; a later run
+    /// retries them after their new lease.
+    async fn batch_failed(
+        &self,
+        intents: &[Intent],
+        owner: OwnerToken,
+        error: &CoordinatorError,
+        report: &mut RecoveryReport,
+    ) {
+        let message = error.to_string();
+        for intent in intents {
+            report.failed += 1;
+            warn!(intent = %intent.id, error = %message, "recovery of the intent failed; a later run retries it");
+            let _ = self.repo.record_failure(intent.id, owner, &message).await;
+        }
+    }
+
+    /// Deletes `ids` in chunks (retried, `index_parallelism` at a time) and
+    /// returns the ids of the chunks that could not be deleted, with the first
+    /// error.
+    async fn delete_points_reporting(
+        &self,
+        ids: &[PointId],
+        deadline: Instant,
+    ) -> (HashSet<PointId>, Option<CoordinatorError>) {
+        let calls: Vec<_> = ids
+            .chunks(self.config.limits.index_chunk)
+            .map(|c| async move {
+                let result = with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "index.delete",
+                    Idempotence::Idempotent,
+                    || self.index.delete(c),
+                )
+                .await;
+                (c, result)
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(calls)
+            .buffer_unordered(self.config.limits.index_parallelism)
+            .collect()
+            .await;
+        let mut undeleted = HashSet::new();
+        let mut first = None;
+        for (chunk, result) in results {
+            if let Err(f) = result {
+                undeleted.extend(chunk.iter().copied());
+                first.get_or_insert_with(|| index_failure(f, self.config.call_deadline));
+            }
+        }
+        (undeleted, first)
+    }
+
+    /// The planted bug's recovery: every listed intent, expired or not, under
+    /// its own owner token, one by one, without claiming (fencing) it.
+    async fn recover_unclaimed(&self, intents: &[Intent], now: i64, report: &mut RecoveryReport) {
+        for intent in intents {
+            let resolve = intent.lease_deadline_ms < now;
+            match self.recover_one(intent, intent.owner, resolve).await {
+                Ok(deleted) => {
+                    report.resolved += 1;
+                    report.points_deleted += deleted;
+                    metrics::counter!("tandem_recovered_intents_total").increment(1);
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    warn!(intent = %intent.id, error = %e, "recovery of the intent failed");
+                }
+            }
+        }
+    }
+
+    /// The garbage rule for one intent: delete what it names and no committed
+    /// row references, then (if `resolve`) resolve it.
     async fn recover_one(
         &self,
         intent: &Intent,
@@ -129,7 +266,6 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             self.repo.resolve(intent.id, owner)
         })
         .await?;
-        info!(intent = %intent.id, kind = intent.kind.as_str(), garbage = garbage.len(), "recovered intent");
         Ok(garbage.len())
     }
 }

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Limits;
 use crate::error::ValidationError;
 use crate::model::{DeleteSelector, Distance, Filter, NewRecord, Scope};
+use crate::transaction::WriteOp;
 
 pub(crate) fn check_scope(
     scope: &Scope,
@@ -128,6 +129,52 @@ pub(crate) fn check_selector(
     }
 }
 
+/// Checks every part of a transaction before anything is written: at least
+/// one part, each part valid on its own, at most `max_batch` records in all,
+/// and no id upserted by two parts.
+pub(crate) fn check_transaction(
+    parts: &[WriteOp],
+    dimension: usize,
+    distance: Distance,
+    limits: &Limits,
+) -> Result<(), ValidationError> {
+    if parts.is_empty() {
+        return Err(ValidationError::EmptyTransaction);
+    }
+    let total: usize = parts
+        .iter()
+        .map(|p| match p {
+            WriteOp::Upsert(records) => records.len(),
+            WriteOp::Delete(_) => 0,
+        })
+        .sum();
+    if total > limits.max_batch {
+        return Err(ValidationError::BatchTooLarge {
+            len: total,
+            max: limits.max_batch,
+        });
+    }
+    let mut upserted = HashSet::new();
+    for (part, op) in parts.iter().enumerate() {
+        let in_part = |error| ValidationError::InPart {
+            part,
+            error: Box::new(error),
+        };
+        match op {
+            WriteOp::Upsert(records) => {
+                check_batch(records, dimension, distance, limits).map_err(in_part)?;
+                for id in records.iter().filter_map(|r| r.id) {
+                    if !upserted.insert(id) {
+                        return Err(ValidationError::UpsertedTwice { part, id });
+                    }
+                }
+            }
+            WriteOp::Delete(selector) => check_selector(selector, limits).map_err(in_part)?,
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_filter(filter: &Filter, limits: &Limits) -> Result<(), ValidationError> {
     if let Some(scope) = &filter.scope {
         check_scope(scope, 0, limits)?;
@@ -235,6 +282,49 @@ mod tests {
         assert!(check_selector(&DeleteSelector::Ids(vec![]), &l).is_err());
         assert!(check_selector(&DeleteSelector::Scope(Scope::new("")), &l).is_err());
         assert!(check_selector(&DeleteSelector::Scope(Scope::new("a")), &l).is_ok());
+    }
+
+    #[test]
+    fn transactions_are_checked_part_by_part() {
+        let l = Limits::default();
+        let d = Distance::Cosine;
+        assert_eq!(
+            check_transaction(&[], 2, d, &l),
+            Err(ValidationError::EmptyTransaction)
+        );
+        let id = RecordId::new_v7();
+        let ok = WriteOp::Upsert(vec![rec(vec![1.0, 0.0]).with_id(id)]);
+        let del = WriteOp::Delete(DeleteSelector::Scope(Scope::new("s")));
+        assert!(check_transaction(&[del.clone(), ok.clone()], 2, d, &l).is_ok());
+        // The same id upserted by two parts.
+        assert_eq!(
+            check_transaction(&[ok.clone(), del.clone(), ok.clone()], 2, d, &l),
+            Err(ValidationError::UpsertedTwice { part: 2, id })
+        );
+        // A bad part names itself.
+        let bad = WriteOp::Upsert(vec![rec(vec![1.0])]);
+        let err = check_transaction(&[ok.clone(), bad], 2, d, &l).unwrap_err();
+        assert!(
+            matches!(&err, ValidationError::InPart { part: 1, error }
+                if matches!(**error, ValidationError::DimensionMismatch { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("part #1: record #0"), "{err}");
+        let bad_sel = WriteOp::Delete(DeleteSelector::Ids(vec![]));
+        assert!(matches!(
+            check_transaction(&[bad_sel], 2, d, &l),
+            Err(ValidationError::InPart { part: 0, .. })
+        ));
+        // The records of every part count against the batch limit.
+        let small = Limits {
+            max_batch: 1,
+            ..Limits::default()
+        };
+        let other = WriteOp::Upsert(vec![rec(vec![0.0, 1.0])]);
+        assert!(matches!(
+            check_transaction(&[ok, other], 2, d, &small),
+            Err(ValidationError::BatchTooLarge { len: 2, max: 1 })
+        ));
     }
 
     #[test]

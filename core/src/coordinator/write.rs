@@ -1,4 +1,5 @@
-//! The write path: upsert and delete.
+//! The write path: upsert, delete and transactions — one protocol
+//! ([`Coordinator::write_unit`]) for every kind of write.
 //!
 //! prepare (intent) → index write → commit (fenced) → cleanup (old points) →
 //! resolve. Any failure before the commit compensates; an ambiguous commit is
@@ -7,6 +8,8 @@
 //! write succeeded.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 use futures::StreamExt;
 use serde_json::Value;
@@ -14,14 +17,16 @@ use tokio::time::Instant;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use super::retry::{Failed, Idempotence, with_retry};
-use super::validate::{check_batch, check_selector, request_hash};
+use super::validate::{check_batch, check_selector, check_transaction, request_hash};
 use super::{Bug, Coordinator, DeleteReport, UpsertReport, WriteOptions};
 use crate::error::{CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
 use crate::model::{
-    CommitSummary, DeleteSelector, IdempotencyRecord, IntentId, IntentKind, NewIntent, NewRecord,
-    OwnerToken, Point, PointId, RecordId, RowWrite, Settlement,
+    CommitPart, CommitSummary, DeleteSelector, IdempotencyRecord, IntentId, IntentKind, NewIntent,
+    NewRecord, OwnerToken, Point, PointId, RecordId, RowWrite, SagaFence, Settlement,
+    TransactionCommit, TransactionCommitResult, UndoImage,
 };
 use crate::ports::{IndexGate, MetadataRepo, VectorIndex};
+use crate::transaction::{CommitStep, Transaction, TransactionReport, WriteOp};
 
 /// How the commit step ended.
 enum Decision {
@@ -31,6 +36,8 @@ enum Decision {
         summary: CommitSummary,
         garbage: Vec<PointId>,
         owner: OwnerToken,
+        /// Records a restore left alone because they changed since.
+        conflicts: Vec<RecordId>,
     },
     /// It did not happen and never will.
     NotApplied {
@@ -86,34 +93,300 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         };
         let intent = IntentId::new_v7();
         let span = info_span!("tandem.upsert", intent = %intent, batch = records.len());
-        self.upsert_inner(intent, records, key, deadline)
-            .instrument(span)
-            .await
+        async {
+            // Only the planted bugs look at the current rows before the commit.
+            let current = self.current_points_for_bugs(&records, deadline).await?;
+            let now = self.clock.now_ms();
+            let (rows, points) = self.rows_and_points(records, now, &current)?;
+            let ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
+            let idem = key.map(|(key, hash)| {
+                keyed(
+                    key,
+                    hash,
+                    &UpsertReport {
+                        intent,
+                        ids: ids.clone(),
+                        inserted: 0,
+                        updated: 0,
+                        deferred_cleanup: 0,
+                        replayed: false,
+                    },
+                )
+            });
+            let unit = Unit {
+                op: "upsert",
+                kind: IntentKind::Upsert,
+                parts: vec![CommitPart::Upsert(rows)],
+                points,
+                step: None,
+                hold: false,
+                saga: None,
+                current_for_bugs: current,
+            };
+            match self.write_unit(intent, unit, idem, deadline).await? {
+                Written::Done(done) => Ok(UpsertReport {
+                    intent,
+                    ids,
+                    inserted: done.summary.inserted,
+                    updated: done.summary.updated,
+                    deferred_cleanup: done.deferred_cleanup,
+                    replayed: false,
+                }),
+                Written::Replay(rec) => replay_upsert(rec),
+            }
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn upsert_inner(
+    /// Deletes the selected records, all-or-nothing across both stores.
+    ///
+    /// The delete is decided by the metadata commit (rows and an intent naming
+    /// their points, in one transaction); from then on the records are gone for
+    /// every reader. Points whose deletion does not finish within the cleanup
+    /// deadline are reported in `deferred_cleanup` and deleted by recovery.
+    pub async fn delete(&self, selector: DeleteSelector) -> Result<DeleteReport, CoordinatorError> {
+        self.delete_with(selector, &WriteOptions::default()).await
+    }
+
+    /// [`delete`](Self::delete) with options (an idempotency key).
+    pub async fn delete_with(
         &self,
-        intent_id: IntentId,
-        records: Vec<NewRecord>,
-        key: Option<(String, String)>,
-        deadline: Instant,
-    ) -> Result<UpsertReport, CoordinatorError> {
-        let now = self.clock.now_ms();
-        let owner = OwnerToken::new_random();
-
-        // Only the planted bugs look at the current rows before the commit.
-        let current: HashMap<RecordId, PointId> =
-            if self.bug(Bug::OverwritePointInPlace) || self.bug(Bug::DeleteOldPointsBeforeCommit) {
-                let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
-                self.metadata_call("metadata.get", deadline, || self.repo.get(&ids))
-                    .await?
-                    .into_iter()
-                    .map(|r| (r.id, r.point_id))
-                    .collect()
-            } else {
-                HashMap::new()
+        selector: DeleteSelector,
+        opts: &WriteOptions,
+    ) -> Result<DeleteReport, CoordinatorError> {
+        check_selector(&selector, &self.config.limits)?;
+        let deadline = Instant::now() + self.config.call_deadline;
+        let key = match &opts.idempotency_key {
+            Some(key) => {
+                let hash = request_hash("delete", &selector);
+                if let Some(rec) = self.lookup_key(key, &hash, deadline).await? {
+                    return replay_delete(rec);
+                }
+                Some((key.clone(), hash))
+            }
+            None => None,
+        };
+        let intent = IntentId::new_v7();
+        let span = info_span!("tandem.delete", intent = %intent);
+        async {
+            let idem = key.map(|(key, hash)| {
+                keyed(
+                    key,
+                    hash,
+                    &DeleteReport {
+                        intent,
+                        deleted: 0,
+                        deferred_cleanup: 0,
+                        replayed: false,
+                    },
+                )
+            });
+            let unit = Unit {
+                op: "delete",
+                kind: IntentKind::Delete,
+                parts: vec![CommitPart::Delete(selector)],
+                points: Vec::new(),
+                step: None,
+                hold: false,
+                saga: None,
+                current_for_bugs: HashMap::new(),
             };
+            match self.write_unit(intent, unit, idem, deadline).await? {
+                Written::Done(done) => Ok(DeleteReport {
+                    intent,
+                    deleted: done.summary.deleted,
+                    deferred_cleanup: done.deferred_cleanup,
+                    replayed: false,
+                }),
+                Written::Replay(rec) => replay_delete(rec),
+            }
+        }
+        .instrument(span)
+        .await
+    }
 
+    /// Commits several writes — upserts and deletes, across scopes — and
+    /// optionally the caller's own SQL ([`Transaction::with_step`]) as one
+    /// all-or-nothing unit: one intent, one index write of every new point,
+    /// one metadata transaction.
+    ///
+    /// Parts apply in the order given (a record deleted by one part and
+    /// upserted by a later one ends up upserted); the same id may not be
+    /// upserted by two parts. Every part is validated before anything is
+    /// written. On `Ok`, every part is committed and visible; on an error
+    /// whose [`outcome`](CoordinatorError::outcome) is `NotApplied`, nothing
+    /// of it is or will become visible — the caller's statements included.
+    pub async fn transact(
+        &self,
+        tx: Transaction,
+        opts: &WriteOptions,
+    ) -> Result<TransactionReport, CoordinatorError> {
+        self.transact_inner(tx, opts, None).await
+    }
+
+    /// A transaction as a saga step runs it: held (its garbage kept and its
+    /// rows' undo images recorded, until the saga ends) and fenced by the saga.
+    pub(super) async fn transact_inner(
+        &self,
+        tx: Transaction,
+        opts: &WriteOptions,
+        saga: Option<SagaFence>,
+    ) -> Result<TransactionReport, CoordinatorError> {
+        let (parts, step) = tx.into_parts();
+        check_transaction(
+            &parts,
+            self.index.dimension(),
+            self.index.distance(),
+            &self.config.limits,
+        )?;
+        if let Some(step) = &step {
+            let wanted = step.connection();
+            match self.repo.commit_step_connection() {
+                Some(have) if have == wanted => {}
+                have => {
+                    return Err(ValidationError::StepUnsupported {
+                        step: wanted.name(),
+                        store: have.map(|c| c.name()),
+                    }
+                    .into());
+                }
+            }
+        }
+        let deadline = Instant::now() + self.config.call_deadline;
+        let key = match &opts.idempotency_key {
+            Some(key) => {
+                let hash = request_hash("transaction", &(&parts, step.is_some()));
+                if let Some(rec) = self.lookup_key(key, &hash, deadline).await? {
+                    return replay_transaction(rec);
+                }
+                Some((key.clone(), hash))
+            }
+            None => None,
+        };
+        let intent = IntentId::new_v7();
+        let span = info_span!("tandem.transaction", intent = %intent, parts = parts.len());
+        async {
+            let now = self.clock.now_ms();
+            let mut commit_parts = Vec::with_capacity(parts.len());
+            let mut points = Vec::new();
+            let mut ids = Vec::with_capacity(parts.len());
+            for part in parts {
+                match part {
+                    WriteOp::Upsert(records) => {
+                        let (rows, part_points) =
+                            self.rows_and_points(records, now, &HashMap::new())?;
+                        ids.push(rows.iter().map(|r| r.id).collect());
+                        points.extend(part_points);
+                        commit_parts.push(CommitPart::Upsert(rows));
+                    }
+                    WriteOp::Delete(selector) => {
+                        ids.push(Vec::new());
+                        commit_parts.push(CommitPart::Delete(selector));
+                    }
+                }
+            }
+            let report = TransactionReport::new(intent, ids);
+            let idem = key.map(|(key, hash)| keyed(key, hash, &report));
+            let unit = Unit {
+                op: "transaction",
+                kind: IntentKind::Transaction,
+                parts: commit_parts,
+                points,
+                step,
+                hold: saga.is_some(),
+                saga,
+                current_for_bugs: HashMap::new(),
+            };
+            match self.write_unit(intent, unit, idem, deadline).await? {
+                Written::Done(done) => Ok(TransactionReport {
+                    inserted: done.summary.inserted,
+                    updated: done.summary.updated,
+                    deleted: done.summary.deleted,
+                    deferred_cleanup: done.deferred_cleanup,
+                    ..report
+                }),
+                Written::Replay(rec) => replay_transaction(rec),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// A saga compensation: puts the records a held commit touched back as
+    /// its undo images say, under `key`, fenced by the saga. Returns the
+    /// records left alone because they changed since.
+    pub(super) async fn restore(
+        &self,
+        images: Vec<UndoImage>,
+        key: &str,
+        saga: SagaFence,
+    ) -> Result<(TransactionReport, Vec<RecordId>), CoordinatorError> {
+        let deadline = Instant::now() + self.config.call_deadline;
+        let hash = request_hash("restore", &images);
+        if let Some(rec) = self.lookup_key(key, &hash, deadline).await? {
+            return Ok((replay_transaction(rec)?, Vec::new()));
+        }
+        let intent = IntentId::new_v7();
+        let report = TransactionReport::new(intent, Vec::new());
+        let idem = keyed(key.to_owned(), hash, &report);
+        let unit = Unit {
+            op: "restore",
+            kind: IntentKind::Transaction,
+            parts: vec![CommitPart::Restore(images)],
+            points: Vec::new(),
+            step: None,
+            hold: false,
+            saga: Some(saga),
+            current_for_bugs: HashMap::new(),
+        };
+        let span = info_span!("tandem.restore", intent = %intent);
+        match self
+            .write_unit(intent, unit, Some(idem), deadline)
+            .instrument(span)
+            .await?
+        {
+            Written::Done(done) => Ok((
+                TransactionReport {
+                    inserted: done.summary.inserted,
+                    updated: done.summary.updated,
+                    deleted: done.summary.deleted,
+                    deferred_cleanup: done.deferred_cleanup,
+                    ..report
+                },
+                done.conflicts,
+            )),
+            Written::Replay(rec) => Ok((replay_transaction(rec)?, Vec::new())),
+        }
+    }
+
+    /// The current point of each record of the batch, for the planted bugs
+    /// that act on it before the commit; empty otherwise.
+    async fn current_points_for_bugs(
+        &self,
+        records: &[NewRecord],
+        deadline: Instant,
+    ) -> Result<HashMap<RecordId, PointId>, CoordinatorError> {
+        if !(self.bug(Bug::OverwritePointInPlace) || self.bug(Bug::DeleteOldPointsBeforeCommit)) {
+            return Ok(HashMap::new());
+        }
+        let ids: Vec<RecordId> = records.iter().filter_map(|r| r.id).collect();
+        Ok(self
+            .metadata_call("metadata.get", deadline, || self.repo.get(&ids))
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.point_id))
+            .collect())
+    }
+
+    /// Decides every record's id (a UUIDv7 when absent) and a fresh point id
+    /// (copy-on-write), and builds the rows and points to write.
+    fn rows_and_points(
+        &self,
+        records: Vec<NewRecord>,
+        now: i64,
+        current: &HashMap<RecordId, PointId>,
+    ) -> Result<(Vec<RowWrite>, Vec<Point>), CoordinatorError> {
         let mut rows = Vec::with_capacity(records.len());
         let mut points = Vec::with_capacity(records.len());
         for (index, r) in records.into_iter().enumerate() {
@@ -147,51 +420,78 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 vector: r.vector,
             });
         }
-        let ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
-        let new_points: Vec<PointId> = points.iter().map(|p| p.id).collect();
+        Ok((rows, points))
+    }
+
+    /// The protocol, for every kind of write: prepare (an intent naming every
+    /// new point) → index write → commit (fenced; overlapped with the index
+    /// write when configured) → cleanup → resolve; compensation of a write
+    /// that will not commit, settlement of a commit whose outcome is unknown.
+    /// A held unit (a saga step) skips the cleanup: its garbage is kept until
+    /// the saga ends.
+    async fn write_unit(
+        &self,
+        intent_id: IntentId,
+        unit: Unit,
+        idem: Option<IdempotencyRecord>,
+        deadline: Instant,
+    ) -> Result<Written, CoordinatorError> {
+        let now = self.clock.now_ms();
+        let owner = OwnerToken::new_random();
+        let op = unit.op;
+        let new_points: Vec<PointId> = unit.points.iter().map(|p| p.id).collect();
         let intent = NewIntent {
             id: intent_id,
-            kind: IntentKind::Upsert,
+            kind: unit.kind,
             owner,
             lease_deadline_ms: now.saturating_add(self.lease_ms()),
             point_ids: new_points.clone(),
             created_ms: now,
         };
+        let writes_index = !unit.points.is_empty();
+        let early_bug = writes_index
+            && self.bug(Bug::IndexWriteBeforeIntent)
+            && unit.kind == IntentKind::Upsert;
 
-        // 1. Prepare: name every point before any is written.
-        if !self.bug(Bug::IndexWriteBeforeIntent) {
-            self.prepare(&intent, deadline, "upsert").await?;
+        // 1. Prepare: name every point before any is written. (A delete's
+        // intent names none yet: it exists so that a lost commit reply can be
+        // settled by locking it.)
+        if !early_bug {
+            self.prepare(&intent, deadline, op).await?;
         }
 
         // 2 and 3. Index write, then the commit, fenced by the owner token.
-        let idem = key.map(|(key, request_hash)| {
-            keyed(
-                key,
-                request_hash,
-                &UpsertReport {
-                    intent: intent_id,
-                    ids: ids.clone(),
-                    inserted: 0,
-                    updated: 0,
-                    deferred_cleanup: 0,
-                    replayed: false,
-                },
-            )
-        });
-        let overlap = self.config.overlap_index_write
-            && !self.bug(Bug::IndexWriteBeforeIntent)
+        let overlap = writes_index
+            && self.config.overlap_index_write
+            && !early_bug
             && !self.bug(Bug::DeleteOldPointsBeforeCommit);
         let started = Instant::now();
-        // The decision, or why the index write failed (with the commit's
-        // decision when it ran alongside).
-        let outcome: Result<Decision, (Failed<IndexError>, Option<Decision>)> = if overlap {
+        // The decision (with whether a write request may still land), or why
+        // the index write failed (with the commit's decision when it ran
+        // alongside).
+        let outcome: Result<(Decision, Landing), (WriteFailed, Option<Decision>)> = if !writes_index
+        {
+            let decision = self
+                .commit(
+                    intent_id,
+                    owner,
+                    deadline,
+                    commit_request(&unit, idem.as_ref(), None),
+                )
+                .await;
+            record_phase(op, "commit", started);
+            Ok((decision, Landing::Settled))
+        } else if overlap {
             // The commit's statements run while the points are written; it
             // becomes durable only once the gate says the write succeeded, so
             // no row is ever committed before its point exists.
             let (opener, gate) = IndexGate::pending();
             let write = async {
-                let written = self.write_points(&points, deadline).await;
-                record_phase("upsert", "index_write", started);
+                let written = self.write_points(&unit.points, deadline).await;
+                record_phase(op, "index_write", started);
+                let written = self
+                    .guard_late_landing(written, &new_points, deadline, op)
+                    .await;
                 opener.decide(written.is_ok());
                 written
             };
@@ -202,33 +502,32 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         intent_id,
                         owner,
                         deadline,
-                        CommitRequest::Upsert {
-                            rows: &rows,
-                            idempotency: idem.as_ref(),
-                            gate: Some(&gate),
-                        },
+                        commit_request(&unit, idem.as_ref(), Some(&gate)),
                     )
                     .await;
-                record_phase("upsert", "commit", started);
+                record_phase(op, "commit", started);
                 decision
             };
             // Both run to the end: a failed commit never leaves a chunk in
             // flight behind it, and a failed write is seen by the commit.
             match tokio::join!(write, commit) {
-                (Ok(()), decision) => Ok(decision),
-                (Err(failure), decision) => Err((failure, Some(decision))),
+                (Ok(landing), decision) => Ok((decision, landing)),
+                (Err(failed), decision) => Err((failed, Some(decision))),
             }
         } else {
-            let written = self.write_points(&points, deadline).await;
-            record_phase("upsert", "index_write", started);
-            match written {
-                Err(failure) => Err((failure, None)),
-                Ok(()) => {
-                    if self.bug(Bug::IndexWriteBeforeIntent) {
-                        self.prepare(&intent, deadline, "upsert").await?;
+            let written = self.write_points(&unit.points, deadline).await;
+            record_phase(op, "index_write", started);
+            match self
+                .guard_late_landing(written, &new_points, deadline, op)
+                .await
+            {
+                Err(failed) => Err((failed, None)),
+                Ok(landing) => {
+                    if early_bug {
+                        self.prepare(&intent, deadline, op).await?;
                     }
                     if self.bug(Bug::DeleteOldPointsBeforeCommit) {
-                        let old: Vec<PointId> = current.values().copied().collect();
+                        let old: Vec<PointId> = unit.current_for_bugs.values().copied().collect();
                         let _ = self.delete_points(&old, deadline).await;
                     }
                     let started = Instant::now();
@@ -237,23 +536,18 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                             intent_id,
                             owner,
                             deadline,
-                            CommitRequest::Upsert {
-                                rows: &rows,
-                                idempotency: idem.as_ref(),
-                                gate: None,
-                            },
+                            commit_request(&unit, idem.as_ref(), None),
                         )
                         .await;
-                    record_phase("upsert", "commit", started);
-                    Ok(decision)
+                    record_phase(op, "commit", started);
+                    Ok((decision, landing))
                 }
             }
         };
-        drop(points);
 
-        let decision = match outcome {
-            Ok(decision) => decision,
-            Err((failure, decision)) => {
+        let (decision, landing) = match outcome {
+            Ok(decided) => decided,
+            Err((failed, decision)) => {
                 // The commit, if it started, waited for the write and was abandoned
                 // (a failed gate never lets `COMMIT` through, on any attempt):
                 // undo the write under whichever token owns the intent now.
@@ -270,16 +564,20 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         error!("the metadata store committed although the index write failed");
                         return Err(CoordinatorError::OutcomeUnknown {
                             intent: intent_id,
-                            source: Box::new(index_failure(failure, self.config.call_deadline)),
+                            source: Box::new(failed.error),
                         });
                     }
                 };
                 if let Some(owner) = owner {
-                    let abandoned = failure.abandoned();
-                    self.compensate(intent_id, owner, &new_points, abandoned)
+                    let keep = if self.bug(Bug::ResolveAfterUncertainWrite) {
+                        failed.abandoned
+                    } else {
+                        failed.landing == Landing::InDoubt
+                    };
+                    self.compensate(intent_id, owner, &new_points, keep, op)
                         .await;
                 }
-                return Err(index_failure(failure, self.config.call_deadline));
+                return Err(failed.error);
             }
         };
 
@@ -288,167 +586,58 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 summary,
                 garbage,
                 owner,
+                conflicts,
             } => {
-                metrics::counter!("tandem_commits_total", "op" => "upsert").increment(1);
+                metrics::counter!("tandem_commits_total", "op" => op).increment(1);
                 info!(
                     inserted = summary.inserted,
                     updated = summary.updated,
+                    deleted = summary.deleted,
                     "committed"
                 );
+                if unit.hold {
+                    // A saga step: its garbage (superseded and deleted rows'
+                    // points) stays until the saga ends, so that a
+                    // compensation can put the rows back on them.
+                    info!(garbage = garbage.len(), "held for the saga");
+                    if self.bug(Bug::CollectHeldGarbage) {
+                        let deadline = Instant::now() + self.config.cleanup_deadline;
+                        let _ = self.delete_points(&garbage, deadline).await;
+                    }
+                    return Ok(Written::Done(Done {
+                        summary,
+                        deferred_cleanup: 0,
+                        conflicts,
+                    }));
+                }
                 // 4. Cleanup: the write is decided; failures here are recovery's.
-                let deferred = self.cleanup(intent_id, owner, &garbage).await;
+                let deferred = self.cleanup(op, intent_id, owner, &garbage).await;
                 if deferred == 0 {
                     info!("both stores in sync");
                 }
-                Ok(UpsertReport {
-                    intent: intent_id,
-                    ids,
-                    inserted: summary.inserted,
-                    updated: summary.updated,
+                Ok(Written::Done(Done {
+                    summary,
                     deferred_cleanup: deferred,
-                    replayed: false,
-                })
+                    conflicts,
+                }))
             }
             Decision::NotApplied {
                 error,
                 owner,
                 key_taken,
             } => {
-                self.compensate(intent_id, owner, &new_points, false).await;
+                let keep =
+                    landing == Landing::InDoubt && !self.bug(Bug::ResolveAfterUncertainWrite);
+                self.compensate(intent_id, owner, &new_points, keep, op)
+                    .await;
                 if key_taken {
-                    return self
-                        .replay_after_race(idem.as_ref(), replay_upsert, error)
-                        .await;
+                    return self.replay_after_race(idem.as_ref(), error).await;
                 }
                 Err(error)
             }
             Decision::Fenced => {
                 warn!("intent was taken over by recovery; not applied");
-                metrics::counter!("tandem_rollbacks_total", "op" => "upsert").increment(1);
-                Err(CoordinatorError::Fenced(intent_id))
-            }
-            Decision::Unknown(e) => Err(e),
-        }
-    }
-
-    /// Deletes the selected records, all-or-nothing across both stores.
-    ///
-    /// The delete is decided by the metadata commit (rows and an intent naming
-    /// their points, in one transaction); from then on the records are gone for
-    /// every reader. Points whose deletion does not finish within the cleanup
-    /// deadline are reported in `deferred_cleanup` and deleted by recovery.
-    pub async fn delete(&self, selector: DeleteSelector) -> Result<DeleteReport, CoordinatorError> {
-        self.delete_with(selector, &WriteOptions::default()).await
-    }
-
-    /// [`delete`](Self::delete) with options (an idempotency key).
-    pub async fn delete_with(
-        &self,
-        selector: DeleteSelector,
-        opts: &WriteOptions,
-    ) -> Result<DeleteReport, CoordinatorError> {
-        check_selector(&selector, &self.config.limits)?;
-        let deadline = Instant::now() + self.config.call_deadline;
-        let key = match &opts.idempotency_key {
-            Some(key) => {
-                let hash = request_hash("delete", &selector);
-                if let Some(rec) = self.lookup_key(key, &hash, deadline).await? {
-                    return replay_delete(rec);
-                }
-                Some((key.clone(), hash))
-            }
-            None => None,
-        };
-        let intent = IntentId::new_v7();
-        let span = info_span!("tandem.delete", intent = %intent);
-        self.delete_inner(intent, selector, key, deadline)
-            .instrument(span)
-            .await
-    }
-
-    async fn delete_inner(
-        &self,
-        intent_id: IntentId,
-        selector: DeleteSelector,
-        key: Option<(String, String)>,
-        deadline: Instant,
-    ) -> Result<DeleteReport, CoordinatorError> {
-        let now = self.clock.now_ms();
-        let owner = OwnerToken::new_random();
-        let intent = NewIntent {
-            id: intent_id,
-            kind: IntentKind::Delete,
-            owner,
-            lease_deadline_ms: now.saturating_add(self.lease_ms()),
-            point_ids: Vec::new(),
-            created_ms: now,
-        };
-        // The intent exists before the commit so that a lost commit reply can
-        // be settled by locking it, like an upsert's.
-        self.prepare(&intent, deadline, "delete").await?;
-
-        let idem = key.map(|(key, request_hash)| {
-            keyed(
-                key,
-                request_hash,
-                &DeleteReport {
-                    intent: intent_id,
-                    deleted: 0,
-                    deferred_cleanup: 0,
-                    replayed: false,
-                },
-            )
-        });
-        let started = Instant::now();
-        let decision = self
-            .commit(
-                intent_id,
-                owner,
-                deadline,
-                CommitRequest::Delete {
-                    selector: &selector,
-                    idempotency: idem.as_ref(),
-                },
-            )
-            .await;
-        record_phase("delete", "commit", started);
-
-        match decision {
-            Decision::Committed {
-                summary,
-                garbage,
-                owner,
-            } => {
-                metrics::counter!("tandem_commits_total", "op" => "delete").increment(1);
-                info!(deleted = summary.deleted, "committed");
-                let deferred = self.cleanup(intent_id, owner, &garbage).await;
-                if deferred == 0 {
-                    info!("both stores in sync");
-                }
-                Ok(DeleteReport {
-                    intent: intent_id,
-                    deleted: summary.deleted,
-                    deferred_cleanup: deferred,
-                    replayed: false,
-                })
-            }
-            Decision::NotApplied {
-                error,
-                owner,
-                key_taken,
-            } => {
-                warn!("rolling back");
-                metrics::counter!("tandem_rollbacks_total", "op" => "delete").increment(1);
-                self.resolve_best_effort(intent_id, owner).await;
-                if key_taken {
-                    return self
-                        .replay_after_race(idem.as_ref(), replay_delete, error)
-                        .await;
-                }
-                Err(error)
-            }
-            Decision::Fenced => {
-                metrics::counter!("tandem_rollbacks_total", "op" => "delete").increment(1);
+                metrics::counter!("tandem_rollbacks_total", "op" => op).increment(1);
                 Err(CoordinatorError::Fenced(intent_id))
             }
             Decision::Unknown(e) => Err(e),
@@ -478,19 +667,18 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// A concurrent call with the same key committed first: answer with its
     /// outcome (same request) or reject (different request).
-    async fn replay_after_race<R>(
+    async fn replay_after_race(
         &self,
         idem: Option<&IdempotencyRecord>,
-        replay: fn(IdempotencyRecord) -> Result<R, CoordinatorError>,
         error: CoordinatorError,
-    ) -> Result<R, CoordinatorError> {
+    ) -> Result<Written, CoordinatorError> {
         let Some(idem) = idem else { return Err(error) };
         let deadline = Instant::now() + self.config.cleanup_deadline;
         match self
             .lookup_key(&idem.key, &idem.request_hash, deadline)
             .await?
         {
-            Some(rec) => replay(rec),
+            Some(rec) => Ok(Written::Replay(rec)),
             None => Err(error),
         }
     }
@@ -539,11 +727,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 match tokio::time::timeout_at(deadline, self.commit_once(intent, owner, &request))
                     .await
                 {
-                    Ok(Ok((summary, garbage))) => {
+                    Ok(Ok(done)) => {
                         return Decision::Committed {
-                            summary,
-                            garbage,
+                            summary: done.summary,
+                            garbage: done.garbage,
                             owner,
+                            conflicts: done.conflicts,
                         };
                     }
                     Ok(Err(e)) => Failed::Port(e),
@@ -551,6 +740,22 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 };
             match failure {
                 Failed::Port(MetadataError::Fenced { .. }) => return Decision::Fenced,
+                Failed::Port(MetadataError::SagaFenced { saga }) => {
+                    // The saga was taken over (recovery, an abort): its step
+                    // must not apply. The intent is still ours to undo.
+                    return Decision::NotApplied {
+                        error: CoordinatorError::SagaFenced(saga),
+                        owner,
+                        key_taken: false,
+                    };
+                }
+                Failed::Port(MetadataError::StepFailed { source }) => {
+                    return Decision::NotApplied {
+                        error: CoordinatorError::StepFailed { source },
+                        owner,
+                        key_taken: false,
+                    };
+                }
                 Failed::Port(e @ MetadataError::IdempotencyKeyTaken { .. }) => {
                     return Decision::NotApplied {
                         error: CoordinatorError::Metadata(e),
@@ -597,6 +802,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                                 summary,
                                 garbage,
                                 owner,
+                                conflicts: Vec::new(),
                             };
                         }
                         Ok(Settled::NotCommitted { fence }) => {
@@ -606,6 +812,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                             // the commit can safely be tried again.
                             owner = fence;
                             if attempt < policy.max_attempts && Instant::now() < deadline {
+                                metrics::counter!("tandem_retries_total", "call" => "metadata.commit")
+                                    .increment(1);
                                 continue;
                             }
                             return Decision::NotApplied {
@@ -614,7 +822,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                                 key_taken: false,
                             };
                         }
-                        Ok(Settled::Fenced) => return Decision::Fenced,
+                        Ok(Settled::Fenced) => {
+                            // Not committed, like the arm above; recovery owns the intent now.
+                            metrics::counter!("tandem_ambiguous_commits_total", "settled" => "not_committed").increment(1);
+                            return Decision::Fenced;
+                        }
                         Err(e) => {
                             metrics::counter!("tandem_ambiguous_commits_total", "settled" => "unknown").increment(1);
                             return Decision::Unknown(CoordinatorError::OutcomeUnknown {
@@ -634,7 +846,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         intent: IntentId,
         owner: OwnerToken,
         request: &CommitRequest<'_>,
-    ) -> Result<(CommitSummary, Vec<PointId>), MetadataError> {
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        let plain = |summary, garbage| TransactionCommitResult {
+            summary,
+            garbage,
+            conflicts: Vec::new(),
+        };
         match request {
             CommitRequest::Upsert {
                 rows,
@@ -644,7 +861,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .repo
                 .commit_upsert(intent, owner, rows, *idempotency)
                 .await
-                .map(|c| (c.summary, c.old_point_ids)),
+                .map(|c| plain(c.summary, c.old_point_ids)),
             CommitRequest::Upsert {
                 rows,
                 idempotency,
@@ -653,7 +870,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .repo
                 .commit_upsert_gated(intent, owner, rows, *idempotency, gate)
                 .await
-                .map(|c| (c.summary, c.old_point_ids)),
+                .map(|c| plain(c.summary, c.old_point_ids)),
             CommitRequest::Delete {
                 selector,
                 idempotency,
@@ -661,7 +878,29 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .repo
                 .commit_delete(intent, owner, selector, *idempotency)
                 .await
-                .map(|c| (c.summary, c.point_ids)),
+                .map(|c| plain(c.summary, c.point_ids)),
+            CommitRequest::Transaction {
+                commit,
+                idempotency,
+                gate,
+            } => match gate {
+                Some(gate) => {
+                    self.repo
+                        .commit_transaction(intent, owner, commit, *idempotency, gate)
+                        .await
+                }
+                None => {
+                    self.repo
+                        .commit_transaction(
+                            intent,
+                            owner,
+                            commit,
+                            *idempotency,
+                            &IndexGate::passed(),
+                        )
+                        .await
+                }
+            },
         }
     }
 
@@ -702,12 +941,17 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// Writes points in ⌈n/chunk⌉ calls, `index_parallelism` at a time. Waits
     /// for every chunk before reporting a failure, so that compensation never
-    /// races a chunk still being written by this process.
+    /// races a chunk still being written by this process. Also tells whether a
+    /// request may still land after this returns: any attempt that ended with
+    /// an unknown outcome (a lost reply, a timeout, an error from a proxy that
+    /// may still deliver it) or was cut by the deadline.
     async fn write_points(
         &self,
         points: &[Point],
         deadline: Instant,
-    ) -> Result<(), Failed<IndexError>> {
+    ) -> (Result<(), Failed<IndexError>>, Landing) {
+        let doubt = AtomicBool::new(false);
+        let doubt_ref = &doubt;
         // The futures are built eagerly (not in a stream's closure) so that the
         // operation's future stays `Send` for every lifetime.
         let calls: Vec<_> = points
@@ -718,7 +962,19 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     deadline,
                     "index.upsert",
                     Idempotence::Idempotent,
-                    move || self.index.upsert(c),
+                    move || {
+                        let attempt = self.index.upsert(c);
+                        async move {
+                            let result = attempt.await;
+                            if result
+                                .as_ref()
+                                .is_err_and(|e| e.outcome() == Outcome::Unknown)
+                            {
+                                doubt_ref.store(true, AtomicOrdering::Relaxed);
+                            }
+                            result
+                        }
+                    },
                 )
             })
             .collect();
@@ -726,7 +982,59 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .buffer_unordered(self.config.limits.index_parallelism)
             .collect()
             .await;
-        first_failure(results)
+        let result = first_failure(results);
+        let in_doubt =
+            doubt.load(AtomicOrdering::Relaxed) || result.as_ref().is_err_and(Failed::abandoned);
+        let landing = if in_doubt {
+            Landing::InDoubt
+        } else {
+            Landing::Settled
+        };
+        (result, landing)
+    }
+
+    /// After the index write: if a request of it may still land, names the
+    /// new points in a *guard* intent before the commit, so that a late
+    /// landing of a point that is superseded or deleted in the meantime is
+    /// still garbage some intent names (recovery collects it after the
+    /// guard's lease). A guard that cannot be recorded fails the write.
+    async fn guard_late_landing(
+        &self,
+        written: (Result<(), Failed<IndexError>>, Landing),
+        new_points: &[PointId],
+        deadline: Instant,
+        op: &'static str,
+    ) -> Result<Landing, WriteFailed> {
+        let (result, landing) = written;
+        if let Err(failure) = result {
+            return Err(WriteFailed {
+                abandoned: failure.abandoned(),
+                error: index_failure(failure, self.config.call_deadline),
+                landing,
+            });
+        }
+        if landing == Landing::Settled || self.bug(Bug::NoLateWriteGuard) {
+            return Ok(landing);
+        }
+        let now = self.clock.now_ms();
+        let guard = NewIntent {
+            id: IntentId::new_v7(),
+            kind: IntentKind::Upsert,
+            owner: OwnerToken::new_random(),
+            lease_deadline_ms: now.saturating_add(self.lease_ms()),
+            point_ids: new_points.to_vec(),
+            created_ms: now,
+        };
+        warn!(guard = %guard.id, "an index write request may still land; guarding its points until the lease ends");
+        metrics::counter!("tandem_late_write_guards_total").increment(1);
+        self.prepare(&guard, deadline, op)
+            .await
+            .map_err(|error| WriteFailed {
+                error,
+                abandoned: false,
+                landing,
+            })?;
+        Ok(landing)
     }
 
     /// Deletes points in chunks (idempotent, retried).
@@ -758,17 +1066,25 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// Undoes the index write of a call that will not commit. The intent is
-    /// resolved only when every new point is known deleted and no write of
-    /// this call can still be in flight; otherwise recovery finishes the job.
+    /// resolved only when every new point is known deleted and no write request
+    /// of this call can still land (`keep_intent` false); otherwise recovery
+    /// finishes the job after the lease, when nothing can land any more.
     async fn compensate(
         &self,
         intent: IntentId,
         owner: OwnerToken,
         new_points: &[PointId],
-        write_abandoned: bool,
+        keep_intent: bool,
+        op: &'static str,
     ) {
         warn!("rolling back");
-        metrics::counter!("tandem_rollbacks_total", "op" => "upsert").increment(1);
+        metrics::counter!("tandem_rollbacks_total", "op" => op).increment(1);
+        if new_points.is_empty() {
+            // Nothing was written to the index (a delete): the intent is all
+            // there is to undo.
+            self.resolve_best_effort(intent, owner).await;
+            return;
+        }
         let deadline = Instant::now() + self.config.cleanup_deadline;
         match self.delete_points(new_points, deadline).await {
             Ok(()) => {
@@ -777,8 +1093,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     points = new_points.len(),
                     "cleaned up index points after rollback"
                 );
-                if write_abandoned {
-                    warn!("an index write may still be in flight; the intent is left to recovery");
+                if keep_intent {
+                    warn!("an index write request may still land; the intent is left to recovery");
                 } else {
                     self.resolve_best_effort(intent, owner).await;
                 }
@@ -790,8 +1106,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// Deletes the points a commit made garbage, then resolves the intent.
-    /// Returns how many points were left to recovery.
-    async fn cleanup(&self, intent: IntentId, owner: OwnerToken, garbage: &[PointId]) -> usize {
+    /// Returns how many points were left to recovery. Timed as `op`'s cleanup.
+    async fn cleanup(
+        &self,
+        op: &'static str,
+        intent: IntentId,
+        owner: OwnerToken,
+        garbage: &[PointId],
+    ) -> usize {
         let started = Instant::now();
         let deadline = started + self.config.cleanup_deadline;
         if self.bug(Bug::ResolveBeforeCleanup) {
@@ -802,11 +1124,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             warn!(error = %e, points = garbage.len(), "cleanup deferred to recovery");
             metrics::counter!("tandem_deferred_cleanup_points_total")
                 .increment(garbage.len() as u64);
-            record_phase("write", "cleanup", started);
+            record_phase(op, "cleanup", started);
             return garbage.len();
         }
         self.resolve_best_effort(intent, owner).await;
-        record_phase("write", "cleanup", started);
+        record_phase(op, "cleanup", started);
         0
     }
 
@@ -827,6 +1149,76 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 }
 
+/// Which port method commits `unit`: a plain upsert or delete keeps its own
+/// (so that every store, and every existing fault case, sees the same
+/// calls); anything else is a [`MetadataRepo::commit_transaction`].
+fn commit_request<'a>(
+    unit: &'a Unit,
+    idempotency: Option<&'a IdempotencyRecord>,
+    gate: Option<&'a IndexGate>,
+) -> CommitRequest<'a> {
+    match (&unit.parts[..], &unit.step, unit.hold, unit.saga) {
+        ([CommitPart::Upsert(rows)], None, false, None) => CommitRequest::Upsert {
+            rows,
+            idempotency,
+            gate,
+        },
+        ([CommitPart::Delete(selector)], None, false, None) => CommitRequest::Delete {
+            selector,
+            idempotency,
+        },
+        (parts, step, hold, saga) => CommitRequest::Transaction {
+            commit: TransactionCommit {
+                parts,
+                step: step.clone(),
+                hold,
+                saga,
+            },
+            idempotency,
+            gate,
+        },
+    }
+}
+
+/// A write of any kind, ready for the protocol ([`Coordinator::write_unit`]).
+struct Unit {
+    /// The operation's name in metrics and logs (`upsert`, `delete`,
+    /// `transaction`, `restore`).
+    op: &'static str,
+    /// The intent's kind.
+    kind: IntentKind,
+    /// What the commit writes, in order (point ids decided).
+    parts: Vec<CommitPart>,
+    /// The new points to write to the index before the commit.
+    points: Vec<Point>,
+    /// The caller's own statements, in the commit's transaction.
+    step: Option<Arc<dyn CommitStep>>,
+    /// A saga step: keep the garbage and the undo images until the saga ends.
+    hold: bool,
+    /// Commit only while the saga is still this driver's.
+    saga: Option<SagaFence>,
+    /// The current points of the records, read only for the planted bugs.
+    current_for_bugs: HashMap<RecordId, PointId>,
+}
+
+/// How a write ended for its caller.
+enum Written {
+    /// It committed now.
+    Done(Done),
+    /// A concurrent call with the same idempotency key committed first:
+    /// answer with its recorded outcome.
+    Replay(IdempotencyRecord),
+}
+
+/// What a committed write decided.
+struct Done {
+    summary: CommitSummary,
+    /// Points left to recovery.
+    deferred_cleanup: usize,
+    /// Records a restore left alone.
+    conflicts: Vec<RecordId>,
+}
+
 /// What a commit writes.
 enum CommitRequest<'a> {
     Upsert {
@@ -839,6 +1231,34 @@ enum CommitRequest<'a> {
         selector: &'a DeleteSelector,
         idempotency: Option<&'a IdempotencyRecord>,
     },
+    /// Several parts, a caller step, or a saga step's commit.
+    Transaction {
+        commit: TransactionCommit<'a>,
+        idempotency: Option<&'a IdempotencyRecord>,
+        /// Set when the commit overlaps the index write it must follow.
+        gate: Option<&'a IndexGate>,
+    },
+}
+
+/// Whether a request of an index write may still land after the write
+/// returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Landing {
+    /// Every request's outcome is known: nothing of it is still on its way.
+    Settled,
+    /// Some attempt's outcome is unknown (or the deadline cut it): it may be
+    /// applied later, until the lease ends.
+    InDoubt,
+}
+
+/// Why an upsert's index write (or its guard) failed.
+struct WriteFailed {
+    /// What the caller is told.
+    error: CoordinatorError,
+    /// The deadline cut a request in flight.
+    abandoned: bool,
+    /// Whether a request may still land.
+    landing: Landing,
 }
 
 /// The outcome of a settlement, as the commit loop needs it.
@@ -912,6 +1332,23 @@ fn replay_upsert(rec: IdempotencyRecord) -> Result<UpsertReport, CoordinatorErro
     })?;
     report.inserted = rec.summary.inserted;
     report.updated = rec.summary.updated;
+    report.deferred_cleanup = 0;
+    report.replayed = true;
+    Ok(report)
+}
+
+pub(super) fn replay_transaction(
+    rec: IdempotencyRecord,
+) -> Result<TransactionReport, CoordinatorError> {
+    let mut report: TransactionReport = serde_json::from_value(rec.outcome).map_err(|e| {
+        CoordinatorError::Config(format!(
+            "stored outcome of key {:?} is unreadable: {e}",
+            rec.key
+        ))
+    })?;
+    report.inserted = rec.summary.inserted;
+    report.updated = rec.summary.updated;
+    report.deleted = rec.summary.deleted;
     report.deferred_cleanup = 0;
     report.replayed = true;
     Ok(report)

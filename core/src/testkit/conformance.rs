@@ -1,6 +1,7 @@
-//! Conformance suites for the two ports: one generic async function per
-//! contract bullet (named after it, see [`MetadataRepo`] and [`VectorIndex`]),
-//! and two macros that turn them into one named test per case for a backend.
+//! Conformance suites for the two ports and for embedders: one generic async
+//! function per contract bullet (named after it, see [`MetadataRepo`],
+//! [`VectorIndex`] and [`Embedder`]), and macros that turn them into one named
+//! test per case for a backend.
 //!
 //! Every backend runs them — the in-memory ones, PostgreSQL, SQLite, Qdrant,
 //! qdrant-edge, the fault wrappers with an empty plan — and so can a third
@@ -46,12 +47,17 @@
 //! The functions can also be called directly, e.g. from a hand-written test:
 //! `conformance::prepare_then_read(&repo).await`. They panic on a violation.
 
+mod embed;
+mod journal;
 mod metadata;
 mod vector;
 
+pub use embed::*;
+pub use journal::*;
 pub use metadata::*;
 pub use vector::*;
 
+use crate::embed::Embedder;
 use crate::ports::{MetadataRepo, VectorIndex};
 
 /// What a metadata conformance factory returns: something that gives access to
@@ -84,6 +90,23 @@ pub trait VectorFixture {
 impl<T: VectorIndex> VectorFixture for T {
     type Index = T;
     fn index(&self) -> &T {
+        self
+    }
+}
+
+/// What an embedder conformance factory returns: something that gives access
+/// to the embedder under test. Implemented for every [`Embedder`] and for
+/// [`Guarded`].
+pub trait EmbedderFixture {
+    /// The embedder.
+    type Embedder: Embedder + ?Sized;
+    /// The embedder under test.
+    fn embedder(&self) -> &Self::Embedder;
+}
+
+impl<T: Embedder> EmbedderFixture for T {
+    type Embedder = T;
+    fn embedder(&self) -> &T {
         self
     }
 }
@@ -121,6 +144,13 @@ impl<B: MetadataRepo, G> MetadataFixture for Guarded<B, G> {
 impl<B: VectorIndex, G> VectorFixture for Guarded<B, G> {
     type Index = B;
     fn index(&self) -> &B {
+        &self.backend
+    }
+}
+
+impl<B: Embedder, G> EmbedderFixture for Guarded<B, G> {
+    type Embedder = B;
+    fn embedder(&self) -> &B {
         &self.backend
     }
 }
@@ -200,6 +230,8 @@ macro_rules! metadata_repo_conformance {
                 settle_missing,
                 resolve_removes_intent,
                 resolve_is_idempotent,
+                resolve_many_removes_only_owned,
+                resolve_many_is_idempotent,
                 claim_takes_only_expired,
                 claim_transfers_ownership,
                 claim_is_exclusive,
@@ -212,7 +244,37 @@ macro_rules! metadata_repo_conformance {
                 lookup_idempotency_unknown_key,
                 scan_refs_pages_cover_all,
                 count_by_scope_counts_rows,
+                commit_transaction_applies_parts_in_order,
+                commit_transaction_fenced_by_owner,
+                commit_transaction_fenced_by_saga,
+                commit_transaction_is_idempotent,
+                commit_transaction_records_idempotency_key,
+                commit_transaction_all_or_nothing,
+                commit_transaction_runs_the_step,
+                commit_transaction_restores,
+                commit_transaction_gated,
+                saga_save_creates,
+                saga_save_create_is_idempotent,
+                saga_save_fenced_by_owner,
+                saga_save_terminal_releases_held,
+                saga_claim_takes_only_expired_live,
+                saga_claim_transfers_ownership,
+                saga_claim_is_exclusive,
+                saga_take_fences_the_driver,
+                saga_list_filters_by_state,
+                saga_counts_by_state,
+                referenced_points_includes_held,
             );
+
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn commit_transaction_holds() {
+                let fixture = $factory.await;
+                $crate::testkit::conformance::commit_transaction_holds(
+                    $crate::testkit::conformance::MetadataFixture::repo(&fixture),
+                    $keeps,
+                )
+                .await;
+            }
 
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn commit_upsert_keeps_vectors_when_configured() {
@@ -312,6 +374,62 @@ macro_rules! __vector_conformance_cases {
             async fn $case() {
                 $crate::testkit::conformance::$case(
                     |$dim: usize, $distance: $crate::Distance| $factory,
+                )
+                .await;
+            }
+        )*
+    };
+}
+
+/// Instantiates the [`Embedder`] conformance suite: a module `$name` with one
+/// `#[tokio::test]` (multi-thread runtime, 2 workers) per case.
+///
+/// Input: `embedder_conformance!(module_name, factory)`. `factory` is an
+/// expression of a future (usually `async { ... }`), evaluated anew in every
+/// test, whose output is an [`EmbedderFixture`] — the embedder itself, or a
+/// [`Guarded`] one (e.g. with the server it talks to). The embedder must
+/// give different texts different vectors (at least 16 dimensions for the
+/// hash embedding). It is expanded inside the generated module, which
+/// imports the surrounding module with `use super::*`.
+///
+/// The calling crate needs `tokio` (features `macros`, `rt-multi-thread`).
+///
+/// ```
+/// use tandem_core::testkit::embed::TextVectorEmbedder;
+/// // One test per case, e.g. `text_vectors::embed_repeated_texts_agree`.
+/// tandem_core::embedder_conformance!(text_vectors, async { TextVectorEmbedder::new(16) });
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! embedder_conformance {
+    ($name:ident, $factory:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::__embedder_conformance_cases!(
+                $factory;
+                describes_itself,
+                embed_returns_one_vector_per_text_in_order,
+                embed_vectors_have_the_dimension,
+                embed_empty_call_is_empty,
+                embed_repeated_texts_agree,
+                embed_many_texts_keeps_order,
+            );
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __embedder_conformance_cases {
+    ($factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $factory.await;
+                $crate::testkit::conformance::$case(
+                    $crate::testkit::conformance::EmbedderFixture::embedder(&fixture),
                 )
                 .await;
             }

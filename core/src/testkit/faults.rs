@@ -45,7 +45,10 @@ use crate::model::{
     OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope, ScoredPoint,
     Settlement, StoredRecord, UpsertCommit,
 };
+use crate::model::{SagaId, TransactionCommit, TransactionCommitResult, UndoImage};
 use crate::ports::{IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
+use crate::saga::{SagaCounts, SagaRecord, SagaState};
+use crate::transaction::ConnectionType;
 
 /// Which port method a call is. One enum for both ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,6 +63,8 @@ pub enum Call {
     Settle,
     /// [`MetadataRepo::resolve`].
     Resolve,
+    /// [`MetadataRepo::resolve_many`].
+    ResolveMany,
     /// [`MetadataRepo::claim_expired`].
     ClaimExpired,
     /// [`MetadataRepo::record_failure`].
@@ -78,6 +83,22 @@ pub enum Call {
     ListIntents,
     /// [`MetadataRepo::count_by_scope`].
     CountByScope,
+    /// [`MetadataRepo::commit_transaction`].
+    CommitTransaction,
+    /// [`MetadataRepo::undo_images`].
+    UndoImages,
+    /// [`MetadataRepo::saga_save`].
+    SagaSave,
+    /// [`MetadataRepo::saga_claim`].
+    SagaClaim,
+    /// [`MetadataRepo::saga_take`].
+    SagaTake,
+    /// [`MetadataRepo::saga_get`].
+    SagaGet,
+    /// [`MetadataRepo::saga_list`].
+    SagaList,
+    /// [`MetadataRepo::saga_counts`].
+    SagaCounts,
     /// [`VectorIndex::upsert`].
     IndexUpsert,
     /// [`VectorIndex::delete`].
@@ -93,12 +114,13 @@ pub enum Call {
 }
 
 impl Call {
-    const ALL: [Call; 20] = [
+    const ALL: [Call; 29] = [
         Call::Prepare,
         Call::CommitUpsert,
         Call::CommitDelete,
         Call::Settle,
         Call::Resolve,
+        Call::ResolveMany,
         Call::ClaimExpired,
         Call::RecordFailure,
         Call::ReferencedPoints,
@@ -108,6 +130,14 @@ impl Call {
         Call::ScanRefs,
         Call::ListIntents,
         Call::CountByScope,
+        Call::CommitTransaction,
+        Call::UndoImages,
+        Call::SagaSave,
+        Call::SagaClaim,
+        Call::SagaTake,
+        Call::SagaGet,
+        Call::SagaList,
+        Call::SagaCounts,
         Call::IndexUpsert,
         Call::IndexDelete,
         Call::IndexRetrieve,
@@ -125,8 +155,13 @@ impl Call {
                 | Call::CommitDelete
                 | Call::Settle
                 | Call::Resolve
+                | Call::ResolveMany
                 | Call::ClaimExpired
                 | Call::RecordFailure
+                | Call::CommitTransaction
+                | Call::SagaSave
+                | Call::SagaClaim
+                | Call::SagaTake
                 | Call::IndexUpsert
                 | Call::IndexDelete
         )
@@ -191,6 +226,12 @@ pub enum Fault {
     /// The inner store is called (the effect happens); then the controller's
     /// crash signal fires and the call never completes.
     CrashAfter,
+    /// A transient error with [`Outcome::Unknown`] is returned at once, and the
+    /// call's effect lands **later**: an index write is kept by the controller
+    /// and applied when the test says so ([`FaultController::take_deferred`]),
+    /// as a request that a proxy answered with an error but still delivers.
+    /// Any other call is not applied at all (a request lost on its way).
+    LandLater,
 }
 
 impl Fault {
@@ -206,14 +247,16 @@ impl Fault {
             Fault::Duplicate,
             Fault::CrashBefore,
             Fault::CrashAfter,
+            Fault::LandLater,
         ]
     }
 
-    /// Whether the inner store is called at least once under this fault.
+    /// Whether the inner store is called at least once under this fault
+    /// (for [`Fault::LandLater`]: not during the call).
     pub fn reaches_inner(&self) -> bool {
         !matches!(
             self,
-            Fault::FailBefore | Fault::Reject | Fault::Hang | Fault::CrashBefore
+            Fault::FailBefore | Fault::Reject | Fault::Hang | Fault::CrashBefore | Fault::LandLater
         )
     }
 }
@@ -314,6 +357,8 @@ struct State {
     rng: StdRng,
     counts: HashMap<Call, usize>,
     log: Vec<LogEntry>,
+    /// Index writes met by [`Fault::LandLater`], not applied yet.
+    deferred: Vec<Vec<Point>>,
 }
 
 impl State {
@@ -364,6 +409,7 @@ impl FaultController {
                     rng: StdRng::seed_from_u64(seed),
                     counts: HashMap::new(),
                     log: Vec::new(),
+                    deferred: Vec::new(),
                 }),
                 crash,
             }),
@@ -473,6 +519,15 @@ impl FaultController {
         let mut rx = self.shared.crash.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
         let _ = rx.wait_for(|crashed| *crashed).await.is_ok();
+    }
+
+    /// Takes the index writes that met [`Fault::LandLater`] and have not
+    /// landed yet, oldest first. The test lands them by writing them to the
+    /// store behind the wrappers: after the faulty operation returned (that is
+    /// the fault), but before the clock passes the writer's lease (a request
+    /// never lands later than that; see `docs/protocol.md`).
+    pub fn take_deferred(&self) -> Vec<Vec<Point>> {
+        std::mem::take(&mut self.state().deferred)
     }
 
     /// Counts and logs the start of a call and decides its fault.
@@ -610,6 +665,22 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: InjectableError,
 {
+    intercept_deferrable(ctl, call, op, || None).await
+}
+
+/// [`intercept`], for a call whose effect [`Fault::LandLater`] can keep for
+/// later: `deferred` returns the index write to keep.
+async fn intercept_deferrable<T, E, F, Fut>(
+    ctl: &FaultController,
+    call: Call,
+    op: F,
+    deferred: impl FnOnce() -> Option<Vec<Point>>,
+) -> Result<T, E>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: InjectableError,
+{
     let (seq, occurrence, fault) = ctl.begin(call);
     let injected = |kind: Injected, fault: &Fault, note: &str| {
         E::injected(
@@ -649,6 +720,16 @@ where
             let _ = op().await;
             ctl.trigger_crash();
             pending().await
+        }
+        Some(fault @ Fault::LandLater) => {
+            let note = match deferred() {
+                Some(points) => {
+                    ctl.state().deferred.push(points);
+                    " (the write lands later)"
+                }
+                None => " (the request is lost)",
+            };
+            Err(injected(Injected::Unknown, &fault, note))
         }
     };
     ctl.finish(seq, result.as_ref().err().map(ToString::to_string));
@@ -746,6 +827,93 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
         .await
     }
 
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        self.inner.commit_step_connection()
+    }
+
+    /// Like the gated upsert commit: the gate is awaited outside the fault
+    /// plan, then the inner store's commit runs under it.
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        intercept(&self.ctl, Call::CommitTransaction, || {
+            self.inner
+                .commit_transaction(intent, owner, commit, idempotency, gate)
+        })
+        .await
+    }
+
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        intercept(&self.ctl, Call::UndoImages, || {
+            self.inner.undo_images(intent)
+        })
+        .await
+    }
+
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        intercept(&self.ctl, Call::SagaSave, || {
+            self.inner.saga_save(saga, fence)
+        })
+        .await
+    }
+
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        intercept(&self.ctl, Call::SagaClaim, || {
+            self.inner
+                .saga_claim(now_ms, owner, lease_deadline_ms, limit)
+        })
+        .await
+    }
+
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        intercept(&self.ctl, Call::SagaTake, || {
+            self.inner.saga_take(id, owner, lease_deadline_ms)
+        })
+        .await
+    }
+
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        intercept(&self.ctl, Call::SagaGet, || self.inner.saga_get(id)).await
+    }
+
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        intercept(&self.ctl, Call::SagaList, || {
+            self.inner.saga_list(state, limit)
+        })
+        .await
+    }
+
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        intercept(&self.ctl, Call::SagaCounts, || self.inner.saga_counts()).await
+    }
+
     async fn settle(
         &self,
         intent: IntentId,
@@ -761,6 +929,17 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         intercept(&self.ctl, Call::Resolve, || {
             self.inner.resolve(intent, owner)
+        })
+        .await
+    }
+
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        intercept(&self.ctl, Call::ResolveMany, || {
+            self.inner.resolve_many(intents, owner)
         })
         .await
     }
@@ -899,7 +1078,13 @@ impl<V: VectorIndex> VectorIndex for FaultyVectorIndex<V> {
     }
 
     async fn upsert(&self, points: &[Point]) -> Result<(), IndexError> {
-        intercept(&self.ctl, Call::IndexUpsert, || self.inner.upsert(points)).await
+        intercept_deferrable(
+            &self.ctl,
+            Call::IndexUpsert,
+            || self.inner.upsert(points),
+            || Some(points.to_vec()),
+        )
+        .await
     }
 
     async fn delete(&self, ids: &[PointId]) -> Result<(), IndexError> {
@@ -1034,11 +1219,13 @@ mod tests {
 
     #[test]
     fn call_classification() {
-        assert_eq!(Call::all().len(), 20);
+        assert_eq!(Call::all().len(), 29);
         let distinct: HashSet<Call> = Call::all().iter().copied().collect();
-        assert_eq!(distinct.len(), 20);
+        assert_eq!(distinct.len(), 29);
         let writes: Vec<Call> = Call::all().iter().copied().filter(Call::is_write).collect();
-        assert_eq!(writes.len(), 9);
+        assert_eq!(writes.len(), 14);
+        assert!(Call::CommitTransaction.is_write() && Call::CommitTransaction.is_metadata());
+        assert!(Call::SagaClaim.is_write() && !Call::SagaGet.is_write());
         assert!(Call::IndexDelete.is_write() && Call::IndexDelete.is_index());
         assert!(!Call::IndexSearch.is_write());
         assert!(Call::Settle.is_write() && Call::Settle.is_metadata());
@@ -1057,6 +1244,28 @@ mod tests {
         // The rule hit only the first call.
         index.upsert(&[point()]).await.unwrap();
         assert_eq!(*index.inner().upserts.lock().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn land_later_answers_unknown_at_once_and_keeps_the_write() {
+        let (ctl, index) = wrapped(1);
+        ctl.add(Rule::once(Call::IndexUpsert, 0, Fault::LandLater));
+        ctl.add(Rule::once(Call::IndexDelete, 0, Fault::LandLater));
+        let p = point();
+        let err = index.upsert(std::slice::from_ref(&p)).await.unwrap_err();
+        assert!(err.is_retryable());
+        assert_eq!(err.outcome(), Outcome::Unknown);
+        assert!(err.to_string().contains("lands later"), "{err}");
+        // Not applied during the call ...
+        assert_eq!(*index.inner().upserts.lock().unwrap(), 0);
+        // ... but kept, to land when the test says.
+        assert_eq!(ctl.take_deferred(), vec![vec![p.clone()]]);
+        assert!(ctl.take_deferred().is_empty());
+        // Any other call is simply lost.
+        let err = index.delete(&[p.id]).await.unwrap_err();
+        assert_eq!(err.outcome(), Outcome::Unknown);
+        assert!(err.to_string().contains("lost"), "{err}");
+        assert!(ctl.take_deferred().is_empty());
     }
 
     #[tokio::test]

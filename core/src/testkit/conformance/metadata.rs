@@ -16,21 +16,21 @@ use crate::model::{
 use crate::ports::{IndexGate, MetadataRepo};
 
 /// A lease that never expires during a test (2100-01-01).
-const FAR_FUTURE_MS: i64 = 4_102_444_800_000;
+pub(super) const FAR_FUTURE_MS: i64 = 4_102_444_800_000;
 /// "Now" for the claim cases: far before any real lease, so that a store holding
 /// real intents does not hand those out.
-const CLAIM_NOW_MS: i64 = 1_000_000_000;
+pub(super) const CLAIM_NOW_MS: i64 = 1_000_000_000;
 /// A limit large enough to list every intent of a test store.
-const ALL: usize = 100_000;
+pub(super) const ALL: usize = 100_000;
 
-fn ok<T, E: Display>(result: Result<T, E>, what: &str) -> T {
+pub(super) fn ok<T, E: Display>(result: Result<T, E>, what: &str) -> T {
     match result {
         Ok(value) => value,
         Err(e) => panic!("{what} failed: {e}"),
     }
 }
 
-fn fresh_scope(tag: &str) -> Scope {
+pub(super) fn fresh_scope(tag: &str) -> Scope {
     Scope::new(format!("conformance-{tag}-{}", Uuid::new_v4().simple()))
 }
 
@@ -41,7 +41,7 @@ fn object(value: Value) -> Metadata {
     }
 }
 
-fn row(scope: &Scope, n: i64) -> RowWrite {
+pub(super) fn row(scope: &Scope, n: i64) -> RowWrite {
     RowWrite {
         id: RecordId::new_random(),
         scope: scope.clone(),
@@ -52,7 +52,7 @@ fn row(scope: &Scope, n: i64) -> RowWrite {
     }
 }
 
-fn row_with_metadata(scope: &Scope, metadata: Value) -> RowWrite {
+pub(super) fn row_with_metadata(scope: &Scope, metadata: Value) -> RowWrite {
     RowWrite {
         metadata: object(metadata),
         ..row(scope, 0)
@@ -60,18 +60,22 @@ fn row_with_metadata(scope: &Scope, metadata: Value) -> RowWrite {
 }
 
 /// The same record, rewritten under a fresh point with new content.
-fn rewrite(old: &RowWrite, scope: &Scope, n: i64) -> RowWrite {
+pub(super) fn rewrite(old: &RowWrite, scope: &Scope, n: i64) -> RowWrite {
     RowWrite {
         id: old.id,
         ..row(scope, n)
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     unix_ms(std::time::SystemTime::now())
 }
 
-fn new_intent(kind: IntentKind, point_ids: Vec<PointId>, lease_deadline_ms: i64) -> NewIntent {
+pub(super) fn new_intent(
+    kind: IntentKind,
+    point_ids: Vec<PointId>,
+    lease_deadline_ms: i64,
+) -> NewIntent {
     NewIntent {
         id: IntentId::new_random(),
         kind,
@@ -82,7 +86,7 @@ fn new_intent(kind: IntentKind, point_ids: Vec<PointId>, lease_deadline_ms: i64)
     }
 }
 
-fn points_of(rows: &[RowWrite]) -> Vec<PointId> {
+pub(super) fn points_of(rows: &[RowWrite]) -> Vec<PointId> {
     rows.iter().map(|r| r.point_id).collect()
 }
 
@@ -92,7 +96,7 @@ fn sorted<T: Ord + Clone>(items: &[T]) -> Vec<T> {
     items
 }
 
-fn idempotency(key: &str) -> IdempotencyRecord {
+pub(super) fn idempotency(key: &str) -> IdempotencyRecord {
     IdempotencyRecord {
         key: key.to_owned(),
         request_hash: format!("hash-of-{key}"),
@@ -110,7 +114,7 @@ fn assert_fenced(err: MetadataError, intent: IntentId, what: &str) {
     }
 }
 
-async fn prepared<M: MetadataRepo + ?Sized>(
+pub(super) async fn prepared<M: MetadataRepo + ?Sized>(
     repo: &M,
     kind: IntentKind,
     point_ids: Vec<PointId>,
@@ -121,7 +125,7 @@ async fn prepared<M: MetadataRepo + ?Sized>(
 }
 
 /// Prepares an upsert intent for `rows` and commits them.
-async fn committed<M: MetadataRepo + ?Sized>(
+pub(super) async fn committed<M: MetadataRepo + ?Sized>(
     repo: &M,
     rows: &[RowWrite],
 ) -> (NewIntent, UpsertCommit) {
@@ -140,13 +144,16 @@ async fn find_intent<M: MetadataRepo + ?Sized>(repo: &M, id: IntentId) -> Option
         .find(|i| i.id == id)
 }
 
-async fn intent_of<M: MetadataRepo + ?Sized>(repo: &M, id: IntentId) -> Intent {
+pub(super) async fn intent_of<M: MetadataRepo + ?Sized>(repo: &M, id: IntentId) -> Intent {
     find_intent(repo, id)
         .await
         .unwrap_or_else(|| panic!("intent {id} is not listed"))
 }
 
-async fn get_one<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<StoredRecord> {
+pub(super) async fn get_one<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    id: RecordId,
+) -> Option<StoredRecord> {
     let mut rows = ok(repo.get(&[id]).await, "get");
     assert!(
         rows.len() <= 1,
@@ -163,7 +170,7 @@ async fn ids_present<M: MetadataRepo + ?Sized>(repo: &M, ids: &[RecordId]) -> BT
         .collect()
 }
 
-fn assert_row_is(stored: &StoredRecord, written: &RowWrite, version: u64) {
+pub(super) fn assert_row_is(stored: &StoredRecord, written: &RowWrite, version: u64) {
     assert_eq!(stored.id, written.id);
     assert_eq!(stored.scope, written.scope, "scope of {}", written.id);
     assert_eq!(stored.content, written.content, "content of {}", written.id);
@@ -969,6 +976,74 @@ pub async fn resolve_is_idempotent<M: MetadataRepo + ?Sized>(repo: &M) {
     assert!(
         !ok(repo.resolve(intent.id, intent.owner).await, "resolve again"),
         "resolving twice returned true twice"
+    );
+}
+
+/// Prepares `n` intents that all belong to `owner`.
+async fn prepared_by<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    owner: OwnerToken,
+    n: usize,
+) -> Vec<NewIntent> {
+    let mut intents = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut intent = new_intent(
+            IntentKind::Upsert,
+            vec![PointId::new_random()],
+            FAR_FUTURE_MS,
+        );
+        intent.owner = owner;
+        ok(repo.prepare(&intent).await, "prepare");
+        intents.push(intent);
+    }
+    intents
+}
+
+/// `resolve_many_removes_only_owned`: exactly the listed intents owned by
+/// `owner` are gone afterwards, and their number is returned; intents of
+/// another owner, and intents not listed, are untouched.
+pub async fn resolve_many_removes_only_owned<M: MetadataRepo + ?Sized>(repo: &M) {
+    let owner = OwnerToken::new_random();
+    let mine = prepared_by(repo, owner, 3).await;
+    let foreign = prepared(repo, IntentKind::Delete, vec![PointId::new_random()]).await;
+    let foreign_before = intent_of(repo, foreign.id).await;
+    let ids = [mine[0].id, mine[1].id, foreign.id];
+    assert_eq!(
+        ok(repo.resolve_many(&ids, owner).await, "resolve_many"),
+        2,
+        "resolve_many counts the owned intents it resolved"
+    );
+    assert_eq!(find_intent(repo, mine[0].id).await, None);
+    assert_eq!(find_intent(repo, mine[1].id).await, None);
+    assert_eq!(
+        intent_of(repo, foreign.id).await,
+        foreign_before,
+        "an intent of another owner changed"
+    );
+    assert!(
+        find_intent(repo, mine[2].id).await.is_some(),
+        "an intent that was not listed was resolved"
+    );
+}
+
+/// `resolve_many_is_idempotent`: missing intents are skipped; repeating the
+/// call returns 0 and changes nothing.
+pub async fn resolve_many_is_idempotent<M: MetadataRepo + ?Sized>(repo: &M) {
+    let owner = OwnerToken::new_random();
+    let mine = prepared_by(repo, owner, 2).await;
+    let ids = [IntentId::new_random(), mine[0].id, mine[1].id];
+    assert_eq!(ok(repo.resolve_many(&ids, owner).await, "resolve_many"), 2);
+    assert_eq!(
+        ok(repo.resolve_many(&ids, owner).await, "resolve_many again"),
+        0,
+        "resolving twice counted intents twice"
+    );
+    assert_eq!(
+        ok(
+            repo.resolve_many(&[], owner).await,
+            "resolve_many of nothing"
+        ),
+        0
     );
 }
 

@@ -1,0 +1,28 @@
+-- Refuses while transactions or held saga steps exist (the CHECK fails):
+-- dropping their intents would leave points in the index that nothing names.
+CREATE TEMP TABLE tandem_down_guard (unresolved INTEGER CHECK (unresolved = 0));
+INSERT INTO tandem_down_guard
+    SELECT count(*) FROM intents WHERE kind = 'transaction' OR state = 'held';
+DROP TABLE tandem_down_guard;
+DROP TABLE sagas;
+DROP TABLE intent_undo;
+CREATE TABLE intents_old (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT    NOT NULL UNIQUE,
+    kind              TEXT    NOT NULL CHECK (kind IN ('upsert', 'delete', 'repair')),
+    state             TEXT    NOT NULL CHECK (state IN ('prepared', 'committed')),
+    owner             TEXT    NOT NULL,
+    lease_deadline_ms INTEGER NOT NULL,
+    point_ids         TEXT    NOT NULL CHECK (json_valid(point_ids)),
+    inserted          INTEGER NULL,
+    updated           INTEGER NULL,
+    deleted           INTEGER NULL,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    last_error        TEXT    NULL,
+    created_ms        INTEGER NOT NULL
+);
+INSERT INTO intents_old SELECT * FROM intents;
+DROP TABLE intents;
+ALTER TABLE intents_old RENAME TO intents;
+CREATE INDEX intents_lease_idx ON intents (lease_deadline_ms, seq);
+CREATE INDEX intents_created_idx ON intents (created_ms, seq);
