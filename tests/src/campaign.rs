@@ -24,7 +24,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
-use tandem_core::{Intent, MetadataRepo, RecordId, Scope, StoredRecord};
+use tandem_core::{Intent, MetadataRepo, RecordId, SagaRecord, SagaState, Scope, StoredRecord};
 
 /// Environment variables the `tandem` binary reads; cleared for every child
 /// so that nothing from the developer's shell reaches the campaign.
@@ -242,6 +242,39 @@ impl Tandem {
         }
     }
 
+    /// Starts a command in the background; its output goes to files under
+    /// `WORK_DIR/runs/`.
+    pub fn spawn(&self, args: &[&str]) -> Spawned {
+        let n = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = self.work_dir.join("runs");
+        let err_path = dir.join(format!("{n:04}.stderr"));
+        let out_path = dir.join(format!("{n:04}.stdout"));
+        let stdout = File::create(&out_path).expect("create stdout file");
+        let stderr = File::create(&err_path).expect("create stderr file");
+        let started = Instant::now();
+        let child = self
+            .command(args)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));
+        Spawned {
+            child,
+            out_path,
+            err_path,
+            started,
+        }
+    }
+
+    /// The same binary, directory and environment with other global options
+    /// (e.g. another `--qdrant-url`).
+    pub fn with_global(&self, global: Vec<OsString>) -> Self {
+        Self {
+            global,
+            ..self.clone()
+        }
+    }
+
     /// Starts a command and sends it SIGKILL `delay` after the start, unless
     /// it exits first. Its output goes to files under `WORK_DIR/runs/` (a pipe
     /// nobody reads could block it, and a killed run's output is partial).
@@ -287,6 +320,53 @@ impl Tandem {
                 };
             }
             std::thread::sleep(Duration::from_millis(1).min(delay - elapsed));
+        }
+    }
+}
+
+/// A command started in the background ([`Tandem::spawn`]); killed (SIGKILL)
+/// if dropped while it runs.
+#[derive(Debug)]
+pub struct Spawned {
+    child: Child,
+    out_path: PathBuf,
+    err_path: PathBuf,
+    started: Instant,
+}
+
+impl Spawned {
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// How long ago it was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// What it printed on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        std::fs::read_to_string(&self.err_path).unwrap_or_default()
+    }
+
+    /// Waits for its end.
+    pub fn wait(mut self) -> Finished {
+        let status = self.child.wait().expect("wait for the command");
+        Finished {
+            status,
+            stdout: std::fs::read_to_string(&self.out_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.err_path).unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -373,6 +453,16 @@ impl StoreReader {
             .unwrap_or_else(|e| panic!("reading the metadata store: {e}"))
     }
 
+    /// How many rows are committed (one query).
+    pub async fn row_count(&self) -> u64 {
+        self.repo
+            .count_by_scope()
+            .await
+            .unwrap_or_else(|e| panic!("counting rows: {e}"))
+            .values()
+            .sum()
+    }
+
     /// The unresolved intents.
     pub async fn intents(&self) -> Vec<Intent> {
         self.repo
@@ -397,18 +487,57 @@ impl StoreReader {
         n
     }
 
-    /// Waits until every unresolved intent's lease has ended (so that
-    /// `tandem recover` may claim them all). Returns how many there are.
+    /// Whether the idempotency key is recorded (its batch committed).
+    pub async fn has_key(&self, key: &str) -> bool {
+        self.repo
+            .lookup_idempotency(key)
+            .await
+            .unwrap_or_else(|e| panic!("looking up {key}: {e}"))
+            .is_some()
+    }
+
+    /// Waits until every unresolved intent's and unfinished saga's lease has
+    /// ended (so that `tandem recover` may claim them all). Returns how many
+    /// there are.
     pub async fn wait_for_leases(&self) -> usize {
         let intents = self.intents().await;
-        if let Some(deadline) = intents.iter().map(|i| i.lease_deadline_ms).max() {
+        let sagas = self.unfinished_sagas().await;
+        let deadline = intents
+            .iter()
+            .map(|i| i.lease_deadline_ms)
+            .chain(sagas.iter().map(|s| s.lease_deadline_ms))
+            .max();
+        if let Some(deadline) = deadline {
             // A little slack: the claim compares with its own reading of the clock.
             let wait = deadline + 25 - now_ms();
             if wait > 0 {
                 tokio::time::sleep(Duration::from_millis(wait as u64)).await;
             }
         }
-        intents.len()
+        intents.len() + sagas.len()
+    }
+
+    /// The sagas still running or compensating (recovery ends them after
+    /// their lease).
+    pub async fn unfinished_sagas(&self) -> Vec<SagaRecord> {
+        let mut out = Vec::new();
+        for state in [SagaState::Running, SagaState::Compensating] {
+            out.extend(
+                self.repo
+                    .saga_list(Some(state), 100_000)
+                    .await
+                    .unwrap_or_else(|e| panic!("listing sagas: {e}")),
+            );
+        }
+        out
+    }
+
+    /// Every saga, newest first.
+    pub async fn sagas(&self) -> Vec<SagaRecord> {
+        self.repo
+            .saga_list(None, 100_000)
+            .await
+            .unwrap_or_else(|e| panic!("listing sagas: {e}"))
     }
 }
 

@@ -5,20 +5,22 @@
 //! It is generic over the backends, so the same enumeration runs against the
 //! in-memory stores, PostgreSQL, SQLite, the Qdrant test server, ...
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::json;
 use tandem_core::testkit::clock::ManualClock;
 use tandem_core::testkit::faults::{
     Call, Fault, FaultController, FaultyMetadataRepo, FaultyVectorIndex, Rule, run_until_crash,
 };
 use tandem_core::{
-    CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteSelector, IntentId,
-    IntentKind, Limits, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken, PlantedBug, Point,
-    PointId, RecordId, RetryPolicy, RowWrite, Scope, StoredRecord, VectorIndex, WriteOptions,
+    CommitStep, CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteSelector,
+    IntentId, IntentKind, Limits, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken,
+    PlantedBug, Point, PointId, RecordId, RetryPolicy, RowWrite, SagaDefinition, SagaOutcome,
+    SagaState, Scope, StepDefinition, StoredRecord, Transaction, VectorIndex, WriteOptions,
 };
 use uuid::Uuid;
 
@@ -79,6 +81,114 @@ pub struct World<M, V> {
     pub config: CoordinatorConfig,
     /// A deliberate protocol bug planted in every coordinator of this world.
     pub bug: Option<PlantedBug>,
+    /// The external system the harness saga's action publishes to.
+    pub ledger: Ledger,
+    /// More saga definitions every coordinator of this world registers.
+    pub sagas: Vec<SagaDefinition>,
+}
+
+/// What the harness saga's caller action published, by its step key: an
+/// external system, outside both stores, that the action makes idempotent
+/// with its key and its compensation undoes.
+pub type Ledger = Arc<Mutex<BTreeSet<String>>>;
+
+/// The keys the ledger holds.
+pub fn ledger_keys(ledger: &Ledger) -> BTreeSet<String> {
+    ledger
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+/// A record of the harness's scenarios: record `n` at version tag `v`.
+fn rec(n: u128, v: u32, scope: &str) -> NewRecord {
+    NewRecord::new(scope, format!("record {n} v{v}"), vector_for(n, v))
+        .with_id(rid(n))
+        .with_metadata(json!({ "item": "z", "v": v }))
+}
+
+/// The harness's saga, "publish a repriced catalog": two Tandem steps that
+/// both touch record 1 (so that compensating them in the wrong order shows),
+/// then a caller action that publishes to the [`Ledger`] — and, with input
+/// `{"fail": true}`, is refused, so that the saga compensates both steps.
+pub fn harness_saga(ledger: Ledger) -> SagaDefinition {
+    let undo = ledger.clone();
+    SagaDefinition::new("harness")
+        .step(StepDefinition::tandem("reprice", |_| {
+            Ok(Transaction::new().upsert(vec![rec(1, 5, "a"), rec(0x2201, 0, "a")]))
+        }))
+        .step(StepDefinition::tandem("retire", |_| {
+            Ok(Transaction::new()
+                .upsert(vec![rec(1, 6, "a")])
+                .delete(DeleteSelector::Ids(vec![rid(5)])))
+        }))
+        .step(StepDefinition::action(
+            "publish",
+            move |ctx| {
+                let ledger = ledger.clone();
+                async move {
+                    if ctx.input["fail"] == json!(true) {
+                        return Err("the publisher refused the catalog".into());
+                    }
+                    ledger
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(ctx.key);
+                    Ok(json!({ "published": true }))
+                }
+            },
+            move |ctx| {
+                let ledger = undo.clone();
+                async move {
+                    ledger
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&ctx.key);
+                    Ok(())
+                }
+            },
+        ))
+}
+
+/// Reads whether a [`CallerStep`]'s write is in the store.
+pub type StepApplied<M> =
+    Arc<dyn for<'a> Fn(&'a M) -> BoxFuture<'a, Result<bool, String>> + Send + Sync>;
+
+/// The caller's own step for the [`Scenario::TransactionStep`] case, for one
+/// store: the step (it marks catalog "a" as indexed in the caller's own table,
+/// in the store's own language), and how to read whether that happened.
+pub struct CallerStep<M> {
+    /// The step.
+    pub step: Arc<dyn CommitStep>,
+    /// Whether its write is in the store.
+    pub applied: StepApplied<M>,
+}
+
+/// The caller step on the in-memory store: the catalog's status in the
+/// store's own tables ([`InMemoryTables`](tandem_adapters::memory::InMemoryTables)).
+pub fn memory_caller_step() -> CallerStep<tandem_adapters::memory::InMemoryMetadataRepo> {
+    use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryTables};
+    CallerStep {
+        step: Arc::new(tandem_core::SqlStep::new(|tables: &mut InMemoryTables| {
+            Box::pin(async move {
+                tables.insert("catalogs", "a", json!({ "status": "indexed" }));
+                Ok(())
+            })
+        })),
+        applied: Arc::new(|repo: &InMemoryMetadataRepo| {
+            let found = repo.tables().get("catalogs", "a").is_some();
+            Box::pin(async move { Ok(found) })
+        }),
+    }
+}
+
+impl<M> Clone for CallerStep<M> {
+    fn clone(&self) -> Self {
+        Self {
+            step: self.step.clone(),
+            applied: self.applied.clone(),
+        }
+    }
 }
 
 /// The coordinator that sees faults.
@@ -95,6 +205,25 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
             clock: ManualClock::new(1_700_000_000_000),
             config,
             bug: None,
+            ledger: Ledger::default(),
+            sagas: Vec::new(),
+        }
+    }
+
+    fn with_sagas<R: MetadataRepo, X: VectorIndex>(
+        &self,
+        c: Coordinator<R, X>,
+    ) -> Coordinator<R, X> {
+        c.register_saga(harness_saga(self.ledger.clone()))
+            .expect("the harness saga is valid");
+        c.register_saga(SagaDefinition::dynamic("harness-dynamic"))
+            .expect("the dynamic harness saga is valid");
+        for saga in &self.sagas {
+            c.register_saga(saga.clone()).expect("a valid saga");
+        }
+        match self.bug {
+            Some(bug) => c.with_planted_bug(bug),
+            None => c,
         }
     }
 
@@ -107,10 +236,7 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
         )
         .expect("valid config")
         .with_clock(Arc::new(self.clock.clone()));
-        match self.bug {
-            Some(bug) => c.with_planted_bug(bug),
-            None => c,
-        }
+        self.with_sagas(c)
     }
 
     /// A coordinator of a "restarted process": no faults, no in-process state.
@@ -118,9 +244,18 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
         let c = Coordinator::new(self.repo.clone(), self.index.clone(), self.config.clone())
             .expect("valid config")
             .with_clock(Arc::new(self.clock.clone()));
-        match self.bug {
-            Some(bug) => c.with_planted_bug(bug),
-            None => c,
+        self.with_sagas(c)
+    }
+
+    /// Lands the index writes that met [`Fault::LandLater`]: they reach the
+    /// index now, after the call that sent them returned (and before any
+    /// lease ends: call this before [`after_leases`](Self::after_leases)).
+    pub async fn land_deferred(&self) {
+        for points in self.ctl.take_deferred() {
+            self.index
+                .upsert(&points)
+                .await
+                .expect("a late-landing write reaches the index");
         }
     }
 
@@ -164,11 +299,38 @@ pub enum Scenario {
     /// Recovery of a crashed insert and a committed update whose cleanup was
     /// deferred.
     Recovery,
+    /// A transaction across scopes (with an idempotency key): delete scope
+    /// "a"'s `item = "x"` records, insert a new one and record 3 again (deleted
+    /// and upserted in one unit), update record 6 of scope "b".
+    Transaction,
+    /// A transaction with the caller's own step (see [`CallerStep`]): update
+    /// record 2, delete record 4, mark the catalog indexed.
+    TransactionStep,
+    /// The harness saga ([`harness_saga`]), which completes.
+    Saga,
+    /// The harness saga whose last step (the caller action) is refused: both
+    /// Tandem steps are compensated, in reverse order.
+    SagaCompensates,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 11] = [
+        Scenario::Insert,
+        Scenario::Update,
+        Scenario::Mixed,
+        Scenario::DeleteIds,
+        Scenario::DeleteScope,
+        Scenario::DeleteMetadata,
+        Scenario::Recovery,
+        Scenario::Transaction,
+        Scenario::TransactionStep,
+        Scenario::Saga,
+        Scenario::SagaCompensates,
+    ];
+
+    /// The scenarios of single writes (what every store runs first).
+    pub const WRITES: [Scenario; 7] = [
         Scenario::Insert,
         Scenario::Update,
         Scenario::Mixed,
@@ -178,12 +340,25 @@ impl Scenario {
         Scenario::Recovery,
     ];
 
+    /// The transaction of [`Scenario::Transaction`] or
+    /// [`Scenario::TransactionStep`] (without its step).
+    fn transaction(&self) -> Transaction {
+        match self {
+            Scenario::TransactionStep => Transaction::new()
+                .upsert(vec![rec(2, 3, "a")])
+                .delete(DeleteSelector::Ids(vec![rid(4)])),
+            _ => Transaction::new()
+                .delete(DeleteSelector::MetadataEq {
+                    scope: Scope::new("a"),
+                    key: "item".into(),
+                    value: json!("x"),
+                })
+                .upsert(vec![rec(0x2101, 0, "a"), rec(3, 4, "a")])
+                .upsert(vec![rec(6, 4, "b")]),
+        }
+    }
+
     fn batch(&self) -> Vec<NewRecord> {
-        let rec = |n: u128, v: u32, scope: &str| {
-            NewRecord::new(scope, format!("record {n} v{v}"), vector_for(n, v))
-                .with_id(rid(n))
-                .with_metadata(json!({ "item": "z", "v": v }))
-        };
         match self {
             Scenario::Insert => vec![
                 rec(0x2001, 0, "a"),
@@ -213,8 +388,13 @@ impl Scenario {
         match self {
             Scenario::Insert => WriteOptions::idempotent("insert-key"),
             Scenario::DeleteIds => WriteOptions::idempotent("delete-key"),
+            Scenario::Transaction => WriteOptions::idempotent("transaction-key"),
             _ => WriteOptions::default(),
         }
+    }
+
+    fn is_saga(&self) -> bool {
+        matches!(self, Scenario::Saga | Scenario::SagaCompensates)
     }
 }
 
@@ -326,11 +506,25 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
     );
 }
 
+/// How a saga ended, as its caller saw it: done is success, compensated is
+/// "not applied", anything else (past its pivot, failed) unknown.
+fn ran_of_saga(r: Option<Result<SagaOutcome, CoordinatorError>>) -> Ran {
+    match r {
+        Some(Ok(o)) if o.state == SagaState::Done => Ran::Ok,
+        Some(Ok(o)) if o.state == SagaState::Compensated => {
+            Ran::NotApplied(format!("compensated: {:?}", o.error))
+        }
+        Some(Ok(o)) => Ran::Unknown(format!("saga ended {:?}: {:?}", o.state, o.error)),
+        other => ran_of(other),
+    }
+}
+
 /// Runs one scenario on the faulty coordinator; the future is dropped if a
 /// crash fault fires.
 async fn run_scenario<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     world: &World<M, V>,
     scenario: Scenario,
+    caller: Option<&CallerStep<M>>,
 ) -> Ran {
     let c = world.faulty();
     match scenario {
@@ -346,6 +540,18 @@ async fn run_scenario<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
             ran_of(run_until_crash(&world.ctl, c.delete_with(sel, &scenario.options())).await)
         }
         Scenario::Recovery => ran_of(run_until_crash(&world.ctl, c.recover()).await),
+        Scenario::Transaction | Scenario::TransactionStep => {
+            let mut tx = scenario.transaction();
+            if scenario == Scenario::TransactionStep {
+                let caller = caller.expect("the caller-step scenario needs a caller step");
+                tx = tx.with_shared_step(caller.step.clone());
+            }
+            ran_of(run_until_crash(&world.ctl, c.transact(tx, &scenario.options())).await)
+        }
+        Scenario::Saga | Scenario::SagaCompensates => {
+            let input = json!({ "fail": scenario == Scenario::SagaCompensates });
+            ran_of_saga(run_until_crash(&world.ctl, c.run_saga("harness", input)).await)
+        }
     }
 }
 
@@ -356,13 +562,25 @@ fn applied(
     pre: &BTreeMap<RecordId, StoredRecord>,
     post: &BTreeMap<RecordId, StoredRecord>,
 ) -> Option<bool> {
+    // A compensated saga restores its records exactly (content, metadata,
+    // scope and vector — the same point) under a new version.
+    let exact_version = !scenario.is_saga();
     let unchanged = |id: &RecordId| match (pre.get(id), post.get(id)) {
         (Some(a), Some(b)) => {
-            a.point_id == b.point_id && a.version == b.version && a.content == b.content
+            a.point_id == b.point_id
+                && (a.version == b.version || !exact_version)
+                && a.content == b.content
+                && a.metadata == b.metadata
+                && a.scope == b.scope
         }
         (None, None) => true,
         _ => false,
     };
+    let is = |id: u128, content: &str, version: Option<u64>| {
+        post.get(&rid(id))
+            .is_some_and(|row| row.content == content && version.is_none_or(|v| row.version == v))
+    };
+    let version_after = |id: u128| pre.get(&rid(id)).map_or(1, |p| p.version + 1);
     type Done<'a> = Box<dyn Fn(&RecordId) -> bool + 'a>;
     let (targets, done): (Vec<RecordId>, Done<'_>) = match scenario {
         Scenario::Insert | Scenario::Update | Scenario::Mixed => {
@@ -392,6 +610,25 @@ fn applied(
             (ids, Box::new(move |id| !post.contains_key(id)))
         }
         Scenario::Recovery => (Vec::new(), Box::new(|_| true)),
+        Scenario::Transaction => {
+            // Records 1 and 3 are scope "a"'s item "x"; record 3 comes back.
+            let targets = [1, 3, 0x2101, 6].map(rid).to_vec();
+            let all = !post.contains_key(&rid(1))
+                && is(3, "record 3 v4", Some(1))
+                && is(0x2101, "record 8449 v0", Some(1))
+                && is(6, "record 6 v4", Some(version_after(6)));
+            (targets, Box::new(move |_| all))
+        }
+        Scenario::TransactionStep => {
+            let all = is(2, "record 2 v3", Some(version_after(2))) && !post.contains_key(&rid(4));
+            ([2, 4].map(rid).to_vec(), Box::new(move |_| all))
+        }
+        Scenario::Saga | Scenario::SagaCompensates => {
+            let all = is(1, "record 1 v6", None)
+                && is(0x2201, "record 8705 v0", None)
+                && !post.contains_key(&rid(5));
+            ([1, 5, 0x2201].map(rid).to_vec(), Box::new(move |_| all))
+        }
     };
     // Records outside the call must not change at all.
     let others_unchanged = pre
@@ -433,6 +670,7 @@ pub async fn run_case<M, V, F, Fut>(
     scenario: Scenario,
     rule: Option<Rule>,
     bug: Option<PlantedBug>,
+    caller: Option<&CallerStep<M>>,
 ) -> (CaseResult, Vec<(Call, usize)>)
 where
     M: MetadataRepo + 'static,
@@ -451,6 +689,7 @@ where
             }
         },
         bug,
+        caller,
     )
     .await;
     result.rule = rule_desc;
@@ -461,12 +700,14 @@ where
 /// is seeded and just before the faulty call: it may add rules to
 /// `world.ctl`, or arm faults somewhere else entirely (in a test server, a
 /// TCP proxy, ...). Returns the case and the port calls the faulty call made.
+/// `caller` is the store's caller step, for [`Scenario::TransactionStep`].
 pub async fn run_case_with<M, V, F, Fut, I>(
     make: &F,
     config: &CoordinatorConfig,
     scenario: Scenario,
     install: I,
     bug: Option<PlantedBug>,
+    caller: Option<&CallerStep<M>>,
 ) -> (CaseResult, Vec<(Call, usize)>)
 where
     M: MetadataRepo + 'static,
@@ -486,15 +727,18 @@ where
     let pre = invariants::rows(&*world.repo).await.expect("rows");
     install(&world);
     let log_start = world.ctl.log().len();
-    let ran = run_scenario(&world, scenario).await;
+    let ran = run_scenario(&world, scenario, caller).await;
     let calls: Vec<(Call, usize)> = world.ctl.log()[log_start..]
         .iter()
         .map(|e| (e.call, e.occurrence))
         .collect();
     world.ctl.clear();
     world.ctl.disable();
+    // Requests that were answered with an error but are still on their way
+    // arrive now, after the call gave up on them.
+    world.land_deferred().await;
 
-    let violation = check_case(&world, scenario, &ran, &pre).await.err();
+    let violation = check_case(&world, scenario, &ran, &pre, caller).await.err();
     (
         CaseResult {
             scenario,
@@ -511,6 +755,7 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     scenario: Scenario,
     ran: &Ran,
     pre: &BTreeMap<RecordId, StoredRecord>,
+    caller: Option<&CallerStep<M>>,
 ) -> Result<(), String> {
     let (repo, index) = (&*world.repo, &*world.index);
     // At the instant the call returned (or died).
@@ -525,9 +770,21 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     let before_recovery = invariants::rows(repo).await?;
 
     // A visible effect before recovery must already be all-or-nothing, and must
-    // not contradict a NotApplied answer.
-    let seen = applied(scenario, pre, &before_recovery)
-        .ok_or_else(|| format!("I3 violated before recovery: partial effects ({ran:?})"))?;
+    // not contradict a NotApplied answer. (Not for a saga: other readers may
+    // see its completed steps before it ends; recovery decides it.)
+    let seen = match applied(scenario, pre, &before_recovery) {
+        Some(seen) => Some(seen),
+        None if scenario.is_saga() => None,
+        None => {
+            return Err(format!(
+                "I3 violated before recovery: partial effects ({ran:?})"
+            ));
+        }
+    };
+    let step_seen = match caller {
+        Some(c) if scenario == Scenario::TransactionStep => Some((c.applied)(repo).await?),
+        _ => None,
+    };
 
     // Later: the restarted process recovers.
     world.after_leases();
@@ -538,10 +795,26 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     let post = invariants::rows(repo).await?;
     let decided = applied(scenario, pre, &post)
         .ok_or_else(|| format!("I3 violated after recovery: partial effects ({ran:?})"))?;
-    if decided != seen {
+    if let Some(seen) = seen
+        && decided != seen
+        && !scenario.is_saga()
+    {
         return Err(format!(
             "I3 violated: recovery changed the decided outcome ({seen} -> {decided}, {ran:?})"
         ));
+    }
+    // The caller's step commits if and only if the records do.
+    if let (Some(c), Some(step_seen)) = (caller, step_seen) {
+        let step_now = (c.applied)(repo).await?;
+        if step_seen != seen.unwrap_or(decided) || step_now != decided {
+            return Err(format!(
+                "I3 violated: the caller's step (applied {step_seen} -> {step_now}) and the \
+                 records (applied {decided}) disagree ({ran:?})"
+            ));
+        }
+    }
+    if scenario.is_saga() {
+        check_saga_atomic(world, &restarted, decided).await?;
     }
     match ran {
         Ran::Ok if !decided && scenario != Scenario::Recovery => {
@@ -567,6 +840,10 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
                 .upsert_with(scenario.batch(), &opts)
                 .await
                 .map(|r| r.replayed),
+            Scenario::Transaction => restarted
+                .transact(scenario.transaction(), &opts)
+                .await
+                .map(|r| r.replayed),
             _ => restarted
                 .delete_with(scenario.selector().expect("selector"), &opts)
                 .await
@@ -585,6 +862,47 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     Ok(())
 }
 
+/// Saga atomicity after recovery: the saga ended — done, with every effect
+/// (the caller action's included), or compensated, with none.
+async fn check_saga_atomic<M, V, R, X>(
+    world: &World<M, V>,
+    restarted: &Coordinator<R, X>,
+    decided: bool,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    R: MetadataRepo,
+    X: VectorIndex,
+{
+    let sagas = restarted
+        .sagas(None, 10)
+        .await
+        .map_err(|e| format!("listing sagas: {e}"))?;
+    let states: Vec<SagaState> = sagas.iter().map(|s| s.state).collect();
+    let want = if decided {
+        SagaState::Done
+    } else {
+        SagaState::Compensated
+    };
+    // A saga that never started (its journal entry was never written) is
+    // fine when nothing happened.
+    if !(states == [want] || (states.is_empty() && !decided)) {
+        return Err(format!(
+            "saga atomicity violated: after recovery the saga is {states:?}, its records say {}",
+            if decided { "done" } else { "not applied" }
+        ));
+    }
+    let published = !ledger_keys(&world.ledger).is_empty();
+    if published != decided {
+        return Err(format!(
+            "saga atomicity violated: the caller action's effect ({published}) and the \
+             records ({decided}) disagree"
+        ));
+    }
+    Ok(())
+}
+
 /// The faults every port call is subjected to.
 pub fn single_faults() -> Vec<Fault> {
     vec![
@@ -596,6 +914,7 @@ pub fn single_faults() -> Vec<Fault> {
         Fault::CrashBefore,
         Fault::CrashAfter,
         Fault::Duplicate,
+        Fault::LandLater,
     ]
 }
 
@@ -614,7 +933,7 @@ pub struct ExhaustiveSummary {
 
 /// Enumerates every single fault: for each scenario, a fault-free run lists the
 /// port calls it makes; then each (call, occurrence) × fault is a case, plus
-/// "fails every attempt" for each call.
+/// "fails every attempt" for each call, refused or landing later.
 pub async fn exhaustive<M, V, F, Fut>(
     make: F,
     config: CoordinatorConfig,
@@ -627,14 +946,40 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = (M, V)>,
 {
+    exhaustive_with(make, config, scenarios, bug, None).await
+}
+
+/// [`exhaustive`], with the store's caller step (needed for
+/// [`Scenario::TransactionStep`], which is skipped without one).
+pub async fn exhaustive_with<M, V, F, Fut>(
+    make: F,
+    config: CoordinatorConfig,
+    scenarios: &[Scenario],
+    bug: Option<PlantedBug>,
+    caller: Option<CallerStep<M>>,
+) -> ExhaustiveSummary
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (M, V)>,
+{
     let mut summary = ExhaustiveSummary::default();
+    let caller = caller.as_ref();
     for &scenario in scenarios {
-        let (base, calls) = run_case(&make, &config, scenario, None, bug).await;
+        if scenario == Scenario::TransactionStep && caller.is_none() {
+            continue;
+        }
+        let (base, calls) = run_case(&make, &config, scenario, None, bug, caller).await;
         if bug.is_none() {
-            assert_eq!(
-                base.ran,
-                Ran::Ok,
-                "{scenario:?} must succeed without faults"
+            let expected = if scenario == Scenario::SagaCompensates {
+                matches!(base.ran, Ran::NotApplied(_))
+            } else {
+                base.ran == Ran::Ok
+            };
+            assert!(
+                expected && base.violation.is_none(),
+                "{scenario:?} without faults: {base:?}"
             );
         }
         let record = |summary: &mut ExhaustiveSummary, result: CaseResult| {
@@ -658,18 +1003,21 @@ where
         for &(call, occurrence) in &calls {
             for fault in single_faults() {
                 let rule = Rule::once(call, occurrence, fault);
-                let (result, _) = run_case(&make, &config, scenario, Some(rule), bug).await;
+                let (result, _) = run_case(&make, &config, scenario, Some(rule), bug, caller).await;
                 record(&mut summary, result);
             }
-            // The call fails on every attempt from this one on.
-            let rule = Rule {
-                call,
-                nth: occurrence,
-                times: usize::MAX,
-                fault: Fault::FailBefore,
-            };
-            let (result, _) = run_case(&make, &config, scenario, Some(rule), bug).await;
-            record(&mut summary, result);
+            // The call fails on every attempt from this one on: refused, or
+            // answered with an error while every request still lands later.
+            for fault in [Fault::FailBefore, Fault::LandLater] {
+                let rule = Rule {
+                    call,
+                    nth: occurrence,
+                    times: usize::MAX,
+                    fault,
+                };
+                let (result, _) = run_case(&make, &config, scenario, Some(rule), bug, caller).await;
+                record(&mut summary, result);
+            }
         }
     }
     summary
@@ -716,11 +1064,143 @@ where
             return Err("I3 violated: the call succeeded but its rows are not there".into());
         }
     }
-    world.after_leases();
-    recoverer
+    recover_after_leases(&world).await
+}
+
+/// A dynamic saga (the shape of `tandem ingest --atomic`) whose driver is
+/// alive while a recovery runs between its steps: the saga's lease has not
+/// ended, so recovery must leave it alone; the saga then finishes with every
+/// step's effect. (A recovery that drove it anyway would compensate the
+/// first step while the driver commits the second: half a saga.)
+pub async fn saga_races_recovery<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    let mut world = World::new(repo, index, config, 17);
+    world.seed().await;
+    world.bug = bug;
+    let driver = world.clean();
+    let mut saga = driver
+        .begin_saga("harness-dynamic", json!({ "file": "catalog.jsonl" }))
+        .await
+        .map_err(|e| format!("begin_saga: {e}"))?;
+    saga.step(
+        "batch-1",
+        Transaction::new().upsert(vec![rec(1, 7, "a"), rec(0x2301, 0, "a")]),
+    )
+    .await
+    .map_err(|e| format!("step 1: {e}"))?;
+    world
+        .clean()
         .recover()
         .await
         .map_err(|e| format!("recovery failed: {e}"))?;
-    invariants::exact_equality(repo, index).await?;
-    invariants::converged(&recoverer).await
+    let finished = async {
+        saga.step(
+            "batch-2",
+            Transaction::new().upsert(vec![rec(0x2302, 0, "b")]),
+        )
+        .await?;
+        saga.finish().await
+    }
+    .await;
+    let rows = invariants::rows(&*world.repo).await?;
+    let content = |n: u128| rows.get(&rid(n)).map(|r| r.content.clone());
+    let all = content(1).as_deref() == Some("record 1 v7")
+        && content(0x2301).is_some()
+        && content(0x2302).is_some();
+    let none = content(1).as_deref() == Some("seed 1")
+        && content(0x2301).is_none()
+        && content(0x2302).is_none();
+    match finished {
+        Ok(o) if o.state == SagaState::Done && all => {}
+        Ok(o) => {
+            return Err(format!(
+                "saga atomicity violated: the driver's saga ended {:?} with {}",
+                o.state,
+                if all {
+                    "every effect"
+                } else if none {
+                    "no effect"
+                } else {
+                    "half its effects"
+                }
+            ));
+        }
+        Err(_) if all || none => {}
+        Err(e) => {
+            return Err(format!(
+                "saga atomicity violated: half the saga's effects after {e}"
+            ));
+        }
+    }
+    recover_after_leases(&world).await
+}
+
+/// After every lease: a clean recovery, then exact equality (I2) and
+/// convergence (I7).
+async fn recover_after_leases<M, V>(world: &World<M, V>) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    world.after_leases();
+    let c = world.clean();
+    c.recover()
+        .await
+        .map_err(|e| format!("recovery failed: {e}"))?;
+    invariants::exact_equality(&*world.repo, &*world.index).await?;
+    invariants::converged(&c).await
+}
+
+/// A write whose first index request is answered with an error but lands
+/// later — after the retry succeeded, the call committed, and a second call
+/// superseded the record and deleted the first call's point. The late request
+/// then brings that point back: it must be garbage that an unresolved intent
+/// names (I2), and recovery after the leases must leave the stores exactly
+/// equal (I7).
+pub async fn late_write_lands_after_a_supersede<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    let mut world = World::new(repo, index, config, 13);
+    world.seed().await;
+    world.bug = bug;
+    world
+        .ctl
+        .add(Rule::once(Call::IndexUpsert, 0, Fault::LandLater));
+    let first = world
+        .faulty()
+        .upsert(Scenario::Update.batch())
+        .await
+        .map_err(|e| format!("the first update failed although its retry could succeed: {e}"))?;
+    world.ctl.clear();
+    let mut second = Scenario::Update.batch();
+    for r in &mut second {
+        r.content = format!("{} (again)", r.content);
+    }
+    world
+        .clean()
+        .upsert(second)
+        .await
+        .map_err(|e| format!("the second update failed without faults: {e}"))?;
+    world.land_deferred().await;
+    let (repo, index) = (&*world.repo, &*world.index);
+    invariants::no_dangling_rows(repo, index).await?;
+    invariants::no_invisible_garbage(repo, index)
+        .await
+        .map_err(|e| format!("after the late landing of {}: {e}", first.intent))?;
+    recover_after_leases(&world).await
 }

@@ -119,6 +119,17 @@ pub fn network_faults(client_timeout: Duration) -> Vec<NetFault> {
             },
             2,
         ),
+        // A proxy answers Unavailable at once, and the request still reaches
+        // the server 300 ms later — after the call retried, or gave up and
+        // compensated. Two calls: the client's own re-send meets it too.
+        NetFault::new(
+            "unavailable_then_applied",
+            RpcAction::FailThenApplyLater {
+                code: Code::Unavailable,
+                after: LATE_LANDING,
+            },
+            2,
+        ),
         NetFault::new("delay", RpcAction::Delay(client_timeout / 2), 1),
         NetFault::new(
             "wait_timeout",
@@ -134,14 +145,26 @@ pub fn network_faults(client_timeout: Duration) -> Vec<NetFault> {
         ),
         // ... never answered (the call deadline cuts a request in flight), ...
         NetFault::new("hang_from_here", RpcAction::Hang, u64::MAX),
-        // ... or applied with the reply lost.
+        // ... or applied with the reply lost, ...
         NetFault::new(
             "drop_after_apply_from_here",
             RpcAction::DropConnection { applied: true },
             u64::MAX,
         ),
+        // ... or refused while every request still lands later.
+        NetFault::new(
+            "unavailable_then_applied_from_here",
+            RpcAction::FailThenApplyLater {
+                code: Code::Unavailable,
+                after: LATE_LANDING,
+            },
+            u64::MAX,
+        ),
     ]
 }
+
+/// How long after its error answer a late-landing request is applied.
+pub const LATE_LANDING: Duration = Duration::from_millis(300);
 
 /// A fresh collection name (one per case, on a shared double).
 pub fn fresh_collection() -> String {
@@ -217,11 +240,20 @@ impl Gate {
     }
 
     /// Closes the window if the faulty call is over (the harness disabled its
-    /// controller): disarms the double and keeps the call log of the window.
-    fn check(&self) {
-        let mut state = self.lock();
-        if state.armed.as_ref().is_some_and(|ctl| !ctl.is_enabled()) {
-            self.close_locked(&mut state);
+    /// controller): disarms the double, keeps the call log of the window, and
+    /// waits until every request the double answered but still delivers has
+    /// landed — so that the harness's checks see what a late landing did.
+    async fn check(&self) {
+        let closed = {
+            let mut state = self.lock();
+            let over = state.armed.as_ref().is_some_and(|ctl| !ctl.is_enabled());
+            if over {
+                self.close_locked(&mut state);
+            }
+            over
+        };
+        if closed {
+            self.faults.late_landed().await;
         }
     }
 
@@ -281,27 +313,27 @@ impl<V: VectorIndex> VectorIndex for CallScoped<V> {
     }
 
     async fn upsert(&self, points: &[Point]) -> Result<(), IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.upsert(points).await
     }
 
     async fn delete(&self, ids: &[PointId]) -> Result<(), IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.delete(ids).await
     }
 
     async fn retrieve(&self, ids: &[PointId]) -> Result<Vec<PointInfo>, IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.retrieve(ids).await
     }
 
     async fn search(&self, query: &IndexQuery) -> Result<Vec<ScoredPoint>, IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.search(query).await
     }
 
     async fn count(&self, scope: Option<&Scope>) -> Result<u64, IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.count(scope).await
     }
 
@@ -311,7 +343,7 @@ impl<V: VectorIndex> VectorIndex for CallScoped<V> {
         offset: Option<PointId>,
         limit: usize,
     ) -> Result<Page<PointInfo, PointId>, IndexError> {
-        self.gate.check();
+        self.gate.check().await;
         self.inner.scroll(scope, offset, limit).await
     }
 }
@@ -415,6 +447,7 @@ where
             *gate.lock().unwrap_or_else(PoisonError::into_inner) = Some(world.index.gate().clone());
         },
         bug,
+        None,
     )
     .await;
     let window = gate

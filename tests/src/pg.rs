@@ -59,7 +59,18 @@ impl TestSchema {
     /// A fresh random schema name on the test server (created by the first
     /// migration). Panics if the server is unreachable.
     pub async fn new() -> Self {
-        let url = database_url();
+        Self::at(database_url()).await
+    }
+
+    /// Like [`TestSchema::new`], but every session made through it (repos,
+    /// [`TestSchema::admin`] sessions) starts with these server options
+    /// (libpq's `options`, e.g. `-c lc_messages=de_DE.UTF-8`), added to any
+    /// the URL has.
+    pub async fn with_options(options: &str) -> Self {
+        Self::at(url_with_options(&database_url(), options)).await
+    }
+
+    async fn at(url: String) -> Self {
         // Fail here, with a clear message, rather than deep inside a test.
         let client = admin_client(&url).await;
         client
@@ -122,7 +133,8 @@ impl TestSchema {
     pub async fn truncate(&self, admin: &tokio_postgres::Client) {
         admin
             .batch_execute(&format!(
-                "TRUNCATE {0}.records, {0}.intents, {0}.idempotency_keys",
+                "TRUNCATE {0}.records, {0}.intents, {0}.idempotency_keys, {0}.intent_undo, \
+                 {0}.sagas",
                 self.name
             ))
             .await
@@ -198,17 +210,60 @@ impl Drop for TestSchema {
 }
 
 /// A connection string for the same server and database as `url`, logging in
-/// as `user` with `password` (libpq `key=value` form).
+/// as `user` with `password`, with `url`'s server options (libpq `key=value`
+/// form).
 pub fn url_for_user(url: &str, user: &str, password: &str) -> String {
     let config: tokio_postgres::Config = url.parse().expect("valid DATABASE_URL");
+    let dbname = config.get_dbname().unwrap_or(user);
+    let mut s = format!(
+        "{} dbname={} user={} password={}",
+        host_port(&config),
+        quote_kv(dbname),
+        quote_kv(user),
+        quote_kv(password)
+    );
+    if let Some(options) = config.get_options() {
+        s.push_str(&format!(" options={}", quote_kv(options)));
+    }
+    s
+}
+
+/// A connection string for the same server, database, user and password as
+/// `url`, whose sessions start with `options` (after any `url` has), in
+/// libpq `key=value` form.
+pub fn url_with_options(url: &str, options: &str) -> String {
+    let config: tokio_postgres::Config = url.parse().expect("valid DATABASE_URL");
+    let user = config.get_user().unwrap_or("postgres");
+    let dbname = config.get_dbname().unwrap_or(user);
+    let options = match config.get_options() {
+        Some(existing) => format!("{existing} {options}"),
+        None => options.to_owned(),
+    };
+    let mut s = format!(
+        "{} dbname={} user={} options={}",
+        host_port(&config),
+        quote_kv(dbname),
+        quote_kv(user),
+        quote_kv(&options)
+    );
+    if let Some(pw) = config.get_password() {
+        s.push_str(&format!(
+            " password={}",
+            quote_kv(&String::from_utf8_lossy(pw))
+        ));
+    }
+    s
+}
+
+/// `host=… port=…` for the first host of `config`.
+fn host_port(config: &tokio_postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
         None => "localhost".to_owned(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
-    let dbname = config.get_dbname().unwrap_or(user);
-    format!("host={host} port={port} dbname={dbname} user={user} password={password}")
+    format!("host={} port={port}", quote_kv(&host))
 }
 
 /// The server's TCP address (for a proxy in front of it).

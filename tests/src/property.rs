@@ -15,8 +15,9 @@ use proptest::prelude::*;
 use serde_json::json;
 use tandem_core::testkit::faults::{Call, Fault, FaultController, Rule, run_until_crash};
 use tandem_core::{
-    CoordinatorConfig, CoordinatorError, DeleteSelector, MetadataRepo, NewRecord, Outcome, Scope,
-    VectorIndex,
+    CoordinatorConfig, CoordinatorError, DeleteSelector, MetadataRepo, NewRecord, Outcome,
+    SagaContext, SagaDefinition, SagaState, Scope, StepDefinition, Transaction, VectorIndex,
+    WriteOptions,
 };
 
 use crate::harness::{World, rid};
@@ -24,6 +25,20 @@ use crate::invariants;
 
 /// Size of the id pool: small, so that histories hit the same ids often.
 pub const POOL: u8 = 6;
+
+/// A fault a step injects: `fault` on invocation `nth` of `call` (counted
+/// from the step's start), and on every later one of the step if `every`.
+#[derive(Clone, Debug)]
+pub struct Injected {
+    /// The port method.
+    pub call: Call,
+    /// Which invocation, relative to the calls made so far.
+    pub nth: usize,
+    /// The fault.
+    pub fault: Fault,
+    /// Whether every later invocation of the step meets it too.
+    pub every: bool,
+}
 
 /// One step of a history.
 #[derive(Clone, Debug)]
@@ -35,21 +50,21 @@ pub enum Step {
         /// Content tag.
         tag: u8,
         /// An injected fault, relative to the calls made so far.
-        fault: Option<(Call, usize, Fault)>,
+        fault: Option<Injected>,
     },
     /// Delete these pool ids, maybe with a fault.
     Delete {
         /// Pool ids.
         ids: Vec<u8>,
         /// An injected fault.
-        fault: Option<(Call, usize, Fault)>,
+        fault: Option<Injected>,
     },
     /// Delete a whole scope.
     DeleteScope {
         /// 0 or 1.
         scope: u8,
         /// An injected fault.
-        fault: Option<(Call, usize, Fault)>,
+        fault: Option<Injected>,
     },
     /// Two upserts at once.
     Concurrent {
@@ -68,10 +83,60 @@ pub enum Step {
         /// Content tag.
         tag: u8,
     },
-    /// Recovery after every lease has ended.
-    Recover,
+    /// An upsert whose process dies just before its commit: its points are
+    /// written, its intent stays, and only recovery can clean up after it.
+    Abandon {
+        /// Pool ids.
+        ids: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+    },
+    /// Recovery after every lease has ended, maybe with a fault (a recovery
+    /// that fails leaves what it could not finish to a later one).
+    Recover {
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
     /// Recovery, then verify must be consistent and converged.
     Verify,
+    /// A transaction: delete `delete`, then upsert `upsert` (ids in both
+    /// end up upserted), maybe with a fault.
+    Transaction {
+        /// Pool ids deleted first.
+        delete: Vec<u8>,
+        /// Pool ids upserted after.
+        upsert: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
+    /// The pool saga: upsert `a` (tag), then `b` (tag + 1), then a caller
+    /// action that fails if `fail` (so both steps are compensated), maybe
+    /// with a fault. A saga left unfinished (a crash, an unknown outcome) is
+    /// recovered at once: it must end all or nothing.
+    Saga {
+        /// Pool ids of the first step.
+        a: Vec<u8>,
+        /// Pool ids of the second step.
+        b: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+        /// The caller action refuses.
+        fail: bool,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
+    /// A dynamic saga (upsert `a`, then `b`) whose driver is alive while a
+    /// recovery runs between its steps.
+    SagaRace {
+        /// Pool ids of the first step.
+        a: Vec<u8>,
+        /// Pool ids of the second step.
+        b: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+    },
 }
 
 fn scope_of(id: u8) -> Scope {
@@ -96,11 +161,48 @@ fn batch(ids: &[u8], tag: u8) -> Vec<NewRecord> {
         .collect()
 }
 
+/// The pool saga of [`Step::Saga`], registered in every coordinator of a
+/// history's world. Input: `{"a": [ids], "b": [ids], "tag": n, "fail": bool}`.
+pub fn pool_saga() -> SagaDefinition {
+    let ids = |v: &serde_json::Value| -> Vec<u8> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u8)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let tag = |ctx: &SagaContext| ctx.input["tag"].as_u64().unwrap_or(0) as u8;
+    SagaDefinition::new("pool")
+        .step(StepDefinition::tandem("a", move |ctx| {
+            Ok(Transaction::new().upsert(batch(&ids(&ctx.input["a"]), tag(ctx))))
+        }))
+        .step(StepDefinition::tandem("b", move |ctx| {
+            Ok(Transaction::new().upsert(batch(&ids(&ctx.input["b"]), tag(ctx).wrapping_add(1))))
+        }))
+        .step(StepDefinition::action(
+            "notify",
+            |ctx| async move {
+                if ctx.input["fail"] == json!(true) {
+                    Err("the subscriber refused".into())
+                } else {
+                    Ok(json!({ "notified": true }))
+                }
+            },
+            |_| async { Ok(()) },
+        ))
+}
+
 fn call_strategy() -> impl Strategy<Value = Call> {
     prop_oneof![
         Just(Call::Prepare),
         Just(Call::CommitUpsert),
         Just(Call::CommitDelete),
+        Just(Call::CommitTransaction),
+        Just(Call::SagaSave),
+        Just(Call::UndoImages),
         Just(Call::Settle),
         Just(Call::Resolve),
         Just(Call::IndexUpsert),
@@ -119,11 +221,55 @@ fn fault_strategy() -> impl Strategy<Value = Fault> {
         Just(Fault::CrashBefore),
         Just(Fault::CrashAfter),
         Just(Fault::Duplicate),
+        Just(Fault::LandLater),
     ]
 }
 
-fn maybe_fault() -> impl Strategy<Value = Option<(Call, usize, Fault)>> {
-    prop::option::weighted(0.5, (call_strategy(), 0..2usize, fault_strategy()))
+fn maybe_fault() -> impl Strategy<Value = Option<Injected>> {
+    let any_fault = (
+        call_strategy(),
+        0..2usize,
+        fault_strategy(),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(call, nth, fault, every)| Injected {
+            call,
+            nth,
+            fault,
+            every,
+        });
+    // An index write answered with an error while its request still lands —
+    // once (the retry succeeds) or on every attempt (the write fails): rare
+    // among all the combinations above, so drawn on its own too.
+    let late_write = (0..2usize, any::<bool>()).prop_map(|(nth, every)| Injected {
+        call: Call::IndexUpsert,
+        nth,
+        fault: Fault::LandLater,
+        every,
+    });
+    prop::option::weighted(0.5, prop_oneof![7 => any_fault, 1 => late_write])
+}
+
+/// A fault in one of the calls recovery makes.
+fn maybe_recovery_fault() -> impl Strategy<Value = Option<Injected>> {
+    let call = prop_oneof![
+        1 => Just(Call::ClaimExpired),
+        1 => Just(Call::ReferencedPoints),
+        3 => Just(Call::IndexDelete),
+        1 => Just(Call::ResolveMany),
+    ];
+    prop::option::weighted(
+        0.6,
+        // Recovery makes few calls: aim at the first, often at every one.
+        (call, fault_strategy(), prop::bool::weighted(0.7)).prop_map(|(call, fault, every)| {
+            Injected {
+                call,
+                nth: 0,
+                fault,
+                every,
+            }
+        }),
+    )
 }
 
 fn ids() -> impl Strategy<Value = Vec<u8>> {
@@ -138,8 +284,14 @@ pub fn step() -> impl Strategy<Value = Step> {
         1 => (0..2u8, maybe_fault()).prop_map(|(scope, fault)| Step::DeleteScope { scope, fault }),
         2 => (ids(), ids(), any::<u8>()).prop_map(|(a, b, tag)| Step::Concurrent { a, b, tag }),
         1 => (ids(), any::<u8>()).prop_map(|(ids, tag)| Step::RecoverDuring { ids, tag }),
-        1 => Just(Step::Recover),
+        2 => (ids(), any::<u8>()).prop_map(|(ids, tag)| Step::Abandon { ids, tag }),
+        2 => maybe_recovery_fault().prop_map(|fault| Step::Recover { fault }),
         1 => Just(Step::Verify),
+        2 => (ids(), ids(), any::<u8>(), maybe_fault())
+            .prop_map(|(delete, upsert, tag, fault)| Step::Transaction { delete, upsert, tag, fault }),
+        2 => (ids(), ids(), any::<u8>(), prop::bool::weighted(0.4), maybe_fault())
+            .prop_map(|(a, b, tag, fail, fault)| Step::Saga { a, b, tag, fail, fault }),
+        1 => (ids(), ids(), any::<u8>()).prop_map(|(a, b, tag)| Step::SagaRace { a, b, tag }),
     ]
 }
 
@@ -214,6 +366,8 @@ async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     world: &World<M, V>,
     converge: bool,
 ) -> Result<(), String> {
+    // Nothing lands after a lease has ended (see `docs/protocol.md`).
+    world.land_deferred().await;
     world.after_leases();
     let c = world.clean();
     c.recover()
@@ -226,9 +380,14 @@ async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     Ok(())
 }
 
-fn install(ctl: &FaultController, fault: &Option<(Call, usize, Fault)>) {
-    if let Some((call, k, f)) = fault {
-        ctl.add(Rule::once(*call, ctl.invocations(*call) + k, f.clone()));
+fn install(ctl: &FaultController, fault: &Option<Injected>) {
+    if let Some(f) = fault {
+        ctl.add(Rule {
+            call: f.call,
+            nth: ctl.invocations(f.call) + f.nth,
+            times: if f.every { usize::MAX } else { 1 },
+            fault: f.fault.clone(),
+        });
     }
 }
 
@@ -248,7 +407,9 @@ where
     let (repo, index) = make().await;
     let mut world = World::new(repo, index, config, 3);
     world.bug = bug;
+    world.sagas.push(pool_saga());
     let mut model = Model::new();
+    let mut landing: Vec<Vec<tandem_core::Point>> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
         let what = format!("step {n} {step:?}");
         match step {
@@ -335,12 +496,156 @@ where
                 let store = store_view(&*world.repo).await?;
                 settle_model(&mut model, applied, ended(Some(written)), &store, &what)?;
             }
-            Step::Recover => recover_and_check(&world, false).await?,
-            Step::Verify => recover_and_check(&world, true).await?,
+            Step::Abandon { ids, tag } => {
+                world.ctl.add(Rule::once(
+                    Call::CommitUpsert,
+                    world.ctl.invocations(Call::CommitUpsert),
+                    Fault::CrashBefore,
+                ));
+                let c = world.faulty();
+                if run_until_crash(&world.ctl, c.upsert(batch(ids, *tag)))
+                    .await
+                    .is_some()
+                {
+                    return Err(format!("{what}: the upsert outlived its crash"));
+                }
+            }
+            Step::Recover { fault: None } => {
+                land(&world, std::mem::take(&mut landing)).await?;
+                recover_and_check(&world, false).await?;
+            }
+            Step::Recover { fault } => {
+                land(&world, std::mem::take(&mut landing)).await?;
+                world.after_leases();
+                install(&world.ctl, fault);
+                let c = world.faulty();
+                // Whatever it could not finish stays named by its intents.
+                let _ = run_until_crash(&world.ctl, c.recover()).await;
+                if store_view(&*world.repo).await? != model {
+                    return Err(format!("after {what}: a recovery changed the records"));
+                }
+            }
+            Step::Verify => {
+                land(&world, std::mem::take(&mut landing)).await?;
+                recover_and_check(&world, true).await?;
+            }
+            Step::Transaction {
+                delete,
+                upsert,
+                tag,
+                fault,
+            } => {
+                install(&world.ctl, fault);
+                let c = world.faulty();
+                let tx = Transaction::new()
+                    .delete(DeleteSelector::Ids(
+                        delete.iter().map(|&id| rid(u128::from(id) + 1)).collect(),
+                    ))
+                    .upsert(batch(upsert, *tag));
+                let r = run_until_crash(&world.ctl, c.transact(tx, &WriteOptions::default())).await;
+                let mut applied = model.clone();
+                for id in delete {
+                    applied.remove(id);
+                }
+                for &id in upsert {
+                    applied.insert(id, content(id, *tag));
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, ended(r), &store, &what)?;
+            }
+            Step::Saga {
+                a,
+                b,
+                tag,
+                fail,
+                fault,
+            } => {
+                install(&world.ctl, fault);
+                let c = world.faulty();
+                let input = json!({ "a": a, "b": b, "tag": tag, "fail": fail });
+                let r = run_until_crash(&world.ctl, c.run_saga("pool", input)).await;
+                let mut applied = model.clone();
+                for &id in a {
+                    applied.insert(id, content(id, *tag));
+                }
+                for &id in b {
+                    applied.insert(id, content(id, tag.wrapping_add(1)));
+                }
+                let end = match r {
+                    Some(Ok(o)) if o.state == SagaState::Done => Ended::Ok,
+                    Some(Ok(o)) if o.state == SagaState::Compensated => Ended::NotApplied,
+                    other => {
+                        // Unfinished: a restarted process recovers it now.
+                        if let Some(Err(e)) = &other
+                            && e.outcome() == Outcome::NotApplied
+                            && !matches!(e, CoordinatorError::SagaUnfinished { .. })
+                        {
+                            Ended::NotApplied
+                        } else {
+                            world.ctl.clear();
+                            land(&world, std::mem::take(&mut landing)).await?;
+                            land(&world, world.ctl.take_deferred()).await?;
+                            recover_and_check(&world, false).await?;
+                            Ended::Unknown
+                        }
+                    }
+                };
+                if *fail && matches!(end, Ended::Ok) {
+                    return Err(format!("{what}: a saga whose action refused ended done"));
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, end, &store, &what)?;
+                check_sagas_ended(&world, &what).await?;
+            }
+            Step::SagaRace { a, b, tag } => {
+                let driver = world.clean();
+                let mut saga = driver
+                    .begin_saga("harness-dynamic", json!({}))
+                    .await
+                    .map_err(|e| format!("{what}: begin_saga: {e}"))?;
+                saga.step("a", Transaction::new().upsert(batch(a, *tag)))
+                    .await
+                    .map_err(|e| format!("{what}: step a: {e}"))?;
+                world
+                    .clean()
+                    .recover()
+                    .await
+                    .map_err(|e| format!("{what}: recovery: {e}"))?;
+                let rest = async {
+                    saga.step(
+                        "b",
+                        Transaction::new().upsert(batch(b, tag.wrapping_add(1))),
+                    )
+                    .await?;
+                    saga.finish().await
+                }
+                .await;
+                let mut applied = model.clone();
+                for &id in a {
+                    applied.insert(id, content(id, *tag));
+                }
+                for &id in b {
+                    applied.insert(id, content(id, tag.wrapping_add(1)));
+                }
+                let end = match rest {
+                    Ok(o) if o.state == SagaState::Done => Ended::Ok,
+                    _ => Ended::Unknown,
+                };
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, end, &store, &what)?;
+            }
         }
         // Faults last one step; after a crash the next steps run in a
         // "restarted" process.
         world.ctl.clear();
+        // Writes answered with an error but still on their way land one step
+        // later: after the next call ran (which may supersede or delete what
+        // they carry), and before any lease ends.
+        land(
+            &world,
+            std::mem::replace(&mut landing, world.ctl.take_deferred()),
+        )
+        .await?;
         check_instant(&world)
             .await
             .map_err(|e| format!("after {what}: {e}"))?;
@@ -349,7 +654,46 @@ where
         }
     }
     world.ctl.disable();
+    land(&world, landing).await?;
     recover_and_check(&world, true).await
+}
+
+/// After a saga step: no saga is left live (a finished call ended it, an
+/// unfinished one was recovered), and none ended `Failed`.
+async fn check_sagas_ended<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+    world: &World<M, V>,
+    what: &str,
+) -> Result<(), String> {
+    let sagas = world
+        .clean()
+        .sagas(None, 1_000)
+        .await
+        .map_err(|e| format!("listing sagas: {e}"))?;
+    match sagas
+        .iter()
+        .find(|s| !matches!(s.state, SagaState::Done | SagaState::Compensated))
+    {
+        Some(s) => Err(format!(
+            "saga atomicity violated after {what}: saga {} is {:?} ({:?})",
+            s.id, s.state, s.last_error
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Lands writes that met [`Fault::LandLater`] (see [`World::land_deferred`]).
+async fn land<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+    world: &World<M, V>,
+    writes: Vec<Vec<tandem_core::Point>>,
+) -> Result<(), String> {
+    for points in writes {
+        world
+            .index
+            .upsert(&points)
+            .await
+            .map_err(|e| format!("a late-landing write failed: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The configuration the property suite uses.

@@ -43,6 +43,7 @@ mod convert;
 mod faults;
 mod net;
 mod service;
+mod settings;
 
 pub use faults::{CallOutcome, CallRecord, Faults, RpcAction, RpcFault};
 

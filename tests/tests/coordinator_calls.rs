@@ -10,22 +10,61 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::error::Error as _;
+
 use async_trait::async_trait;
+use futures::FutureExt;
 use mockall::{Sequence, mock};
-use serde_json::json;
+use serde_json::{Value, json};
 use tandem_core::{
-    CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteCommit, DeleteSelector,
-    Distance, Filter, IdempotencyRecord, IndexError, IndexQuery, Intent, IntentId, IntentKind,
+    BoxError, CommitPart, CommitStep, CommitSummary, ConnectionType, Coordinator,
+    CoordinatorConfig, CoordinatorError, DeleteCommit, DeleteSelector, Distance, Filter,
+    IdempotencyRecord, IndexError, IndexGate, IndexQuery, Intent, IntentId, IntentKind,
     IntentState, MetadataError, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken, Page,
-    Point, PointId, PointInfo, RecordId, RetryPolicy, RowRef, RowWrite, Scope, ScoredPoint,
-    SearchQuery, Settlement, StoredRecord, UpsertCommit, ValidationError, VectorIndex,
-    WriteOptions,
+    Point, PointId, PointInfo, RecordId, RetryPolicy, RowRef, RowWrite, SagaContext,
+    SagaDefinition, SagaFence, SagaId, SagaRecord, SagaState, Scope, ScoredPoint, SearchQuery,
+    Settlement, SqlStep, StepDefinition, StepKind, StepState, StoredRecord, Transaction,
+    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit, ValidationError,
+    VectorIndex, WriteOptions,
 };
 
 // mockall cannot mock an async_trait method taking `Option<&T>` (the argument's
 // lifetime gets tied to `&self`), so each mock implements a mirror of its port
 // with those options owned, and the port is implemented for the mock by
-// forwarding. Every other argument is passed through as is.
+// forwarding. Every other argument is passed through as is, except a
+// transaction's commit (owned as a `TxCommit`) and its index gate (awaited by
+// the forwarding, as the trait's default `commit_upsert_gated` does).
+
+/// A [`TransactionCommit`] owned, as the mirror passes it to the mock.
+#[derive(Clone)]
+struct TxCommit {
+    parts: Vec<CommitPart>,
+    step: Option<Arc<dyn CommitStep>>,
+    hold: bool,
+    saga: Option<SagaFence>,
+}
+
+impl TxCommit {
+    fn of(commit: &TransactionCommit<'_>) -> Self {
+        Self {
+            parts: commit.parts.to_vec(),
+            step: commit.step.clone(),
+            hold: commit.hold,
+            saga: commit.saga,
+        }
+    }
+}
+
+impl std::fmt::Debug for TxCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxCommit")
+            .field("parts", &self.parts)
+            .field("step", &self.step.as_ref().map(|s| s.connection()))
+            .field("hold", &self.hold)
+            .field("saga", &self.saga)
+            .finish()
+    }
+}
 
 /// [`MetadataRepo`] with owned optional arguments.
 #[async_trait]
@@ -52,6 +91,11 @@ trait RepoCalls {
         fence: OwnerToken,
     ) -> Result<Settlement, MetadataError>;
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError>;
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError>;
     async fn claim_expired(
         &self,
         now_ms: i64,
@@ -83,6 +127,20 @@ trait RepoCalls {
     ) -> Result<Page<RowRef, RecordId>, MetadataError>;
     async fn list_intents(&self, limit: usize) -> Result<Vec<Intent>, MetadataError>;
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError>;
+    fn commit_step_connection(&self) -> Option<ConnectionType>;
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: TxCommit,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<TransactionCommitResult, MetadataError>;
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError>;
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError>;
 }
 
 mock! {
@@ -111,6 +169,11 @@ mock! {
             fence: OwnerToken,
         ) -> Result<Settlement, MetadataError>;
         async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError>;
+        async fn resolve_many(
+            &self,
+            intents: &[IntentId],
+            owner: OwnerToken,
+        ) -> Result<usize, MetadataError>;
         async fn claim_expired(
             &self,
             now_ms: i64,
@@ -145,6 +208,20 @@ mock! {
         ) -> Result<Page<RowRef, RecordId>, MetadataError>;
         async fn list_intents(&self, limit: usize) -> Result<Vec<Intent>, MetadataError>;
         async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError>;
+        fn commit_step_connection(&self) -> Option<ConnectionType>;
+        async fn commit_transaction(
+            &self,
+            intent: IntentId,
+            owner: OwnerToken,
+            commit: TxCommit,
+            idempotency: Option<IdempotencyRecord>,
+        ) -> Result<TransactionCommitResult, MetadataError>;
+        async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError>;
+        async fn saga_save(
+            &self,
+            saga: &SagaRecord,
+            fence: Option<OwnerToken>,
+        ) -> Result<Vec<Intent>, MetadataError>;
     }
 }
 
@@ -181,6 +258,13 @@ impl MetadataRepo for MockRepo {
     }
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         RepoCalls::resolve(self, intent, owner).await
+    }
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        RepoCalls::resolve_many(self, intents, owner).await
     }
     async fn claim_expired(
         &self,
@@ -230,6 +314,41 @@ impl MetadataRepo for MockRepo {
     }
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
         RepoCalls::count_by_scope(self).await
+    }
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        RepoCalls::commit_step_connection(self)
+    }
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        // A store that keeps no transaction open while the index is written
+        // (the memory store): wait for the write's decision, then commit.
+        if !gate.wait().await {
+            return Err(MetadataError::Aborted { intent });
+        }
+        RepoCalls::commit_transaction(
+            self,
+            intent,
+            owner,
+            TxCommit::of(commit),
+            idempotency.cloned(),
+        )
+        .await
+    }
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        RepoCalls::undo_images(self, intent).await
+    }
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        RepoCalls::saga_save(self, saga, fence).await
     }
 }
 
@@ -795,6 +914,112 @@ async fn an_index_write_hanging_past_the_deadline_is_compensated_but_its_intent_
     );
     assert_eq!(err.outcome(), Outcome::NotApplied);
     assert!(started.elapsed() >= config().call_deadline);
+}
+
+fn unknown_outcome(message: &str) -> IndexError {
+    IndexError::Transient {
+        outcome: Outcome::Unknown,
+        retry_after: None,
+        message: message.into(),
+        source: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_index_write_with_an_attempt_that_may_still_land_names_its_points_in_a_guard_before_the_commit()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let calls = Arc::new(AtomicUsize::new(0));
+
+    let prepared = expect_prepare(&mut repo, &mut seq);
+    let n = calls.clone();
+    let p = prepared.clone();
+    index
+        .expect_upsert()
+        .times(2)
+        .in_sequence(&mut seq)
+        .withf(move |pts| pts.iter().map(|x| x.id).collect::<Vec<_>>() == p.get().point_ids)
+        .returning(move |_| {
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(unknown_outcome(
+                    "a proxy answered 502; the request may still arrive",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+    // The guard: another intent naming the same new points, recorded before
+    // the commit and left for recovery (its lease outlives any request).
+    let guard = Slot::new();
+    let (g, p) = (guard.clone(), prepared.clone());
+    repo.expect_prepare()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |i| i.id != p.get().id && i.point_ids == p.get().point_ids)
+        .returning(move |i| {
+            g.set(i.clone());
+            Ok(())
+        });
+    repo.expect_commit_upsert()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _, _, _| {
+            Ok(UpsertCommit {
+                summary: summary(1, 0, 0),
+                old_point_ids: vec![],
+            })
+        });
+    index.expect_delete().times(0);
+    // Only the call's own intent is resolved; the guard is not.
+    let p = prepared.clone();
+    expect_resolve(&mut repo, &mut seq, &prepared, move || p.get().owner);
+
+    let c = coordinator(repo, index);
+    let report = c.upsert(vec![record(1)]).await.unwrap();
+    assert_eq!(report.inserted, 1);
+    let (guard, prepared) = (guard.get(), prepared.get());
+    assert_eq!(guard.kind, IntentKind::Upsert);
+    assert_ne!(guard.owner, prepared.owner);
+    assert!(guard.lease_deadline_ms >= prepared.lease_deadline_ms);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_index_write_failing_with_unknown_outcomes_is_compensated_but_its_intent_left_to_recovery()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+
+    let prepared = expect_prepare(&mut repo, &mut seq);
+    let p = prepared.clone();
+    index
+        .expect_upsert()
+        .times(config().retry.max_attempts as usize)
+        .in_sequence(&mut seq)
+        .withf(move |pts| pts.iter().map(|x| x.id).collect::<Vec<_>>() == p.get().point_ids)
+        .returning(|_| {
+            Err(unknown_outcome(
+                "answered Unavailable, still delivered later",
+            ))
+        });
+    repo.expect_commit_upsert().times(0);
+    index
+        .expect_delete()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(new_points_of(&prepared))
+        .returning(|_| Ok(()));
+    // A request may land after the compensation: only recovery, after the
+    // lease, may resolve the intent.
+    repo.expect_resolve().times(0);
+
+    let c = coordinator(repo, index);
+    let err = c.upsert(vec![record(1)]).await.unwrap_err();
+    assert!(matches!(err, CoordinatorError::Index(_)), "{err:?}");
+    // Nothing was committed: the call did not happen, whatever the index saw.
+    assert_eq!(err.outcome(), Outcome::NotApplied);
 }
 
 // ---------------------------------------------------------------------------
@@ -1449,7 +1674,7 @@ async fn a_delete_with_an_ambiguous_commit_settles_before_deleting_any_point() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
-async fn recovery_deletes_only_unreferenced_points_then_resolves_and_claims_again_after_a_full_batch()
+async fn recovery_deletes_only_unreferenced_points_then_resolves_the_batch_and_claims_again_when_it_was_full()
  {
     let mut seq = Sequence::new();
     let mut repo = MockRepo::new();
@@ -1511,19 +1736,15 @@ async fn recovery_deletes_only_unreferenced_points_then_resolves_and_claims_agai
         .in_sequence(&mut seq)
         .withf(move |ids| ids == garbage.as_slice())
         .returning(|_| Ok(()));
-    let (c, id_a) = (claimer.clone(), a.id);
-    repo.expect_resolve()
+    // One resolve for the whole batch (intent b named no point), under the
+    // claim's token.
+    let (c, ids) = (claimer.clone(), vec![a.id, b.id]);
+    repo.expect_resolve_many()
         .times(1)
         .in_sequence(&mut seq)
-        .withf(move |intent, owner| *intent == id_a && *owner == c.get())
-        .returning(|_, _| Ok(true));
-    // Intent b names no point: no lookup, no index call, just resolve.
-    let (c, id_b) = (claimer.clone(), b.id);
-    repo.expect_resolve()
-        .times(1)
-        .in_sequence(&mut seq)
-        .withf(move |intent, owner| *intent == id_b && *owner == c.get())
-        .returning(|_, _| Ok(true));
+        .withf(move |intents, owner| intents == ids.as_slice() && *owner == c.get())
+        .returning(|intents, _| Ok(intents.len()));
+    repo.expect_resolve().times(0);
     // A full batch: there may be more.
     repo.expect_claim_expired()
         .times(1)
@@ -1581,10 +1802,10 @@ async fn recovery_claims_once_when_the_first_batch_is_not_full() {
         .in_sequence(&mut seq)
         .withf(move |ids| ids == o.as_slice())
         .returning(|_| Ok(()));
-    repo.expect_resolve()
+    repo.expect_resolve_many()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|_, _| Ok(true));
+        .returning(|intents, _| Ok(intents.len()));
 
     let c = Coordinator::new(repo, index, cfg).unwrap();
     let report = c.recover().await.unwrap();
@@ -1633,6 +1854,7 @@ async fn recovery_leaves_an_intent_whose_garbage_cannot_be_deleted_and_records_w
             })
         });
     repo.expect_resolve().times(0);
+    repo.expect_resolve_many().times(0);
     let (c, id) = (claimer.clone(), intent.id);
     repo.expect_record_failure()
         .times(1)
@@ -1645,6 +1867,80 @@ async fn recovery_leaves_an_intent_whose_garbage_cannot_be_deleted_and_records_w
     let c = coordinator(repo, index);
     let report = c.recover().await.unwrap();
     assert_eq!((report.claimed, report.resolved, report.failed), (1, 0, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_of_a_batch_resolves_only_the_intents_whose_garbage_is_all_deleted() {
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let mut cfg = config();
+    cfg.limits.index_chunk = 1;
+    cfg.limits.index_parallelism = 1;
+    let (pa, pb) = (PointId::new_v7(), PointId::new_v7());
+    let a = intent_row(
+        IntentId::new_v7(),
+        IntentState::Prepared,
+        OwnerToken::new_random(),
+        vec![pa],
+        None,
+    );
+    let b = intent_row(
+        IntentId::new_v7(),
+        IntentState::Prepared,
+        OwnerToken::new_random(),
+        vec![pb],
+        None,
+    );
+    let (ra, rb) = (a.clone(), b.clone());
+    repo.expect_claim_expired()
+        .times(1)
+        .returning(move |_, owner, _, _| {
+            Ok(vec![
+                Intent {
+                    owner,
+                    ..ra.clone()
+                },
+                Intent {
+                    owner,
+                    ..rb.clone()
+                },
+            ])
+        });
+    repo.expect_referenced_points()
+        .times(1)
+        .returning(|_| Ok(HashSet::new()));
+    // One chunk per point: a's is deleted, b's fails for good.
+    index.expect_delete().times(2).returning(move |ids| {
+        if ids == [pa] {
+            Ok(())
+        } else {
+            Err(IndexError::CollectionNotFound {
+                collection: "c".into(),
+            })
+        }
+    });
+    let id_a = a.id;
+    repo.expect_resolve_many()
+        .times(1)
+        .withf(move |intents, _| intents == [id_a])
+        .returning(|intents, _| Ok(intents.len()));
+    let id_b = b.id;
+    repo.expect_record_failure()
+        .times(1)
+        .withf(move |i, _, _| *i == id_b)
+        .returning(|_, _, _| Ok(()));
+
+    let c = Coordinator::new(repo, index, cfg).unwrap();
+    let report = c.recover().await.unwrap();
+    assert_eq!(
+        (
+            report.claimed,
+            report.resolved,
+            report.failed,
+            report.points_deleted
+        ),
+        (2, 1, 1, 1)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1935,5 +2231,892 @@ async fn invalid_deletes_and_searches_are_rejected_before_any_store_call() {
             CoordinatorError::Invalid(ValidationError::EmptyScope { .. })
         ),
         "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Transactions
+// ---------------------------------------------------------------------------
+
+/// The connection a caller step runs on, in these cases: what the mock store
+/// hands a `SqlStep` inside its commit.
+#[derive(Default)]
+struct Tables {
+    statements: Vec<String>,
+}
+
+/// The caller's own error, returned by its step.
+#[derive(Debug)]
+struct CatalogLocked;
+
+impl std::fmt::Display for CatalogLocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("catalog 17 is locked for publishing")
+    }
+}
+
+impl std::error::Error for CatalogLocked {}
+
+/// Runs a transaction's caller step as the stores do inside the commit: on
+/// the store's connection, a failure becoming `MetadataError::StepFailed` with
+/// the caller's error as its source (what the memory store returns for every
+/// step error, and PostgreSQL and SQLite for an error that is not a database
+/// error). Returns the statements the step ran.
+fn run_step(commit: &TxCommit) -> Result<Vec<String>, MetadataError> {
+    let step = commit.step.as_ref().expect("the commit carries the step");
+    let mut conn = Tables::default();
+    step.run(&mut conn)
+        .now_or_never()
+        .expect("the step awaits nothing")
+        .map_err(|source| MetadataError::StepFailed { source })?;
+    Ok(conn.statements)
+}
+
+/// The rows of an upsert part, if it is one.
+fn upsert_rows(part: &CommitPart) -> &[RowWrite] {
+    match part {
+        CommitPart::Upsert(rows) => rows,
+        other => panic!("expected an upsert part, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_whose_caller_step_fails_commits_nothing_and_deletes_exactly_its_new_points()
+{
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let records = vec![record(1), record(2)];
+    let ran = Arc::new(Mutex::new(Vec::new()));
+
+    // The step is checked against the store's connection type before anything
+    // is written.
+    repo.expect_commit_step_connection()
+        .times(1)
+        .in_sequence(&mut seq)
+        .return_const(Some(ConnectionType::of::<Tables>()));
+    let prepared = expect_prepare(&mut repo, &mut seq);
+    expect_index_write(&mut index, &mut seq, &prepared);
+    let p = prepared.clone();
+    repo.expect_commit_transaction()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |intent, owner, commit, idem| {
+            let rows = upsert_rows(&commit.parts[0]);
+            *intent == p.get().id
+                && *owner == p.get().owner
+                && commit.parts.len() == 1
+                && rows.iter().map(|r| r.point_id).collect::<Vec<_>>() == p.get().point_ids
+                && commit.step.is_some()
+                && !commit.hold
+                && commit.saga.is_none()
+                && idem.is_none()
+        })
+        .returning(|_, _, commit, _| {
+            // The step runs inside the commit and fails: the transaction
+            // rolls back with it (no row, no intent mark, no key).
+            let statements = run_step(&commit)?;
+            panic!("the step failed, yet it ran {statements:?}")
+        });
+    // Not applied: the points written for it are garbage, deleted at once...
+    index
+        .expect_delete()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(new_points_of(&prepared))
+        .returning(|_| Ok(()));
+    // ...and the intent resolved, as nothing of it can land any more.
+    let p = prepared.clone();
+    expect_resolve(&mut repo, &mut seq, &prepared, move || p.get().owner);
+
+    let step_ran = ran.clone();
+    let step = SqlStep::new(move |conn: &mut Tables| {
+        let ran = step_ran.clone();
+        Box::pin(async move {
+            conn.statements
+                .push("UPDATE catalogs SET status = 'indexed' WHERE id = 17".into());
+            ran.lock().unwrap().push("step".to_owned());
+            Err(Box::new(CatalogLocked) as BoxError)
+        })
+    });
+    let tx = Transaction::new().upsert(records).with_step(step);
+    let c = coordinator(repo, index);
+    let err = c.transact(tx, &WriteOptions::default()).await.unwrap_err();
+
+    assert!(
+        matches!(err, CoordinatorError::StepFailed { .. }),
+        "{err:?}"
+    );
+    let source = err.source().expect("the caller's error is the source");
+    assert!(
+        source.downcast_ref::<CatalogLocked>().is_some(),
+        "the source is the caller's own error: {source:?}"
+    );
+    assert!(err.to_string().contains("catalog 17 is locked"), "{err}");
+    assert_eq!(err.outcome(), Outcome::NotApplied);
+    assert!(!err.is_retryable(), "the caller's code refused: no retry");
+    assert_eq!(*ran.lock().unwrap(), vec!["step"], "the step ran once");
+    let intent = prepared.get();
+    assert_eq!(intent.kind, IntentKind::Transaction);
+    assert_eq!(intent.point_ids.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transaction_commit_failing_transiently_before_applying_is_retried_with_the_same_intent_owner_and_key()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let old = PointId::new_v7();
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let selector = DeleteSelector::MetadataEq {
+        scope: Scope::new("catalog"),
+        key: "item".into(),
+        value: json!("sku-17"),
+    };
+    let new = record(1).with_metadata(json!({ "item": "sku-17" }));
+    let new_id = new.id.unwrap();
+
+    // No caller step: the store's connection type is never asked for.
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(|key| key == "replace-sku-17")
+        .returning(|_| Ok(None));
+    let prepared = expect_prepare(&mut repo, &mut seq);
+    // One index write: the retry commits the points already written.
+    expect_index_write(&mut index, &mut seq, &prepared);
+    let cm = commits.clone();
+    repo.expect_commit_transaction()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(move |intent, owner, commit, idem| {
+            cm.lock().unwrap().push((intent, owner, commit, idem));
+            Err(MetadataError::transient(
+                "could not serialize access (40001)",
+            ))
+        });
+    let cm = commits.clone();
+    repo.expect_commit_transaction()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(move |intent, owner, commit, idem| {
+            cm.lock().unwrap().push((intent, owner, commit, idem));
+            Ok(TransactionCommitResult {
+                summary: summary(1, 0, 1),
+                garbage: vec![old],
+                conflicts: vec![],
+            })
+        });
+    repo.expect_settle().times(0);
+    // The cleanup deletes the deleted row's point — never the new ones: no
+    // compensation.
+    index
+        .expect_delete()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |ids| ids == [old])
+        .returning(|_| Ok(()));
+    let p = prepared.clone();
+    expect_resolve(&mut repo, &mut seq, &prepared, move || p.get().owner);
+
+    let tx = Transaction::new()
+        .delete(selector.clone())
+        .upsert(vec![new]);
+    let c = coordinator(repo, index);
+    let report = c
+        .transact(tx, &WriteOptions::idempotent("replace-sku-17"))
+        .await
+        .unwrap();
+
+    let intent = prepared.get();
+    assert_eq!(intent.kind, IntentKind::Transaction);
+    assert_eq!(report.intent, intent.id);
+    assert_eq!(report.ids, vec![vec![], vec![new_id]]);
+    assert_eq!((report.inserted, report.updated, report.deleted), (1, 0, 1));
+    assert_eq!(report.deferred_cleanup, 0);
+    assert!(!report.replayed);
+
+    let commits = commits.lock().unwrap();
+    assert_eq!(commits.len(), 2);
+    for (i, (id, owner, commit, idem)) in commits.iter().enumerate() {
+        assert_eq!(*id, intent.id, "attempt {i}: the same intent");
+        assert_eq!(*owner, intent.owner, "attempt {i}: the same owner token");
+        assert_eq!(commit.parts.len(), 2, "attempt {i}");
+        assert_eq!(commit.parts[0], CommitPart::Delete(selector.clone()));
+        let rows = upsert_rows(&commit.parts[1]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].id, rows[0].point_id),
+            (new_id, intent.point_ids[0])
+        );
+        assert!(commit.step.is_none() && !commit.hold && commit.saga.is_none());
+        let idem = idem.as_ref().expect("the key is recorded with the commit");
+        assert_eq!(idem.key, "replace-sku-17");
+    }
+    assert_eq!(commits[0].3, commits[1].3, "the same idempotency record");
+}
+
+// ---------------------------------------------------------------------------
+// Sagas
+// ---------------------------------------------------------------------------
+
+/// What a saga case observes, in order: every journal write (`saga_save`,
+/// described as `save <state> [<step>:<state> ...]`) and every run of a caller
+/// action (`run <name>`) or compensation (`undo <name>`); and each save as
+/// written, with its fence, and the context each compensation was given.
+#[derive(Clone, Default)]
+struct SagaLog(Arc<Mutex<SagaSeen>>);
+
+#[derive(Default)]
+struct SagaSeen {
+    events: Vec<String>,
+    saves: Vec<(SagaRecord, Option<OwnerToken>)>,
+    undone: Vec<SagaContext>,
+}
+
+impl SagaLog {
+    fn event(&self, event: String) {
+        self.0.lock().unwrap().events.push(event);
+    }
+    fn saved(&self, saga: &SagaRecord, fence: Option<OwnerToken>) {
+        let mut seen = self.0.lock().unwrap();
+        let steps: Vec<String> = saga
+            .steps
+            .iter()
+            .map(|s| format!("{}:{:?}", s.name, s.state))
+            .collect();
+        seen.events
+            .push(format!("save {} [{}]", saga.state, steps.join(" ")));
+        seen.saves.push((saga.clone(), fence));
+    }
+    fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().events.clone()
+    }
+    fn saves(&self) -> Vec<(SagaRecord, Option<OwnerToken>)> {
+        self.0.lock().unwrap().saves.clone()
+    }
+    fn undone(&self) -> Vec<SagaContext> {
+        self.0.lock().unwrap().undone.clone()
+    }
+    /// The saga as first journaled (created).
+    fn created(&self) -> SagaRecord {
+        self.0.lock().unwrap().saves[0].0.clone()
+    }
+}
+
+/// Expects `times` journal writes in a row (in `seq`), each logged; none
+/// releases anything.
+fn expect_saves(repo: &mut MockRepo, seq: &mut Sequence, log: &SagaLog, times: usize) {
+    let log = log.clone();
+    repo.expect_saga_save()
+        .times(times)
+        .in_sequence(seq)
+        .returning(move |saga, fence| {
+            log.saved(saga, fence);
+            Ok(Vec::new())
+        });
+}
+
+/// Checks the journal's fencing: created unfenced, then every write fenced by
+/// the token it was created with, all of one saga.
+fn assert_fenced_by_creator(log: &SagaLog) {
+    let saves = log.saves();
+    let created = &saves[0].0;
+    assert_eq!(saves[0].1, None, "the first save creates the saga");
+    for (i, (saga, fence)) in saves.iter().enumerate().skip(1) {
+        assert_eq!(saga.id, created.id, "save {i}");
+        assert_eq!(*fence, Some(created.owner), "save {i}: fenced by its owner");
+        assert_eq!(saga.owner, created.owner, "save {i}");
+    }
+}
+
+fn step_key_of(saga: SagaId, step: usize) -> String {
+    format!("tandem:saga:{saga}:{step}")
+}
+
+/// A caller action `name` that logs its runs and its compensations (and
+/// keeps each compensation's context); it fails with `fails` if given.
+fn action(name: &'static str, log: &SagaLog, fails: Option<&'static str>) -> StepDefinition {
+    let (run_log, undo_log) = (log.clone(), log.clone());
+    StepDefinition::action(
+        name,
+        move |ctx: SagaContext| {
+            let log = run_log.clone();
+            async move {
+                log.event(format!("run {name}"));
+                match fails {
+                    Some(message) => Err(message.into()),
+                    None => Ok(json!({ "did": name, "step": ctx.step })),
+                }
+            }
+        },
+        move |ctx: SagaContext| {
+            let log = undo_log.clone();
+            async move {
+                log.event(format!("undo {name}"));
+                log.0.lock().unwrap().undone.push(ctx);
+                Ok(())
+            }
+        },
+    )
+}
+
+/// An irreversible action `name` (a pivot) that logs its runs.
+fn pivot(name: &'static str, log: &SagaLog) -> StepDefinition {
+    let log = log.clone();
+    StepDefinition::irreversible(name, move |_ctx: SagaContext| {
+        let log = log.clone();
+        async move {
+            log.event(format!("run {name}"));
+            Ok(json!({ "did": name }))
+        }
+    })
+}
+
+const REFUSED: &str = "the storefront refused the new prices (HTTP 422)";
+
+#[tokio::test(start_paused = true)]
+async fn a_static_saga_whose_third_action_fails_compensates_every_started_step_last_to_first() {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    // The journal is the only store call: create, then started/done per step,
+    // compensating, one write per compensated step, compensated.
+    expect_saves(&mut repo, &mut seq, &log, 11);
+    repo.expect_undo_images().times(0);
+
+    let c = coordinator(repo, index_mock());
+    c.register_saga(
+        SagaDefinition::new("reprice")
+            .step(action("a", &log, None))
+            .step(action("b", &log, None))
+            .step(action("c", &log, Some(REFUSED))),
+    )
+    .unwrap();
+    let input = json!({ "catalog": 17 });
+    let outcome = c.run_saga("reprice", input.clone()).await.unwrap();
+
+    // The failed step is compensated too, first: an action's error does not
+    // prove it had no effect (it may have failed half-way, or timed out after
+    // acting), so its compensation runs — given no output, as it "must accept
+    // an action that never happened" (`SagaContext::output`; protocol.md: "A
+    // failed action is compensated too"). Then the done steps, last to first.
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [a:Started]",
+            "run a",
+            "save running [a:Done]",
+            "save running [a:Done b:Started]",
+            "run b",
+            "save running [a:Done b:Done]",
+            "save running [a:Done b:Done c:Started]",
+            "run c",
+            "save compensating [a:Done b:Done c:Started]",
+            "undo c",
+            "save compensating [a:Done b:Done c:Compensated]",
+            "undo b",
+            "save compensating [a:Done b:Compensated c:Compensated]",
+            "undo a",
+            "save compensating [a:Compensated b:Compensated c:Compensated]",
+            "save compensated [a:Compensated b:Compensated c:Compensated]",
+        ]
+    );
+    assert_fenced_by_creator(&log);
+    let created = log.created();
+    let id = created.id;
+    assert_eq!((created.name.as_str(), &created.input), ("reprice", &input));
+    let why = format!("step \"c\" failed: {REFUSED}");
+    let saves = log.saves();
+    assert_eq!(saves[6].0.last_error.as_deref(), Some(why.as_str()));
+    let last = &saves[10].0;
+    for (i, step) in last.steps.iter().enumerate() {
+        assert_eq!(step.kind, StepKind::Action);
+        assert_eq!(step.key, step_key_of(id, i));
+        assert!(!step.pivot);
+    }
+
+    // Each compensation got its step's key and its step's output (none for c).
+    let undone = log.undone();
+    let got: Vec<(usize, String, Option<Value>)> = undone
+        .iter()
+        .map(|u| (u.step, u.key.clone(), u.output.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, step_key_of(id, 2), None),
+            (
+                1,
+                step_key_of(id, 1),
+                Some(json!({ "did": "b", "step": 1 }))
+            ),
+            (
+                0,
+                step_key_of(id, 0),
+                Some(json!({ "did": "a", "step": 0 }))
+            ),
+        ]
+    );
+
+    assert_eq!(outcome.id, id);
+    assert_eq!(outcome.state, SagaState::Compensated);
+    assert_eq!(outcome.error.as_deref(), Some(why.as_str()));
+    assert_eq!(
+        outcome.outputs,
+        vec![
+            json!({ "did": "a", "step": 0 }),
+            json!({ "did": "b", "step": 1 }),
+            Value::Null
+        ]
+    );
+    assert!(outcome.conflicts.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saga_step_failing_retryably_after_the_pivot_stays_running_with_its_error_and_compensates_nothing()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    let id = RecordId::new_v7();
+
+    // Create; a started, done; the pivot started, done; the Tandem step started.
+    expect_saves(&mut repo, &mut seq, &log, 6);
+    let l = log.clone();
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |key| key == step_key_of(l.created().id, 2))
+        .returning(|_| Ok(None));
+    // The store is unavailable through every attempt of the step's prepare:
+    // nothing of the step was written anywhere.
+    repo.expect_prepare()
+        .times(config().retry.max_attempts as usize)
+        .in_sequence(&mut seq)
+        .withf(|i| i.kind == IntentKind::Transaction && i.point_ids.len() == 1)
+        .returning(|_| Err(MetadataError::transient("connection refused")));
+    // The step's error journaled; the saga stays running.
+    expect_saves(&mut repo, &mut seq, &log, 1);
+    repo.expect_undo_images().times(0);
+
+    let c = coordinator(repo, index_mock());
+    c.register_saga(
+        SagaDefinition::new("publish")
+            .step(action("a", &log, None))
+            .step(pivot("p", &log))
+            .step(StepDefinition::tandem("index", move |_ctx| {
+                Ok(Transaction::new().upsert(vec![
+                    NewRecord::new("catalog", "x", vec![1.0, 0.0, 0.0]).with_id(id),
+                ]))
+            })),
+    )
+    .unwrap();
+    let err = c.run_saga("publish", json!({})).await.unwrap_err();
+
+    // No compensation at all: past the pivot the saga only goes forward, and
+    // recovery retries the step after the lease.
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [a:Started]",
+            "run a",
+            "save running [a:Done]",
+            "save running [a:Done p:Started]",
+            "run p",
+            "save running [a:Done p:Done]",
+            "save running [a:Done p:Done index:Started]",
+            "save running [a:Done p:Done index:Started]",
+        ]
+    );
+    assert_fenced_by_creator(&log);
+    let saga = log.created().id;
+    let saves = log.saves();
+    let last = &saves[6].0;
+    assert!(last.steps[1].pivot);
+    assert_eq!(last.steps[2].kind, StepKind::Tandem);
+    let error = last
+        .last_error
+        .as_deref()
+        .expect("the step's error is journaled");
+    assert!(
+        error.starts_with("step \"index\" failed:") && error.contains("connection refused"),
+        "{error}"
+    );
+
+    // The caller learns the saga is unfinished (recovery finishes it), with the
+    // store's error under it.
+    let CoordinatorError::SagaUnfinished { saga: s, source } = &err else {
+        panic!("expected SagaUnfinished, got {err:?}");
+    };
+    assert_eq!(*s, saga);
+    assert!(
+        matches!(
+            **source,
+            CoordinatorError::Metadata(MetadataError::Transient { .. })
+        ),
+        "{source:?}"
+    );
+    assert!(!err.is_retryable(), "starting it again would start another");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saga_step_failing_for_good_after_the_pivot_fails_the_saga_and_compensates_nothing() {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    expect_saves(&mut repo, &mut seq, &log, 7);
+    repo.expect_undo_images().times(0);
+
+    let c = coordinator(repo, index_mock());
+    c.register_saga(
+        SagaDefinition::new("publish")
+            .step(action("a", &log, None))
+            .step(pivot("p", &log))
+            .step(action("c", &log, Some(REFUSED))),
+    )
+    .unwrap();
+    let outcome = c.run_saga("publish", json!({})).await.unwrap();
+
+    // An action's own error is hopeless (no retry can help): the saga ends
+    // failed, for an operator, and nothing before the pivot is undone.
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [a:Started]",
+            "run a",
+            "save running [a:Done]",
+            "save running [a:Done p:Started]",
+            "run p",
+            "save running [a:Done p:Done]",
+            "save running [a:Done p:Done c:Started]",
+            "run c",
+            "save failed [a:Done p:Done c:Started]",
+        ]
+    );
+    assert_fenced_by_creator(&log);
+    let why = format!("step \"c\" failed: {REFUSED}");
+    let saves = log.saves();
+    assert_eq!(saves[6].0.last_error.as_deref(), Some(why.as_str()));
+    assert!(log.undone().is_empty());
+    assert_eq!(outcome.id, log.created().id);
+    assert_eq!(outcome.state, SagaState::Failed);
+    assert_eq!(outcome.error.as_deref(), Some(why.as_str()));
+}
+
+/// A dynamic saga's first Tandem step whose commit's outcome stays unknown:
+/// expects (in `seq`) the saga's creation and the step's start (logged), the
+/// key lookup, prepare, index write, a commit whose reply is lost, and a
+/// settlement that fails on every attempt — and nothing else (no
+/// compensation, no resolve, no journal write). Returns the prepared intent
+/// and the idempotency record the commit carried.
+fn expect_step_with_unknown_outcome(
+    repo: &mut MockRepo,
+    index: &mut MockIndex,
+    seq: &mut Sequence,
+    log: &SagaLog,
+) -> (Slot<NewIntent>, Slot<IdempotencyRecord>) {
+    expect_saves(repo, seq, log, 2);
+    let l = log.clone();
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(seq)
+        .withf(move |key| key == step_key_of(l.created().id, 0))
+        .returning(|_| Ok(None));
+    let prepared = expect_prepare(repo, seq);
+    expect_index_write(index, seq, &prepared);
+    let record = Slot::new();
+    let (p, l, r) = (prepared.clone(), log.clone(), record.clone());
+    repo.expect_commit_transaction()
+        .times(1)
+        .in_sequence(seq)
+        .withf(move |intent, owner, commit, idem| {
+            let saga = l.created();
+            *intent == p.get().id
+                && *owner == p.get().owner
+                && commit.hold
+                && commit.saga
+                    == Some(SagaFence {
+                        saga: saga.id,
+                        owner: saga.owner,
+                    })
+                && idem
+                    .as_ref()
+                    .is_some_and(|i| i.key == step_key_of(saga.id, 0))
+        })
+        .returning(move |_, _, _, idem| {
+            r.set(idem.unwrap());
+            Err(MetadataError::ambiguous(
+                "connection reset after COMMIT was sent",
+            ))
+        });
+    let p = prepared.clone();
+    repo.expect_settle()
+        .times(config().retry.max_attempts as usize)
+        .in_sequence(seq)
+        .withf(move |intent, owner, _| *intent == p.get().id && *owner == p.get().owner)
+        .returning(|_, _, _| Err(MetadataError::transient("connection refused")));
+    (prepared, record)
+}
+
+/// Expects (in `seq`) the saga's terminal `Done` write, which releases the
+/// held intent `held`, and the release's cleanup: nothing to delete (the step
+/// superseded nothing), the intent resolved under the saga's token.
+fn expect_finish(repo: &mut MockRepo, seq: &mut Sequence, log: &SagaLog, held: Slot<IntentId>) {
+    let (l, h) = (log.clone(), held.clone());
+    repo.expect_saga_save()
+        .times(1)
+        .in_sequence(seq)
+        .withf(|saga, _| saga.state == SagaState::Done)
+        .returning(move |saga, fence| {
+            l.saved(saga, fence);
+            Ok(vec![Intent {
+                kind: IntentKind::Transaction,
+                lease_deadline_ms: saga.lease_deadline_ms,
+                ..intent_row(
+                    h.get(),
+                    IntentState::Committed,
+                    saga.owner,
+                    vec![],
+                    Some(summary(1, 0, 0)),
+                )
+            }])
+        });
+    let l = log.clone();
+    repo.expect_resolve_many()
+        .times(1)
+        .in_sequence(seq)
+        .withf(move |intents, owner| intents == [held.get()] && *owner == l.created().owner)
+        .returning(|intents, _| Ok(intents.len()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dynamic_saga_step_with_an_unknown_outcome_blocks_other_steps_and_is_retried_under_the_same_key()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let log = SagaLog::default();
+
+    let (first, first_key) =
+        expect_step_with_unknown_outcome(&mut repo, &mut index, &mut seq, &log);
+    // `step("batch-1")` is refused without any store call. The retry of
+    // "batch-0": no new journal write (it is journaled started), the same key
+    // looked up — not recorded: the first attempt has not committed (were it
+    // still to, the key lets only one of the two commits apply)...
+    let l = log.clone();
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |key| key == step_key_of(l.created().id, 0))
+        .returning(|_| Ok(None));
+    // ...so it is committed now, as a new write under a new intent.
+    let second = expect_prepare(&mut repo, &mut seq);
+    expect_index_write(&mut index, &mut seq, &second);
+    let (p, l, k) = (second.clone(), log.clone(), first_key.clone());
+    repo.expect_commit_transaction()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |intent, owner, commit, idem| {
+            let saga = l.created();
+            let idem = idem.as_ref().expect("the step's key");
+            *intent == p.get().id
+                && *owner == p.get().owner
+                && commit.hold
+                && commit.saga
+                    == Some(SagaFence {
+                        saga: saga.id,
+                        owner: saga.owner,
+                    })
+                && idem.key == step_key_of(saga.id, 0)
+                && idem.key == k.get().key
+                && idem.request_hash == k.get().request_hash
+        })
+        .returning(|_, _, _, _| {
+            Ok(TransactionCommitResult {
+                summary: summary(1, 0, 0),
+                garbage: vec![],
+                conflicts: vec![],
+            })
+        });
+    // Journaled done, holding the new intent.
+    let p = second.clone();
+    let l = log.clone();
+    repo.expect_saga_save()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |saga, _| {
+            saga.steps.len() == 1
+                && saga.steps[0].state == StepState::Done
+                && saga.steps[0].intent == Some(p.get().id)
+        })
+        .returning(move |saga, fence| {
+            l.saved(saga, fence);
+            Ok(Vec::new())
+        });
+    let held = Slot::new();
+    expect_finish(&mut repo, &mut seq, &log, held.clone());
+    repo.expect_undo_images().times(0);
+    repo.expect_resolve().times(0);
+    index.expect_delete().times(0);
+
+    let c = coordinator(repo, index);
+    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
+    let mut run = c
+        .begin_saga("ingest", json!({ "file": "f.jsonl" }))
+        .await
+        .unwrap();
+    let batch = record(1);
+    let tx = Transaction::new().upsert(vec![batch.clone()]);
+
+    let err = run.step("batch-0", tx.clone()).await.unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::OutcomeUnknown { intent, .. } if intent == first.get().id),
+        "{err:?}"
+    );
+    assert_eq!(err.outcome(), Outcome::Unknown);
+
+    let err = run
+        .step("batch-1", Transaction::new().upsert(vec![record(2)]))
+        .await
+        .unwrap_err();
+    let CoordinatorError::Config(message) = &err else {
+        panic!("expected a refusal, got {err:?}");
+    };
+    assert!(message.contains("\"batch-0\""), "{message}");
+
+    let report = run.step("batch-0", tx).await.unwrap();
+    let (first, second) = (first.get(), second.get());
+    assert_ne!(second.id, first.id, "a new write, under a new intent");
+    assert_ne!(second.owner, first.owner);
+    assert_eq!(report.intent, second.id);
+    assert_eq!(report.ids, vec![vec![batch.id.unwrap()]]);
+    assert_eq!(report.inserted, 1);
+    assert!(!report.replayed);
+
+    held.set(second.id);
+    let outcome = run.finish().await.unwrap();
+    assert_eq!(outcome.state, SagaState::Done);
+    assert_eq!(outcome.id, log.created().id);
+
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [batch-0:Started]",
+            "save running [batch-0:Done]",
+            "save done [batch-0:Done]",
+        ]
+    );
+    assert_fenced_by_creator(&log);
+    let saves = log.saves();
+    let step = &saves[1].0.steps[0];
+    assert_eq!(
+        (step.kind, step.key.clone(), step.intent),
+        (StepKind::Tandem, step_key_of(outcome.id, 0), None)
+    );
+    assert_eq!(saves[2].0.steps[0].key, step_key_of(outcome.id, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dynamic_saga_step_with_an_unknown_outcome_that_did_commit_is_answered_from_its_key_on_retry()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let log = SagaLog::default();
+
+    let (first, first_key) =
+        expect_step_with_unknown_outcome(&mut repo, &mut index, &mut seq, &log);
+    // The retry finds the key recorded: the first attempt committed. Nothing
+    // is written again (no prepare, no index write, no commit).
+    let (l, k) = (log.clone(), first_key.clone());
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |key| key == step_key_of(l.created().id, 0))
+        .returning(move |_| {
+            Ok(Some(IdempotencyRecord {
+                summary: summary(1, 0, 0),
+                ..k.get()
+            }))
+        });
+    let (p, l) = (first.clone(), log.clone());
+    repo.expect_saga_save()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |saga, _| {
+            saga.steps[0].state == StepState::Done && saga.steps[0].intent == Some(p.get().id)
+        })
+        .returning(move |saga, fence| {
+            l.saved(saga, fence);
+            Ok(Vec::new())
+        });
+    let held = Slot::new();
+    expect_finish(&mut repo, &mut seq, &log, held.clone());
+
+    let c = coordinator(repo, index);
+    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
+    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
+    let tx = Transaction::new().upsert(vec![record(1)]);
+    let err = run.step("batch-0", tx.clone()).await.unwrap_err();
+    assert_eq!(err.outcome(), Outcome::Unknown);
+
+    let report = run.step("batch-0", tx).await.unwrap();
+    assert!(report.replayed);
+    assert_eq!(report.intent, first.get().id, "the first attempt's intent");
+    assert_eq!(report.inserted, 1);
+
+    held.set(first.get().id);
+    let outcome = run.finish().await.unwrap();
+    assert_eq!(outcome.state, SagaState::Done);
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [batch-0:Started]",
+            "save running [batch-0:Done]",
+            "save done [batch-0:Done]",
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn finishing_a_dynamic_saga_whose_step_has_an_unknown_outcome_is_refused_without_a_store_call()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let log = SagaLog::default();
+    expect_step_with_unknown_outcome(&mut repo, &mut index, &mut seq, &log);
+    // Nothing after the step: no journal write (the saga stays running, its
+    // step started, for recovery to settle and compensate after the lease).
+
+    let c = coordinator(repo, index);
+    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
+    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
+    let err = run
+        .step("batch-0", Transaction::new().upsert(vec![record(1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.outcome(), Outcome::Unknown);
+
+    let err = run.finish().await.unwrap_err();
+    let id = log.created().id;
+    let CoordinatorError::SagaUnfinished { saga, source } = &err else {
+        panic!("expected SagaUnfinished, got {err:?}");
+    };
+    assert_eq!(*saga, id);
+    assert!(
+        matches!(&**source, CoordinatorError::Config(m) if m.contains("unknown")),
+        "{source:?}"
+    );
+    assert_eq!(
+        log.events(),
+        vec!["save running []", "save running [batch-0:Started]"]
     );
 }

@@ -16,7 +16,13 @@
 //! * a killed delete removed all of its selection or none of it;
 //! * re-running the interrupted ingest with the same `--idempotency-prefix`
 //!   completes the input (every id at its last version, as many records as
-//!   the input's distinct records), and a second re-run writes nothing.
+//!   the input's distinct records), and a second re-run writes nothing;
+//! * a killed `tandem ingest --atomic` (one durable saga whose steps are the
+//!   batches; some of its lines update records of earlier atomic inputs)
+//!   stands whole or not at all once `tandem recover` has ended its saga:
+//!   either every record of the input is stored at the input's version, or
+//!   none of its new records exists and every record it updated is back at
+//!   its version from before the run; no saga is left running, none failed.
 //!
 //! Recovery may only claim an intent once its writer's lease has ended, so
 //! the campaign's `tandem.toml` sets a short one (`[coordinator] lease_secs =
@@ -30,10 +36,20 @@
 //! and takes the path from cargo's JSON messages (a no-op build when it is
 //! up to date; `TANDEM_BIN` overrides).
 //!
+//! A third campaign kills **the Qdrant server itself**: a real single node
+//! (see `tandem_tests::real_qdrant`) is SIGKILLed a few times while `tandem
+//! ingest` writes to it, at random points of the ingest, and restarted on the
+//! same storage. The ingest rides the outage out with its batch retries (or is
+//! re-run with its prefix); every batch committed before a kill — whose points
+//! Qdrant acknowledged — is still there afterwards, and after `tandem recover`
+//! `tandem verify` is exact. Without a real server that test is reported as
+//! ignored, with the reason.
+//!
 //! The seed is printed; `CRASH_CAMPAIGN_SEED=N` replays the same data, delays
 //! and choices (the outcomes still depend on timing).
 //! `CRASH_CAMPAIGN_KILLS=N` sets the kills per backend (default 50: 26
-//! ingest, 12 delete, 12 recover).
+//! ingest, 12 delete, 12 recover); `CRASH_CAMPAIGN_ATOMIC_KILLS=N` the kills
+//! of `ingest --atomic` per backend on top (default 12).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -51,6 +67,7 @@ use tandem_tests::campaign::{
     check_exact, check_no_missing_no_orphans, tandem_binary,
 };
 use tandem_tests::pg::TestSchema;
+use tandem_tests::real_qdrant::{Launcher, QdrantCluster};
 
 /// Vector dimension of the campaign's collections.
 const DIM: usize = 16;
@@ -60,6 +77,10 @@ const BATCH: usize = 20;
 const LINES: usize = 240;
 /// Scopes of the ingest rounds.
 const SCOPES: [&str; 3] = ["books", "music", "films"];
+/// Lines per atomic ingest input (5 batches).
+const ATOMIC_LINES: usize = 100;
+/// Scopes of the atomic ingests.
+const ATOMIC_SCOPES: [&str; 2] = ["atomic-a", "atomic-b"];
 /// Scopes of the data set the deletes work on.
 const DEL_SCOPES: [&str; 6] = ["del-a", "del-b", "del-c", "del-d", "del-e", "del-f"];
 /// Items (metadata `item`) per delete scope: targets of `--where item=…`.
@@ -92,6 +113,7 @@ struct Targets {
     ingest: usize,
     delete: usize,
     recover: usize,
+    atomic: usize,
 }
 
 impl Targets {
@@ -103,17 +125,25 @@ impl Targets {
                 .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_KILLS={s:?} is not a number")),
             Err(_) => 50,
         };
+        let atomic = match std::env::var("CRASH_CAMPAIGN_ATOMIC_KILLS") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_ATOMIC_KILLS={s:?} is not a number")),
+            Err(_) => 12,
+        };
         let delete = total / 4;
         let recover = total / 4;
         Self {
             ingest: total - delete - recover,
             delete,
             recover,
+            atomic,
         }
     }
 
     fn total(&self) -> usize {
-        self.ingest + self.delete + self.recover
+        self.ingest + self.delete + self.recover + self.atomic
     }
 }
 
@@ -123,6 +153,7 @@ enum Kind {
     Ingest,
     Delete,
     Recover,
+    Atomic,
 }
 
 impl Kind {
@@ -131,6 +162,7 @@ impl Kind {
             Kind::Ingest => "ingest",
             Kind::Delete => "delete",
             Kind::Recover => "recover",
+            Kind::Atomic => "atomic",
         }
     }
 }
@@ -157,6 +189,12 @@ struct Tally {
     verifies: usize,
     /// Uninterrupted commands that exited 3 (unavailable) and were re-run.
     exit3_retries: usize,
+    /// Atomic ingests that stood whole / were undone, after recovery.
+    atomic_whole: usize,
+    atomic_undone: usize,
+    /// Sagas that `recover` runs ended (done / compensated).
+    sagas_done: u64,
+    sagas_compensated: u64,
 }
 
 impl Tally {
@@ -275,6 +313,8 @@ struct Campaign {
     ingest_window: Duration,
     delete_window: Duration,
     recover_window: Duration,
+    atomic_window: Duration,
+    atomic_rounds: usize,
     kills_since_recovery: usize,
     started: Instant,
 }
@@ -358,6 +398,7 @@ impl Campaign {
     /// itself first), then checks exact equality and that every stored
     /// record comes from an input. Returns the rows.
     fn recover_and_check(&mut self) -> BTreeMap<RecordId, StoredRecord> {
+        let undone_sagas = !self.block_on(self.store.unfinished_sagas()).is_empty();
         let rows_before = self.rows();
         let mut killed_here = 0;
         loop {
@@ -392,8 +433,27 @@ impl Campaign {
         if let Err(e) = self.inputs.check_rows(&rows) {
             self.fail(&e);
         }
-        // Recovery deletes garbage points; it never changes a row.
-        if row_versions(&rows) != row_versions(&rows_before) {
+        let unfinished = self.block_on(self.store.unfinished_sagas());
+        if !unfinished.is_empty() {
+            self.fail(&format!(
+                "after recovery {} saga(s) are still unfinished: {:?}",
+                unfinished.len(),
+                unfinished
+                    .iter()
+                    .map(|s| (s.id, s.state))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        // Recovery deletes garbage points and undoes the steps of an
+        // unfinished saga; it never changes any other row.
+        let outside = |rows: &BTreeMap<RecordId, StoredRecord>| {
+            let mut v = row_versions(rows);
+            if undone_sagas {
+                v.retain(|id, _| !rows[id].scope.as_str().starts_with("atomic-"));
+            }
+            v
+        };
+        if outside(&rows) != outside(&rows_before) {
             self.fail("recovery changed committed rows");
         }
         self.kills_since_recovery = 0;
@@ -402,7 +462,7 @@ impl Campaign {
 
     /// Checks and counts what a finished `tandem recover --json` did.
     fn recovered(&mut self, j: &Value, stderr: &str, took: Duration, note: &str) {
-        if j["failed"] != 0 || j["pending_intents"] != 0 {
+        if j["failed"] != 0 || j["pending_intents"] != 0 || j["sagas_failed"] != 0 {
             self.fail(&format!(
                 "recover left work behind: {j:#}\nstderr:\n{stderr}"
             ));
@@ -412,6 +472,8 @@ impl Campaign {
         self.tally.recovered_claimed += claimed;
         self.tally.recovered_resolved += j["resolved"].as_u64().unwrap_or(0);
         self.tally.garbage_deleted += j["points_deleted"].as_u64().unwrap_or(0);
+        self.tally.sagas_done += j["sagas_done"].as_u64().unwrap_or(0);
+        self.tally.sagas_compensated += j["sagas_compensated"].as_u64().unwrap_or(0);
         self.say(&format!(
             "    recover{note}: {claimed} intent(s) claimed, {} resolved, {} garbage point(s) deleted ({} ms)",
             j["resolved"],
@@ -845,10 +907,173 @@ impl Campaign {
         }
     }
 
+    /// A fresh atomic input: new ids, some lines without an id, and updates
+    /// (once each) of records earlier atomic inputs left standing.
+    fn new_atomic_input(&mut self, rows: &BTreeMap<RecordId, StoredRecord>) -> InputFile {
+        self.atomic_rounds += 1;
+        let tag = format!("a{}", self.atomic_rounds);
+        let mut standing: Vec<(RecordId, String)> = rows
+            .values()
+            .filter(|r| r.scope.as_str().starts_with("atomic-"))
+            .map(|r| (r.id, r.scope.to_string()))
+            .collect();
+        let mut lines = Vec::with_capacity(ATOMIC_LINES);
+        for n in 1..=ATOMIC_LINES {
+            let roll: f64 = self.rng.random();
+            let (id, scope) = if roll < 0.25 && !standing.is_empty() {
+                let i = self.rng.random_range(0..standing.len());
+                let (id, scope) = standing.swap_remove(i);
+                (Some(id), scope)
+            } else if roll < 0.4 {
+                (
+                    None,
+                    (*ATOMIC_SCOPES.choose(&mut self.rng).unwrap()).to_owned(),
+                )
+            } else {
+                let scope = *ATOMIC_SCOPES.choose(&mut self.rng).unwrap();
+                (Some(random_id(&mut self.rng)), scope.to_owned())
+            };
+            lines.push(InputLine {
+                id,
+                content: format!("{tag} line {n}: {scope} record"),
+                metadata: meta(json!({"input": tag, "line": n, "item": "atomic"})),
+                scope,
+                vector: random_vector(&mut self.rng),
+            });
+        }
+        let file = InputFile::write(&self.dir, &tag, lines, BATCH);
+        self.inputs.add(&file);
+        file
+    }
+
+    /// One `tandem ingest --atomic`, killed at a random moment (or, with
+    /// `calibrate`, not at all, measuring the kill window), then recovered:
+    /// the input stands whole or not at all.
+    fn atomic_step(&mut self, calibrate: bool) {
+        let before = self.rows();
+        let file = self.new_atomic_input(&before);
+        let tag = file.tag.clone();
+        let delay = if calibrate {
+            Duration::from_secs(120)
+        } else {
+            self.delay(self.atomic_window)
+        };
+        let path = file.path.display().to_string();
+        let batch = file.batch_size.to_string();
+        let args = ["ingest", &path, "--batch-size", &batch, "--atomic"];
+        let outcome = match self.cli.run_killed(&args, delay) {
+            KillOutcome::Exited {
+                status,
+                after,
+                stdout,
+                stderr,
+            } => {
+                if status.code() != Some(0) {
+                    self.fail(&format!(
+                        "atomic ingest {tag} failed on its own: {status}\n{stdout}\n{stderr}"
+                    ));
+                }
+                self.atomic_window = if calibrate {
+                    after.mul_f64(1.1)
+                } else {
+                    (self.atomic_window + after) / 2
+                };
+                *self
+                    .tally
+                    .not_killed
+                    .entry((Kind::Atomic, "finished before the signal".into()))
+                    .or_default() += 1;
+                self.say(&format!(
+                    "    atomic ingest {tag} finished before the signal ({} ms)",
+                    after.as_millis()
+                ));
+                None
+            }
+            KillOutcome::Killed(at) => {
+                let sagas = self.block_on(self.store.unfinished_sagas()).len();
+                let tagged = self
+                    .rows()
+                    .values()
+                    .filter(|r| r.metadata.get("input") == Some(&json!(tag)))
+                    .count();
+                self.check_instant("a killed atomic ingest");
+                Some((at, sagas, tagged))
+            }
+        };
+        let after = self.recover_and_check();
+        let tagged = after
+            .values()
+            .filter(|r| r.metadata.get("input") == Some(&json!(tag)))
+            .count();
+        let whole = if tagged == 0 {
+            // Undone: every record it updated is back as it was; its new
+            // records are gone.
+            for line in &file.lines {
+                let Some(id) = line.id else { continue };
+                let now = after.get(&id).map(|r| (&r.scope, &r.content, &r.metadata));
+                let was = before.get(&id).map(|r| (&r.scope, &r.content, &r.metadata));
+                if now != was {
+                    self.fail(&format!(
+                        "atomic ingest {tag} was undone, but record {id} is not as before it: {now:?} ≠ {was:?}"
+                    ));
+                }
+            }
+            false
+        } else {
+            if let Err(e) = file.check_complete(&after) {
+                self.fail(&format!(
+                    "atomic ingest {tag} is neither whole nor undone ({tagged} of {} records): {e}",
+                    file.expected_records()
+                ));
+            }
+            true
+        };
+        // Records it did not touch are as they were.
+        let untouched = |rows: &BTreeMap<RecordId, StoredRecord>| {
+            let touched: HashSet<RecordId> = file.lines.iter().filter_map(|l| l.id).collect();
+            rows.iter()
+                .filter(|(id, r)| {
+                    !touched.contains(id) && r.metadata.get("input") != Some(&json!(tag))
+                })
+                .map(|(id, r)| (*id, (r.version, r.point_id)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        if untouched(&after) != untouched(&before) {
+            self.fail(&format!(
+                "atomic ingest {tag} changed records it did not name"
+            ));
+        }
+        if whole {
+            self.tally.atomic_whole += 1;
+        } else {
+            self.tally.atomic_undone += 1;
+        }
+        match outcome {
+            None if !whole => {
+                self.fail(&format!("atomic ingest {tag} exited 0 but does not stand"))
+            }
+            None => {}
+            Some((at, sagas, tagged_at_kill)) => {
+                let what = match (whole, tagged_at_kill) {
+                    (true, _) => "killed after its saga ended: stands whole",
+                    (false, 0) => "killed before any batch committed: nothing stands",
+                    (false, _) => "killed mid-run: undone by recovery",
+                };
+                self.tally.kill(Kind::Atomic, what);
+                self.say(&format!(
+                    "kill {:>3}: atomic ingest {tag} at {:>4} ms: {what} ({tagged_at_kill} of its records stood at the kill, {sagas} saga(s) unfinished)",
+                    self.tally.total(),
+                    at.as_millis()
+                ));
+            }
+        }
+    }
+
     fn done(&self) -> bool {
         self.tally.kills(Kind::Ingest) >= self.targets.ingest
             && self.tally.kills(Kind::Delete) >= self.targets.delete
             && self.tally.kills(Kind::Recover) >= self.targets.recover
+            && self.tally.kills(Kind::Atomic) >= self.targets.atomic
     }
 
     fn run(&mut self) {
@@ -868,19 +1093,25 @@ impl Campaign {
             self.fail(&format!("calibration delete: {}", out.stdout));
         }
         self.delete_window = out.elapsed.mul_f64(1.3);
+        // An atomic ingest of ATOMIC_LINES lines, uninterrupted.
+        self.atomic_step(true);
         self.recover_and_check();
         self.say(&format!(
-            "kill windows: ingest {} ms, delete {} ms, recover {} ms (first)",
+            "kill windows: ingest {} ms, delete {} ms, recover {} ms (first), atomic ingest {} ms",
             self.ingest_window.as_millis(),
             self.delete_window.as_millis(),
-            self.recover_window.as_millis()
+            self.recover_window.as_millis(),
+            self.atomic_window.as_millis()
         ));
 
         while !self.done() {
             let delete_due = self.tally.kills(Kind::Delete) < self.targets.delete;
             let ingest_due = self.tally.kills(Kind::Ingest) < self.targets.ingest
                 || self.tally.kills(Kind::Recover) < self.targets.recover;
-            if delete_due && (!ingest_due || self.rng.random_bool(0.3)) {
+            let atomic_due = self.tally.kills(Kind::Atomic) < self.targets.atomic;
+            if atomic_due && ((!delete_due && !ingest_due) || self.rng.random_bool(0.25)) {
+                self.atomic_step(false);
+            } else if delete_due && (!ingest_due || self.rng.random_bool(0.3)) {
                 self.delete_step();
             } else {
                 self.ingest_step();
@@ -901,7 +1132,7 @@ impl Campaign {
             t.total(),
             self.started.elapsed().as_secs_f64()
         );
-        for kind in [Kind::Ingest, Kind::Delete, Kind::Recover] {
+        for kind in [Kind::Ingest, Kind::Delete, Kind::Recover, Kind::Atomic] {
             let parts: Vec<String> = t
                 .outcomes
                 .iter()
@@ -946,6 +1177,10 @@ impl Campaign {
             t.verifies,
             t.exit3_retries
         ));
+        s.push_str(&format!(
+            "\n  atomic ingests: {} stood whole, {} undone; recover runs ended {} saga(s) forward and compensated {}",
+            t.atomic_whole, t.atomic_undone, t.sagas_done, t.sagas_compensated
+        ));
         println!("{s}");
     }
 }
@@ -979,6 +1214,8 @@ fn new_campaign(
         ingest_window: Duration::from_secs(1),
         delete_window: Duration::from_millis(300),
         recover_window: Duration::from_millis(250),
+        atomic_window: Duration::from_secs(1),
+        atomic_rounds: 0,
         kills_since_recovery: 0,
         started: Instant::now(),
     }
@@ -1010,7 +1247,8 @@ fn assert_enough(c: &Campaign) {
         t.total() >= c.targets.total()
             && t.kills(Kind::Ingest) >= c.targets.ingest
             && t.kills(Kind::Delete) >= c.targets.delete
-            && t.kills(Kind::Recover) >= c.targets.recover,
+            && t.kills(Kind::Recover) >= c.targets.recover
+            && t.kills(Kind::Atomic) >= c.targets.atomic,
         "[{}] too few kills: {:?} (targets {:?})",
         c.label,
         t.kills,
@@ -1092,6 +1330,189 @@ fn kill_9_campaign_on_postgres_and_the_qdrant_server() {
         "the Qdrant test server died during the campaign"
     );
     assert_enough(&c);
+}
+
+/// Timings of the Qdrant-kill campaign: calls short enough that a batch in
+/// flight at the kill fails within seconds, a lease recovery may take over
+/// soon after (`lease > call_deadline + cleanup_deadline`).
+const SERVER_KILL_CONFIG: &str = "\
+[coordinator]
+lease_secs = 4
+call_deadline_secs = 2
+cleanup_deadline_secs = 1
+orphan_grace_secs = 4
+";
+
+/// SIGKILLs per run of the Qdrant-kill campaign.
+const SERVER_KILLS: usize = 3;
+/// Lines per ingest of the Qdrant-kill campaign (30 batches).
+const SERVER_KILL_LINES: usize = 600;
+
+#[test]
+#[cfg_attr(
+    not(real_qdrant),
+    ignore = "needs a real Qdrant server: set QDRANT_BIN=/path/to/qdrant or TANDEM_QDRANT_START, see docs/qdrant.md"
+)]
+fn kill_9_of_the_qdrant_server_mid_ingest() {
+    let base = seed();
+    println!("[qdrant-kill] seed {base} (CRASH_CAMPAIGN_SEED={base} replays it)");
+    let mut rng = StdRng::seed_from_u64(base ^ 0x51ed_2701_a5a5_0f0f);
+    let launcher = Launcher::require();
+    let rt = runtime();
+    let schema = rt.block_on(TestSchema::new());
+    let bin = tandem_binary();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = tmp.path().join("tandem.toml");
+    std::fs::write(&config, SERVER_KILL_CONFIG).expect("write tandem.toml");
+    let mut server = QdrantCluster::single(&launcher);
+    let started = Instant::now();
+    let collection = format!("crash_{}", uuid::Uuid::new_v4().simple());
+    let mut global = os(&["--json", "-q", "--dim", &DIM.to_string(), "--config"]);
+    global.push(config.into());
+    global.extend(os(&[
+        "--postgres-schema",
+        schema.name(),
+        "--qdrant-url",
+        &server.node(0).grpc_url(),
+        "--collection",
+        &collection,
+    ]));
+    let env = vec![("DATABASE_URL".to_owned(), schema.url().to_owned())];
+    let cli = Tandem::new(bin, tmp.path(), global, env);
+    let out = cli.run(&["migrate"]);
+    assert_eq!(out.code(), Some(0), "migrate: {}", out.stderr);
+    let store = StoreReader::new(Arc::new(rt.block_on(schema.repo())));
+    let mut inputs = Inputs::default();
+    let (mut retried_batches, mut reruns) = (0u64, 0usize);
+
+    for kill in 1..=SERVER_KILLS {
+        let tag = format!("q{kill}");
+        let lines: Vec<InputLine> = (0..SERVER_KILL_LINES)
+            .map(|i| InputLine {
+                // A third without an id: a batch written twice would show.
+                id: (i % 3 != 0).then(|| random_id(&mut rng)),
+                scope: SCOPES[i % SCOPES.len()].to_owned(),
+                content: format!("{tag} line {}", i + 1),
+                metadata: meta(json!({"input": tag, "line": i + 1})),
+                vector: random_vector(&mut rng),
+            })
+            .collect();
+        let file = InputFile::write(tmp.path(), &tag, lines, BATCH);
+        inputs.add(&file);
+        let batches = file.batches();
+        let path = file.path.display().to_string();
+        let args = [
+            "ingest",
+            path.as_str(),
+            "--batch-size",
+            &BATCH.to_string(),
+            "--idempotency-prefix",
+            &tag,
+        ]
+        .map(str::to_owned);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+        // Kill the server once a random number of batches is committed (the
+        // ingest writes its batches in order).
+        let target = rng.random_range(1..batches / 2);
+        let mut ingest = cli.spawn(&args);
+        while !rt.block_on(store.has_key(&format!("{tag}:{target}"))) {
+            assert!(
+                ingest.is_running(),
+                "the ingest ended before batch {target} committed: {}",
+                ingest.stderr_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let was_running = ingest.is_running();
+        server.node_mut(0).kill9();
+        // Committed now = acknowledged by Qdrant before the kill (a commit
+        // waits for its index write), even if its commit landed just after.
+        let acknowledged: Vec<String> = (1..=batches)
+            .map(|b| format!("{tag}:{b}"))
+            .filter(|k| rt.block_on(store.has_key(k)))
+            .collect();
+        assert!(
+            was_running && acknowledged.len() < batches,
+            "the kill must land mid-ingest ({} of {batches} batches committed)",
+            acknowledged.len()
+        );
+        let down_for = Duration::from_millis(rng.random_range(0..1500));
+        std::thread::sleep(down_for);
+        server.node_mut(0).restart();
+        let out = ingest.wait();
+        let j = out.json();
+        println!(
+            "[qdrant-kill] kill {kill}: SIGKILL of Qdrant with {} of {batches} batches committed \
+             (ingest running: {was_running}), down {} ms; ingest exit {:?} (attempted {}, retried {}, {} retries, failed {})",
+            acknowledged.len(),
+            down_for.as_millis(),
+            out.code(),
+            j["batches_attempted"],
+            j["batches_retried"],
+            j["batch_retries"],
+            j["batches_failed"]
+        );
+        retried_batches += j["batches_retried"].as_u64().unwrap_or(0);
+        match out.code() {
+            Some(0) => {}
+            // Retries spent while the server was still coming up: nothing of
+            // the failing batch applied; the same prefix continues.
+            Some(3 | 4) => {
+                reruns += 1;
+                let again = cli.run(&args);
+                assert_eq!(
+                    again.code(),
+                    Some(0),
+                    "re-run of {tag}: {}\n{}",
+                    again.stdout,
+                    again.stderr
+                );
+            }
+            _ => panic!(
+                "ingest {tag} failed: {}\nstdout:\n{}\nstderr:\n{}",
+                out.status, out.stdout, out.stderr
+            ),
+        }
+
+        // Acknowledged writes survived the crash: every batch committed
+        // before the kill still is, and (after recovery) every committed
+        // row's point is in the restarted server.
+        for key in &acknowledged {
+            assert!(
+                rt.block_on(store.has_key(key)),
+                "batch {key}, committed before the kill, is gone"
+            );
+        }
+        let pending = rt.block_on(store.wait_for_leases());
+        let out = cli.run(&["recover"]);
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "recover: {}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        let rows = rt.block_on(store.rows());
+        let out = cli.run(&["verify"]);
+        let verify = out.json();
+        assert_eq!(out.code(), Some(0), "verify after kill {kill}: {verify:#}");
+        check_exact(&verify, &rows).unwrap_or_else(|e| panic!("after kill {kill}: {e}"));
+        file.check_complete(&rows)
+            .unwrap_or_else(|e| panic!("after kill {kill}: {e}"));
+        inputs
+            .check_rows(&rows)
+            .unwrap_or_else(|e| panic!("after kill {kill}: {e}"));
+        println!(
+            "[qdrant-kill]   {} acknowledged batches survived; {pending} intent(s) recovered; verify exact ({} rows = points)",
+            acknowledged.len(),
+            rows.len()
+        );
+    }
+    println!(
+        "[qdrant-kill] {SERVER_KILLS} kills of the Qdrant server in {:.1} s: {retried_batches} batch(es) retried by the CLI, {reruns} re-run(s)",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The campaign's checks must be able to fail: each is fed a store state

@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::Distance;
-use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_races_a_live_call};
+use tandem_tests::harness::{
+    DIM, Scenario, exhaustive_with, fault_config, late_write_lands_after_a_supersede,
+    memory_caller_step, recovery_races_a_live_call, saga_races_recovery,
+};
 
 #[tokio::test(start_paused = true)]
 async fn every_single_fault_keeps_every_invariant() {
-    let summary = exhaustive(
+    let summary = exhaustive_with(
         || async {
             (
                 InMemoryMetadataRepo::new(),
@@ -20,6 +23,7 @@ async fn every_single_fault_keeps_every_invariant() {
         fault_config(Duration::from_secs(5)),
         &Scenario::ALL,
         None,
+        Some(memory_caller_step()),
     )
     .await;
     println!(
@@ -53,6 +57,30 @@ async fn every_single_fault_keeps_every_invariant() {
 #[tokio::test(start_paused = true)]
 async fn recovery_leaves_a_live_call_alone() {
     recovery_races_a_live_call(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_landing_write_after_a_supersede_leaves_no_orphan() {
+    late_write_lands_after_a_supersede(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_leaves_a_live_saga_alone() {
+    saga_races_recovery(
         InMemoryMetadataRepo::new(),
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(5)),

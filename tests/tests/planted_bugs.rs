@@ -1,5 +1,6 @@
 //! Each deliberate protocol bug (tandem-core feature `planted-bugs`) must be
-//! caught: by the exhaustive fault suite (or the recovery race), and by the
+//! caught: by the exhaustive fault suite (or the recovery race, or the late
+//! write that lands after a supersede), and by the
 //! property suite. Suites that cannot see these would prove nothing.
 
 use std::time::Duration;
@@ -7,7 +8,10 @@ use std::time::Duration;
 use proptest::test_runner::{Config, TestRunner};
 use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::{Distance, PlantedBug};
-use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_races_a_live_call};
+use tandem_tests::harness::{
+    DIM, Scenario, exhaustive, fault_config, late_write_lands_after_a_supersede,
+    recovery_races_a_live_call, saga_races_recovery,
+};
 use tandem_tests::property::{property_config, run_history, step};
 
 fn stores() -> (InMemoryMetadataRepo, InMemoryVectorIndex) {
@@ -22,7 +26,13 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
     let mut found: Vec<String> = exhaustive(
         || async { stores() },
         config.clone(),
-        &[Scenario::Insert, Scenario::Update, Scenario::DeleteIds],
+        &[
+            Scenario::Insert,
+            Scenario::Update,
+            Scenario::DeleteIds,
+            Scenario::Recovery,
+            Scenario::SagaCompensates,
+        ],
         Some(bug),
     )
     .await
@@ -34,8 +44,17 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
     })
     .collect();
     let (repo, index) = stores();
-    if let Err(e) = recovery_races_a_live_call(repo, index, config, Some(bug)).await {
+    if let Err(e) = recovery_races_a_live_call(repo, index, config.clone(), Some(bug)).await {
         found.push(format!("recovery race: {e}"));
+    }
+    let (repo, index) = stores();
+    if let Err(e) = late_write_lands_after_a_supersede(repo, index, config.clone(), Some(bug)).await
+    {
+        found.push(format!("late write after a supersede: {e}"));
+    }
+    let (repo, index) = stores();
+    if let Err(e) = saga_races_recovery(repo, index, config, Some(bug)).await {
+        found.push(format!("saga racing recovery: {e}"));
     }
     found
 }

@@ -2,16 +2,107 @@
 //! server: one test per class of failure, each provoked for real (concurrent
 //! transactions, held locks, server-side timeouts, terminated backends,
 //! refused connections, constraint and data errors, a missing table).
+//!
+//! Every case runs twice, with the server's messages in English
+//! (`english::…`) and in German (`german::…`): each session of the case sets
+//! `lc_messages` at startup, and the case checks that the error really is
+//! worded in that language, so the German run cannot pass in English. The
+//! classification must come out the same: it goes by the SQLSTATE the server
+//! sent, never by the wording. The German run needs the `de_DE.UTF-8` locale
+//! on the server's machine (`.ci/locale.sh` makes it) and PostgreSQL's German
+//! message catalog (Debian's `postgresql-NN` ships it); without them it fails,
+//! saying which is missing. Setting `lc_messages` needs a superuser (or, from
+//! PostgreSQL 15, `GRANT SET ON PARAMETER lc_messages`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use tandem_adapters::postgres::error::{Phase, classify, sqlstate};
-use tandem_adapters::postgres::{PostgresConfig, PostgresMetadataRepo};
+use diesel_async::SimpleAsyncConnection;
+use tandem_adapters::postgres::error::Phase;
+use tandem_adapters::postgres::{Connection, PostgresConfig, PostgresMetadataRepo};
 use tandem_core::{IntentState, MetadataError, MetadataRepo, Outcome, Settlement};
 use tandem_tests::pg::data::{prepare_upsert, row};
-use tandem_tests::pg::{TestSchema, url_for_user};
+use tandem_tests::pg::{TestSchema, admin_client, database_url, url_for_user};
+
+/// The language of the server's messages in one run of the cases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lang {
+    English,
+    German,
+}
+
+impl Lang {
+    /// The `lc_messages` that selects it.
+    fn locale(self) -> &'static str {
+        match self {
+            Lang::English => "C",
+            Lang::German => "de_DE.UTF-8",
+        }
+    }
+
+    /// A schema whose every session gets its messages in this language.
+    /// Fails, saying what is missing, if the server cannot speak it.
+    async fn schema(self) -> TestSchema {
+        self.assert_server_speaks().await;
+        TestSchema::with_options(&format!("-c lc_messages={}", self.locale())).await
+    }
+
+    /// The server accepts the locale and translates into it.
+    async fn assert_server_speaks(self) {
+        let url = database_url();
+        let admin = admin_client(&url).await;
+        // The name comes from the match above: no user value in the SQL.
+        if let Err(e) = admin
+            .batch_execute(&format!("SET lc_messages = '{}'", self.locale()))
+            .await
+        {
+            let reason = e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+            panic!(
+                "the PostgreSQL server cannot set lc_messages = '{}': {reason} — the locale must \
+                 exist on the server's machine (run .ci/locale.sh there as root; Debian: \
+                 `localedef --no-archive -i de_DE -f UTF-8 de_DE.UTF-8`) and the user must be \
+                 allowed to set lc_messages (superuser)",
+                self.locale()
+            );
+        }
+        let err = admin
+            .batch_execute("SELECT 1/0")
+            .await
+            .expect_err("division by zero");
+        let message = err.as_db_error().expect("a server error").message();
+        let want = self.words("division by zero", "Division durch Null");
+        assert_eq!(
+            message,
+            want,
+            "the server does not word its messages in {self:?} with lc_messages = '{}' (is \
+             its message catalog installed? Debian: /usr/share/locale/de/LC_MESSAGES/postgres-NN.mo)",
+            self.locale()
+        );
+    }
+
+    fn words<'a>(self, english: &'a str, german: &'a str) -> &'a str {
+        match self {
+            Lang::English => english,
+            Lang::German => german,
+        }
+    }
+
+    /// The error shows the server's message in this language: `english` and
+    /// `german` are (part of) the same message in each.
+    fn assert_worded(self, err: &MetadataError, english: &str, german: &str) {
+        let shown = err.to_string();
+        assert!(
+            shown.contains(self.words(english, german)),
+            "expected {self:?} wording ({:?}) in: {shown}",
+            self.words(english, german)
+        );
+        if self == Lang::German {
+            assert!(!shown.contains(english), "English wording in: {shown}");
+        }
+    }
+}
 
 fn assert_class(err: &MetadataError, want_retryable: bool, want: Outcome, code: &str) {
     assert_eq!(err.is_retryable(), want_retryable, "{err}");
@@ -22,15 +113,10 @@ fn assert_class(err: &MetadataError, want_retryable: bool, want: Outcome, code: 
     );
 }
 
-/// A raw diesel-async session on the test schema, as the adapter uses.
-async fn raw(schema: &TestSchema) -> AsyncPgConnection {
-    let mut c = AsyncPgConnection::establish(schema.url())
-        .await
-        .expect("connect");
-    c.batch_execute(&format!("SET search_path TO {}", schema.name()))
-        .await
-        .expect("search_path");
-    c
+/// A diesel-async session on the test schema, opened as the adapter opens
+/// its own (so its errors keep their SQLSTATE).
+async fn raw(schema: &TestSchema) -> Connection {
+    Connection::open(&schema.config()).await.expect("connect")
 }
 
 /// Waits until one of the schema's repo sessions satisfies `condition` (SQL
@@ -78,9 +164,8 @@ async fn hold_intent_lock(
     tx
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serialization_failure_is_transient_not_applied() {
-    let schema = TestSchema::new().await;
+async fn serialization_failure_is_transient_not_applied(lang: Lang) {
+    let schema = lang.schema().await;
     let _repo = schema.repo().await; // creates the schema
     let mut a = raw(&schema).await;
     let mut b = raw(&schema).await;
@@ -101,18 +186,18 @@ async fn serialization_failure_is_transient_not_applied() {
         .batch_execute("UPDATE counters SET v = v + 1 WHERE id = 1")
         .await
         .expect_err("the second serializable writer must fail");
-    assert_eq!(sqlstate(&err).unwrap().code(), "40001");
-    assert_class(
-        &classify(err, Phase::Statement),
-        true,
-        Outcome::NotApplied,
-        "40001",
+    assert_eq!(a.errors().sqlstate(&err).unwrap().code(), "40001");
+    let err = a.errors().classify(err, Phase::Statement);
+    assert_class(&err, true, Outcome::NotApplied, "40001");
+    lang.assert_worded(
+        &err,
+        "could not serialize access",
+        "konnte Zugriff nicht serialisieren",
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deadlock_is_transient_not_applied() {
-    let schema = TestSchema::new().await;
+async fn deadlock_is_transient_not_applied(lang: Lang) {
+    let schema = lang.schema().await;
     let _repo = schema.repo().await;
     let mut a = raw(&schema).await;
     let mut b = raw(&schema).await;
@@ -126,29 +211,29 @@ async fn deadlock_is_transient_not_applied() {
         .await
         .unwrap();
     // Each now waits for the other: the server picks a victim.
+    let (ea, eb) = (a.errors().clone(), b.errors().clone());
     let (ra, rb) = tokio::join!(
         a.batch_execute("UPDATE pair SET id = id WHERE id = 2"),
         b.batch_execute("UPDATE pair SET id = id WHERE id = 1"),
     );
-    let err = match (ra, rb) {
-        (Err(e), Ok(())) | (Ok(()), Err(e)) => e,
+    let (err, errors) = match (ra, rb) {
+        (Err(e), Ok(())) => (e, ea),
+        (Ok(()), Err(e)) => (e, eb),
         other => panic!("expected exactly one deadlock victim, got {other:?}"),
     };
-    assert_eq!(sqlstate(&err).unwrap().code(), "40P01");
-    assert_class(
-        &classify(err, Phase::Statement),
-        true,
-        Outcome::NotApplied,
-        "40P01",
-    );
+    assert_eq!(errors.sqlstate(&err).unwrap().code(), "40P01");
+    let err = errors.classify(err, Phase::Statement);
+    assert_class(&err, true, Outcome::NotApplied, "40P01");
+    lang.assert_worded(&err, "deadlock detected", "Verklemmung (Deadlock) entdeckt");
 }
 
 /// A commit whose intent row another session holds, for the lock and
 /// statement timeout cases.
 async fn commit_behind_held_lock(
+    lang: Lang,
     adjust: impl FnOnce(&mut PostgresConfig),
 ) -> (MetadataError, Duration) {
-    let schema = TestSchema::new().await;
+    let schema = lang.schema().await;
     let repo = schema.repo_with(adjust).await;
     let rows = vec![row("s", "a"), row("s", "b")];
     let (intent, owner) = prepare_upsert(&repo, &rows).await;
@@ -179,25 +264,38 @@ async fn commit_behind_held_lock(
     (err, waited)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_timeout_is_transient_not_applied() {
+async fn lock_timeout_is_transient_not_applied(lang: Lang) {
     let (err, waited) =
-        commit_behind_held_lock(|c| c.lock_timeout = Some(Duration::from_millis(200))).await;
+        commit_behind_held_lock(lang, |c| c.lock_timeout = Some(Duration::from_millis(200))).await;
     assert_class(&err, true, Outcome::NotApplied, "55P03");
     assert!(waited >= Duration::from_millis(200), "{waited:?}");
+    lang.assert_worded(
+        &err,
+        "canceling statement due to lock timeout",
+        "storniere Anfrage wegen Zeitüberschreitung einer Sperre",
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statement_timeout_is_transient_not_applied() {
-    let (err, waited) =
-        commit_behind_held_lock(|c| c.statement_timeout = Some(Duration::from_millis(300))).await;
+async fn statement_timeout_is_transient_not_applied(lang: Lang) {
+    let (err, waited) = commit_behind_held_lock(lang, |c| {
+        c.statement_timeout = Some(Duration::from_millis(300))
+    })
+    .await;
     assert_class(&err, true, Outcome::NotApplied, "57014");
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    lang.assert_worded(
+        &err,
+        "canceling statement due to statement timeout",
+        "storniere Anfrage wegen Zeitüberschreitung der Anfrage",
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn too_many_connections_is_transient_not_applied() {
-    let schema = TestSchema::new().await;
+/// The server refuses the role before it applies the session's options, so
+/// this refusal is worded in the server's own language whatever the
+/// session asked for: only the code is checked (it comes from tokio-postgres
+/// itself at connect time).
+async fn too_many_connections_is_transient_not_applied(lang: Lang) {
+    let schema = lang.schema().await;
     let admin = schema.admin().await;
     // A role allowed no sessions at all: the server refuses it with 53300
     // without exhausting the connections other tests use.
@@ -224,6 +322,7 @@ async fn too_many_connections_is_transient_not_applied() {
     );
 }
 
+/// No server answers, so there is no language: run once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_is_transient_not_applied() {
     // Nothing listens on port 1.
@@ -237,9 +336,8 @@ async fn unreachable_server_is_transient_not_applied() {
     assert!(!shown.contains("s3cret"), "password leaked: {shown}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_terminated_mid_transaction_is_transient_not_applied() {
-    let schema = TestSchema::new().await;
+async fn backend_terminated_mid_transaction_is_transient_not_applied(lang: Lang) {
+    let schema = lang.schema().await;
     let repo = Arc::new(schema.repo().await);
     let rows = vec![row("s", "a")];
     let (intent, owner) = prepare_upsert(&*repo, &rows).await;
@@ -262,6 +360,11 @@ async fn backend_terminated_mid_transaction_is_transient_not_applied() {
         .expect_err("its session was terminated");
     held.rollback().await.unwrap();
     assert_class(&err, true, Outcome::NotApplied, "57P01");
+    lang.assert_worded(
+        &err,
+        "terminating connection due to administrator command",
+        "Verbindung wird abgebrochen aufgrund von Anweisung des Administrators",
+    );
     // Nothing was written, and the pool replaced the dead connection.
     assert!(repo.get(&[rows[0].id]).await.unwrap().is_empty());
     let done = repo
@@ -271,9 +374,8 @@ async fn backend_terminated_mid_transaction_is_transient_not_applied() {
     assert_eq!(done.summary.inserted, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backend_terminated_during_commit_is_transient_unknown() {
-    let schema = TestSchema::new().await;
+async fn backend_terminated_during_commit_is_transient_unknown(lang: Lang) {
+    let schema = lang.schema().await;
     let repo = Arc::new(schema.repo().await);
     let admin = schema.admin().await;
     // A deferred constraint trigger runs inside COMMIT: it keeps the COMMIT in
@@ -308,6 +410,11 @@ async fn backend_terminated_during_commit_is_transient_unknown() {
         .unwrap()
         .expect_err("its session was terminated");
     assert_class(&err, true, Outcome::Unknown, "57P01");
+    lang.assert_worded(
+        &err,
+        "terminating connection due to administrator command",
+        "Verbindung wird abgebrochen aufgrund von Anweisung des Administrators",
+    );
     // The coordinator's next step: settle on a fresh connection. The
     // terminated COMMIT never completed, so the intent is fenced.
     admin
@@ -326,9 +433,8 @@ async fn backend_terminated_during_commit_is_transient_unknown() {
     assert!(repo.get(&[rows[0].id]).await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unique_violation_is_invalid_input() {
-    let schema = TestSchema::new().await;
+async fn unique_violation_is_invalid_input(lang: Lang) {
+    let schema = lang.schema().await;
     let repo = schema.repo().await;
     let first = vec![row("s", "a")];
     let (intent, owner) = prepare_upsert(&repo, &first).await;
@@ -346,6 +452,11 @@ async fn unique_violation_is_invalid_input() {
         .expect_err("point ids are unique");
     assert!(matches!(err, MetadataError::InvalidInput { .. }), "{err}");
     assert_class(&err, false, Outcome::NotApplied, "23505");
+    lang.assert_worded(
+        &err,
+        "duplicate key value violates unique constraint",
+        "doppelter Schlüsselwert verletzt Unique-Constraint",
+    );
     assert!(
         repo.get(&[batch[0].id, batch[1].id])
             .await
@@ -354,9 +465,8 @@ async fn unique_violation_is_invalid_input() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_text_is_invalid_input() {
-    let schema = TestSchema::new().await;
+async fn invalid_text_is_invalid_input(lang: Lang) {
+    let schema = lang.schema().await;
     let repo = schema.repo().await;
     let mut bad = row("s", "a");
     bad.content = "nul \0 byte".to_owned();
@@ -368,11 +478,15 @@ async fn invalid_text_is_invalid_input() {
         .expect_err("PostgreSQL text cannot hold NUL");
     assert_class(&err, false, Outcome::NotApplied, "22021");
     assert!(matches!(err, MetadataError::InvalidInput { .. }));
+    lang.assert_worded(
+        &err,
+        "invalid byte sequence for encoding",
+        "ungültige Byte-Sequenz für Kodierung",
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undefined_table_is_permanent() {
-    let schema = TestSchema::new().await;
+async fn undefined_table_is_permanent(lang: Lang) {
+    let schema = lang.schema().await;
     // Not migrated: the schema has no tables.
     let repo = schema.repo_with(|c| c.migrate_on_start = false).await;
     let err = repo
@@ -381,4 +495,41 @@ async fn undefined_table_is_permanent() {
         .expect_err("no tables");
     assert!(matches!(err, MetadataError::Permanent { .. }), "{err}");
     assert_class(&err, false, Outcome::NotApplied, "42P01");
+    lang.assert_worded(&err, "does not exist", "existiert nicht");
 }
+
+/// Each case as a test in each language: `english::<case>` and
+/// `german::<case>`.
+macro_rules! in_each_language {
+    ($($case:ident),* $(,)?) => {
+        mod english {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Lang::English).await;
+                }
+            )*
+        }
+        mod german {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Lang::German).await;
+                }
+            )*
+        }
+    };
+}
+
+in_each_language!(
+    serialization_failure_is_transient_not_applied,
+    deadlock_is_transient_not_applied,
+    lock_timeout_is_transient_not_applied,
+    statement_timeout_is_transient_not_applied,
+    too_many_connections_is_transient_not_applied,
+    backend_terminated_mid_transaction_is_transient_not_applied,
+    backend_terminated_during_commit_is_transient_unknown,
+    unique_violation_is_invalid_input,
+    invalid_text_is_invalid_input,
+    undefined_table_is_permanent,
+);

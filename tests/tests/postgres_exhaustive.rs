@@ -11,11 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tandem_adapters::memory::InMemoryVectorIndex;
-use tandem_core::Distance;
-use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_races_a_live_call};
+use tandem_adapters::postgres::PostgresMetadataRepo;
+use tandem_core::{Distance, SqlStep};
+use tandem_tests::harness::{
+    CallerStep, DIM, Scenario, exhaustive_with, fault_config, late_write_lands_after_a_supersede,
+    recovery_races_a_live_call, saga_races_recovery,
+};
 use tandem_tests::pg::TestSchema;
 use tandem_tests::property::{run_history, step};
 
@@ -26,16 +31,28 @@ const DEADLINE: Duration = Duration::from_millis(300);
 async fn every_single_fault(scenario: Scenario) {
     let schema = TestSchema::new().await;
     let repo = Arc::new(schema.repo().await);
-    let admin = schema.admin().await;
+    let admin = Arc::new(schema.admin().await);
+    // The caller's own table, next to Tandem's in the test's schema.
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {}.catalogs (id text PRIMARY KEY, status text NOT NULL)",
+            schema.name()
+        ))
+        .await
+        .expect("create the caller's table");
     let (s, a, r) = (&schema, &admin, &repo);
-    let summary = exhaustive(
+    let summary = exhaustive_with(
         move || async move {
             s.truncate(a).await;
+            a.batch_execute(&format!("TRUNCATE {}.catalogs", s.name()))
+                .await
+                .expect("truncate the caller's table");
             (r.clone(), InMemoryVectorIndex::new(DIM, Distance::Cosine))
         },
         fault_config(DEADLINE),
         &[scenario],
         None,
+        Some(caller_step(admin.clone(), schema.name().to_owned())),
     )
     .await;
     println!(
@@ -52,7 +69,13 @@ async fn every_single_fault(scenario: Scenario) {
     );
     // Several port calls, each tried with every fault.
     assert!(summary.cases > 3 * 9, "{scenario:?} ran too few cases");
-    for kind in ["ok", "crashed"] {
+    // A saga whose action is refused never ends done: it is compensated.
+    let ended = if scenario == Scenario::SagaCompensates {
+        "not_applied"
+    } else {
+        "ok"
+    };
+    for kind in [ended, "crashed"] {
         assert!(
             summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
             "no {scenario:?} case ended {kind}"
@@ -79,12 +102,80 @@ every_single_fault! {
     every_single_fault_of_a_delete_by_scope => DeleteScope,
     every_single_fault_of_a_delete_by_metadata => DeleteMetadata,
     every_single_fault_of_a_recovery => Recovery,
+    every_single_fault_of_a_transaction => Transaction,
+    every_single_fault_of_a_transaction_with_a_caller_step => TransactionStep,
+    every_single_fault_of_a_saga => Saga,
+    every_single_fault_of_a_compensated_saga => SagaCompensates,
+}
+
+/// The caller's step in SQL on the store's own connection (diesel-async):
+/// mark catalog "a" indexed, in the commit's transaction.
+fn caller_step(
+    admin: Arc<tokio_postgres::Client>,
+    schema: String,
+) -> CallerStep<Arc<PostgresMetadataRepo>> {
+    CallerStep {
+        step: Arc::new(SqlStep::new(|conn: &mut AsyncPgConnection| {
+            Box::pin(async move {
+                diesel::sql_query(
+                    "INSERT INTO catalogs (id, status) VALUES ('a', 'indexed') \
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status",
+                )
+                .execute(conn)
+                .await?;
+                Ok(())
+            })
+        })),
+        applied: Arc::new(move |_repo: &Arc<PostgresMetadataRepo>| {
+            let (admin, schema) = (admin.clone(), schema.clone());
+            Box::pin(async move {
+                let n: i64 = admin
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {schema}.catalogs \
+                             WHERE id = 'a' AND status = 'indexed'"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| format!("read the caller's table: {e}"))?
+                    .get(0);
+                Ok(n == 1)
+            })
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_leaves_a_live_saga_alone_on_postgres() {
+    let schema = TestSchema::new().await;
+    saga_races_recovery(
+        schema.repo().await,
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_leaves_a_live_call_alone_on_postgres() {
     let schema = TestSchema::new().await;
     recovery_races_a_live_call(
+        schema.repo().await,
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_landing_write_after_a_supersede_leaves_no_orphan_on_postgres() {
+    let schema = TestSchema::new().await;
+    late_write_lands_after_a_supersede(
         schema.repo().await,
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(5)),

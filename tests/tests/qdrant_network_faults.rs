@@ -162,24 +162,25 @@ async fn every_network_fault_keeps_every_invariant() {
     assert!(outcomes.get("not_applied").copied().unwrap_or(0) > 0);
 }
 
-/// The network matrix can fail: a protocol bug that only a failing index
-/// request exposes — resolving the intent before the superseded points are
-/// deleted — is caught by server-side faults alone (the fault-free run does
-/// not see it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_planted_bug_is_caught_by_network_faults_alone() {
+/// Runs `scenario` under `faults` with `bug` planted; returns the cases that
+/// caught it, after checking that the fault-free run alone does not.
+async fn caught_by_network_faults(
+    bug: PlantedBug,
+    scenario: Scenario,
+    fault_names: &[&str],
+) -> Vec<String> {
     let faults: Vec<NetFault> = network_faults(CLIENT_TIMEOUT)
         .into_iter()
-        .filter(|f| f.name == "unavailable_from_here" || f.name == "drop_after_apply_from_here")
+        .filter(|f| fault_names.contains(&f.name))
         .collect();
+    assert_eq!(faults.len(), fault_names.len(), "unknown fault names");
     let double = QdrantDouble::start().await;
-    let bug = PlantedBug::ResolveBeforeCleanup;
     let summary = network_exhaustive(
         &double,
         || async { InMemoryMetadataRepo::new() },
         fault_config(DEADLINE),
         CLIENT_TIMEOUT,
-        &[Scenario::Update],
+        &[scenario],
         &faults,
         Some(bug),
     )
@@ -195,10 +196,46 @@ async fn a_planted_bug_is_caught_by_network_faults_alone() {
         caught.len(),
         summary.cases
     );
-    assert!(!caught.is_empty(), "no network fault case caught {bug:?}");
     assert!(
         caught.iter().all(|c| !c.contains("fault-free")),
         "the fault-free run already shows {bug:?}: {caught:?}"
+    );
+    caught
+}
+
+/// The network matrix can fail: a protocol bug that only a failing index
+/// request exposes — resolving the intent before the superseded points are
+/// deleted — is caught by server-side faults alone (the fault-free run does
+/// not see it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_bug_is_caught_by_network_faults_alone() {
+    let bug = PlantedBug::ResolveBeforeCleanup;
+    let caught = caught_by_network_faults(
+        bug,
+        Scenario::Update,
+        &["unavailable_from_here", "drop_after_apply_from_here"],
+    )
+    .await;
+    assert!(!caught.is_empty(), "no network fault case caught {bug:?}");
+}
+
+/// The rule before late-landing writes were handled — resolve a rolled-back
+/// intent unless the deadline cut a request — is caught by a proxy that
+/// answers Unavailable and still delivers every request 300 ms later: the
+/// points land after the compensation deleted them, and nothing names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_rollback_rule_is_caught_by_requests_that_land_after_the_error() {
+    let bug = PlantedBug::ResolveAfterUncertainWrite;
+    let caught = caught_by_network_faults(
+        bug,
+        Scenario::Insert,
+        &["unavailable_then_applied_from_here"],
+    )
+    .await;
+    assert!(!caught.is_empty(), "no late-landing case caught {bug:?}");
+    assert!(
+        caught.iter().any(|c| c.contains("I2")),
+        "the late landing should leave points nothing names: {caught:?}"
     );
 }
 

@@ -3,22 +3,74 @@
 //! racing recovery. Each case gets a fresh database file. Paused tokio time
 //! works here: time does not auto-advance while SQLite's blocking tasks run.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::BigInt;
+use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use tandem_adapters::memory::InMemoryVectorIndex;
 use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
-use tandem_core::Distance;
-use tandem_tests::harness::{DIM, Scenario, exhaustive, fault_config, recovery_races_a_live_call};
+use tandem_core::{Distance, SqlStep};
+use tandem_tests::harness::{
+    CallerStep, DIM, Scenario, exhaustive_with, fault_config, recovery_races_a_live_call,
+    saga_races_recovery,
+};
 
 async fn open(dirs: &Mutex<Vec<tempfile::TempDir>>) -> SqliteMetadataRepo {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let repo = SqliteMetadataRepo::open(SqliteConfig::new(dir.path().join("tandem.db")))
+    let path = dir.path().join("tandem.db");
+    let repo = SqliteMetadataRepo::open(SqliteConfig::new(&path))
         .await
         .expect("open SQLite");
+    // The caller's own table, next to Tandem's.
+    SqliteConnection::establish(path.to_str().expect("utf-8 path"))
+        .and_then(|mut c| {
+            c.batch_execute(
+                "CREATE TABLE catalogs (id TEXT PRIMARY KEY NOT NULL, status TEXT NOT NULL)",
+            )
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)
+        })
+        .expect("create the caller's table");
     // Kept until the test ends.
     dirs.lock().unwrap().push(dir);
     repo
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// The caller's step in SQL on the store's own connection: mark catalog "a"
+/// indexed, in the commit's transaction.
+fn caller_step() -> CallerStep<SqliteMetadataRepo> {
+    CallerStep {
+        step: Arc::new(SqlStep::new(|conn: &mut SqliteConnection| {
+            Box::pin(async move {
+                diesel::sql_query(
+                    "INSERT INTO catalogs (id, status) VALUES ('a', 'indexed') \
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status",
+                )
+                .execute(conn)?;
+                Ok(())
+            })
+        })),
+        applied: Arc::new(|repo: &SqliteMetadataRepo| {
+            let path = repo.config().path.clone();
+            Box::pin(async move {
+                let mut c = SqliteConnection::establish(path.to_str().unwrap_or_default())
+                    .map_err(|e| format!("open: {e}"))?;
+                let rows: Vec<Count> = diesel::sql_query(
+                    "SELECT count(*) AS n FROM catalogs WHERE id = 'a' AND status = 'indexed'",
+                )
+                .load(&mut c)
+                .map_err(|e| format!("read the caller's table: {e}"))?;
+                Ok(rows.first().is_some_and(|r| r.n == 1))
+            })
+        }),
+    }
 }
 
 /// Every single fault of one scenario (the scenarios run as separate tests,
@@ -26,7 +78,7 @@ async fn open(dirs: &Mutex<Vec<tempfile::TempDir>>) -> SqliteMetadataRepo {
 async fn every_single_fault(scenario: Scenario) {
     let dirs = Mutex::new(Vec::new());
     let d = &dirs;
-    let summary = exhaustive(
+    let summary = exhaustive_with(
         move || async move {
             (
                 open(d).await,
@@ -36,6 +88,7 @@ async fn every_single_fault(scenario: Scenario) {
         fault_config(Duration::from_secs(5)),
         &[scenario],
         None,
+        Some(caller_step()),
     )
     .await;
     println!(
@@ -51,7 +104,13 @@ async fn every_single_fault(scenario: Scenario) {
         summary.failures.len()
     );
     assert!(summary.cases > 3 * 9, "{scenario:?} ran too few cases");
-    for kind in ["ok", "crashed"] {
+    // A saga whose action is refused never ends done: it is compensated.
+    let ended = if scenario == Scenario::SagaCompensates {
+        "not_applied"
+    } else {
+        "ok"
+    };
+    for kind in [ended, "crashed"] {
         assert!(
             summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
             "no {scenario:?} case ended {kind}"
@@ -78,6 +137,23 @@ every_single_fault! {
     every_single_fault_of_a_delete_by_scope => DeleteScope,
     every_single_fault_of_a_delete_by_metadata => DeleteMetadata,
     every_single_fault_of_a_recovery => Recovery,
+    every_single_fault_of_a_transaction => Transaction,
+    every_single_fault_of_a_transaction_with_a_caller_step => TransactionStep,
+    every_single_fault_of_a_saga => Saga,
+    every_single_fault_of_a_compensated_saga => SagaCompensates,
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_leaves_a_live_saga_alone_on_sqlite() {
+    let dirs = Mutex::new(Vec::new());
+    saga_races_recovery(
+        open(&dirs).await,
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -44,6 +44,18 @@ pub enum RpcAction {
         /// The error answered.
         code: Code,
     },
+    /// Answer `code` at once, and apply the request `after` that, on its own —
+    /// what a proxy or load balancer does that answers `Unavailable` while the
+    /// request is still on its way to the server. Only points writes
+    /// (`Points/Upsert`, `Points/Delete`) are applied later; any other RPC is
+    /// not applied. [`Faults::late_landed`] waits until every such request has
+    /// been applied.
+    FailThenApplyLater {
+        /// The error answered at once.
+        code: Code,
+        /// How long after the answer the request is applied.
+        after: Duration,
+    },
     /// Apply the request, then answer OK with this update status (e.g.
     /// `WaitTimeout`, what Qdrant answers when `wait=true` outlasts the server
     /// timeout, or `Acknowledged`). Only for RPCs that answer an update result
@@ -148,6 +160,8 @@ struct ArmedFault {
 struct State {
     faults: Vec<ArmedFault>,
     calls: Vec<CallRecord>,
+    /// Requests answered already and still to be applied.
+    late_pending: usize,
 }
 
 /// The test's handle on the server's fault plan and call log (cheap to clone;
@@ -155,6 +169,23 @@ struct State {
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
     state: Arc<Mutex<State>>,
+    landed: Arc<tokio::sync::Notify>,
+}
+
+/// A request of [`RpcAction::FailThenApplyLater`] not applied yet; dropping
+/// it marks it applied.
+#[derive(Debug)]
+pub(crate) struct LateLanding {
+    faults: Faults,
+}
+
+impl Drop for LateLanding {
+    fn drop(&mut self) {
+        let mut state = self.faults.lock();
+        state.late_pending = state.late_pending.saturating_sub(1);
+        drop(state);
+        self.faults.landed.notify_waiters();
+    }
 }
 
 impl Faults {
@@ -197,6 +228,29 @@ impl Faults {
             .filter(|c| probe.matches(c.method))
             .cloned()
             .collect()
+    }
+
+    /// Waits until every request that [`RpcAction::FailThenApplyLater`]
+    /// answered has been applied (at once if none is pending).
+    pub async fn late_landed(&self) {
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            // Registered before the check, so a landing in between is not missed.
+            landed.as_mut().enable();
+            if self.lock().late_pending == 0 {
+                return;
+            }
+            landed.await;
+        }
+    }
+
+    /// Counts a request that will be applied later.
+    pub(crate) fn late_landing(&self) -> LateLanding {
+        self.lock().late_pending += 1;
+        LateLanding {
+            faults: self.clone(),
+        }
     }
 
     /// Empties the call log.

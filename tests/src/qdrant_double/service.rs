@@ -14,10 +14,10 @@ use qdrant_client::qdrant::{
 };
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
-    CountRequest, CreateIndex, EdgeConfig, EdgeVectorParams, FieldIndexOperations, JsonPath,
-    NamedQuery, PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations,
-    PointStruct, PointStructPersisted, QueryEnum, QueryRequest, ScoringQuery, ScrollRequest,
-    UpdateOperation, VectorInternal,
+    CountRequest, CreateIndex, EdgeConfig, FieldIndexOperations, JsonPath, NamedQuery,
+    PayloadFieldSchema, PayloadSchemaType, PointInsertOperations, PointOperations, PointStruct,
+    PointStructPersisted, QueryEnum, QueryRequest, ScoringQuery, ScrollRequest, UpdateOperation,
+    VectorInternal,
 };
 use tandem_adapters::edge::{EdgeError, SharedShard};
 use tokio::sync::watch;
@@ -27,6 +27,7 @@ use super::Durability;
 use super::convert;
 use super::faults::{CallOutcome, Faults, RpcAction};
 use super::net::ConnInfo;
+use super::settings::{self, RecordedSettings};
 
 /// The version the health check reports: `qdrant-client`'s own, so that its
 /// compatibility check stays quiet.
@@ -40,6 +41,8 @@ struct Collection {
     shard: SharedShard,
     size: usize,
     distance: qdrant_edge::Distance,
+    /// Recorded at creation, reported by `Collections/Get`, otherwise unused.
+    recorded: RecordedSettings,
 }
 
 /// The state behind the three services.
@@ -185,6 +188,23 @@ impl DoubleService {
         Fut: Future<Output = Result<Resp, Status>>,
         Resp: Reply,
     {
+        self.call_landing_later(method, request, exec, None).await
+    }
+
+    /// [`call`](Self::call) for a write that [`RpcAction::FailThenApplyLater`]
+    /// can deliver late: `late` applies the request on its own, later.
+    async fn call_landing_later<Req, Resp, F, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<Req>,
+        exec: F,
+        late: Option<LateApply<Req>>,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Req, Option<usize>) -> Fut,
+        Fut: Future<Output = Result<Resp, Status>>,
+        Resp: Reply,
+    {
         // Rejected calls are logged, but faults only see authorized ones.
         if let Err(status) = self.authorize(&request) {
             self.inner
@@ -237,6 +257,18 @@ impl DoubleService {
             }
             Some(RpcAction::PartialThenFail { applied, code }) => {
                 exec(request, Some(applied)).await.and(Err(injected(code)))
+            }
+            Some(RpcAction::FailThenApplyLater { code, after }) => {
+                if let Some(late) = late {
+                    let landing = self.inner.faults.late_landing();
+                    let apply = late(request);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        apply.await;
+                        drop(landing);
+                    });
+                }
+                Err(injected(code))
             }
             Some(RpcAction::ReplyStatus(status)) => exec(request, None).await.map(|mut reply| {
                 reply.set_update_status(status);
@@ -304,9 +336,13 @@ impl DoubleService {
         request: grpc::CreateCollection,
     ) -> Result<grpc::CollectionOperationResponse, Status> {
         let started = Instant::now();
-        let name = request.collection_name;
+        let name = request.collection_name.clone();
         validate_collection_name(&name)?;
-        let params = match request.vectors_config.and_then(|c| c.config) {
+        let params = match request
+            .vectors_config
+            .as_ref()
+            .and_then(|c| c.config.clone())
+        {
             Some(vectors_config::Config::Params(params)) => params,
             Some(vectors_config::Config::ParamsMap(_)) => {
                 return Err(Status::invalid_argument(
@@ -331,6 +367,11 @@ impl DoubleService {
             Ok(grpc::Distance::Manhattan) => qdrant_edge::Distance::Manhattan,
             _ => return Err(Status::invalid_argument("Malformed distance parameter")),
         };
+        // The whole request is validated before the name is looked up, as in Qdrant.
+        let size = usize::try_from(params.size)
+            .map_err(|_| Status::invalid_argument("Wrong input: vector size too large"))?;
+        let config = settings::edge_config(&request, &params, size, distance)?;
+        let recorded = RecordedSettings::of(&request, &params)?;
         let _admin = self.inner.admin.lock().await;
         if self.collection(&name).is_ok() {
             return Err(Status::already_exists(format!(
@@ -344,11 +385,12 @@ impl DoubleService {
                 .await
                 .map_err(|e| Status::internal(format!("Service internal error: {e}")))?;
         }
-        let size = usize::try_from(params.size)
-            .map_err(|_| Status::invalid_argument("Wrong input: vector size too large"))?;
-        let config = EdgeConfig::builder()
-            .vector("", EdgeVectorParams::builder(size, distance).build())
-            .build();
+        // Before the shard: a directory without a shard is a leftover, never a
+        // collection without its settings.
+        recorded
+            .save(&dir)
+            .await
+            .map_err(|e| Status::internal(format!("Service internal error: {e}")))?;
         let shard = SharedShard::open(&dir, config).await.map_err(edge_status)?;
         let collection = collection_of(shard)
             .ok_or_else(|| Status::internal("Service internal error: collection has no vector"))?;
@@ -418,7 +460,6 @@ impl DoubleService {
     ) -> Result<grpc::GetCollectionInfoResponse, Status> {
         let started = Instant::now();
         let collection = self.collection(&request.collection_name)?;
-        let hnsw = collection.shard.config().hnsw_config;
         let (info, points) = collection
             .shard
             .read(|shard| {
@@ -448,31 +489,13 @@ impl DoubleService {
             qdrant_edge::Distance::Dot => grpc::Distance::Dot,
             qdrant_edge::Distance::Manhattan => grpc::Distance::Manhattan,
         };
-        let params = grpc::CollectionParams {
-            shard_number: 1,
-            vectors_config: Some(grpc::VectorsConfig {
-                config: Some(vectors_config::Config::Params(grpc::VectorParams {
-                    size: collection.size as u64,
-                    distance: distance as i32,
-                    ..Default::default()
-                })),
-            }),
-            replication_factor: Some(1),
-            write_consistency_factor: Some(1),
+        let vector = grpc::VectorParams {
+            size: collection.size as u64,
+            distance: distance as i32,
             ..Default::default()
         };
-        let config = grpc::CollectionConfig {
-            params: Some(params),
-            hnsw_config: Some(grpc::HnswConfigDiff {
-                m: Some(hnsw.m as u64),
-                ef_construct: Some(hnsw.ef_construct as u64),
-                full_scan_threshold: Some(hnsw.full_scan_threshold as u64),
-                ..Default::default()
-            }),
-            optimizer_config: Some(grpc::OptimizersConfigDiff::default()),
-            wal_config: Some(grpc::WalConfigDiff::default()),
-            ..Default::default()
-        };
+        let config =
+            settings::grpc_config(&collection.shard.config(), &collection.recorded, vector);
         Ok(grpc::GetCollectionInfoResponse {
             result: Some(grpc::CollectionInfo {
                 status: grpc::CollectionStatus::Green as i32,
@@ -857,10 +880,12 @@ impl DoubleService {
 /// Reads a collection's size and distance from its shard.
 fn collection_of(shard: SharedShard) -> Option<Collection> {
     let params = shard.config().vectors.get("")?.clone();
+    let recorded = RecordedSettings::load(shard.dir());
     Some(Collection {
         shard,
         size: params.size,
         distance: params.distance,
+        recorded,
     })
 }
 
@@ -913,11 +938,14 @@ fn not_found(name: &str) -> Status {
     Status::not_found(format!("Not found: Collection `{name}` doesn't exist!"))
 }
 
-fn unsupported(what: &str) -> Status {
+pub(super) fn unsupported(what: &str) -> Status {
     Status::invalid_argument(format!(
         "Wrong input: {what} is not supported by the Qdrant test double"
     ))
 }
+
+/// Applies a request on its own, after its call was answered.
+type LateApply<Req> = Box<dyn FnOnce(Req) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 fn injected(code: Code) -> Status {
     Status::new(code, format!("injected fault: {code:?}"))
@@ -1085,14 +1113,28 @@ service_impl! {
             &self,
             request: Request<grpc::UpsertPoints>,
         ) -> Result<Response<grpc::PointsOperationResponse>, Status> {
-            self.call("Points/Upsert", request, |r, limit| self.upsert_points(r, limit)).await
+            let this = self.clone();
+            let late: LateApply<grpc::UpsertPoints> = Box::new(move |r| {
+                Box::pin(async move {
+                    let _ = this.upsert_points(r, None).await;
+                })
+            });
+            self.call_landing_later("Points/Upsert", request, |r, limit| self.upsert_points(r, limit), Some(late))
+                .await
         }
 
         async fn delete(
             &self,
             request: Request<grpc::DeletePoints>,
         ) -> Result<Response<grpc::PointsOperationResponse>, Status> {
-            self.call("Points/Delete", request, |r, limit| self.delete_points(r, limit)).await
+            let this = self.clone();
+            let late: LateApply<grpc::DeletePoints> = Box::new(move |r| {
+                Box::pin(async move {
+                    let _ = this.delete_points(r, None).await;
+                })
+            });
+            self.call_landing_later("Points/Delete", request, |r, limit| self.delete_points(r, limit), Some(late))
+                .await
         }
 
         async fn get(
