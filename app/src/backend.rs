@@ -108,9 +108,15 @@ impl Stores {
     }
 
     /// A coordinator over both stores.
+    /// Registers the sagas the tool runs ([`crate::ingest::INGEST_SAGA`]),
+    /// so that every command that recovers (`recover`, `verify --repair`,
+    /// `serve`) can end them.
     pub fn coordinator(&self, config: CoordinatorConfig) -> Result<AppCoordinator, AppError> {
-        Coordinator::new(self.repo.clone(), self.index.clone(), config)
-            .map_err(|e| AppError::Usage(format!("configuration: {e}")))
+        let c = Coordinator::new(self.repo.clone(), self.index.clone(), config)
+            .map_err(|e| AppError::Usage(format!("configuration: {e}")))?;
+        c.register_saga(crate::ingest::ingest_saga())
+            .map_err(|e| AppError::Usage(format!("configuration: {e}")))?;
+        Ok(c)
     }
 
     /// Runs the embedded index's optimizer (HNSW build, vacuum); a no-op for
@@ -260,6 +266,7 @@ async fn open_index(settings: &Settings) -> Result<(Index, Option<Optimizer>), O
             timeout,
             connect_timeout,
             require_tls,
+            collection_settings,
         } => {
             open_qdrant(
                 settings,
@@ -268,6 +275,7 @@ async fn open_index(settings: &Settings) -> Result<(Index, Option<Optimizer>), O
                 *timeout,
                 *connect_timeout,
                 *require_tls,
+                collection_settings,
             )
             .await
         }
@@ -380,6 +388,7 @@ async fn open_qdrant(
     timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
     require_tls: bool,
+    collection_settings: &tandem_adapters::qdrant::CollectionSettings,
 ) -> Result<(Index, Option<Optimizer>), OpenError> {
     use tandem_adapters::qdrant::{QdrantConfig, QdrantVectorIndex};
     let mut config = QdrantConfig::new(
@@ -398,6 +407,7 @@ async fn open_qdrant(
         config.connect_timeout = t;
     }
     config.require_tls = require_tls;
+    config = config.with_collection_settings(collection_settings.clone());
     let index = QdrantVectorIndex::connect(config)
         .await
         .map_err(OpenError::Index)?;
@@ -412,6 +422,7 @@ async fn open_qdrant(
     _timeout: Option<Duration>,
     _connect_timeout: Option<Duration>,
     _require_tls: bool,
+    _collection_settings: &tandem_adapters::qdrant::CollectionSettings,
 ) -> Result<(Index, Option<Optimizer>), OpenError> {
     Err(OpenError::Unavailable("qdrant"))
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tandem_adapters::qdrant::{PayloadFieldType, Quantization};
 use tandem_core::Distance;
 
 /// Keeps a metadata store and a vector index consistent: every batch upsert or
@@ -93,6 +94,173 @@ pub struct GlobalArgs {
     /// Use throw-away in-memory stores for both sides (testing only).
     #[arg(long, global = true, hide = true, value_enum)]
     pub backend: Option<BackendChoice>,
+
+    /// How texts become vectors (`ingest` of records without a vector,
+    /// `search --text`).
+    #[command(flatten)]
+    pub embed: EmbedArgs,
+
+    /// Settings of a Qdrant collection Tandem creates, checked against an
+    /// existing one (see docs/qdrant.md). Last: their help heading applies to
+    /// the options after them.
+    #[command(flatten)]
+    pub qdrant_collection: QdrantCollectionArgs,
+}
+
+/// The embedder: which one, and how to reach a model server. Unset: the
+/// config file's `[embed]` value, else the default. See docs/embeddings.md.
+#[derive(Clone, Debug, Default, Args)]
+#[command(next_help_heading = "Embedding (records without a vector, search --text)")]
+pub struct EmbedArgs {
+    /// Compute vectors for records without one: none, hash (lexical, local)
+    /// or openai (an OpenAI-compatible server) [default: none; search --text
+    /// uses hash then].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_EMBED",
+        value_enum,
+        value_name = "MODE"
+    )]
+    pub embed: Option<EmbedMode>,
+
+    /// Base URL of the OpenAI-compatible API, e.g. http://localhost:11434/v1
+    /// (Ollama) or https://api.openai.com/v1. The API key is read from
+    /// TANDEM_EMBED_API_KEY or OPENAI_API_KEY.
+    #[arg(long, global = true, env = "TANDEM_EMBED_URL", value_name = "URL")]
+    pub embed_url: Option<String>,
+
+    /// The embedding model (or Azure deployment) to ask for.
+    #[arg(long, global = true, env = "TANDEM_EMBED_MODEL", value_name = "NAME")]
+    pub embed_model: Option<String>,
+
+    /// Ask the model for vectors of N dimensions (the request's `dimensions`,
+    /// for models that can shorten theirs); must equal --dim.
+    #[arg(long, global = true, env = "TANDEM_EMBED_DIMENSIONS", value_name = "N")]
+    pub embed_dimensions: Option<usize>,
+
+    /// Most texts per request to the server [default: 128].
+    #[arg(long, global = true, value_name = "N")]
+    pub embed_batch_texts: Option<usize>,
+
+    /// Most bytes of text per request to the server [default: 1048576].
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub embed_batch_bytes: Option<usize>,
+
+    /// Requests to the server in flight at once [default: 4].
+    #[arg(long, global = true, value_name = "N")]
+    pub embed_concurrency: Option<usize>,
+
+    /// Time limit of one request to the server (e.g. 60s, 500ms) [default: 60s].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = crate::ingest::parse_duration)]
+    pub embed_timeout: Option<std::time::Duration>,
+
+    /// Retries of a request that failed with a retryable error (429, 5xx,
+    /// timeout, connection) [default: 5].
+    #[arg(long, global = true, value_name = "N")]
+    pub embed_retries: Option<u32>,
+}
+
+/// The Qdrant collection settings, named as Qdrant names them. Unset: the
+/// config file's `[qdrant]` value, else Qdrant's default (and no check).
+#[derive(Clone, Debug, Default, Args)]
+#[command(next_help_heading = "Qdrant collection (created with these; an existing one is checked)")]
+pub struct QdrantCollectionArgs {
+    /// Shards of the collection [Qdrant's default: 1, or the number of nodes].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_SHARD_NUMBER",
+        value_name = "N"
+    )]
+    pub qdrant_shard_number: Option<u32>,
+
+    /// Copies of each shard in a cluster [Qdrant's default: 1].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_REPLICATION_FACTOR",
+        value_name = "N"
+    )]
+    pub qdrant_replication_factor: Option<u32>,
+
+    /// Replicas that must apply a write before it succeeds [Qdrant's default: 1].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_WRITE_CONSISTENCY_FACTOR",
+        value_name = "N"
+    )]
+    pub qdrant_write_consistency_factor: Option<u32>,
+
+    /// Serve vectors from disk instead of RAM [Qdrant's default: false].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_ON_DISK",
+        value_name = "true|false",
+        action = clap::ArgAction::Set
+    )]
+    pub qdrant_on_disk: Option<bool>,
+
+    /// Keep payloads on disk instead of RAM [Qdrant's default: true].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_ON_DISK_PAYLOAD",
+        value_name = "true|false",
+        action = clap::ArgAction::Set
+    )]
+    pub qdrant_on_disk_payload: Option<bool>,
+
+    /// HNSW edges per node; 0 builds no graph [Qdrant's default: 16].
+    #[arg(long, global = true, env = "TANDEM_QDRANT_HNSW_M", value_name = "N")]
+    pub qdrant_hnsw_m: Option<u64>,
+
+    /// HNSW neighbours considered while building, at least 4 [Qdrant's default: 100].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_HNSW_EF_CONSTRUCT",
+        value_name = "N"
+    )]
+    pub qdrant_hnsw_ef_construct: Option<u64>,
+
+    /// none, scalar or binary, with options: scalar:quantile=0.99,always_ram=true
+    /// [Qdrant's default: none].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_QDRANT_QUANTIZATION",
+        value_name = "SPEC",
+        value_parser = parse_quantization
+    )]
+    pub qdrant_quantization: Option<Quantization>,
+
+    /// A payload index on a metadata key (repeatable, or comma-separated); TYPE is
+    /// keyword, integer, float, bool, geo, text, datetime or uuid. Replaces the
+    /// config file's payload_indexes.
+    #[arg(
+        long = "qdrant-payload-index",
+        global = true,
+        env = "TANDEM_QDRANT_PAYLOAD_INDEXES",
+        value_name = "KEY=TYPE",
+        value_delimiter = ',',
+        value_parser = parse_payload_index
+    )]
+    pub qdrant_payload_indexes: Vec<(String, PayloadFieldType)>,
+}
+
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse()
+}
+
+/// `KEY=TYPE`, split at the last `=` (a type never contains one).
+pub fn parse_payload_index(s: &str) -> Result<(String, PayloadFieldType), String> {
+    let (key, kind) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=TYPE (e.g. item=keyword)"))?;
+    Ok((key.to_owned(), kind.parse()?))
 }
 
 /// Forces a backend regardless of the URLs (hidden; for tests).
@@ -117,6 +285,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Counts in both stores and the intent backlog.
     Stats,
+    /// Durable sagas (e.g. `ingest --atomic`): list, show, abort.
+    #[command(subcommand)]
+    Saga(SagaCommand),
     /// Create or upgrade the schema and the collection.
     Migrate,
     /// Run the end-to-end demo in a fresh data directory: ingest, updates,
@@ -124,7 +295,13 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure Tandem against the raw dual write and the naive compensation
     /// protocol on the same data (see docs/performance.md).
-    Bench(crate::bench::BenchArgs),
+    Bench(Box<crate::bench::BenchArgs>),
+    /// Run as a service: JSON API, live dashboard, Prometheus metrics, health
+    /// checks, background recovery and verification (see docs/serve.md).
+    Serve(Box<crate::serve::ServeArgs>),
+    /// Measure the HTTP API of `serve` against the library on the same stores
+    /// and batches (see docs/performance.md).
+    BenchApi(Box<crate::serve::BenchApiArgs>),
 }
 
 /// How `ingest` computes vectors for records that have none.
@@ -135,6 +312,9 @@ pub enum EmbedMode {
     None,
     /// Deterministic feature-hashing of the content's words (lexical only).
     Hash,
+    /// A model behind an OpenAI-compatible `/embeddings` API (--embed-url,
+    /// --embed-model).
+    Openai,
 }
 
 /// `tandem ingest`.
@@ -148,10 +328,6 @@ pub struct IngestArgs {
     #[arg(long, value_name = "N")]
     pub batch_size: Option<usize>,
 
-    /// Compute vectors for records without one [default: none].
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub embed: Option<EmbedMode>,
-
     /// Give batch N the idempotency key PREFIX:N, so that re-running the same
     /// input (with the same --batch-size) writes nothing twice.
     #[arg(long, value_name = "PREFIX")]
@@ -161,6 +337,90 @@ pub struct IngestArgs {
     /// graph, vacuum deleted points). Without it, search is exhaustive.
     #[arg(long)]
     pub optimize: bool,
+
+    /// Retry a batch that failed with a retryable error (a store unavailable,
+    /// the outcome unknown) up to N times, under the same idempotency key
+    /// (0: stop at the first failed batch).
+    #[arg(long, value_name = "N", default_value_t = crate::ingest::BatchRetry::DEFAULT_RETRIES)]
+    pub batch_retries: u32,
+
+    /// Start no retry of a batch later than this after its first failure
+    /// (e.g. 90s, 2m, 500ms) [default: 2m].
+    #[arg(long, value_name = "DURATION", value_parser = crate::ingest::parse_duration)]
+    pub batch_retry_for: Option<std::time::Duration>,
+
+    /// All or nothing for the whole input: one durable saga whose steps are
+    /// the batches. If a batch fails for good, or on Ctrl-C, every batch
+    /// already written is undone; if the process dies, `tandem recover` (or
+    /// `tandem serve`) undoes it after the lease. Each batch is visible to
+    /// searches once it commits; undone means restored.
+    #[arg(long, conflicts_with = "idempotency_prefix")]
+    pub atomic: bool,
+
+    /// With --atomic: as the saga's last step, delete the records of SCOPE
+    /// that the input did not write, so that the scope ends up holding
+    /// exactly the input's records of it.
+    #[arg(long, requires = "atomic", value_name = "SCOPE")]
+    pub replace_scope: Option<String>,
+}
+
+/// `tandem saga`.
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// Sagas, newest first, with their state and steps.
+    List(SagaListArgs),
+    /// One saga's journal: input, state, every step with its key and output.
+    Show {
+        /// The saga's id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Undo a live saga now: take it over and compensate its completed steps
+    /// in reverse order (refused past its pivot or once ended).
+    Abort {
+        /// The saga's id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+/// `tandem saga list`.
+#[derive(Debug, Args)]
+pub struct SagaListArgs {
+    /// Only sagas in this state.
+    #[arg(long, value_enum, value_name = "STATE")]
+    pub state: Option<SagaStateArg>,
+
+    /// At most this many.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub limit: usize,
+}
+
+/// A saga state on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SagaStateArg {
+    /// Going forward.
+    Running,
+    /// Undoing its completed steps.
+    Compensating,
+    /// Every step completed.
+    Done,
+    /// Every completed step undone.
+    Compensated,
+    /// Stopped where an operator must look.
+    Failed,
+}
+
+impl From<SagaStateArg> for tandem_core::SagaState {
+    fn from(s: SagaStateArg) -> Self {
+        match s {
+            SagaStateArg::Running => Self::Running,
+            SagaStateArg::Compensating => Self::Compensating,
+            SagaStateArg::Done => Self::Done,
+            SagaStateArg::Compensated => Self::Compensated,
+            SagaStateArg::Failed => Self::Failed,
+        }
+    }
 }
 
 /// `tandem delete`.
@@ -193,7 +453,8 @@ pub struct SearchArgs {
     #[arg(long, value_name = "JSON")]
     pub vector: Option<String>,
 
-    /// A text query, embedded with the hash embedding (as `ingest --embed hash`).
+    /// A text query, embedded with the configured embedder (--embed; the hash
+    /// embedding when none is configured).
     #[arg(long, value_name = "TEXT")]
     pub text: Option<String>,
 

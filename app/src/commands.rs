@@ -4,13 +4,13 @@
 use serde::Serialize;
 use serde_json::Value;
 use tandem_core::{
-    DeleteSelector, Filter, RecordId, RecoveryReport, RepairReport, Scope, SearchQuery,
-    VerifyReport, WriteOptions,
+    CoordinatorError, DeleteSelector, Filter, RecordId, RecoveryReport, RepairReport, SagaId,
+    SagaRecord, SagaState, Scope, SearchQuery, VerifyReport, WriteOptions,
 };
 
 use crate::backend::{AppCoordinator, MigrateReport, Stores};
-use crate::cli::{DeleteArgs, SearchArgs, VerifyArgs};
-use crate::embed::hash_embedding;
+use crate::cli::EmbedMode;
+use crate::cli::{DeleteArgs, SagaCommand, SearchArgs, VerifyArgs};
 use crate::error::{AppError, EXIT_FAILED, EXIT_OK};
 use crate::output::{self, Output};
 
@@ -97,15 +97,14 @@ pub async fn search(
     args: SearchArgs,
     stores: &Stores,
     c: &AppCoordinator,
-    dimension: usize,
+    settings: &crate::settings::Settings,
     out: Output,
 ) -> Result<u8, AppError> {
     let vector = match (&args.vector, &args.text) {
         (Some(v), _) => serde_json::from_str::<Vec<f32>>(v).map_err(|e| {
             AppError::Usage(format!("--vector: expected a JSON array of numbers: {e}"))
         })?,
-        (None, Some(t)) => hash_embedding(t, dimension)
-            .ok_or_else(|| AppError::Usage("--text: the text has no word to embed".into()))?,
+        (None, Some(t)) => embed_query(t, settings).await?,
         (None, None) => return Err(AppError::Usage("give --vector or --text".into())),
     };
     let mut filter = Filter {
@@ -165,6 +164,38 @@ pub async fn search(
     Ok(EXIT_OK)
 }
 
+/// The vector of a `--text` query: the configured embedder's (the hash
+/// embedding when none is configured, as ingest's `--embed hash`).
+async fn embed_query(
+    text: &str,
+    settings: &crate::settings::Settings,
+) -> Result<Vec<f32>, AppError> {
+    let mode = match settings.embed.mode {
+        EmbedMode::None => EmbedMode::Hash,
+        mode => mode,
+    };
+    let Some(embedder) = crate::embed::build(&settings.embed, mode, settings.dimension)? else {
+        return Err(AppError::Usage("--text needs an embedder".into()));
+    };
+    let what = crate::embed::describe(embedder.as_ref(), &settings.embed);
+    match embedder.embed(&[text.to_owned()]).await {
+        Ok(mut vectors) if vectors.len() == 1 => Ok(vectors.remove(0)),
+        Ok(_) => Err(AppError::Failed(format!(
+            "--text: {what} returned no vector for the query"
+        ))),
+        Err(tandem_core::EmbedError::InvalidInput { message, .. }) => Err(AppError::Usage(
+            format!("--text: {what} cannot embed the query: {message}"),
+        )),
+        Err(tandem_core::EmbedError::Protocol(
+            tandem_core::ProtocolViolation::WrongDimension { expected, got, .. },
+        )) => Err(AppError::Usage(format!(
+            "--text: {what} returns vectors of {got} dimensions, but the collection's \
+             dimension is {expected} (--dim)"
+        ))),
+        Err(e) => Err(crate::embed::error(e, &what, "--text: ")),
+    }
+}
+
 /// What `recover` reports.
 #[derive(Serialize)]
 struct RecoverOutput {
@@ -178,7 +209,7 @@ struct RecoverOutput {
 pub async fn recover(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u8, AppError> {
     let report = c.recover().await.map_err(|e| stores.error("recover", e))?;
     let stats = c.stats().await.map_err(|e| stores.error("recover", e))?;
-    let failed = report.failed;
+    let failed = report.failed + report.sagas_failed;
     let o = RecoverOutput {
         report,
         pending_intents: stats.live_intents,
@@ -201,6 +232,15 @@ pub async fn recover(stores: &Stores, c: &AppCoordinator, out: Output) -> Result
                 "intents still pending (lease not ended)",
                 output::count(o.pending_intents as u64),
             ),
+            (
+                "sagas ended forward",
+                output::count(o.report.sagas_done as u64),
+            ),
+            (
+                "sagas compensated",
+                output::count(o.report.sagas_compensated as u64),
+            ),
+            ("sagas failed", output::count(o.report.sagas_failed as u64)),
         ]));
     }
     Ok(if failed > 0 { EXIT_FAILED } else { EXIT_OK })
@@ -409,6 +449,182 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
         ]));
     }
     Ok(EXIT_OK)
+}
+
+/// `tandem saga list|show|abort`. `show` of an unknown id, and `abort` of a
+/// saga that cannot be aborted, exit 1.
+pub async fn saga(
+    command: SagaCommand,
+    stores: &Stores,
+    c: &AppCoordinator,
+    out: Output,
+) -> Result<u8, AppError> {
+    match command {
+        SagaCommand::List(args) => {
+            if args.limit == 0 {
+                return Err(AppError::Usage("--limit must be at least 1".into()));
+            }
+            let state = args.state.map(SagaState::from);
+            let sagas = c
+                .sagas(state, args.limit)
+                .await
+                .map_err(|e| stores.error("listing sagas", e))?;
+            if out.json {
+                out.json(&sagas);
+                return Ok(EXIT_OK);
+            }
+            if sagas.is_empty() {
+                out.text("no sagas");
+                return Ok(EXIT_OK);
+            }
+            let now = tandem_core::unix_ms(std::time::SystemTime::now());
+            let rows = sagas
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.to_string(),
+                        s.name.clone(),
+                        s.state.as_str().to_owned(),
+                        steps_summary(s),
+                        ago(now, s.updated_ms),
+                        s.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            out.text(&output::table(
+                &["saga", "name", "state", "steps", "updated", "last error"],
+                &[false, false, false, true, true, false],
+                rows,
+            ));
+            Ok(EXIT_OK)
+        }
+        SagaCommand::Show { id } => {
+            let id = parse_saga_id(&id)?;
+            let saga = c
+                .saga(id)
+                .await
+                .map_err(|e| stores.error("reading the saga", e))?
+                .ok_or_else(|| AppError::Failed(format!("no saga {id}")))?;
+            print_saga(&saga, out);
+            Ok(EXIT_OK)
+        }
+        SagaCommand::Abort { id } => {
+            let id = parse_saga_id(&id)?;
+            let outcome = match c.abort_saga(id).await {
+                Ok(o) => o,
+                Err(
+                    e @ (CoordinatorError::SagaNotFound(_) | CoordinatorError::CannotAbort(..)),
+                ) => {
+                    return Err(AppError::Failed(format!("cannot abort: {e}")));
+                }
+                Err(e) => return Err(stores.error(&format!("aborting saga {id}"), e)),
+            };
+            if out.json {
+                out.json(&outcome);
+            } else {
+                out.text(&format!("saga {id}: {}", outcome.state.as_str()));
+                if !outcome.conflicts.is_empty() {
+                    out.text(&format!(
+                        "{} records were left as they are: they changed after the step that \
+                         wrote them",
+                        outcome.conflicts.len()
+                    ));
+                }
+            }
+            Ok(if outcome.state == SagaState::Compensated {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            })
+        }
+    }
+}
+
+fn parse_saga_id(id: &str) -> Result<SagaId, AppError> {
+    id.trim()
+        .parse()
+        .map_err(|_| AppError::Usage(format!("{id:?} is not a saga id (a UUID)")))
+}
+
+/// "3/4 done" style: steps done (or compensated) of those journaled.
+fn steps_summary(s: &SagaRecord) -> String {
+    use tandem_core::StepState;
+    let done = s
+        .steps
+        .iter()
+        .filter(|st| st.state == StepState::Done)
+        .count();
+    let undone = s
+        .steps
+        .iter()
+        .filter(|st| st.state == StepState::Compensated)
+        .count();
+    match undone {
+        0 => format!("{done}/{} done", s.steps.len()),
+        n => format!("{done}/{} done, {n} undone", s.steps.len()),
+    }
+}
+
+fn ago(now_ms: i64, then_ms: i64) -> String {
+    let secs = (now_ms.saturating_sub(then_ms)).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s => format!("{} h ago", s / 3600),
+    }
+}
+
+fn print_saga(s: &SagaRecord, out: Output) {
+    if out.json {
+        out.json(s);
+        return;
+    }
+    let now = tandem_core::unix_ms(std::time::SystemTime::now());
+    let mut rows = vec![
+        ("saga", s.id.to_string()),
+        ("name", s.name.clone()),
+        ("state", s.state.as_str().to_owned()),
+        ("steps", steps_summary(s)),
+        ("input", s.input.to_string()),
+        ("created", ago(now, s.created_ms)),
+        ("updated", ago(now, s.updated_ms)),
+        ("claimed by recovery", output::count(u64::from(s.attempts))),
+    ];
+    if s.state.is_live() {
+        let lease = match s.lease_deadline_ms - now {
+            left if left > 0 => format!("ends in {} s", left / 1000),
+            _ => "ended (recovery may take it over)".to_owned(),
+        };
+        rows.push(("lease", lease));
+    }
+    if let Some(e) = &s.last_error {
+        rows.push(("last error", e.clone()));
+    }
+    out.text(&output::kv_table(rows));
+    let steps = s
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            vec![
+                i.to_string(),
+                st.name.clone(),
+                format!("{:?}", st.kind).to_lowercase(),
+                format!("{:?}", st.state).to_lowercase(),
+                if st.pivot {
+                    "pivot".into()
+                } else {
+                    String::new()
+                },
+                st.key.clone(),
+            ]
+        })
+        .collect();
+    out.text(&output::table(
+        &["#", "step", "kind", "state", "", "idempotency key"],
+        &[true, false, false, false, false, false],
+        steps,
+    ));
 }
 
 /// `tandem migrate`.

@@ -1,86 +1,130 @@
-//! The hash embedding: a deterministic, lexical text embedding for trying
-//! Tandem out without a model.
+//! The embedder of `ingest` and `search --text`: built from the settings
+//! (`--embed hash|openai`), checked against the collection's dimension, and
+//! its errors turned into the command's.
 //!
-//! Feature hashing ("the hashing trick"): the content is lower-cased and split
-//! into words (runs of alphanumeric characters); each word is hashed with
-//! XXH3-64; the hash picks a dimension (`h mod dim`) and a sign (the top bit),
-//! and the word's count is added there with that sign; the vector is then scaled
-//! to unit length. Texts that share words get similar vectors; synonyms and
-//! meaning are invisible to it. Real users bring their own vectors.
+//! `openai` is the adapter wrapped as `BatchingEmbedder<RetryingEmbedder<_>>`:
+//! each request is retried on its own; calls are cut into requests of
+//! bounded count and bytes, a bounded number at once (docs/embeddings.md).
 
-use xxhash_rust::xxh3::xxh3_64;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
 
-/// The hash embedding of `text` in `dim` dimensions, or `None` when the text
-/// has no word (its vector would be all zeros, which has no direction).
-pub fn hash_embedding(text: &str, dim: usize) -> Option<Vec<f32>> {
-    if dim == 0 {
-        return None;
+use tandem_adapters::hash::HashEmbedder;
+use tandem_core::{EmbedError, Embedder, ProtocolViolation};
+
+use crate::cli::EmbedMode;
+use crate::error::AppError;
+use crate::settings::EmbedSettings;
+
+pub use tandem_adapters::hash::hash_embedding;
+
+/// The embedder in use, shared by the ingest stages.
+pub type AppEmbedder = Arc<dyn Embedder>;
+
+/// The embedder of `mode` for a collection of `dimension` (`None` for
+/// `EmbedMode::None`).
+pub fn build(
+    settings: &EmbedSettings,
+    mode: EmbedMode,
+    dimension: usize,
+) -> Result<Option<AppEmbedder>, AppError> {
+    let dim = NonZeroUsize::new(dimension)
+        .ok_or_else(|| AppError::Usage("the dimension must be positive".into()))?;
+    match mode {
+        EmbedMode::None => Ok(None),
+        EmbedMode::Hash => Ok(Some(Arc::new(HashEmbedder::new(dim)))),
+        EmbedMode::Openai => openai(settings, dimension).map(Some),
     }
-    let mut v = vec![0f32; dim];
-    let mut words = 0usize;
-    for word in text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-    {
-        let h = xxh3_64(word.to_lowercase().as_bytes());
-        let slot = (h % dim as u64) as usize;
-        let sign = if h >> 63 == 1 { -1.0 } else { 1.0 };
-        v[slot] += sign;
-        words += 1;
-    }
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    // Words can cancel out (same slot, opposite signs): still no direction.
-    if words == 0 || norm == 0.0 {
-        return None;
-    }
-    v.iter_mut().for_each(|x| *x /= norm);
-    Some(v)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[cfg(feature = "openai")]
+fn openai(settings: &EmbedSettings, dimension: usize) -> Result<AppEmbedder, AppError> {
+    use tandem_adapters::openai::{AuthHeader, OpenAiConfig, OpenAiEmbedder};
+    use tandem_core::{BatchingEmbedder, RetryingEmbedder};
 
-    fn cosine(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    use crate::settings::KeyHeader;
+
+    let mut config = OpenAiConfig::new(
+        settings.url.clone().unwrap_or_default(),
+        settings.model.clone().unwrap_or_default(),
+        dimension,
+    )
+    .with_timeout(settings.timeout)
+    .with_connect_timeout(settings.connect_timeout)
+    .with_auth_header(match settings.key_header {
+        KeyHeader::Bearer => AuthHeader::Bearer,
+        KeyHeader::ApiKey => AuthHeader::ApiKeyHeader,
+    });
+    if let Some(n) = settings.dimensions {
+        config = config.with_request_dimensions(n);
     }
-
-    #[test]
-    fn is_deterministic_unit_length_and_case_blind() {
-        let a = hash_embedding("Red wool Scarf", 64).unwrap();
-        let b = hash_embedding("red WOOL scarf!", 64).unwrap();
-        assert_eq!(a, b);
-        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-5);
-        assert_eq!(a.len(), 64);
+    if let Some(key) = &settings.api_key {
+        config = config.with_api_key(key.as_str());
     }
+    let adapter = OpenAiEmbedder::new(config)
+        .map_err(|e| AppError::Usage(format!("--embed openai: {}", detail(&e))))?;
+    let retrying = RetryingEmbedder::new(adapter, settings.retry.clone())
+        .with_max_retry_after(settings.max_retry_after);
+    Ok(Arc::new(BatchingEmbedder::new(
+        retrying,
+        settings.limits.clone(),
+    )))
+}
 
-    #[test]
-    fn shared_words_score_higher_than_unrelated_text() {
-        let q = hash_embedding("wool scarf", 256).unwrap();
-        let near = hash_embedding("a warm wool scarf for winter", 256).unwrap();
-        let far = hash_embedding("stainless steel kitchen knife", 256).unwrap();
-        assert!(cosine(&q, &near) > cosine(&q, &far) + 0.2);
+#[cfg(not(feature = "openai"))]
+fn openai(_: &EmbedSettings, _: usize) -> Result<AppEmbedder, AppError> {
+    Err(AppError::BackendUnavailable("openai"))
+}
+
+/// "model M at http://host:port" (or "the hash embedding"), for messages.
+pub fn describe(e: &dyn Embedder, settings: &EmbedSettings) -> String {
+    if e.model() == "hash" {
+        return "the hash embedding".into();
     }
+    let place = settings
+        .url
+        .as_deref()
+        .map(crate::settings::describe_qdrant_url)
+        .unwrap_or_default();
+    format!("model {:?} at {place}", e.model())
+}
 
-    #[test]
-    fn text_without_words_has_no_embedding() {
-        assert_eq!(hash_embedding("  ... !!", 16), None);
-        assert_eq!(hash_embedding("", 16), None);
-        assert_eq!(hash_embedding("word", 0), None);
+/// Checks, before anything is written, that the embedder answers with
+/// vectors of the collection's dimension: one request of one short text.
+/// A wrong dimension is a usage error naming both numbers.
+pub async fn check_dimension(e: &dyn Embedder, settings: &EmbedSettings) -> Result<(), AppError> {
+    match e.embed(&["tandem dimension check".to_owned()]).await {
+        Ok(_) => Ok(()),
+        Err(EmbedError::Protocol(ProtocolViolation::WrongDimension { expected, got, .. })) => {
+            Err(AppError::Usage(format!(
+                "the embedder ({}) returns vectors of {got} dimensions, but the collection's \
+                 dimension is {expected} (--dim): use --dim {got} for a new collection, or a \
+                 model that matches (or --embed-dimensions {expected}, if the model can shorten \
+                 its vectors)",
+                describe(e, settings)
+            )))
+        }
+        Err(err) => Err(error(
+            err,
+            &describe(e, settings),
+            "checking the embedder: ",
+        )),
     }
+}
 
-    #[test]
-    fn known_texts_have_pinned_embeddings() {
-        // Pinned so that a change of hash function (which would silently
-        // invalidate every stored hash vector) fails here.
-        assert_eq!(
-            hash_embedding("tandem", 8).unwrap(),
-            vec![-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-        );
-        assert_eq!(
-            hash_embedding("Tandem keeps stores consistent", 8).unwrap(),
-            vec![-0.5, -0.5, -0.5, 0.0, 0.0, 0.0, -0.5, 0.0]
-        );
+/// An embedding failure as the command's error: `context` says what was
+/// being done ("batch 3 (lines 5–6) was not written: "), `what` the embedder.
+pub fn error(e: EmbedError, what: &str, context: &str) -> AppError {
+    AppError::Embed {
+        context: format!("{context}embedding with {what}: "),
+        error: e,
+    }
+}
+
+/// The error's message without the kind's prefix, for usage errors.
+fn detail(e: &EmbedError) -> String {
+    match e {
+        EmbedError::Permanent { message, .. } => message.clone(),
+        other => other.to_string(),
     }
 }

@@ -11,7 +11,7 @@
 
 use std::process::ExitCode;
 
-use tandem_core::{CoordinatorError, IndexError, MetadataError};
+use tandem_core::{CoordinatorError, EmbedError, IndexError, MetadataError};
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -53,6 +53,16 @@ pub enum AppError {
         #[source]
         error: CoordinatorError,
     },
+    /// The embedder failed (after its retries); nothing of the batch was
+    /// written.
+    #[error("{context}{error}")]
+    Embed {
+        /// What was being done, and with which embedder.
+        context: String,
+        /// The embedder's error.
+        #[source]
+        error: EmbedError,
+    },
     /// A backend this build cannot provide.
     #[error("backend {0} is not available in this build (enable the `{0}` feature of tandem-app)")]
     BackendUnavailable(&'static str),
@@ -65,6 +75,16 @@ pub enum AppError {
     /// Ctrl-C.
     #[error("interrupted")]
     Interrupted,
+    /// An error with what followed from it (e.g. how an atomic ingest's
+    /// saga ended); the exit code is the error's.
+    #[error("{error}; {note}")]
+    Noted {
+        /// The error.
+        #[source]
+        error: Box<AppError>,
+        /// What followed.
+        note: String,
+    },
 }
 
 impl AppError {
@@ -74,8 +94,18 @@ impl AppError {
             AppError::Usage(_) | AppError::Input(_) | AppError::BackendUnavailable(_) => EXIT_USAGE,
             AppError::Unreachable { .. } => EXIT_UNAVAILABLE,
             AppError::Coordinator { error, .. } => coordinator_exit_code(error),
+            AppError::Embed { error, .. } => embed_exit_code(error),
             AppError::Inconsistent(_) | AppError::Failed(_) => EXIT_FAILED,
             AppError::Interrupted => EXIT_INTERRUPTED,
+            AppError::Noted { error, .. } => error.exit_code(),
+        }
+    }
+
+    /// This error, with what followed from it said after it.
+    pub fn noted(self, note: impl Into<String>) -> AppError {
+        AppError::Noted {
+            error: Box::new(self),
+            note: note.into(),
         }
     }
 }
@@ -87,12 +117,25 @@ pub fn coordinator_exit_code(error: &CoordinatorError) -> u8 {
         CoordinatorError::Invalid(_)
         | CoordinatorError::IdempotencyKeyReused { .. }
         | CoordinatorError::Config(_) => EXIT_USAGE,
-        CoordinatorError::OutcomeUnknown { .. } => EXIT_UNKNOWN,
+        CoordinatorError::OutcomeUnknown { .. } | CoordinatorError::SagaUnfinished { .. } => {
+            EXIT_UNKNOWN
+        }
         CoordinatorError::DeadlineExceeded(_) => EXIT_UNAVAILABLE,
         CoordinatorError::Metadata(MetadataError::InvalidInput { .. }) => EXIT_USAGE,
         CoordinatorError::Metadata(e) if e.is_retryable() => EXIT_UNAVAILABLE,
         CoordinatorError::Index(IndexError::InvalidInput { .. }) => EXIT_USAGE,
         CoordinatorError::Index(e) if e.is_retryable() => EXIT_UNAVAILABLE,
+        _ => EXIT_FAILED,
+    }
+}
+
+/// Exit code of an embedder error: the service unavailable or rate
+/// limiting 3, input it refused 2, anything else (credentials, protocol,
+/// configuration) 1.
+pub fn embed_exit_code(error: &EmbedError) -> u8 {
+    match error {
+        e if e.is_retryable() => EXIT_UNAVAILABLE,
+        EmbedError::InvalidInput { .. } => EXIT_USAGE,
         _ => EXIT_FAILED,
     }
 }

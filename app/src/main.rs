@@ -14,6 +14,7 @@ mod embed;
 mod error;
 mod ingest;
 mod output;
+mod serve;
 mod settings;
 mod telemetry;
 
@@ -57,6 +58,8 @@ fn main() -> ExitCode {
     // warnings about them would only repeat the story.
     let quiet_level = match cli.command {
         Command::Demo(_) => "error",
+        // A service logs what it does: start, stop, recovery, failures.
+        Command::Serve(_) => "info",
         _ => "warn",
     };
     telemetry::init_logging(cli.global.verbose, quiet_level, settings.redactor.clone());
@@ -124,13 +127,19 @@ async fn run(
     explicit: ExplicitServers,
     out: Output,
 ) -> Result<u8, AppError> {
-    if let Some(addr) = settings.metrics_addr {
+    let Cli { global, command } = cli;
+    // The service renders its own metrics (on its listener, and on
+    // --metrics-addr too).
+    if let Some(addr) = settings.metrics_addr
+        && !matches!(command, Command::Serve(_))
+    {
         telemetry::serve_metrics(addr)?;
     }
-    let Cli { global, command } = cli;
     match command {
+        Command::Serve(args) => serve::run(*args, &settings, out).await,
+        Command::BenchApi(args) => serve::bench_api(*args, &settings, out).await,
         Command::Demo(args) => demo::run(args, &global, explicit, out).await,
-        Command::Bench(args) => bench::run(args, &global, &settings, out).await,
+        Command::Bench(args) => bench::run(*args, &global, &settings, out).await,
         Command::Migrate => {
             let report = backend::migrate(&settings).await?;
             commands::print_migrate(&report, out);
@@ -144,25 +153,57 @@ async fn run(
             }
             match command {
                 Command::Ingest(args) => {
+                    let mode = settings.embed.mode;
+                    let embedder = embed::build(&settings.embed, mode, settings.dimension)?;
+                    let embedder = match embedder {
+                        Some(e) => {
+                            embed::check_dimension(e.as_ref(), &settings.embed).await?;
+                            Some(ingest::IngestEmbedder {
+                                describe: embed::describe(e.as_ref(), &settings.embed),
+                                embedder: e,
+                            })
+                        }
+                        None => None,
+                    };
                     let plan = ingest::IngestPlan {
                         input: args.input,
                         batch_size: args.batch_size.unwrap_or(settings.batch_size),
-                        embed: args.embed.unwrap_or(settings.embed),
-                        dimension: settings.dimension,
+                        embed: mode,
                         idempotency_prefix: args.idempotency_prefix,
                         optimize: args.optimize,
+                        retry: ingest::BatchRetry {
+                            retries: args.batch_retries,
+                            retry_for: args
+                                .batch_retry_for
+                                .unwrap_or(ingest::BatchRetry::DEFAULT_RETRY_FOR),
+                        },
+                        atomic: args.atomic,
+                        replace_scope: args.replace_scope.map(tandem_core::Scope::from),
                     };
-                    ingest::run(plan, &stores, coordinator, out, &settings.redactor).await?;
+                    ingest::run(
+                        plan,
+                        embedder,
+                        &stores,
+                        coordinator,
+                        out,
+                        &settings.redactor,
+                    )
+                    .await?;
                     Ok(EXIT_OK)
                 }
                 Command::Delete(args) => commands::delete(args, &stores, &coordinator, out).await,
                 Command::Search(args) => {
-                    commands::search(args, &stores, &coordinator, settings.dimension, out).await
+                    commands::search(args, &stores, &coordinator, &settings, out).await
                 }
                 Command::Recover => commands::recover(&stores, &coordinator, out).await,
                 Command::Verify(args) => commands::verify(args, &stores, &coordinator, out).await,
                 Command::Stats => commands::stats(&stores, &coordinator, out).await,
-                Command::Demo(_) | Command::Migrate | Command::Bench(_) => {
+                Command::Saga(args) => commands::saga(args, &stores, &coordinator, out).await,
+                Command::Demo(_)
+                | Command::Migrate
+                | Command::Bench(_)
+                | Command::Serve(_)
+                | Command::BenchApi(_) => {
                     unreachable!("handled above")
                 }
             }

@@ -3,14 +3,16 @@
 //! clap resolves flags over environment variables; this module lays the
 //! configuration file under both and fills in the defaults.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tandem_core::{CoordinatorConfig, Distance};
+use tandem_adapters::qdrant::{CollectionSettings, PayloadFieldType, Quantization};
+use tandem_core::{BatchLimits, CoordinatorConfig, Distance, IndexError, RetryPolicy};
 
-use crate::cli::{BackendChoice, EmbedMode, GlobalArgs};
+use crate::cli::{BackendChoice, EmbedArgs, EmbedMode, GlobalArgs, QdrantCollectionArgs};
 use crate::error::{AppError, Redactor};
 
 /// The file read when no `--config` / `TANDEM_CONFIG` is given, if it exists.
@@ -47,6 +49,8 @@ pub struct FileConfig {
     coordinator: CoordinatorSection,
     #[serde(default)]
     ingest: IngestSection,
+    #[serde(default)]
+    embed: EmbedSection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +67,19 @@ struct QdrantSection {
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
     require_tls: Option<bool>,
+    // The collection settings, named as Qdrant names them (docs/qdrant.md).
+    shard_number: Option<u32>,
+    replication_factor: Option<u32>,
+    write_consistency_factor: Option<u32>,
+    on_disk: Option<bool>,
+    on_disk_payload: Option<bool>,
+    hnsw_m: Option<u64>,
+    hnsw_ef_construct: Option<u64>,
+    /// `"scalar:quantile=0.99"` (as the flag), or Qdrant's own form
+    /// `{ scalar = { quantile = 0.99, always_ram = true } }`.
+    quantization: Option<toml::Value>,
+    /// Metadata key → index type, e.g. `{ item = "keyword", year = "integer" }`.
+    payload_indexes: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +100,76 @@ struct CoordinatorSection {
 struct IngestSection {
     batch_size: Option<usize>,
     embed: Option<EmbedMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbedSection {
+    mode: Option<EmbedMode>,
+    url: Option<String>,
+    model: Option<String>,
+    dimensions: Option<usize>,
+    /// The environment variable holding the API key (default:
+    /// TANDEM_EMBED_API_KEY, then OPENAI_API_KEY). The key itself is never
+    /// read from the file.
+    api_key_env: Option<String>,
+    auth_header: Option<KeyHeader>,
+    batch_texts: Option<usize>,
+    batch_bytes: Option<usize>,
+    concurrency: Option<usize>,
+    timeout_secs: Option<f64>,
+    connect_timeout_secs: Option<f64>,
+    retries: Option<u32>,
+    max_retry_after_secs: Option<f64>,
+}
+
+/// How the embedding API key is sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyHeader {
+    /// `Authorization: Bearer KEY`.
+    #[default]
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI's deployment API).
+    ApiKey,
+}
+
+/// The environment variables the embedding API key is read from, in order.
+pub const EMBED_KEY_VARS: [&str; 2] = ["TANDEM_EMBED_API_KEY", "OPENAI_API_KEY"];
+/// Default request timeout of the embedding server.
+pub const DEFAULT_EMBED_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default connect timeout of the embedding server.
+pub const DEFAULT_EMBED_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default retries of one embedding request.
+pub const DEFAULT_EMBED_RETRIES: u32 = 5;
+/// Default longest `Retry-After` waited for.
+pub const DEFAULT_EMBED_MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The embedder, resolved. `Debug` is deliberately not derived: the key.
+#[derive(Clone)]
+pub struct EmbedSettings {
+    /// Which embedder `ingest` uses for records without a vector.
+    pub mode: EmbedMode,
+    /// The OpenAI-compatible API's base URL.
+    pub url: Option<String>,
+    /// The model.
+    pub model: Option<String>,
+    /// The request's `dimensions` parameter (equal to the collection's).
+    pub dimensions: Option<usize>,
+    /// The API key (never shown).
+    pub api_key: Option<String>,
+    /// How the key is sent.
+    pub key_header: KeyHeader,
+    /// Request size and concurrency.
+    pub limits: BatchLimits,
+    /// Request timeout.
+    pub timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Retries of a request with a retryable error.
+    pub retry: RetryPolicy,
+    /// The longest `Retry-After` waited for.
+    pub max_retry_after: Duration,
 }
 
 /// Where the metadata lives.
@@ -130,6 +217,9 @@ pub enum IndexTarget {
         connect_timeout: Option<Duration>,
         /// Refuse http:// URLs.
         require_tls: bool,
+        /// How the collection is created and what an existing one is checked
+        /// against.
+        collection_settings: CollectionSettings,
     },
 }
 
@@ -155,10 +245,12 @@ pub struct Settings {
     pub coordinator: CoordinatorConfig,
     /// Records per ingest batch.
     pub batch_size: usize,
-    /// Default embedding mode of `ingest`.
-    pub embed: EmbedMode,
+    /// The embedder (`ingest`, `search --text`).
+    pub embed: EmbedSettings,
     /// Where to serve metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// The bearer token `tandem serve` requires (`TANDEM_API_TOKEN`; never shown).
+    pub api_token: Option<String>,
     /// Removes the secrets above from any message.
     pub redactor: Redactor,
 }
@@ -225,6 +317,16 @@ impl Settings {
         if let Some(key) = &api_key {
             redactor.add(key);
         }
+        let embed = embed_settings(&args.embed, &file.embed, file.ingest.embed)?;
+        if let Some(key) = &embed.api_key {
+            redactor.add(key);
+        }
+        let api_token = std::env::var("TANDEM_API_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
+        if let Some(token) = &api_token {
+            redactor.add(token);
+        }
 
         let memory = args.backend == Some(BackendChoice::Memory);
         let metadata = if memory {
@@ -248,6 +350,7 @@ impl Settings {
                 path: data_dir.join("metadata.sqlite3"),
             }
         };
+        let collection_settings = collection_settings(&args.qdrant_collection, &file.qdrant)?;
         let index = if memory {
             IndexTarget::Memory
         } else if let Some(url) = qdrant_url {
@@ -260,6 +363,7 @@ impl Settings {
                     file.qdrant.connect_timeout_secs,
                 )?,
                 require_tls: file.qdrant.require_tls.unwrap_or(false),
+                collection_settings,
             }
         } else {
             IndexTarget::Edge {
@@ -273,6 +377,14 @@ impl Settings {
             .unwrap_or(DEFAULT_DIMENSION);
         if dimension == 0 {
             return Err(AppError::Usage("the dimension must be positive".into()));
+        }
+        if let Some(n) = embed.dimensions
+            && n != dimension
+        {
+            return Err(AppError::Usage(format!(
+                "the embedding dimensions ({n}, --embed-dimensions) differ from the collection's \
+                 dimension ({dimension}, --dim): vectors of {n} dimensions cannot be stored in it"
+            )));
         }
         let batch_size = file.ingest.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
 
@@ -320,8 +432,9 @@ impl Settings {
             auto_migrate: file.auto_migrate.unwrap_or(true),
             coordinator,
             batch_size,
-            embed: file.ingest.embed.unwrap_or(EmbedMode::None),
+            embed,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            api_token,
             redactor,
         })
     }
@@ -330,6 +443,207 @@ impl Settings {
     pub fn uses_data_dir(&self) -> bool {
         matches!(self.metadata, MetadataTarget::Sqlite { .. })
             || matches!(self.index, IndexTarget::Edge { .. })
+    }
+}
+
+/// The embedder's settings: each from the flag (or its environment
+/// variable), else the `[embed]` section (the mode also from `[ingest]
+/// embed`), else the default; the key from the environment only.
+fn embed_settings(
+    args: &EmbedArgs,
+    file: &EmbedSection,
+    ingest_embed: Option<EmbedMode>,
+) -> Result<EmbedSettings, AppError> {
+    let usage = |m: String| AppError::Usage(format!("configuration: {m}"));
+    let mode = args
+        .embed
+        .or(file.mode)
+        .or(ingest_embed)
+        .unwrap_or(EmbedMode::None);
+    let key_vars: Vec<&str> = match &file.api_key_env {
+        Some(var) => vec![var.as_str()],
+        None => EMBED_KEY_VARS.to_vec(),
+    };
+    let api_key = key_vars
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|k| !k.is_empty()));
+    let defaults = BatchLimits::default();
+    let limits = BatchLimits {
+        max_texts: args
+            .embed_batch_texts
+            .or(file.batch_texts)
+            .unwrap_or(defaults.max_texts),
+        max_bytes: args
+            .embed_batch_bytes
+            .or(file.batch_bytes)
+            .unwrap_or(defaults.max_bytes),
+        concurrency: args
+            .embed_concurrency
+            .or(file.concurrency)
+            .unwrap_or(defaults.concurrency),
+    };
+    limits.validate().map_err(usage)?;
+    let timeout = match args.embed_timeout {
+        Some(t) => t,
+        None => secs("embed.timeout_secs", file.timeout_secs)?.unwrap_or(DEFAULT_EMBED_TIMEOUT),
+    };
+    let connect_timeout = secs("embed.connect_timeout_secs", file.connect_timeout_secs)?
+        .unwrap_or(DEFAULT_EMBED_CONNECT_TIMEOUT);
+    if timeout.is_zero() || connect_timeout.is_zero() {
+        return Err(usage("the embedding timeouts must be positive".into()));
+    }
+    let retries = args
+        .embed_retries
+        .or(file.retries)
+        .unwrap_or(DEFAULT_EMBED_RETRIES);
+    let settings = EmbedSettings {
+        mode,
+        url: args.embed_url.clone().or_else(|| file.url.clone()),
+        model: args.embed_model.clone().or_else(|| file.model.clone()),
+        dimensions: args.embed_dimensions.or(file.dimensions),
+        api_key,
+        key_header: file.auth_header.unwrap_or_default(),
+        limits,
+        timeout,
+        connect_timeout,
+        retry: RetryPolicy {
+            max_attempts: retries.saturating_add(1),
+            initial_backoff: std::time::Duration::from_millis(250),
+            max_backoff: std::time::Duration::from_secs(10),
+        },
+        max_retry_after: secs("embed.max_retry_after_secs", file.max_retry_after_secs)?
+            .unwrap_or(DEFAULT_EMBED_MAX_RETRY_AFTER),
+    };
+    if mode == EmbedMode::Openai {
+        if settings.url.is_none() {
+            return Err(AppError::Usage(
+                "--embed openai needs the server's base URL: --embed-url (or [embed] url), \
+                 e.g. http://localhost:11434/v1"
+                    .into(),
+            ));
+        }
+        if settings
+            .model
+            .as_deref()
+            .is_none_or(|m| m.trim().is_empty())
+        {
+            return Err(AppError::Usage(
+                "--embed openai needs the model: --embed-model (or [embed] model)".into(),
+            ));
+        }
+    }
+    Ok(settings)
+}
+
+/// The Qdrant collection settings: each from the flag (or its environment
+/// variable), else the `[qdrant]` section, else unset; validated.
+fn collection_settings(
+    args: &QdrantCollectionArgs,
+    file: &QdrantSection,
+) -> Result<CollectionSettings, AppError> {
+    let usage = |message: String| AppError::Usage(format!("configuration: {message}"));
+    let quantization = match (&args.qdrant_quantization, &file.quantization) {
+        (Some(q), _) => Some(*q),
+        (None, Some(value)) => Some(
+            quantization_from_file(value)
+                .map_err(|m| usage(format!("[qdrant] quantization: {m}")))?,
+        ),
+        (None, None) => None,
+    };
+    let payload_indexes = if !args.qdrant_payload_indexes.is_empty() {
+        args.qdrant_payload_indexes.iter().cloned().collect()
+    } else {
+        let mut indexes = BTreeMap::new();
+        for (key, kind) in file.payload_indexes.iter().flatten() {
+            let kind: PayloadFieldType = kind
+                .parse()
+                .map_err(|m| usage(format!("[qdrant] payload_indexes.{key}: {m}")))?;
+            indexes.insert(key.clone(), kind);
+        }
+        indexes
+    };
+    let settings = CollectionSettings {
+        shard_number: args.qdrant_shard_number.or(file.shard_number),
+        replication_factor: args.qdrant_replication_factor.or(file.replication_factor),
+        write_consistency_factor: args
+            .qdrant_write_consistency_factor
+            .or(file.write_consistency_factor),
+        on_disk: args.qdrant_on_disk.or(file.on_disk),
+        on_disk_payload: args.qdrant_on_disk_payload.or(file.on_disk_payload),
+        hnsw_m: args.qdrant_hnsw_m.or(file.hnsw_m),
+        hnsw_ef_construct: args.qdrant_hnsw_ef_construct.or(file.hnsw_ef_construct),
+        quantization,
+        payload_indexes,
+    };
+    settings.validate().map_err(|e| match e {
+        IndexError::Config { message } => usage(message),
+        other => usage(other.to_string()),
+    })?;
+    Ok(settings)
+}
+
+/// `quantization` in the config file: the flag's text form, or Qdrant's own
+/// table form (`{ scalar = { type = "int8", quantile = 0.99, always_ram = true } }`,
+/// `{ binary = { always_ram = true } }`).
+fn quantization_from_file(value: &toml::Value) -> Result<Quantization, String> {
+    let table = match value {
+        toml::Value::String(text) => return text.parse(),
+        toml::Value::Table(table) => table,
+        _ => return Err("expected a string (e.g. \"scalar\") or a table".into()),
+    };
+    let mut entries = table.iter();
+    let (Some((kind, options)), None) = (entries.next(), entries.next()) else {
+        return Err("expected one of scalar, binary or none as the only key".into());
+    };
+    let toml::Value::Table(options) = options else {
+        return Err(format!(
+            "{kind}: expected a table of options, e.g. {kind} = {{}}"
+        ));
+    };
+    let bool_option = |name: &str| match options.get(name) {
+        None => Ok(None),
+        Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+        Some(_) => Err(format!("{kind}.{name} must be true or false")),
+    };
+    let allow = |names: &[&str]| match options.keys().find(|k| !names.contains(&k.as_str())) {
+        Some(unknown) => Err(format!(
+            "unknown option {kind}.{unknown} (expected {})",
+            names.join(", ")
+        )),
+        None => Ok(()),
+    };
+    match kind.as_str() {
+        "none" => {
+            allow(&[])?;
+            Ok(Quantization::None)
+        }
+        "scalar" => {
+            allow(&["type", "quantile", "always_ram"])?;
+            match options.get("type") {
+                None => {}
+                Some(toml::Value::String(t)) if t == "int8" => {}
+                Some(_) => return Err("scalar.type must be \"int8\" (the only scalar type)".into()),
+            }
+            let quantile = match options.get("quantile") {
+                None => None,
+                Some(toml::Value::Float(q)) => Some(*q as f32),
+                Some(toml::Value::Integer(q)) => Some(*q as f32),
+                Some(_) => return Err("scalar.quantile must be a number".into()),
+            };
+            Ok(Quantization::Scalar {
+                quantile,
+                always_ram: bool_option("always_ram")?,
+            })
+        }
+        "binary" => {
+            allow(&["always_ram"])?;
+            Ok(Quantization::Binary {
+                always_ram: bool_option("always_ram")?,
+            })
+        }
+        other => Err(format!(
+            "unknown quantization {other:?} (expected none, scalar or binary)"
+        )),
     }
 }
 
@@ -405,5 +719,298 @@ mod tests {
         assert_eq!(ok.dimension, Some(8));
         assert_eq!(ok.distance, Some(Distance::Dot));
         assert_eq!(ok.ingest.embed, Some(EmbedMode::Hash));
+    }
+
+    use clap::Parser;
+
+    fn resolve(flags: &[&str], toml_text: &str) -> Result<Settings, AppError> {
+        let mut argv = vec!["tandem", "--qdrant-url", "http://127.0.0.1:6334"];
+        argv.extend_from_slice(flags);
+        argv.push("stats");
+        let cli =
+            crate::cli::Cli::try_parse_from(argv).map_err(|e| AppError::Usage(e.to_string()))?;
+        let file: FileConfig =
+            toml::from_str(toml_text).map_err(|e| AppError::Usage(e.message().to_owned()))?;
+        Settings::resolve(&cli.global, file)
+    }
+
+    fn qdrant(flags: &[&str], toml_text: &str) -> CollectionSettings {
+        match resolve(flags, toml_text) {
+            Ok(Settings {
+                index:
+                    IndexTarget::Qdrant {
+                        collection_settings,
+                        ..
+                    },
+                ..
+            }) => collection_settings,
+            Ok(_) => panic!("not a Qdrant target"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn usage(flags: &[&str], toml_text: &str) -> String {
+        match resolve(flags, toml_text) {
+            Err(AppError::Usage(m)) => m,
+            Err(e) => panic!("expected a usage error, got {e}"),
+            Ok(_) => panic!("expected a usage error"),
+        }
+    }
+
+    fn embed(flags: &[&str], toml_text: &str) -> EmbedSettings {
+        match resolve(flags, toml_text) {
+            Ok(s) => s.embed,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_embed_section_is_read_and_flags_lie_over_it() {
+        let file = "[embed]\nmode = \"openai\"\nurl = \"http://h:1/v1\"\nmodel = \"m\"\n\
+                    dimensions = 384\nbatch_texts = 16\nbatch_bytes = 4096\nconcurrency = 2\n\
+                    timeout_secs = 5\nconnect_timeout_secs = 1\nretries = 3\n\
+                    max_retry_after_secs = 20\nauth_header = \"api-key\"\n";
+        let e = embed(&[], file);
+        assert_eq!(e.mode, EmbedMode::Openai);
+        assert_eq!(e.url.as_deref(), Some("http://h:1/v1"));
+        assert_eq!(e.dimensions, Some(384));
+        assert_eq!(
+            e.limits,
+            BatchLimits {
+                max_texts: 16,
+                max_bytes: 4096,
+                concurrency: 2
+            }
+        );
+        assert_eq!(e.timeout, Duration::from_secs(5));
+        assert_eq!(e.connect_timeout, Duration::from_secs(1));
+        assert_eq!(e.retry.max_attempts, 4);
+        assert_eq!(e.max_retry_after, Duration::from_secs(20));
+        assert_eq!(e.key_header, KeyHeader::ApiKey);
+        let e = embed(
+            &[
+                "--embed",
+                "hash",
+                "--embed-model",
+                "other",
+                "--embed-batch-texts",
+                "8",
+                "--embed-timeout",
+                "750ms",
+                "--embed-retries",
+                "0",
+            ],
+            file,
+        );
+        assert_eq!(e.mode, EmbedMode::Hash);
+        assert_eq!(e.model.as_deref(), Some("other"));
+        assert_eq!(e.limits.max_texts, 8);
+        assert_eq!(e.limits.concurrency, 2, "from the file");
+        assert_eq!(e.timeout, Duration::from_millis(750));
+        assert_eq!(e.retry.max_attempts, 1);
+        // The old [ingest] embed still chooses the mode, under [embed] mode.
+        assert_eq!(
+            embed(&[], "[ingest]\nembed = \"hash\"").mode,
+            EmbedMode::Hash
+        );
+        assert_eq!(embed(&[], "").mode, EmbedMode::None);
+    }
+
+    #[test]
+    fn bad_embed_settings_are_usage_errors() {
+        let m = usage(&["--embed", "openai"], "");
+        assert!(m.contains("--embed-url"), "{m}");
+        let m = usage(&["--embed", "openai", "--embed-url", "http://h/v1"], "");
+        assert!(m.contains("--embed-model"), "{m}");
+        let m = usage(&["--dim", "384", "--embed-dimensions", "512"], "");
+        assert!(
+            m.contains("(512, --embed-dimensions)") && m.contains("(384, --dim)"),
+            "{m}"
+        );
+        let m = usage(&["--embed-concurrency", "0"], "");
+        assert!(m.contains("positive"), "{m}");
+        let m = usage(&[], "[embed]\ntimeout_secs = -1");
+        assert!(m.contains("embed.timeout_secs"), "{m}");
+        let err = toml::from_str::<FileConfig>("[embed]\napi_key = \"sk-x\"").unwrap_err();
+        assert!(err.message().contains("api_key"), "{}", err.message());
+    }
+
+    const EVERY_SETTING: &str = r#"
+[qdrant]
+shard_number = 3
+replication_factor = 2
+write_consistency_factor = 2
+on_disk = true
+on_disk_payload = false
+hnsw_m = 32
+hnsw_ef_construct = 200
+quantization = "scalar:quantile=0.99,always_ram=true"
+payload_indexes = { item = "keyword", year = "integer", "in stock" = "bool" }
+"#;
+
+    #[test]
+    fn every_collection_setting_is_read_from_the_qdrant_section() {
+        let s = qdrant(&[], EVERY_SETTING);
+        let expected = CollectionSettings::new()
+            .with_shard_number(3)
+            .with_replication_factor(2)
+            .with_write_consistency_factor(2)
+            .with_on_disk(true)
+            .with_on_disk_payload(false)
+            .with_hnsw_m(32)
+            .with_hnsw_ef_construct(200)
+            .with_quantization(Quantization::Scalar {
+                quantile: Some(0.99),
+                always_ram: Some(true),
+            })
+            .with_payload_index("item", PayloadFieldType::Keyword)
+            .with_payload_index("year", PayloadFieldType::Integer)
+            .with_payload_index("in stock", PayloadFieldType::Bool);
+        assert_eq!(s, expected);
+        // Nothing set: Qdrant's defaults, nothing checked.
+        assert!(qdrant(&[], "").is_default());
+    }
+
+    #[test]
+    fn flags_lie_over_the_qdrant_section() {
+        let s = qdrant(
+            &[
+                "--qdrant-shard-number",
+                "6",
+                "--qdrant-on-disk-payload",
+                "true",
+                "--qdrant-quantization",
+                "binary",
+                "--qdrant-payload-index",
+                "color=keyword,size=float",
+                "--qdrant-payload-index",
+                "a=b=uuid",
+            ],
+            EVERY_SETTING,
+        );
+        assert_eq!(s.shard_number, Some(6));
+        assert_eq!(s.on_disk_payload, Some(true));
+        assert_eq!(s.quantization, Some(Quantization::binary()));
+        // The flags' payload indexes replace the file's.
+        let keys: Vec<_> = s
+            .payload_indexes
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a=b", PayloadFieldType::Uuid),
+                ("color", PayloadFieldType::Keyword),
+                ("size", PayloadFieldType::Float)
+            ]
+        );
+        // What no flag sets comes from the file.
+        assert_eq!(s.replication_factor, Some(2));
+        assert_eq!(s.hnsw_m, Some(32));
+    }
+
+    #[test]
+    fn quantization_takes_qdrants_table_form_too() {
+        let cases = [
+            ("\"none\"", Quantization::None),
+            ("{ none = {} }", Quantization::None),
+            ("\"scalar\"", Quantization::scalar()),
+            ("{ scalar = {} }", Quantization::scalar()),
+            (
+                "{ scalar = { type = \"int8\", quantile = 0.95, always_ram = false } }",
+                Quantization::Scalar {
+                    quantile: Some(0.95),
+                    always_ram: Some(false),
+                },
+            ),
+            (
+                "{ scalar = { quantile = 1 } }",
+                Quantization::Scalar {
+                    quantile: Some(1.0),
+                    always_ram: None,
+                },
+            ),
+            (
+                "{ binary = { always_ram = true } }",
+                Quantization::Binary {
+                    always_ram: Some(true),
+                },
+            ),
+        ];
+        for (value, expected) in cases {
+            let s = qdrant(&[], &format!("[qdrant]\nquantization = {value}"));
+            assert_eq!(s.quantization, Some(expected), "{value}");
+        }
+        // The section form of the same.
+        let s = qdrant(&[], "[qdrant.quantization.scalar]\nquantile = 0.99\n");
+        assert_eq!(
+            s.quantization,
+            Some(Quantization::Scalar {
+                quantile: Some(0.99),
+                always_ram: None
+            })
+        );
+    }
+
+    #[test]
+    fn bad_collection_settings_are_usage_errors_naming_the_setting() {
+        for (toml_text, needle) in [
+            (
+                "[qdrant]\nquantization = \"product\"",
+                "[qdrant] quantization",
+            ),
+            (
+                "[qdrant]\nquantization = { scalar = { bits = 8 } }",
+                "scalar.bits",
+            ),
+            (
+                "[qdrant]\nquantization = { scalar = { type = \"int4\" } }",
+                "int8",
+            ),
+            (
+                "[qdrant]\nquantization = { scalar = {}, binary = {} }",
+                "only key",
+            ),
+            (
+                "[qdrant]\nquantization = { binary = { always_ram = 1 } }",
+                "true or false",
+            ),
+            ("[qdrant]\nquantization = 3", "a string"),
+            (
+                "[qdrant]\npayload_indexes = { year = \"number\" }",
+                "payload_indexes.year",
+            ),
+            ("[qdrant]\nshard_number = 0", "`shard_number`"),
+            ("[qdrant]\nreplication_factor = 0", "`replication_factor`"),
+            (
+                "[qdrant]\nreplication_factor = 2\nwrite_consistency_factor = 3",
+                "`write_consistency_factor`",
+            ),
+            ("[qdrant]\nhnsw_ef_construct = 2", "`hnsw_ef_construct`"),
+            (
+                "[qdrant]\nquantization = \"scalar:quantile=0.2\"",
+                "[0.5, 1]",
+            ),
+            (
+                "[qdrant]\npayload_indexes = { \"\" = \"keyword\" }",
+                "`payload_indexes`",
+            ),
+        ] {
+            let m = usage(&[], toml_text);
+            assert!(m.contains(needle), "{toml_text}: {m}");
+        }
+        // Flags are checked by clap, and the settings once more as a whole.
+        let m = usage(&["--qdrant-quantization", "scalar:bits=8"], "");
+        assert!(m.contains("bits"), "{m}");
+        let m = usage(&["--qdrant-payload-index", "year"], "");
+        assert!(m.contains("KEY=TYPE"), "{m}");
+        let m = usage(&["--qdrant-on-disk", "yes"], "");
+        assert!(m.contains("--qdrant-on-disk"), "{m}");
+        let m = usage(&["--qdrant-write-consistency-factor", "2"], "");
+        assert!(m.contains("`write_consistency_factor`"), "{m}");
+        // An unknown key in the section is refused as everywhere.
+        let err = toml::from_str::<FileConfig>("[qdrant]\nshards = 3").unwrap_err();
+        assert!(err.message().contains("shards"), "{}", err.message());
     }
 }

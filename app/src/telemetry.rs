@@ -86,7 +86,9 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<(), AppError> {
     Ok(())
 }
 
-fn describe_metrics() {
+/// Describes every metric the coordinator and the tool record (the `# HELP`
+/// lines of `/metrics`).
+pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "tandem_commits_total",
@@ -98,7 +100,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "tandem_compensations_total",
-        "Index points deleted after a failed write"
+        "Rolled-back upserts whose new index points were all deleted (one per call, not per point)"
     );
     describe_counter!(
         "tandem_recovered_intents_total",
@@ -116,9 +118,29 @@ fn describe_metrics() {
         "tandem_deferred_cleanup_points_total",
         "Superseded or deleted points whose removal was left to recovery"
     );
+    describe_counter!(
+        "tandem_embed_retries_total",
+        "Embedding requests attempted again after a retryable error (rate limited, unavailable)"
+    );
+    describe_counter!(
+        "tandem_sagas_started_total",
+        "Sagas whose journal entry was written"
+    );
+    describe_counter!(
+        "tandem_sagas_total",
+        "Sagas that ended, by outcome (done, compensated, failed)"
+    );
+    describe_counter!(
+        "tandem_saga_steps_total",
+        "Saga step events, by kind (tandem, action) and outcome (done, compensated, failed)"
+    );
+    describe_counter!(
+        "tandem_late_write_guards_total",
+        "Index writes with an attempt that may still land, whose points were named in a guard intent"
+    );
     describe_gauge!(
         "tandem_pending_intents",
-        "Unresolved intents at the last verify or stats"
+        "Unresolved intents at the last verify, stats or service probe"
     );
     describe_histogram!(
         "tandem_phase_seconds",
@@ -133,4 +155,123 @@ fn describe_metrics() {
         "tandem_ingest_batches_total",
         "Batches handled by tandem ingest, by outcome"
     );
+    describe_counter!(
+        "tandem_ingest_batch_retries_total",
+        "Retries of whole batches by tandem ingest, under the batch's idempotency key"
+    );
+}
+
+/// Describes the metrics only `tandem serve` records.
+pub fn describe_service_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "tandem_http_requests_total",
+        "HTTP requests answered, by route, method and status"
+    );
+    describe_histogram!(
+        "tandem_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to answer an HTTP request, by route"
+    );
+    describe_counter!(
+        "tandem_background_runs_total",
+        "Runs of a background task (recover, verify step, repair), by task"
+    );
+    describe_counter!(
+        "tandem_background_failures_total",
+        "Failed runs of a background task, by task"
+    );
+    describe_gauge!(
+        "tandem_expired_intents",
+        "Unresolved intents whose lease has ended (recovery's backlog), at the last probe"
+    );
+    describe_gauge!(
+        "tandem_oldest_intent_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest unresolved intent at the last probe (0: none)"
+    );
+    describe_gauge!(
+        "tandem_lease_seconds",
+        metrics::Unit::Seconds,
+        "The coordinator's lease: an intent older than this has lost its writer"
+    );
+    describe_gauge!(
+        "tandem_store_up",
+        "1 when the store answered the last probe (schema or collection present), else 0, by store"
+    );
+    describe_counter!(
+        "tandem_verify_passes_total",
+        "Completed passes of the rolling verification over the whole store"
+    );
+    describe_gauge!(
+        "tandem_verify_inconsistent_scopes",
+        "Scopes whose last verification found missing or orphan points"
+    );
+    describe_gauge!(
+        "tandem_verify_missing_points",
+        "Rows without their point, found by the last verification pass"
+    );
+    describe_gauge!(
+        "tandem_verify_orphan_points",
+        "Points without a row or intent, found by the last verification pass"
+    );
+}
+
+/// Registers, at zero, every metric whose label values are known in advance,
+/// so that `/metrics` lists them from the start (an absent series breaks
+/// `rate()` and alerts; a zero does not). Labels that name a call or a route
+/// appear with their first use.
+pub fn register_metrics() {
+    for op in ["upsert", "delete", "transaction"] {
+        metrics::counter!("tandem_commits_total", "op" => op).absolute(0);
+        metrics::counter!("tandem_rollbacks_total", "op" => op).absolute(0);
+    }
+    for settled in ["committed", "not_committed", "unknown"] {
+        metrics::counter!("tandem_ambiguous_commits_total", "settled" => settled).absolute(0);
+    }
+    for name in [
+        "tandem_compensations_total",
+        "tandem_recovered_intents_total",
+        "tandem_deferred_cleanup_points_total",
+        "tandem_late_write_guards_total",
+        "tandem_verify_passes_total",
+        "tandem_sagas_started_total",
+        "tandem_embed_retries_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for outcome in ["done", "compensated", "failed"] {
+        metrics::counter!("tandem_sagas_total", "outcome" => outcome).absolute(0);
+        for kind in ["tandem", "action"] {
+            metrics::counter!("tandem_saga_steps_total", "kind" => kind, "outcome" => outcome)
+                .absolute(0);
+        }
+    }
+    for task in ["recover", "verify", "repair"] {
+        metrics::counter!("tandem_background_runs_total", "task" => task).absolute(0);
+        metrics::counter!("tandem_background_failures_total", "task" => task).absolute(0);
+    }
+    for name in [
+        "tandem_pending_intents",
+        "tandem_expired_intents",
+        "tandem_oldest_intent_age_seconds",
+        "tandem_verify_inconsistent_scopes",
+        "tandem_verify_missing_points",
+        "tandem_verify_orphan_points",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+    for (op, phase) in [
+        ("upsert", "prepare"),
+        ("upsert", "index_write"),
+        ("upsert", "commit"),
+        ("delete", "prepare"),
+        ("delete", "commit"),
+        ("write", "cleanup"),
+        ("search", "index"),
+        ("search", "guard"),
+    ] {
+        // A registered histogram renders (empty) without a sample.
+        let _ = metrics::histogram!("tandem_phase_seconds", "op" => op, "phase" => phase);
+    }
 }

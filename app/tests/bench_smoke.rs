@@ -98,22 +98,29 @@ fn check_run(run: &Value, backend: &str, latency_ms: f64) -> usize {
     }
     for b in BATCHES {
         let raw = case(run, "upsert", "raw", Some(b));
+        let overlapped = case(run, "upsert", "raw-overlapped", Some(b));
         let naive = case(run, "upsert", "naive", Some(b));
         let tandem = case(run, "upsert", "tandem", Some(b));
         // Every protocol wrote the same records.
         assert_eq!(raw["items"], naive["items"]);
+        assert_eq!(raw["items"], overlapped["items"]);
         assert_eq!(raw["items"], tandem["items"]);
-        // raw: BEGIN, insert, COMMIT; naive: 3 per record + BEGIN, COMMIT;
-        // tandem: prepare, commit, resolve. One index call each.
+        // raw and raw-overlapped: BEGIN, insert, COMMIT; naive: 3 per record
+        // + BEGIN, COMMIT; tandem: prepare, commit, resolve. One index call
+        // each.
         assert_eq!(num(raw, "metadata_calls_per_batch"), 3.0);
+        assert_eq!(num(overlapped, "metadata_calls_per_batch"), 3.0);
         assert_eq!(num(naive, "metadata_calls_per_batch"), (3 * b + 2) as f64);
         assert_eq!(num(tandem, "metadata_calls_per_batch"), 3.0);
-        for c in [raw, naive, tandem] {
+        for c in [raw, overlapped, naive, tandem] {
             assert_eq!(num(c, "index_calls_per_batch"), 1.0, "{c:#}");
         }
         assert!(tandem["vs_raw"]["median"].is_number());
         assert!(tandem["vs_naive"]["median"].is_number());
+        assert!(tandem["vs_raw_overlapped"]["median"].is_number());
+        assert!(overlapped["vs_raw"]["median"].is_number());
         assert!(raw["vs_raw"].is_null());
+        assert!(overlapped["vs_raw_overlapped"].is_null());
         let deleted = case(run, "delete_ids", "tandem", Some(b));
         assert_eq!(num(deleted, "metadata_calls_per_batch"), 3.0);
     }
@@ -183,9 +190,9 @@ fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 1);
     let cases = check_run(&runs[0], "embedded", 0.0);
-    // 3 protocols × 2 batch sizes, 2 × 2 searches, verify, 2 deletes by ids,
+    // 4 protocols × 2 batch sizes, 2 × 2 searches, verify, 2 deletes by ids,
     // delete by scope, recover.
-    assert_eq!(cases, 6 + 4 + 1 + 2 + 1 + 1);
+    assert_eq!(cases, 8 + 4 + 1 + 2 + 1 + 1);
     // The embedded stores lived in the work dir and are gone.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

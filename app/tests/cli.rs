@@ -41,6 +41,12 @@ fn tandem(cwd: &Path) -> Command {
         "TANDEM_CONFIG",
         "TANDEM_DATA_DIR",
         "TANDEM_METRICS_ADDR",
+        "TANDEM_EMBED",
+        "TANDEM_EMBED_URL",
+        "TANDEM_EMBED_MODEL",
+        "TANDEM_EMBED_DIMENSIONS",
+        "TANDEM_EMBED_API_KEY",
+        "OPENAI_API_KEY",
         "RUST_LOG",
     ] {
         c.env_remove(var);
@@ -844,4 +850,163 @@ fn failures_under_json_are_json_on_stdout_too() {
     let r = s.memory(&["ingest", f.to_str().unwrap(), "--json"]);
     assert_eq!(r.code, 2);
     assert_eq!(r.json()["ok"], false);
+}
+
+// ------------------------------------------------------- atomic ingest, sagas
+
+/// `ingest --atomic --json` in the sandbox: the run and its summary.
+fn atomic_ingest(s: &Sandbox, input: &str, extra: &[&str]) -> (Run, Value) {
+    let f = s.write("atomic.jsonl", input);
+    let mut args = vec![
+        "ingest",
+        f.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--atomic",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let r = s.embedded(&args);
+    let v = r.json();
+    (r, v)
+}
+
+/// Every record the guarded search returns, by id.
+fn all_hits(s: &Sandbox) -> std::collections::BTreeMap<String, Value> {
+    let r = s.embedded(&[
+        "search",
+        "--vector",
+        "[1, 1, 0.5, 1]",
+        "-k",
+        "1000",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["id"].as_str().unwrap().to_owned(), h.clone()))
+        .collect()
+}
+
+#[test]
+fn atomic_ingest_stands_whole_as_one_done_saga() {
+    let s = Sandbox::new();
+    let (r, v) = atomic_ingest(&s, &lines(1..=5, "books"), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(v["inserted"], 5);
+    assert_eq!(v["saga"]["state"], "done");
+    let saga = v["saga"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(counts(&s), (5, 5, 0));
+
+    // The journal shows it, with one step per batch.
+    let r = s.embedded(&["saga", "show", &saga, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let shown = r.json();
+    assert_eq!(shown["name"], "tandem.ingest");
+    assert_eq!(shown["state"], "done");
+    let steps = shown["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 3, "{shown}");
+    assert!(steps.iter().all(|s| s["state"] == "done"), "{shown}");
+    let r = s.embedded(&["saga", "list", "--state", "done", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let listed = r.json();
+    assert!(
+        listed.as_array().unwrap().iter().any(|s| s["id"] == saga),
+        "{listed}"
+    );
+    let r = s.embedded(&["saga", "list", "--state", "running", "--json"]);
+    assert_eq!(r.json().as_array().unwrap().len(), 0);
+
+    // A finished saga cannot be aborted; an unknown one is not found.
+    let r = s.embedded(&["saga", "abort", &saga]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("cannot abort"), "{}", r.stderr);
+    assert_eq!(counts(&s), (5, 5, 0));
+    let r = s.embedded(&["saga", "show", "00000000-0000-4000-8000-000000000000"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let r = s.embedded(&["saga", "show", "not-a-uuid"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+#[test]
+fn atomic_ingest_with_a_bad_line_leaves_nothing_in_either_store() {
+    let s = Sandbox::new();
+    // Batches 1 and 2 are valid and written first; line 6 is not.
+    let mut input = lines(1..=5, "books");
+    input.push_str(r#"{"scope":"books","vector":[1,2,3]}"#);
+    input.push('\n');
+    input.push_str(&lines(7..=8, "books"));
+    let (r, v) = atomic_ingest(&s, &input, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("line 6"), "{}", r.stderr);
+    assert!(r.stderr.contains("undone"), "{}", r.stderr);
+    assert_eq!(v["saga"]["state"], "compensated", "{v}");
+    // Unlike a plain ingest (batches 1 and 2 would stand), nothing does.
+    assert_eq!(counts(&s), (0, 0, 0));
+    let r = s.embedded(&["verify", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["consistent"], true);
+    let r = s.embedded(&["saga", "list", "--state", "compensated", "--json"]);
+    assert_eq!(r.json().as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn atomic_ingest_leaves_records_it_did_not_touch_alone_when_undone() {
+    let s = Sandbox::new();
+    let first = s.write("first.jsonl", &lines(1..=4, "books"));
+    let r = s.embedded(&["ingest", first.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Updates record 1 and 2, inserts 9, then fails: 1 and 2 are restored.
+    let mut input = String::new();
+    for n in [1, 2, 9] {
+        input.push_str(&line(n, "books", "changed"));
+        input.push('\n');
+    }
+    input.push_str("{oops\n");
+    let (r, v) = atomic_ingest(&s, &input, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("line 4"), "{}", r.stderr);
+    assert_eq!(v["saga"]["state"], "compensated", "{v}");
+    assert_eq!(counts(&s), (4, 4, 0));
+    let hits = all_hits(&s);
+    assert_eq!(hits.len(), 4, "{hits:?}");
+    assert_eq!(hits[&id(1)]["metadata"]["item"], "item-1", "{hits:?}");
+    assert_eq!(hits[&id(2)]["metadata"]["item"], "item-0", "{hits:?}");
+    assert!(!hits.contains_key(&id(9)), "{hits:?}");
+    let r = s.embedded(&["verify", "--json"]);
+    assert_eq!(r.json()["consistent"], true);
+}
+
+#[test]
+fn replace_scope_deletes_what_the_input_did_not_write_and_only_that_scope() {
+    let s = Sandbox::new();
+    let mut before = lines(1..=6, "books");
+    before.push_str(&lines(20..=21, "films"));
+    let f = s.write("before.jsonl", &before);
+    let r = s.embedded(&["ingest", f.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(counts(&s), (8, 8, 0));
+
+    // The new catalog of `books`: 1-3 again and 7; 4-6 are gone.
+    let mut input = lines(1..=3, "books");
+    input.push_str(&line(7, "books", "new"));
+    input.push('\n');
+    let (r, v) = atomic_ingest(&s, &input, &["--replace-scope", "books"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(v["saga"]["state"], "done", "{v}");
+    assert_eq!(v["saga"]["replaced_deleted"], 3, "{v}");
+    assert_eq!(counts(&s), (6, 6, 0));
+    let hits = all_hits(&s);
+    let ids: Vec<&str> = hits.keys().map(String::as_str).collect();
+    let want = [id(1), id(2), id(3), id(7), id(20), id(21)];
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = s.embedded(&["verify", "--json"]);
+    assert_eq!(r.json()["consistent"], true);
+
+    // --replace-scope means nothing without --atomic: a usage error.
+    let f = s.write("x.jsonl", &lines(1..=1, "books"));
+    let r = s.embedded(&["ingest", f.to_str().unwrap(), "--replace-scope", "books"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
 }

@@ -10,8 +10,9 @@ use super::report::Run;
 const PANEL: (u32, u32) = (520, 360);
 
 /// Each protocol's line colour.
-const COLORS: [(&str, RGBColor); 3] = [
+const COLORS: [(&str, RGBColor); 4] = [
     ("raw", RGBColor(31, 119, 180)),
+    ("raw-overlapped", RGBColor(148, 103, 189)),
     ("naive", RGBColor(214, 39, 40)),
     ("tandem", RGBColor(44, 160, 44)),
 ];
@@ -127,7 +128,12 @@ mod tests {
     #[test]
     fn draws_one_line_per_protocol() {
         let mut cases = Vec::new();
-        for (proto, base) in [("raw", 1000.0), ("naive", 100.0), ("tandem", 900.0)] {
+        for (proto, base) in [
+            ("raw", 1000.0),
+            ("raw-overlapped", 1200.0),
+            ("naive", 100.0),
+            ("tandem", 900.0),
+        ] {
             for b in [1usize, 10, 100] {
                 let pass = Pass {
                     items: (base * b as f64) as u64,
@@ -161,7 +167,7 @@ mod tests {
         throughput_svg(&[run], &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..50.min(svg.len())]);
-        for label in ["raw", "naive", "tandem", "embedded, dim 8"] {
+        for label in ["raw-overlapped", "naive", "tandem", "embedded, dim 8"] {
             assert!(svg.contains(label), "{label} missing");
         }
         // Per protocol: its line and its legend mark, and one dot per batch size.

@@ -1,16 +1,19 @@
-//! Port wrappers that count the calls the coordinator makes, so the report can
-//! show metadata round trips and index calls per batch.
+//! Port wrappers that count and time the calls the coordinator makes, so the
+//! report can show metadata round trips and index calls per batch, and where a
+//! batch's time goes.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tandem_core::{
-    DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError, IndexGate, IndexQuery,
-    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, Point, PointId,
-    PointInfo, RecordId, RowRef, RowWrite, Scope, ScoredPoint, Settlement, StoredRecord,
-    UpsertCommit, VectorIndex,
+    ConnectionType, DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError,
+    IndexGate, IndexQuery, Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken,
+    Page, Point, PointId, PointInfo, RecordId, RowRef, RowWrite, SagaCounts, SagaId, SagaRecord,
+    SagaState, Scope, ScoredPoint, Settlement, StoredRecord, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit, VectorIndex,
 };
 
 /// Calls counted so far. Cheap to read at any time; the runner takes the
@@ -19,6 +22,44 @@ use tandem_core::{
 pub struct Counters {
     metadata: AtomicU64,
     index: AtomicU64,
+    profile: Mutex<Profile>,
+}
+
+/// Per kind of call (`metadata.prepare`, `index.upsert`, `sql.commit`, ...):
+/// how many ended and their summed wall time in nanoseconds. Calls that
+/// overlap (a gated commit and the index write) each count their own time.
+pub type Profile = BTreeMap<&'static str, (u64, u64)>;
+
+/// What happened in `now` since `earlier` (both readings of one [`Counters`]).
+pub fn profile_since(now: &Profile, earlier: &Profile) -> Profile {
+    now.iter()
+        .map(|(k, (n, ns))| {
+            let (n0, ns0) = earlier.get(k).copied().unwrap_or_default();
+            (*k, (n.saturating_sub(n0), ns.saturating_sub(ns0)))
+        })
+        .filter(|(_, (n, _))| *n > 0)
+        .collect()
+}
+
+/// Times one call until dropped (so also when its future is dropped early).
+pub struct Timed<'a> {
+    counters: &'a Counters,
+    what: &'static str,
+    started: Instant,
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut p = self
+            .counters
+            .profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let e = p.entry(self.what).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(ns);
+    }
 }
 
 /// A reading of [`Counters`].
@@ -49,13 +90,32 @@ impl Counters {
         }
     }
 
-    /// One metadata round trip (a port call, or one SQL statement of a baseline).
-    pub fn metadata_call(&self) {
-        self.metadata.fetch_add(1, Ordering::Relaxed);
+    /// The time spent so far, per kind of call.
+    pub fn profile(&self) -> Profile {
+        self.profile
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
-    fn index_call(&self) {
+    /// One metadata round trip (a port call, or one SQL statement of a
+    /// baseline) named `what`, timed until the guard drops.
+    pub fn metadata_call(&self, what: &'static str) -> Timed<'_> {
+        self.metadata.fetch_add(1, Ordering::Relaxed);
+        self.timed(what)
+    }
+
+    fn index_call(&self, what: &'static str) -> Timed<'_> {
         self.index.fetch_add(1, Ordering::Relaxed);
+        self.timed(what)
+    }
+
+    fn timed(&self, what: &'static str) -> Timed<'_> {
+        Timed {
+            counters: self,
+            what,
+            started: Instant::now(),
+        }
     }
 }
 
@@ -88,7 +148,7 @@ impl<V> CountingIndex<V> {
 #[async_trait]
 impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
     async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.prepare");
         self.inner.prepare(intent).await
     }
     async fn commit_upsert(
@@ -98,7 +158,7 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         rows: &[RowWrite],
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<UpsertCommit, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.commit_upsert");
         self.inner
             .commit_upsert(intent, owner, rows, idempotency)
             .await
@@ -111,7 +171,7 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         idempotency: Option<&IdempotencyRecord>,
         gate: &IndexGate,
     ) -> Result<UpsertCommit, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.commit_upsert_gated");
         self.inner
             .commit_upsert_gated(intent, owner, rows, idempotency, gate)
             .await
@@ -123,10 +183,75 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         selector: &DeleteSelector,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<DeleteCommit, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.commit_delete");
         self.inner
             .commit_delete(intent, owner, selector, idempotency)
             .await
+    }
+    fn commit_step_connection(&self) -> Option<ConnectionType> {
+        self.inner.commit_step_connection()
+    }
+    async fn commit_transaction(
+        &self,
+        intent: IntentId,
+        owner: OwnerToken,
+        commit: &TransactionCommit<'_>,
+        idempotency: Option<&IdempotencyRecord>,
+        gate: &IndexGate,
+    ) -> Result<TransactionCommitResult, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.commit_transaction");
+        self.inner
+            .commit_transaction(intent, owner, commit, idempotency, gate)
+            .await
+    }
+    async fn undo_images(&self, intent: IntentId) -> Result<Vec<UndoImage>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.undo_images");
+        self.inner.undo_images(intent).await
+    }
+    async fn saga_save(
+        &self,
+        saga: &SagaRecord,
+        fence: Option<OwnerToken>,
+    ) -> Result<Vec<Intent>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_save");
+        self.inner.saga_save(saga, fence).await
+    }
+    async fn saga_claim(
+        &self,
+        now_ms: i64,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_claim");
+        self.inner
+            .saga_claim(now_ms, owner, lease_deadline_ms, limit)
+            .await
+    }
+    async fn saga_take(
+        &self,
+        id: SagaId,
+        owner: OwnerToken,
+        lease_deadline_ms: i64,
+    ) -> Result<Option<SagaRecord>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_take");
+        self.inner.saga_take(id, owner, lease_deadline_ms).await
+    }
+    async fn saga_get(&self, id: SagaId) -> Result<Option<SagaRecord>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_get");
+        self.inner.saga_get(id).await
+    }
+    async fn saga_list(
+        &self,
+        state: Option<SagaState>,
+        limit: usize,
+    ) -> Result<Vec<SagaRecord>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_list");
+        self.inner.saga_list(state, limit).await
+    }
+    async fn saga_counts(&self) -> Result<SagaCounts, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.saga_counts");
+        self.inner.saga_counts().await
     }
     async fn settle(
         &self,
@@ -134,12 +259,20 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         owner: OwnerToken,
         fence: OwnerToken,
     ) -> Result<Settlement, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.settle");
         self.inner.settle(intent, owner, fence).await
     }
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.resolve");
         self.inner.resolve(intent, owner).await
+    }
+    async fn resolve_many(
+        &self,
+        intents: &[IntentId],
+        owner: OwnerToken,
+    ) -> Result<usize, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.resolve_many");
+        self.inner.resolve_many(intents, owner).await
     }
     async fn claim_expired(
         &self,
@@ -148,7 +281,7 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         lease_deadline_ms: i64,
         limit: usize,
     ) -> Result<Vec<Intent>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.claim_expired");
         self.inner
             .claim_expired(now_ms, owner, lease_deadline_ms, limit)
             .await
@@ -159,29 +292,29 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         owner: OwnerToken,
         message: &str,
     ) -> Result<(), MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.record_failure");
         self.inner.record_failure(intent, owner, message).await
     }
     async fn referenced_points(
         &self,
         points: &[PointId],
     ) -> Result<HashSet<PointId>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.referenced_points");
         self.inner.referenced_points(points).await
     }
     async fn rows_by_points(&self, points: &[PointId]) -> Result<Vec<StoredRecord>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.rows_by_points");
         self.inner.rows_by_points(points).await
     }
     async fn get(&self, ids: &[RecordId]) -> Result<Vec<StoredRecord>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.get");
         self.inner.get(ids).await
     }
     async fn lookup_idempotency(
         &self,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.lookup_idempotency");
         self.inner.lookup_idempotency(key).await
     }
     async fn scan_refs(
@@ -190,15 +323,15 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Page<RowRef, RecordId>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.scan_refs");
         self.inner.scan_refs(scope, after, limit).await
     }
     async fn list_intents(&self, limit: usize) -> Result<Vec<Intent>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.list_intents");
         self.inner.list_intents(limit).await
     }
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("metadata.count_by_scope");
         self.inner.count_by_scope().await
     }
 }
@@ -212,23 +345,23 @@ impl<V: VectorIndex> VectorIndex for CountingIndex<V> {
         self.inner.distance()
     }
     async fn upsert(&self, points: &[Point]) -> Result<(), IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.upsert");
         self.inner.upsert(points).await
     }
     async fn delete(&self, ids: &[PointId]) -> Result<(), IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.delete");
         self.inner.delete(ids).await
     }
     async fn retrieve(&self, ids: &[PointId]) -> Result<Vec<PointInfo>, IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.retrieve");
         self.inner.retrieve(ids).await
     }
     async fn search(&self, query: &IndexQuery) -> Result<Vec<ScoredPoint>, IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.search");
         self.inner.search(query).await
     }
     async fn count(&self, scope: Option<&Scope>) -> Result<u64, IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.count");
         self.inner.count(scope).await
     }
     async fn scroll(
@@ -237,7 +370,7 @@ impl<V: VectorIndex> VectorIndex for CountingIndex<V> {
         offset: Option<PointId>,
         limit: usize,
     ) -> Result<Page<PointInfo, PointId>, IndexError> {
-        self.counters.index_call();
+        let _t = self.counters.index_call("index.scroll");
         self.inner.scroll(scope, offset, limit).await
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 
 use super::counting::{Counters, CountingIndex, CountingRepo};
 use super::proxy::{LatencyProxy, ProxyStats};
-use super::sql::{self, Ident, SqlSession};
+use super::sql::{self, Ident, RawTable, SqlSession};
 use crate::error::AppError;
 
 /// The metadata store, whichever it is.
@@ -73,6 +73,8 @@ pub struct Env {
     pub tandem_counters: Arc<Counters>,
     /// The raw dual write.
     pub raw: Baseline,
+    /// The raw dual write, both stores at once.
+    pub raw_overlapped: Baseline,
     /// The naive protocol.
     pub naive: Baseline,
     /// Turns across the metadata proxy.
@@ -133,6 +135,14 @@ async fn through_proxy(
     Ok((u.to_string(), proxy))
 }
 
+/// raw, raw-overlapped and naive, in the order they were opened.
+fn three(baselines: Vec<Baseline>) -> [Baseline; 3] {
+    match <[Baseline; 3]>::try_from(baselines) {
+        Ok(b) => b,
+        Err(_) => unreachable!("three baselines are opened"),
+    }
+}
+
 fn coordinator(
     repo: Repo,
     index: Index,
@@ -185,8 +195,10 @@ impl Env {
         let counters = Arc::new(Counters::default());
         let tandem = coordinator(repo, edge("tandem-index").await?, &counters, spec.config)?;
         let mut baselines = Vec::new();
+        // Files of their own: raw-overlapped uses its file's raw_records.
         for (db, index) in [
             ("raw.sqlite3", "raw-index"),
+            ("raw-overlapped.sqlite3", "raw-overlapped-index"),
             ("naive.sqlite3", "naive-index"),
         ] {
             let c = Arc::new(Counters::default());
@@ -201,12 +213,12 @@ impl Env {
                 counters: c,
             });
         }
-        let naive = baselines.pop().expect("two baselines");
-        let raw = baselines.pop().expect("two baselines");
+        let [raw, raw_overlapped, naive] = three(baselines);
         Ok(Env {
             tandem,
             tandem_counters: counters,
             raw,
+            raw_overlapped,
             naive,
             metadata_wire: None,
             index_wire: None,
@@ -290,11 +302,13 @@ impl Env {
             spec.config,
         )?;
         let mut baselines = Vec::new();
-        for name in &collections[1..] {
+        let tables = [RawTable::Raw, RawTable::Overlapped, RawTable::Raw];
+        for (name, table) in collections[1..].iter().zip(tables) {
             let c = Arc::new(Counters::default());
             let mut sessions = Vec::new();
             for _ in 0..spec.concurrency {
-                let s = sql::PgSession::connect(&pg_url, &names.base_schema, c.clone()).await?;
+                let s =
+                    sql::PgSession::connect(&pg_url, &names.base_schema, table, c.clone()).await?;
                 sessions.push(Mutex::new(Box::new(s) as Box<dyn SqlSession>));
             }
             baselines.push(Baseline {
@@ -303,22 +317,27 @@ impl Env {
                 counters: c,
             });
         }
-        let naive = baselines.pop().expect("two baselines");
-        let raw = baselines.pop().expect("two baselines");
+        let [raw, raw_overlapped, naive] = three(baselines);
         let round_trip_ms = if spec.latency.is_zero() {
             None
         } else {
             Some(
-                sql::PgSession::connect(&pg_url, &names.base_schema, Arc::new(Counters::default()))
-                    .await?
-                    .ping_ms(21)
-                    .await?,
+                sql::PgSession::connect(
+                    &pg_url,
+                    &names.base_schema,
+                    RawTable::Raw,
+                    Arc::new(Counters::default()),
+                )
+                .await?
+                .ping_ms(21)
+                .await?,
             )
         };
         Ok(Env {
             tandem,
             tandem_counters: counters,
             raw,
+            raw_overlapped,
             naive,
             metadata_wire: proxies.first().map(LatencyProxy::stats),
             index_wire: proxies.get(1).map(LatencyProxy::stats),
@@ -370,7 +389,7 @@ impl Env {
 struct ServerNames {
     tandem_schema: Ident,
     base_schema: Ident,
-    collections: [String; 3],
+    collections: [String; 4],
 }
 
 impl ServerNames {
@@ -379,7 +398,8 @@ impl ServerNames {
         Ok(Self {
             tandem_schema: namespace.clone(),
             base_schema: Ident::new(&format!("{ns}_base"))?,
-            collections: ["tandem", "raw", "naive"].map(|p| format!("{ns}_{p}_d{dim}")),
+            collections: ["tandem", "raw", "raw_overlapped", "naive"]
+                .map(|p| format!("{ns}_{p}_d{dim}")),
         })
     }
 }

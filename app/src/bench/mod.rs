@@ -2,25 +2,25 @@
 //! and the naive compensation protocol, on the same data and the same stores.
 //!
 //! Per run (backend × added latency × dimension) it measures, interleaved and
-//! repeated: raw / naive / tandem upsert per batch size; guarded search vs raw
+//! repeated: raw / raw-overlapped / naive / tandem upsert per batch size; guarded search vs raw
 //! index search (k = 10, without and with a scope filter); verify of a whole
 //! scope; tandem delete by ids and by scope; recovery of a backlog of expired
 //! intents. See `docs/performance.md` for the cost model and the results.
 //!
 //! - [`counting`]: port wrappers counting metadata and index calls;
 //! - [`proxy`]: the TCP proxy that adds one-way latency and counts turns;
-//! - [`protocols`] and [`sql`]: the raw and naive baselines, on tables and
-//!   collections of their own;
+//! - [`protocols`] and [`sql`]: the raw, raw-overlapped and naive baselines,
+//!   on tables and collections of their own;
 //! - [`env`]: fresh stores per run; [`run`]: the cases; [`report`], [`chart`]:
 //!   tables, Markdown, JSON and the SVG chart.
 
 mod chart;
 mod counting;
-mod data;
+pub mod data;
 mod env;
 mod protocols;
 mod proxy;
-mod report;
+pub mod report;
 mod rss;
 mod run;
 mod sql;
@@ -112,6 +112,21 @@ pub struct BenchArgs {
     /// Expired intents in the recovery backlog (each names 10 garbage points).
     #[arg(long, default_value_t = 300, value_name = "N")]
     pub backlog: usize,
+
+    /// Points per index call of Tandem's writes (`Limits::index_chunk`;
+    /// default: the coordinator's). The baselines send a batch in one request.
+    #[arg(long, value_name = "N")]
+    pub index_chunk: Option<usize>,
+
+    /// Index calls of one Tandem batch in flight at once
+    /// (`Limits::index_parallelism`; default: the coordinator's).
+    #[arg(long, value_name = "N")]
+    pub index_parallelism: Option<usize>,
+
+    /// Intents recovery claims and handles per batch
+    /// (`CoordinatorConfig::recovery_batch`; default: the coordinator's).
+    #[arg(long, value_name = "N")]
+    pub recovery_batch: Option<usize>,
 
     /// Scopes the generated records are spread over.
     #[arg(long, default_value_t = 8, value_name = "N")]
@@ -270,6 +285,15 @@ pub async fn run(
     if let Some(n) = args.search_overfetch {
         config.search_overfetch = n;
     }
+    if let Some(n) = args.recovery_batch {
+        config.recovery_batch = n;
+    }
+    if let Some(n) = args.index_chunk {
+        config.limits.index_chunk = n;
+    }
+    if let Some(n) = args.index_parallelism {
+        config.limits.index_parallelism = n;
+    }
     config
         .validate()
         .map_err(|e| AppError::Usage(format!("bench configuration: {e}")))?;
@@ -366,6 +390,9 @@ pub async fn run(
             "keep_vectors": args.keep_vectors,
             "overlap_index_write": config.overlap_index_write,
             "search_overfetch": config.search_overfetch,
+            "recovery_batch": config.recovery_batch,
+            "index_chunk": config.limits.index_chunk,
+            "index_parallelism": config.limits.index_parallelism,
             "seed": args.seed,
         }),
         consistent: runs.iter().all(|r| r.consistent_after),

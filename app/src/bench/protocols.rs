@@ -3,6 +3,9 @@
 //!
 //! - **raw**: the physical reference: one multi-row insert + commit, then one
 //!   index upsert (`wait=true`). No intent, no guard, no safety.
+//! - **raw-overlapped**: the physical limit of a dual write: the same insert +
+//!   commit and the same upsert, run concurrently (`tokio::join!`). No
+//!   protocol at all; a batch takes max(metadata, index) instead of their sum.
 //! - **naive**: compensation as commonly written: open a transaction, insert
 //!   each record and flush it to learn its key, upsert the vectors, fetch each
 //!   row back and set its point id, commit; on error roll back and delete the
@@ -20,6 +23,9 @@ use crate::error::AppError;
 pub enum Protocol {
     /// The unprotected dual write.
     Raw,
+    /// The unprotected dual write, both stores at once.
+    #[serde(rename = "raw-overlapped")]
+    RawOverlapped,
     /// The compensation protocol.
     Naive,
     /// `Coordinator::upsert`.
@@ -28,12 +34,18 @@ pub enum Protocol {
 
 impl Protocol {
     /// In the order the first repetition runs them.
-    pub const ALL: [Protocol; 3] = [Protocol::Raw, Protocol::Naive, Protocol::Tandem];
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Raw,
+        Protocol::RawOverlapped,
+        Protocol::Naive,
+        Protocol::Tandem,
+    ];
 
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Raw => "raw",
+            Protocol::RawOverlapped => "raw-overlapped",
             Protocol::Naive => "naive",
             Protocol::Tandem => "tandem",
         }
@@ -105,6 +117,29 @@ pub async fn raw_upsert(
     index.upsert(&points).await.map_err(index_error)
 }
 
+/// raw-overlapped: the same insert + commit as raw and the same upsert, both
+/// in flight at once. Either may fail alone (nothing undoes the other): the
+/// bench only needs the time, and a failure ends the run.
+pub async fn raw_overlapped_upsert(
+    session: &mut dyn SqlSession,
+    index: &dyn VectorIndex,
+    batch: &[NewRecord],
+    keep_vectors: bool,
+) -> Result<(), AppError> {
+    let (rows, points) = rows_and_points(batch, keep_vectors);
+    let metadata = async {
+        session.begin().await?;
+        if let Err(e) = session.insert_many(&rows).await {
+            let _ = session.rollback().await;
+            return Err(e);
+        }
+        session.commit().await
+    };
+    let (metadata, index) = tokio::join!(metadata, index.upsert(&points));
+    metadata?;
+    index.map_err(index_error)
+}
+
 /// naive: per-record flush, index write, per-record fetch and update, commit;
 /// on error roll back and delete the points.
 pub async fn naive_upsert(
@@ -170,7 +205,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn round_trips_per_batch_are_constant_for_raw_and_linear_for_naive() {
+    async fn round_trips_per_batch_are_constant_for_raw_and_overlapped_and_linear_for_naive() {
         let dir = tempfile::tempdir().unwrap();
         let counters = Arc::new(Counters::default());
         let index = CountingIndex::new(
@@ -190,6 +225,18 @@ mod tests {
                     index: 1
                 }
             );
+            // The same statements and request, only at once.
+            let before = counters.read();
+            raw_overlapped_upsert(&mut s, &index, &batch(n), true)
+                .await
+                .unwrap();
+            assert_eq!(
+                counters.read().since(before),
+                Calls {
+                    metadata: 3,
+                    index: 1
+                }
+            );
             let before = counters.read();
             naive_upsert(&mut s, &index, &batch(n), true).await.unwrap();
             let calls = counters.read().since(before);
@@ -202,6 +249,6 @@ mod tests {
                 "n = {n}"
             );
         }
-        assert_eq!(index.count(None).await.unwrap(), 2 * 61);
+        assert_eq!(index.count(None).await.unwrap(), 3 * 61);
     }
 }

@@ -1,6 +1,8 @@
 //! The results: what is measured per case, and how it is shown (terminal
 //! table, Markdown, JSON).
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::counting::Calls;
@@ -25,6 +27,9 @@ pub struct Pass {
     pub index_wire: Option<u64>,
     /// Peak resident set during the pass, in bytes.
     pub peak_rss: Option<u64>,
+    /// Per kind of port call or SQL statement: how many ended during the
+    /// pass and their summed wall time (ns).
+    pub profile: super::counting::Profile,
 }
 
 impl Pass {
@@ -97,7 +102,7 @@ pub struct Case {
     /// `upsert`, `delete_ids`, `delete_scope`, `search`, `search_scope`,
     /// `recover`, `verify_scope`.
     pub operation: &'static str,
-    /// `raw`, `naive`, `tandem`, or for search `index` (raw index search) and
+    /// `raw`, `raw-overlapped`, `naive`, `tandem`, or for search `index` (raw index search) and
     /// `guarded`.
     pub protocol: &'static str,
     /// Records per call, where it applies.
@@ -119,6 +124,9 @@ pub struct Case {
     /// Throughput relative to the raw protocol (index search, for searches),
     /// paired by repetition.
     pub vs_raw: Option<Ratio>,
+    /// Throughput relative to the raw-overlapped protocol (upserts), paired
+    /// by repetition.
+    pub vs_raw_overlapped: Option<Ratio>,
     /// Throughput relative to the naive protocol, paired by repetition.
     pub vs_naive: Option<Ratio>,
     /// Metadata round trips per call: port calls for Tandem, SQL statements
@@ -133,6 +141,20 @@ pub struct Case {
     pub index_wire_round_trips_per_batch: Option<f64>,
     /// Peak resident set of the bench process during the case, in MiB.
     pub peak_rss_mib: Option<f64>,
+    /// Where a call's time goes: per kind of port call (`metadata.prepare`,
+    /// `index.upsert`, ...) or baseline SQL statement (`sql.commit`, ...),
+    /// how many a call makes and their mean wall time. Overlapping calls
+    /// (the gated commit and the index write) each count their own time.
+    pub time_per_call_ms: BTreeMap<String, CallTime>,
+}
+
+/// One kind of call's share of a measured call ([`Case::time_per_call_ms`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct CallTime {
+    /// Calls of this kind per measured call.
+    pub per_call: f64,
+    /// Their summed wall time per measured call, in milliseconds.
+    pub ms_per_call: f64,
 }
 
 impl Case {
@@ -174,6 +196,7 @@ impl Case {
             pass_throughputs: passes.iter().map(Pass::throughput).collect(),
             latency_ms: latency(passes.iter().flat_map(|p| p.latencies_us.iter().copied())),
             vs_raw: None,
+            vs_raw_overlapped: None,
             vs_naive: None,
             metadata_calls_per_batch: per(passes.iter().map(|p| p.calls.metadata).sum()),
             index_calls_per_batch: per(passes.iter().map(|p| p.calls.index).sum()),
@@ -184,6 +207,23 @@ impl Case {
                 .filter_map(|p| p.peak_rss)
                 .max()
                 .map(|b| b as f64 / (1024.0 * 1024.0)),
+            time_per_call_ms: {
+                let mut sum: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+                for (k, (n, ns)) in passes.iter().flat_map(|p| p.profile.iter()) {
+                    let e = sum.entry((*k).to_owned()).or_default();
+                    e.0 += n;
+                    e.1 += ns;
+                }
+                sum.into_iter()
+                    .map(|(k, (n, ns))| {
+                        let spent = CallTime {
+                            per_call: per(n),
+                            ms_per_call: per(ns) / 1e6,
+                        };
+                        (k, spent)
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -265,6 +305,41 @@ impl Run {
         t
     }
 
+    /// Where an upsert batch's time goes, per protocol and batch size: the
+    /// mean milliseconds per batch of each kind of call (Markdown; empty
+    /// when nothing was profiled).
+    pub fn time_profile_markdown(&self) -> String {
+        let upserts: Vec<&Case> = self
+            .cases
+            .iter()
+            .filter(|c| c.operation == "upsert" && !c.time_per_call_ms.is_empty())
+            .collect();
+        if upserts.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "Where an upsert batch's time goes (mean ms per batch; calls per batch in \
+             parentheses; overlapping calls each count their own time):\n\n\
+             | protocol | batch | p50 ms | calls |\n|---|---:|---:|---|\n",
+        );
+        for c in upserts {
+            let calls: Vec<String> = c
+                .time_per_call_ms
+                .iter()
+                .map(|(k, t)| format!("{k} {} ({})", ms(t.ms_per_call), num(t.per_call)))
+                .collect();
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                c.protocol,
+                c.batch_size.map_or("-".into(), |b| b.to_string()),
+                ms(c.latency_ms.p50),
+                calls.join(", ")
+            ));
+        }
+        out.push('\n');
+        out
+    }
+
     /// The header and rows of its table.
     pub fn rows(&self) -> (Vec<&'static str>, Vec<Vec<String>>) {
         let header = vec![
@@ -276,6 +351,7 @@ impl Run {
             "p95 ms",
             "p99 ms",
             "× raw",
+            "× raw-ovl",
             "× naive",
             "meta RT/call",
             "index calls/call",
@@ -295,6 +371,7 @@ impl Run {
                     ms(c.latency_ms.p95),
                     ms(c.latency_ms.p99),
                     ratio(c.vs_raw),
+                    ratio(c.vs_raw_overlapped),
                     ratio(c.vs_naive),
                     num(c.metadata_calls_per_batch),
                     num(c.index_calls_per_batch),
@@ -444,6 +521,7 @@ impl Report {
                 }
                 out.push('\n');
             }
+            out.push_str(&run.time_profile_markdown());
             out.push_str(&format!(
                 "Verify after the run: {}. Run time {:.0} s.\n\n",
                 if run.consistent_after {
@@ -492,6 +570,10 @@ mod tests {
             metadata_wire: Some(items),
             index_wire: None,
             peak_rss: Some(64 << 20),
+            // Two prepares per batch of 10 records, 0.5 ms each.
+            profile: [("metadata.prepare", (2 * items / 10, items * 100_000))]
+                .into_iter()
+                .collect(),
         };
         let c = Case::from_passes(
             "upsert",
@@ -507,5 +589,29 @@ mod tests {
         assert_eq!(c.metadata_wire_round_trips_per_batch, Some(10.0));
         assert_eq!(c.index_wire_round_trips_per_batch, None);
         assert_eq!(c.peak_rss_mib, Some(64.0));
+        assert_eq!(
+            c.time_per_call_ms["metadata.prepare"],
+            CallTime {
+                per_call: 2.0,
+                ms_per_call: 1.0
+            }
+        );
+        let run = Run {
+            backend: "embedded",
+            metadata_store: "m".into(),
+            vector_index: "i".into(),
+            added_latency_ms: 0.0,
+            measured_round_trip_ms: None,
+            dim: 8,
+            cases: vec![c],
+            targets: Vec::new(),
+            consistent_after: true,
+            seconds: 1.0,
+        };
+        let md = run.time_profile_markdown();
+        assert!(
+            md.contains("| tandem | 10 | 1.00 | metadata.prepare 1.00 (2) |"),
+            "{md}"
+        );
     }
 }

@@ -72,6 +72,7 @@ CREATE TABLE {schema}.raw_records (
     point_id uuid NOT NULL UNIQUE, version bigint NOT NULL DEFAULT 1, vector bytea NULL,
     created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now());
 CREATE INDEX ON {schema}.raw_records (scope, id);
+CREATE TABLE {schema}.raw_overlapped_records (LIKE {schema}.raw_records INCLUDING ALL);
 CREATE TABLE {schema}.naive_records (
     pk bigserial PRIMARY KEY, id uuid NOT NULL UNIQUE, scope text NOT NULL, content text NOT NULL,
     metadata jsonb NOT NULL, point_id uuid NULL UNIQUE, vector bytea NULL,
@@ -79,7 +80,7 @@ CREATE TABLE {schema}.naive_records (
 CREATE INDEX ON {schema}.naive_records (scope, id);
 ";
 
-const PG_INSERT_MANY: &str = "INSERT INTO {schema}.raw_records \
+const PG_INSERT_MANY: &str = "INSERT INTO {schema}.{table} \
      (id, scope, content, metadata, point_id, vector) \
      SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], $6::bytea[])";
 const PG_INSERT_ONE: &str = "INSERT INTO {schema}.naive_records \
@@ -121,6 +122,25 @@ impl Ident {
 
 fn with_schema(template: &str, schema: &Ident) -> String {
     template.replace("{schema}", schema.as_str())
+}
+
+/// The table a PostgreSQL session's multi-row insert writes: raw and
+/// raw-overlapped write the same columns to tables of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawTable {
+    /// `raw_records` (raw; naive sessions never use it).
+    Raw,
+    /// `raw_overlapped_records`.
+    Overlapped,
+}
+
+impl RawTable {
+    fn name(self) -> &'static str {
+        match self {
+            RawTable::Raw => "raw_records",
+            RawTable::Overlapped => "raw_overlapped_records",
+        }
+    }
 }
 
 /// Opens a direct (unproxied) connection for administration.
@@ -174,16 +194,18 @@ pub struct PgSession {
 }
 
 impl PgSession {
-    /// Connects (through the proxy when there is one) and prepares.
+    /// Connects (through the proxy when there is one) and prepares; its
+    /// multi-row insert writes `table`.
     pub async fn connect(
         url: &str,
         schema: &Ident,
+        table: RawTable,
         counters: Arc<Counters>,
     ) -> Result<Self, AppError> {
         let client = pg_admin(url).await?;
         let prep = |sql: &'static str| {
             let client = &client;
-            let sql = with_schema(sql, schema);
+            let sql = with_schema(sql, schema).replace("{table}", table.name());
             async move {
                 client
                     .prepare(&sql)
@@ -216,8 +238,8 @@ impl PgSession {
         Ok(times[times.len() / 2])
     }
 
-    async fn simple(&mut self, sql: &str) -> Result<(), AppError> {
-        self.counters.metadata_call();
+    async fn simple(&mut self, what: &'static str, sql: &str) -> Result<(), AppError> {
+        let _t = self.counters.metadata_call(what);
         self.client
             .batch_execute(sql)
             .await
@@ -228,16 +250,16 @@ impl PgSession {
 #[async_trait]
 impl SqlSession for PgSession {
     async fn begin(&mut self) -> Result<(), AppError> {
-        self.simple("BEGIN").await
+        self.simple("sql.begin", "BEGIN").await
     }
     async fn commit(&mut self) -> Result<(), AppError> {
-        self.simple("COMMIT").await
+        self.simple("sql.commit", "COMMIT").await
     }
     async fn rollback(&mut self) -> Result<(), AppError> {
-        self.simple("ROLLBACK").await
+        self.simple("sql.rollback", "ROLLBACK").await
     }
     async fn insert_many(&mut self, rows: &[Row]) -> Result<(), AppError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("sql.insert_many");
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let scopes: Vec<&str> = rows.iter().map(|r| r.scope.as_str()).collect();
         let contents: Vec<&str> = rows.iter().map(|r| r.content.as_str()).collect();
@@ -254,7 +276,7 @@ impl SqlSession for PgSession {
             .map_err(|e| sql_error("multi-row insert", e))
     }
     async fn insert_returning_key(&mut self, row: &Row) -> Result<i64, AppError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("sql.insert_returning_key");
         let r = self
             .client
             .query_one(
@@ -272,7 +294,7 @@ impl SqlSession for PgSession {
         Ok(r.get(0))
     }
     async fn fetch(&mut self, key: i64) -> Result<(), AppError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("sql.fetch");
         let row = self
             .client
             .query_one(&self.fetch, &[&key])
@@ -284,7 +306,7 @@ impl SqlSession for PgSession {
         Ok(())
     }
     async fn set_point(&mut self, key: i64, point: Uuid) -> Result<(), AppError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call("sql.set_point");
         self.client
             .execute(&self.set_point, &[&key, &point])
             .await
@@ -373,7 +395,7 @@ impl SqliteSession {
         what: &'static str,
         f: impl FnOnce(&mut SqliteConnection) -> diesel::QueryResult<R> + Send + 'static,
     ) -> Result<R, AppError> {
-        self.counters.metadata_call();
+        let _t = self.counters.metadata_call(profile_name(what));
         self.conn
             .spawn_blocking(f)
             .await
@@ -386,6 +408,20 @@ impl SqliteSession {
             c.batch_execute(sql)
         })
         .await
+    }
+}
+
+/// The SQLite statements under the names the PostgreSQL session times them.
+fn profile_name(what: &'static str) -> &'static str {
+    match what {
+        "BEGIN" => "sql.begin",
+        "COMMIT" => "sql.commit",
+        "ROLLBACK" => "sql.rollback",
+        "multi-row insert" => "sql.insert_many",
+        "insert" => "sql.insert_returning_key",
+        "fetch" => "sql.fetch",
+        "update" => "sql.set_point",
+        _ => "sql.other",
     }
 }
 
