@@ -149,9 +149,31 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
         });
     }
 
-    // One pass in id order inserts the new records and locks the existing
-    // ones, so concurrent batches take every record's lock (existing row or
-    // new key) in the same order and cannot deadlock each other.
+    let (inserted, old_point_ids) = write_rows(tx, rows).await?;
+    let summary = CommitSummary {
+        inserted,
+        updated: old_point_ids.len() as u64,
+        deleted: 0,
+    };
+    tx.mark_committed(intent, &old_point_ids, summary, IntentState::Committed)
+        .await?;
+    record_key(tx, idempotency, summary).await?;
+    Ok(UpsertCommit {
+        summary,
+        old_point_ids,
+    })
+}
+
+/// Inserts the new records of `rows` and updates the existing ones. One pass
+/// in id order inserts the new records and locks the existing ones, so
+/// concurrent batches take every record's lock (existing row or new key) in
+/// the same order and cannot deadlock each other. Returns how many were
+/// inserted and the points the updated rows referenced, in input order (like
+/// every other backend).
+async fn write_rows<T: TxOps + ?Sized>(
+    tx: &mut T,
+    rows: &[RowWrite],
+) -> Result<(u64, Vec<PointId>), MetadataError> {
     let mut sorted: Vec<&RowWrite> = rows.iter().collect();
     sorted.sort_unstable_by_key(|r| r.id);
     let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
@@ -179,20 +201,8 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
     if !updates.is_empty() {
         tx.update_records(&updates).await?;
     }
-    // In input order, like every other backend.
     let old_point_ids: Vec<PointId> = updates.iter().map(|r| existing[&r.id]).collect();
-    let summary = CommitSummary {
-        inserted: inserted.len() as u64,
-        updated: updates.len() as u64,
-        deleted: 0,
-    };
-    tx.mark_committed(intent, &old_point_ids, summary, IntentState::Committed)
-        .await?;
-    record_key(tx, idempotency, summary).await?;
-    Ok(UpsertCommit {
-        summary,
-        old_point_ids,
-    })
+    Ok((inserted.len() as u64, old_point_ids))
 }
 
 /// [`MetadataRepo::commit_delete`](tandem_core::MetadataRepo::commit_delete)
@@ -357,36 +367,13 @@ impl Applied {
         rows: &[RowWrite],
         hold: bool,
     ) -> Result<(), MetadataError> {
-        let mut sorted: Vec<&RowWrite> = rows.iter().collect();
-        sorted.sort_unstable_by_key(|r| r.id);
-        let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
+        let mut ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
         self.save_before(tx, &ids, hold).await?;
-        let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
-        let existing_ids: Vec<RecordId> = ids
-            .iter()
-            .copied()
-            .filter(|id| !inserted.contains(id))
-            .collect();
-        let existing: BTreeMap<RecordId, PointId> = if existing_ids.is_empty() {
-            BTreeMap::new()
-        } else {
-            tx.lock_records(&existing_ids).await?.into_iter().collect()
-        };
-        if existing.len() != existing_ids.len() {
-            return Err(MetadataError::transient(
-                "records changed concurrently during the commit; nothing was written",
-            ));
-        }
-        let updates: Vec<&RowWrite> = rows
-            .iter()
-            .filter(|r| existing.contains_key(&r.id))
-            .collect();
-        if !updates.is_empty() {
-            tx.update_records(&updates).await?;
-        }
-        self.garbage.extend(updates.iter().map(|r| existing[&r.id]));
-        self.summary.inserted += inserted.len() as u64;
-        self.summary.updated += updates.len() as u64;
+        let (inserted, old_point_ids) = write_rows(tx, rows).await?;
+        self.summary.inserted += inserted;
+        self.summary.updated += old_point_ids.len() as u64;
+        self.garbage.extend(old_point_ids);
         Ok(())
     }
 
