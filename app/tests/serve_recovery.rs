@@ -293,3 +293,136 @@ fn with_repair_the_service_repairs_what_its_verification_finds() {
     let (code, out, err) = stores.cli(&["--config", config, "--json"], &["verify"]);
     assert_eq!(code, 0, "verify after the service's repair: {out}\n{err}");
 }
+
+/// The "Sagas by state" panel of one status document, by state.
+fn saga_panel(st: &Value) -> Option<std::collections::BTreeMap<String, (u64, bool)>> {
+    let panel = st["sections"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == "sagas")?;
+    Some(
+        panel["rows"]
+            .as_array()?
+            .iter()
+            .map(|r| {
+                (
+                    r["key"].as_str().unwrap().to_owned(),
+                    (r["value"].as_u64().unwrap(), r["alert"] == true),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// One `tandem_sagas{state=…}` value.
+fn saga_gauge(metrics: &str, state: &str) -> Option<f64> {
+    metric_value(metrics, &format!("tandem_sagas{{state=\"{state}\"}}"))
+}
+
+#[test]
+fn the_service_shows_sagas_by_state_and_recovery_undoes_a_killed_atomic_ingest() {
+    let stores = Stores::servers();
+    let config = stores.config(CONFIG);
+    let config = config.to_str().unwrap();
+    let s = Server::start(
+        &stores,
+        &["--config", config],
+        &["--recover-every", &format!("{RECOVER_EVERY_MS}ms")],
+    );
+    // Before any saga: every state at 0, nothing in alert.
+    let st = s.wait_for_status(Duration::from_secs(30), "the saga panel", |st| {
+        saga_panel(st).is_some()
+    });
+    let panel = saga_panel(&st).unwrap();
+    assert_eq!(
+        panel.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["compensated", "compensating", "done", "failed", "running"],
+        "{st:#}"
+    );
+    assert!(panel.values().all(|&(n, alert)| n == 0 && !alert), "{st:#}");
+    let m = s.get("/metrics").body;
+    for state in ["running", "compensating", "done", "compensated", "failed"] {
+        assert_eq!(saga_gauge(&m, state), Some(0.0), "{state}: {m}");
+    }
+
+    let line = |n: u32| {
+        json!({
+            "id": support::id(n),
+            "scope": "books",
+            "content": format!("record {n}"),
+            "vector": [1.0, n as f32, 0.5, 0.25],
+        })
+        .to_string()
+    };
+    let write = |name: &str, lines: &[String]| {
+        let p = stores.dir().join(name);
+        std::fs::write(&p, lines.join("\n") + "\n").expect("the input");
+        p
+    };
+    let atomic = |input: &std::path::Path| {
+        let mut c = tandem(stores.dir());
+        c.args(stores.args())
+            .args(["--config", config, "-q", "ingest"])
+            .arg(input)
+            .args(["--batch-size", "2", "--atomic"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    };
+
+    // One atomic ingest stands whole (done); one with a bad fourth line is
+    // undone by its own process (compensated).
+    let good = write("good.jsonl", &(1..=4).map(line).collect::<Vec<_>>());
+    assert_eq!(atomic(&good).status().unwrap().code(), Some(0));
+    let mut bad: Vec<String> = (5..=7).map(line).collect();
+    bad.push("{not json".to_owned());
+    let bad = write("bad.jsonl", &bad);
+    assert_eq!(atomic(&bad).status().unwrap().code(), Some(2));
+
+    // A third one is killed while its second batch's index write hangs: its
+    // saga stays running until the service's recovery claims it (after the
+    // lease) and compensates its first batch.
+    let faults = stores.double().faults().clone();
+    faults.add(RpcFault::always("Upsert", RpcAction::Hang).after(1));
+    let killed = write("killed.jsonl", &(8..=11).map(line).collect::<Vec<_>>());
+    let mut writer = atomic(&killed)
+        .args(["--batch-retries", "1000", "--batch-retry-for", "10m"])
+        .spawn()
+        .expect("tandem ingest starts");
+    let st = s.wait_for_status(Duration::from_secs(60), "a running saga", |st| {
+        saga_panel(st).is_some_and(|p| p["running"].0 == 1)
+    });
+    let panel = saga_panel(&st).unwrap();
+    assert_eq!((panel["done"].0, panel["compensated"].0), (1, 1), "{st:#}");
+    let m = s.get("/metrics").body;
+    assert_eq!(saga_gauge(&m, "running"), Some(1.0), "{m}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(writer.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    writer.wait().expect("the writer is gone");
+    faults.clear();
+
+    let st = s.wait_for_status(Duration::from_secs(60), "the saga compensated", |st| {
+        saga_panel(st).is_some_and(|p| p["running"].0 == 0 && p["compensated"].0 == 2)
+    });
+    let panel = saga_panel(&st).unwrap();
+    assert_eq!(
+        (panel["done"].0, panel["failed"], panel["compensating"].0),
+        (1, (0, false), 0),
+        "{st:#}"
+    );
+    let m = s.get("/metrics").body;
+    assert_eq!(saga_gauge(&m, "compensated"), Some(2.0), "{m}");
+    assert_eq!(saga_gauge(&m, "running"), Some(0.0), "{m}");
+    assert_eq!(saga_gauge(&m, "done"), Some(1.0), "{m}");
+    drop(s);
+
+    // Both stores agree afterwards.
+    let (code, out, err) = stores.cli(&["--config", config, "--json"], &["verify"]);
+    assert_eq!(code, 0, "verify: {out}\n{err}");
+    let v: Value = serde_json::from_str(&out).expect("verify's JSON");
+    assert_eq!(v["consistent"], true, "{v:#}");
+}

@@ -415,8 +415,8 @@ pub enum IntentState {
     /// Committed by a saga step: its garbage is *kept* (not deleted, not
     /// claimable by recovery) and the rows it touched are remembered as
     /// [`UndoImage`]s, so that a compensation can restore them exactly,
-    /// until the saga ends and releases it
-    /// ([`MetadataRepo::release_held`](crate::MetadataRepo::release_held)).
+    /// until the saga ends: its terminal journal save releases it
+    /// ([`MetadataRepo::saga_save`](crate::MetadataRepo::saga_save)).
     Held,
 }
 

@@ -46,8 +46,10 @@ pub enum SagaState {
     Done,
     /// Every completed step was compensated (terminal).
     Compensated,
-    /// Stopped where an operator must look: a compensation failed for good,
-    /// or a step past the pivot failed for good (terminal).
+    /// Stopped where an operator must look: a step past the pivot failed in
+    /// a way no retry can help (the caller's code refused), so the saga can
+    /// go neither forward nor back (terminal). A failing compensation never
+    /// leads here: the saga stays `Compensating` and recovery retries it.
     Failed,
 }
 

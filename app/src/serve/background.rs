@@ -3,7 +3,7 @@
 //!
 //! * **probe** (every [`PROBE_EVERY`]): is each store reachable, with its schema
 //!   and collection? Lists the unresolved intents (the backlog, the oldest
-//!   intent's age) on the way;
+//!   intent's age) and counts the sagas by state on the way;
 //! * **recover** (every `--recover-every`): [`Coordinator::recover`], safe in
 //!   every replica at once — its claim is atomic;
 //! * **verify** (every `--verify-every`): one [`Coordinator::verify_page`] step
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tandem_core::{PointId, Scope, VerifyCursor, unix_ms};
+use tandem_core::{PointId, SagaCounts, SagaState, Scope, VerifyCursor, unix_ms};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -29,7 +29,7 @@ use super::InFlight;
 use super::series::{Series, round3};
 use super::status::{
     Activity, Backlog, HttpStatus, Live, PassStatus, RunRecord, ScopeVerification, Section,
-    ServiceInfo, Snapshots, Status, StoreStatus,
+    SectionRow, ServiceInfo, Snapshots, Status, StoreStatus,
 };
 use super::tap::{Tap, label};
 use crate::backend::AppCoordinator;
@@ -249,12 +249,60 @@ async fn probe(ctx: &Context) {
             .set(b.oldest_intent_age_secs.unwrap_or(0.0));
         b
     });
+    // Sagas by state: only when the metadata store answered (a count that
+    // failed keeps the last panel rather than showing zeros).
+    let sagas = if metadata.is_ok() {
+        match tokio::time::timeout(PROBE_TIMEOUT, c.saga_counts()).await {
+            Ok(Ok(counts)) => {
+                for state in SagaState::ALL {
+                    metrics::gauge!("tandem_sagas", "state" => state.as_str())
+                        .set(counts.get(&state).copied().unwrap_or(0) as f64);
+                }
+                Some(saga_section(&counts))
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
     ctx.live.with(|l| {
         l.stores = stores;
         if let Some(b) = backlog {
             l.backlog = b;
         }
+        if sagas.is_some() {
+            l.sagas = sagas;
+        }
     });
+}
+
+/// The dashboard's "Sagas by state" panel: one row per state, a failed saga
+/// (one an operator must look at) shown as an alert.
+pub fn saga_section(counts: &SagaCounts) -> Section {
+    let rows = SagaState::ALL
+        .iter()
+        .map(|&state| {
+            let n = counts.get(&state).copied().unwrap_or(0);
+            SectionRow {
+                key: state.as_str().to_owned(),
+                label: match state {
+                    SagaState::Running => "running",
+                    SagaState::Compensating => "compensating",
+                    SagaState::Done => "done",
+                    SagaState::Compensated => "compensated",
+                    SagaState::Failed => "failed (needs an operator)",
+                }
+                .to_owned(),
+                value: serde_json::Value::from(n),
+                alert: state == SagaState::Failed && n > 0,
+            }
+        })
+        .collect();
+    Section {
+        id: "sagas".to_owned(),
+        title: "Sagas by state".to_owned(),
+        rows,
+    }
 }
 
 fn count_run(task: &'static str, failed: bool) {
@@ -498,12 +546,13 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     series.sample(&ctx.tap, now);
     ctx.prometheus.run_upkeep();
-    let (stores, backlog, recovery, verification) = ctx.live.with(|l| {
+    let (stores, backlog, recovery, verification, sagas) = ctx.live.with(|l| {
         (
             l.stores.clone(),
             l.backlog.clone(),
             l.recovery.clone(),
             l.verification.clone(),
+            l.sagas.clone(),
         )
     });
     let seq = ctx.snapshots.next_seq();
@@ -530,7 +579,9 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         recovery,
         verification,
         http: http_status(&ctx.tap, ctx.writes.count() as u64),
-        sections: vec![ctx.config_section.clone()],
+        sections: std::iter::once(ctx.config_section.clone())
+            .chain(sagas)
+            .collect(),
     };
     ctx.snapshots.publish(&status);
 }

@@ -10,8 +10,8 @@
 //!
 //! Room to grow: typed sections are `Option`s or lists that a feature fills
 //! when it exists, and [`Section`]s are generic key/value panels the dashboard
-//! renders without knowing them (the service's configuration is one today;
-//! sagas by state, an outbox backlog or reindex progress would be others).
+//! renders without knowing them (the service's configuration and the sagas by
+//! state are two; an outbox backlog or reindex progress would be others).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -259,6 +259,8 @@ pub struct LiveInner {
     pub recovery: TaskStatus,
     /// Verification.
     pub verification: VerificationStatus,
+    /// The last count of sagas by state (`None` until one succeeded).
+    pub sagas: Option<Section>,
 }
 
 impl Live {

@@ -43,11 +43,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// Starts the registered saga `name` with `input` and drives it to its
     /// end: every step forward; if a step fails before the pivot, every
-    /// completed step is compensated in reverse order. Returns how it ended
-    /// (`Done`, `Compensated`, or — past the pivot — still `Running`, left to
-    /// recovery, or `Failed`). An error means the saga could not be driven at
-    /// all (its journal unreachable, another process took it over); it stays
-    /// journaled, and recovery finishes it.
+    /// completed step is compensated in reverse order. Returns how it ended:
+    /// `Done`, `Compensated`, or `Failed` (a step past the pivot failed in a
+    /// way no retry can help).
+    ///
+    /// An error means the saga did not end here and stays journaled, for
+    /// recovery to finish after its lease:
+    /// [`CoordinatorError::SagaUnfinished`] (a step's outcome is unknown, a
+    /// step past the pivot failed retryably, a compensation failed, or the
+    /// journal was unreachable; its `source` says which) or
+    /// [`CoordinatorError::SagaFenced`] (another process took it over).
     pub async fn run_saga(
         &self,
         name: &str,
