@@ -77,12 +77,7 @@ fn the_service_recovers_the_intents_of_a_killed_writer_within_two_runs() {
         |st| st["backlog"]["live_intents"].as_u64() >= Some(1),
     );
     let recovered_before = total(&at_kill, "recovered_intents");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(writer.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
-    writer.wait().expect("the writer is gone");
+    kill9(&mut writer);
     faults.clear();
 
     // What it left behind, and when each lease ends.
@@ -397,12 +392,7 @@ fn the_service_shows_sagas_by_state_and_recovery_undoes_a_killed_atomic_ingest()
     assert_eq!((panel["done"].0, panel["compensated"].0), (1, 1), "{st:#}");
     let m = s.get("/metrics").body;
     assert_eq!(saga_gauge(&m, "running"), Some(1.0), "{m}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(writer.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
-    writer.wait().expect("the writer is gone");
+    kill9(&mut writer);
     faults.clear();
 
     let st = s.wait_for_status(Duration::from_secs(60), "the saga compensated", |st| {
@@ -425,4 +415,14 @@ fn the_service_shows_sagas_by_state_and_recovery_undoes_a_killed_atomic_ingest()
     assert_eq!(code, 0, "verify: {out}\n{err}");
     let v: Value = serde_json::from_str(&out).expect("verify's JSON");
     assert_eq!(v["consistent"], true, "{v:#}");
+}
+
+/// SIGKILLs a writer and reaps it.
+fn kill9(writer: &mut std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(writer.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    writer.wait().expect("the writer is gone");
 }
