@@ -314,6 +314,9 @@ pub trait MetadataRepo: Send + Sync {
     /// - `saga_save_fenced_by_owner`: with a token that does not own the saga
     ///   (or a missing saga) it fails with [`MetadataError::SagaFenced`] and
     ///   writes nothing.
+    /// - `saga_save_hands_over`: a save by the owner that names a new owner
+    ///   hands the saga over: afterwards saves and step commits fenced by the
+    ///   old token fail with `SagaFenced`, the new token's apply.
     /// - `saga_save_terminal_releases_held`: a terminal save returns the held
     ///   intents of its steps, now `Committed` under the saga's owner, and
     ///   `undo_images` of them is empty; a non-terminal save releases nothing.

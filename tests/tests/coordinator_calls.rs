@@ -3120,3 +3120,64 @@ async fn finishing_a_dynamic_saga_whose_step_has_an_unknown_outcome_is_refused_w
         vec!["save running []", "save running [batch-0:Started]"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn aborting_a_saga_whose_step_has_an_unknown_outcome_hands_it_to_a_new_token_before_asking_the_key()
+ {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let mut index = index_mock();
+    let log = SagaLog::default();
+    expect_step_with_unknown_outcome(&mut repo, &mut index, &mut seq, &log);
+    // The abort's first journal write hands the saga over: a new owner
+    // token, fenced by the old one — the token the step's commit, perhaps
+    // still on its way, carries. Only then is the key asked...
+    expect_saves(&mut repo, &mut seq, &log, 1);
+    let l = log.clone();
+    repo.expect_lookup_idempotency()
+        .times(1)
+        .in_sequence(&mut seq)
+        .withf(move |key| key == step_key_of(l.created().id, 0))
+        .returning(|_| Ok(None));
+    // ...and its absence is final: the step is journaled compensated, then
+    // the saga, both under the new token.
+    expect_saves(&mut repo, &mut seq, &log, 2);
+    repo.expect_undo_images().times(0);
+    repo.expect_commit_transaction().times(0);
+    index.expect_delete().times(0);
+
+    let c = coordinator(repo, index);
+    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
+    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
+    let err = run
+        .step("batch-0", Transaction::new().upsert(vec![record(1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.outcome(), Outcome::Unknown);
+
+    let outcome = run.abort("the caller gave up").await.unwrap();
+    assert_eq!(outcome.state, SagaState::Compensated);
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [batch-0:Started]",
+            "save compensating [batch-0:Started]",
+            "save compensating [batch-0:Compensated]",
+            "save compensated [batch-0:Compensated]",
+        ]
+    );
+    let saves = log.saves();
+    let old = log.created().owner;
+    let (handed, fence) = &saves[2];
+    assert_eq!(
+        *fence,
+        Some(old),
+        "the hand-over is fenced by the old token"
+    );
+    assert_ne!(handed.owner, old, "and names a new one");
+    for (i, (saga, fence)) in saves.iter().enumerate().skip(3) {
+        assert_eq!(*fence, Some(handed.owner), "save {i}: under the new token");
+        assert_eq!(saga.owner, handed.owner, "save {i}");
+    }
+}

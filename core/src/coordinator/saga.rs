@@ -461,10 +461,35 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
         self.save_raw().await
     }
 
+    /// Journals the saga as it is now under a new owner token, fenced by the
+    /// old one: from then on nothing fenced by the old token applies — a
+    /// save, or the commit of a step still on its way from this driver. If
+    /// the hand-over fails the driver keeps the old token (should the
+    /// hand-over have applied unseen, its next save is fenced and recovery
+    /// finishes the saga after the lease).
+    async fn hand_over(&mut self) -> Result<(), CoordinatorError> {
+        let old = self.saga.owner;
+        self.saga.owner = OwnerToken::new_random();
+        let now = self.c.clock.now_ms();
+        self.saga.updated_ms = now;
+        self.saga.lease_deadline_ms = now.saturating_add(self.c.lease_ms());
+        match self.save_fenced(old).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.saga.owner = old;
+                Err(e)
+            }
+        }
+    }
+
     /// Journals the saga exactly as it is (lease included).
     async fn save_raw(&mut self) -> Result<Vec<Intent>, CoordinatorError> {
+        self.save_fenced(self.saga.owner).await
+    }
+
+    /// Journals the saga exactly as it is, fenced by `owner`.
+    async fn save_fenced(&mut self, owner: OwnerToken) -> Result<Vec<Intent>, CoordinatorError> {
         let deadline = Instant::now() + self.c.config.call_deadline;
-        let owner = self.saga.owner;
         let saga = &self.saga;
         let c = self.c;
         c.metadata_call("metadata.saga_save", deadline, || {
@@ -550,8 +575,10 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
 
     /// A Tandem step journaled as started whose outcome this driver does not
     /// know: its idempotency key says whether it committed. (It cannot
-    /// commit later: its commit is fenced by the saga, which this driver
-    /// owns now.)
+    /// commit later: its commit is fenced by the token of the driver that
+    /// started it, and this driver holds a newer one — taken by recovery's
+    /// claim, an operator's abort, or the hand-over that begins a
+    /// compensation in the same process.)
     async fn settle_started_tandem(
         &mut self,
         index: usize,
@@ -728,7 +755,20 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
         if self.saga.state != SagaState::Compensating {
             self.saga.state = SagaState::Compensating;
             self.saga.last_error = Some(reason);
-            self.save().await?;
+            if self
+                .saga
+                .steps
+                .iter()
+                .any(|s| s.kind == StepKind::Tandem && s.state == StepState::Started)
+            {
+                // A step's commit may still be on its way from this driver
+                // (its outcome is unknown): take a new owner token first, so
+                // that the commit, fenced by the old one, can no longer apply
+                // after its key was found absent.
+                self.hand_over().await?;
+            } else {
+                self.save().await?;
+            }
         }
         // Where this compensation left each record it restored: the version
         // an earlier step's image must find (see `expected`).

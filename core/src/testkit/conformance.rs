@@ -256,6 +256,7 @@ macro_rules! metadata_repo_conformance {
                 saga_save_creates,
                 saga_save_create_is_idempotent,
                 saga_save_fenced_by_owner,
+                saga_save_hands_over,
                 saga_save_terminal_releases_held,
                 saga_claim_takes_only_expired_live,
                 saga_claim_transfers_ownership,

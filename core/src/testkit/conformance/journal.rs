@@ -715,6 +715,75 @@ pub async fn saga_save_fenced_by_owner<M: MetadataRepo + ?Sized>(repo: &M) {
     assert_eq!(ok(repo.saga_get(saga.id).await, "saga_get"), Some(changed));
 }
 
+/// `saga_save_hands_over`: the owner's save naming a new owner hands the
+/// saga over: afterwards the old token's saves and step commits are fenced,
+/// the new token's apply.
+pub async fn saga_save_hands_over<M: MetadataRepo + ?Sized>(repo: &M) {
+    let scope = fresh_scope("saga-hand-over");
+    let old = OwnerToken::new_random();
+    let saga = created(repo, saga_record(old, SagaState::Running, FAR_FUTURE_MS)).await;
+    let mut handed = saga.clone();
+    handed.owner = OwnerToken::new_random();
+    handed.state = SagaState::Compensating;
+    ok(
+        repo.saga_save(&handed, Some(old)).await,
+        "saga_save (hand over)",
+    );
+    assert_eq!(
+        ok(repo.saga_get(saga.id).await, "saga_get"),
+        Some(handed.clone())
+    );
+    // The old token: its save and its step commit are fenced.
+    let err = repo
+        .saga_save(&saga, Some(old))
+        .await
+        .expect_err("a save by the old owner must be fenced");
+    assert!(
+        matches!(err, MetadataError::SagaFenced { saga: s } if s == saga.id),
+        "expected SagaFenced, got {err:?}"
+    );
+    let c = row(&scope, 1);
+    let parts = vec![CommitPart::Upsert(vec![c.clone()])];
+    let commit = TransactionCommit {
+        saga: Some(SagaFence {
+            saga: saga.id,
+            owner: old,
+        }),
+        ..held(&parts)
+    };
+    let (intent, result) = commit_parts(repo, &commit).await;
+    let err = result.expect_err("a step commit under the old token must be fenced");
+    assert!(
+        matches!(err, MetadataError::SagaFenced { saga: s } if s == saga.id),
+        "expected SagaFenced, got {err:?}"
+    );
+    assert!(get_one(repo, c.id).await.is_none(), "C was written");
+    assert_eq!(
+        intent_of(repo, intent.id).await.state,
+        IntentState::Prepared
+    );
+    // The new token: both apply.
+    let commit = TransactionCommit {
+        saga: Some(SagaFence {
+            saga: saga.id,
+            owner: handed.owner,
+        }),
+        ..held(&parts)
+    };
+    ok(
+        commit_parts(repo, &commit).await.1,
+        "commit by the new owner",
+    );
+    assert_row_is(&get_one(repo, c.id).await.expect("C"), &c, 1);
+    let mut next = handed.clone();
+    next.last_error = Some("compensating".into());
+    ok(
+        repo.saga_save(&next, Some(handed.owner)).await,
+        "saga_save (new owner)",
+    );
+    assert_eq!(ok(repo.saga_get(saga.id).await, "saga_get"), Some(next));
+}
+
 /// `saga_save_terminal_releases_held`: a terminal save releases the held
 /// intents its steps name; a live save releases nothing.
 pub async fn saga_save_terminal_releases_held<M: MetadataRepo + ?Sized>(repo: &M) {
