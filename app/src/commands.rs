@@ -343,6 +343,10 @@ fn print_verify(o: &VerifyOutput, out: Output) {
         ),
         ("live intents", output::count(o.report.live_intents as u64)),
         (
+            "of those held by live sagas",
+            output::count(o.report.held_intents as u64),
+        ),
+        (
             "points named by live intents",
             output::count(o.report.intent_points as u64),
         ),
@@ -361,6 +365,15 @@ fn print_verify(o: &VerifyOutput, out: Output) {
     }
     if o.consistent {
         out.text("consistent: both stores agree exactly");
+    } else if o.report.missing_points.is_empty()
+        && o.report.orphan_points.is_empty()
+        && o.report.live_intents > 0
+        && o.report.live_intents == o.report.held_intents
+    {
+        out.text(
+            "NOT consistent: live sagas hold the points their steps superseded; they are \
+             released when each saga ends (`tandem saga list`), then verify again",
+        );
     } else if o.report.missing_points.is_empty()
         && o.report.orphan_points.is_empty()
         && o.report.live_intents > 0
@@ -442,6 +455,10 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
         out.text(&output::kv_table(vec![
             ("points in the index", output::count(s.points)),
             ("live intents", output::count(s.live_intents as u64)),
+            (
+                "of those held by live sagas",
+                output::count(s.held_intents as u64),
+            ),
             (
                 "expired intents (recovery backlog)",
                 output::count(s.expired_intents as u64),

@@ -182,13 +182,18 @@ pub fn describe_service_metrics() {
         "Failed runs of a background task, by task"
     );
     describe_gauge!(
+        "tandem_held_intents",
+        "Unresolved intents held by live sagas (they end with the saga), at the last probe"
+    );
+    describe_gauge!(
         "tandem_expired_intents",
-        "Unresolved intents whose lease has ended (recovery's backlog), at the last probe"
+        "Unresolved intents not held by a saga whose lease has ended (recovery's backlog), \
+         at the last probe"
     );
     describe_gauge!(
         "tandem_oldest_intent_age_seconds",
         metrics::Unit::Seconds,
-        "Age of the oldest unresolved intent at the last probe (0: none)"
+        "Age of the oldest unresolved intent not held by a saga at the last probe (0: none)"
     );
     describe_gauge!(
         "tandem_lease_seconds",
@@ -253,6 +258,7 @@ pub fn register_metrics() {
     }
     for name in [
         "tandem_pending_intents",
+        "tandem_held_intents",
         "tandem_expired_intents",
         "tandem_oldest_intent_age_seconds",
         "tandem_verify_inconsistent_scopes",

@@ -392,6 +392,22 @@ fn the_service_shows_sagas_by_state_and_recovery_undoes_a_killed_atomic_ingest()
     assert_eq!((panel["done"].0, panel["compensated"].0), (1, 1), "{st:#}");
     let m = s.get("/metrics").body;
     assert_eq!(saga_gauge(&m, "running"), Some(1.0), "{m}");
+    // Its first batch committed, held by the saga until it ends: counted
+    // apart from recovery's backlog (the second batch's intent, in flight).
+    let st = s.wait_for_status(Duration::from_secs(30), "the held intent", |st| {
+        st["backlog"]["held_intents"] == 1
+    });
+    let b = &st["backlog"];
+    let count = |k: &str| b[k].as_u64().expect(k);
+    assert!(
+        count("expired_intents") < count("live_intents"),
+        "a held intent never counts as expired: {st:#}"
+    );
+    let m = s.get("/metrics").body;
+    assert!(
+        m.lines().any(|l| l == "tandem_held_intents 1"),
+        "tandem_held_intents: {m}"
+    );
     kill9(&mut writer);
     faults.clear();
 

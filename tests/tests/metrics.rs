@@ -1058,6 +1058,56 @@ fn stats_and_verify_set_the_pending_intents_gauge_to_every_live_intent() {
     });
 }
 
+#[test]
+fn stats_and_verify_count_a_live_sagas_held_intents_apart_from_the_recovery_backlog() {
+    metered(async |w, m| {
+        // A live saga whose step updated record 1 holds the superseded point
+        // for its compensation, past its lease: not recovery's backlog.
+        let c = w.faulty();
+        let mut run = c
+            .begin_saga("harness-dynamic", json!({}))
+            .await
+            .expect("begin");
+        run.step("update", Transaction::new().upsert(batch(&[1], 1)))
+            .await
+            .expect("step");
+        leave_to_recovery(w, 1).await;
+        m.take();
+        let stats = c.stats().await.expect("stats");
+        assert_eq!(
+            (
+                stats.live_intents,
+                stats.held_intents,
+                stats.expired_intents
+            ),
+            (2, 1, 1),
+            "the held intent is live but not expired, however old its lease"
+        );
+        let report = c.verify(None).await.expect("verify");
+        assert_eq!((report.live_intents, report.held_intents), (2, 1));
+        assert!(
+            report.orphan_points.is_empty() && report.missing_points.is_empty(),
+            "{report:?}"
+        );
+        assert!(!report.is_consistent(), "writes are pending");
+        // The saga's end releases it (and cleans its garbage); recovery
+        // resolves the other.
+        run.finish().await.expect("finish");
+        let stats = c.stats().await.expect("stats");
+        assert_eq!(
+            (
+                stats.live_intents,
+                stats.held_intents,
+                stats.expired_intents
+            ),
+            (1, 0, 1)
+        );
+        let recovered = c.recover().await.expect("recover");
+        assert_eq!(recovered.resolved, 1, "{recovered:?}");
+        assert!(c.verify(None).await.expect("verify").is_consistent());
+    });
+}
+
 // ---------------------------------------------------------------------------
 // One list: the core's macros, this suite, docs/metrics.md, the exporter.
 // ---------------------------------------------------------------------------

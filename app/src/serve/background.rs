@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tandem_core::{PointId, SagaCounts, SagaState, Scope, VerifyCursor, unix_ms};
+use tandem_core::{
+    Intent, IntentState, PointId, SagaCounts, SagaState, Scope, VerifyCursor, unix_ms,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -235,15 +237,21 @@ async fn probe(ctx: &Context) {
         let now = now_ms();
         let capped = intents.len() > BACKLOG_LIMIT;
         let listed = &intents[..intents.len().min(BACKLOG_LIMIT)];
-        let oldest = listed.iter().map(|i| i.created_ms).min();
+        // Intents held by a live saga end with it (not by recovery), however
+        // long it runs: they are counted apart and neither expire nor age.
+        let (held, unheld): (Vec<&Intent>, Vec<&Intent>) =
+            listed.iter().partition(|i| i.state == IntentState::Held);
+        let oldest = unheld.iter().map(|i| i.created_ms).min();
         let b = Backlog {
             live_intents: listed.len() as u64,
-            expired_intents: listed.iter().filter(|i| i.lease_deadline_ms < now).count() as u64,
+            held_intents: held.len() as u64,
+            expired_intents: unheld.iter().filter(|i| i.lease_deadline_ms < now).count() as u64,
             oldest_intent_age_secs: oldest.map(|ms| round3((now - ms).max(0) as f64 / 1e3)),
             capped,
             checked_at_ms: now,
         };
         metrics::gauge!("tandem_pending_intents").set(b.live_intents as f64);
+        metrics::gauge!("tandem_held_intents").set(b.held_intents as f64);
         metrics::gauge!("tandem_expired_intents").set(b.expired_intents as f64);
         metrics::gauge!("tandem_oldest_intent_age_seconds")
             .set(b.oldest_intent_age_secs.unwrap_or(0.0));

@@ -104,11 +104,15 @@ pub struct Activity {
 /// Unresolved intents, as the last probe listed them.
 #[derive(Clone, Debug, Default, Serialize, ToSchema)]
 pub struct Backlog {
-    /// Unresolved intents (writes in flight, or left to recovery).
+    /// Unresolved intents (writes in flight, left to recovery, or held by
+    /// live sagas).
     pub live_intents: u64,
-    /// Of those, intents whose lease has ended: recovery's backlog.
+    /// Of those, intents held by a live saga: they end with the saga.
+    pub held_intents: u64,
+    /// Of those not held, intents whose lease has ended: recovery's backlog.
     pub expired_intents: u64,
-    /// Age of the oldest unresolved intent, in seconds (`null`: none).
+    /// Age of the oldest unresolved intent not held by a saga, in seconds
+    /// (`null`: none).
     pub oldest_intent_age_secs: Option<f64>,
     /// The listing stopped at its limit: there are at least this many.
     pub capped: bool,

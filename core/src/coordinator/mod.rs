@@ -209,8 +209,12 @@ pub struct VerifyReport {
     pub missing_points: Vec<RowRef>,
     /// Points referenced by no row and named by no live intent (violates I2).
     pub orphan_points: Vec<PointInfo>,
-    /// Unresolved intents (pending work for recovery or calls in flight).
+    /// Unresolved intents (pending work for recovery, calls in flight, or
+    /// steps of live sagas).
     pub live_intents: usize,
+    /// Of those, intents held by a live saga (its steps' superseded points,
+    /// kept for its compensation): they end with the saga, not by recovery.
+    pub held_intents: usize,
     /// Points named by unresolved intents.
     pub intent_points: usize,
 }
@@ -285,7 +289,11 @@ pub struct Stats {
     pub points: u64,
     /// Unresolved intents.
     pub live_intents: usize,
-    /// Unresolved intents whose lease has ended (recovery's backlog).
+    /// Of those, intents held by a live saga: they end with the saga (not
+    /// by recovery), however long it runs.
+    pub held_intents: usize,
+    /// Unresolved intents not held by a saga whose lease has ended
+    /// (recovery's backlog).
     pub expired_intents: usize,
 }
 

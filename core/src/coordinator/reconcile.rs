@@ -11,7 +11,9 @@ use super::{
     Coordinator, RepairReport, ScopeCounts, Stats, VerifyCursor, VerifyPage, VerifyReport,
 };
 use crate::error::{CoordinatorError, ValidationError};
-use crate::model::{IntentId, IntentKind, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope};
+use crate::model::{
+    IntentId, IntentKind, IntentState, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope,
+};
 use crate::ports::{MetadataRepo, RowRef, VectorIndex};
 
 /// Page size of the listings verify streams.
@@ -43,8 +45,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let rows = self.list_rows(scope).await?;
 
         let mut report = VerifyReport {
-            live_intents: intents.0,
-            intent_points: intents.1.len(),
+            live_intents: intents.live,
+            held_intents: intents.held,
+            intent_points: intents.named.len(),
             ..VerifyReport::default()
         };
         for p in points.values() {
@@ -61,7 +64,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         let orphans: Vec<PointInfo> = points
             .values()
-            .filter(|p| !referenced.contains(&p.id) && !intents.1.contains(&p.id))
+            .filter(|p| !referenced.contains(&p.id) && !intents.named.contains(&p.id))
             .cloned()
             .collect();
 
@@ -135,7 +138,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .filter(|p| !referenced.contains(&p.id))
                 .collect();
             if !unreferenced.is_empty() {
-                let (_, named) = self.intent_points().await?;
+                let named = self.intent_points().await?.named;
                 let candidates = unreferenced
                     .into_iter()
                     .filter(|p| !named.contains(&p.id))
@@ -217,7 +220,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// Number of live intents and the set of points they name.
-    async fn intent_points(&self) -> Result<(usize, HashSet<PointId>), CoordinatorError> {
+    /// The unresolved intents: how many, how many of them a live saga holds,
+    /// and every point they name.
+    async fn intent_points(&self) -> Result<IntentPoints, CoordinatorError> {
         let deadline = Instant::now() + self.config.call_deadline;
         let intents = self
             .metadata_call("metadata.list_intents", deadline, || {
@@ -228,7 +233,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .iter()
             .flat_map(|i| i.point_ids.iter().copied())
             .collect();
-        Ok((intents.len(), named))
+        Ok(IntentPoints {
+            live: intents.len(),
+            held: intents
+                .iter()
+                .filter(|i| i.state == IntentState::Held)
+                .count(),
+            named,
+        })
     }
 
     async fn confirm_missing(
@@ -264,7 +276,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         let ids: Vec<PointId> = candidates.iter().map(|p| p.id).collect();
         let referenced = self.referenced(&ids).await?;
-        let (_, named) = self.intent_points().await?;
+        let named = self.intent_points().await?.named;
         Ok(candidates
             .into_iter()
             .filter(|p| !referenced.contains(&p.id) && !named.contains(&p.id))
@@ -409,12 +421,22 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             })
             .await?;
         let now = self.clock.now_ms();
-        let expired = intents.iter().filter(|i| i.lease_deadline_ms < now).count();
+        let held = intents
+            .iter()
+            .filter(|i| i.state == IntentState::Held)
+            .count();
+        // A held intent's lease is not recovery's to wait for: it ends with
+        // its saga, however long that runs.
+        let expired = intents
+            .iter()
+            .filter(|i| i.state != IntentState::Held && i.lease_deadline_ms < now)
+            .count();
         metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
         Ok(Stats {
             rows_by_scope,
             points,
             live_intents: intents.len(),
+            held_intents: held,
             expired_intents: expired,
         })
     }
@@ -425,4 +447,14 @@ impl ScopeCounts {
     pub fn in_sync(&self) -> bool {
         self.rows == self.points
     }
+}
+
+/// What [`Coordinator::intent_points`] found.
+struct IntentPoints {
+    /// Unresolved intents.
+    live: usize,
+    /// Of those, intents held by a live saga.
+    held: usize,
+    /// Every point they name.
+    named: HashSet<PointId>,
 }

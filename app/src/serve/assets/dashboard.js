@@ -170,8 +170,9 @@ const PANELS = [
   {
     id: "intents", title: "Intents and recovery", rows: [
       ["live intents", "/backlog/live_intents", "count"],
+      ["held by live sagas", "/backlog/held_intents", "count"],
       ["expired intents (recovery backlog)", "/backlog/expired_intents", "count", (x) => x > 0],
-      ["oldest live intent age (s)", "/backlog/oldest_intent_age_secs", "secs"],
+      ["oldest intent age, not held (s)", "/backlog/oldest_intent_age_secs", "secs"],
       ["recovery runs", "/recovery/runs", "count"],
       ["recovery failures", "/recovery/failures", "count", (x) => x > 0],
     ],
