@@ -2894,6 +2894,22 @@ fn expect_finish(repo: &mut MockRepo, seq: &mut Sequence, log: &SagaLog, held: S
         .returning(|intents, _| Ok(intents.len()));
 }
 
+/// Registers and begins the dynamic saga "ingest" on `c` and runs its step
+/// "batch-0" (one record), whose outcome stays unknown
+/// ([`expect_step_with_unknown_outcome`] sets up the calls).
+async fn begin_with_an_unknown_step(
+    c: &Coordinator<MockRepo, MockIndex>,
+) -> tandem_core::SagaRun<'_, MockRepo, MockIndex> {
+    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
+    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
+    let err = run
+        .step("batch-0", Transaction::new().upsert(vec![record(1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.outcome(), Outcome::Unknown);
+    run
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_dynamic_saga_step_with_an_unknown_outcome_blocks_other_steps_and_is_retried_under_the_same_key()
  {
@@ -3097,13 +3113,7 @@ async fn finishing_a_dynamic_saga_whose_step_has_an_unknown_outcome_is_refused_w
     // step started, for recovery to settle and compensate after the lease).
 
     let c = coordinator(repo, index);
-    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
-    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
-    let err = run
-        .step("batch-0", Transaction::new().upsert(vec![record(1)]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.outcome(), Outcome::Unknown);
+    let run = begin_with_an_unknown_step(&c).await;
 
     let err = run.finish().await.unwrap_err();
     let id = log.created().id;
@@ -3147,13 +3157,7 @@ async fn aborting_a_saga_whose_step_has_an_unknown_outcome_hands_it_to_a_new_tok
     index.expect_delete().times(0);
 
     let c = coordinator(repo, index);
-    c.register_saga(SagaDefinition::dynamic("ingest")).unwrap();
-    let mut run = c.begin_saga("ingest", json!({})).await.unwrap();
-    let err = run
-        .step("batch-0", Transaction::new().upsert(vec![record(1)]))
-        .await
-        .unwrap_err();
-    assert_eq!(err.outcome(), Outcome::Unknown);
+    let run = begin_with_an_unknown_step(&c).await;
 
     let outcome = run.abort("the caller gave up").await.unwrap();
     assert_eq!(outcome.state, SagaState::Compensated);
