@@ -57,6 +57,23 @@ async fn locked(admin: &tokio_postgres::Client, table: &str, id: uuid::Uuid) -> 
     }
 }
 
+/// Waits until the row with this id is locked by another transaction, or
+/// gives up after ten seconds. A session shows `idle in transaction` between
+/// any two of the commit's statements, so one look is not enough: the probe
+/// waits for the state the gate must hold, which only an open commit reaches.
+async fn eventually_locked(admin: &tokio_postgres::Client, table: &str, id: uuid::Uuid) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if locked(admin, table, id).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn count(admin: &tokio_postgres::Client, sql: &str, id: uuid::Uuid) -> i64 {
     admin
         .query_one(sql, &[&id.to_string()])
@@ -92,11 +109,11 @@ async fn gated_commit_runs_its_statements_in_an_open_transaction_before_the_gate
         let probe = async {
             wait_for_session(&schema, &admin, "idle in transaction").await;
             assert!(
-                locked(&admin, "intents", intent.0).await,
+                eventually_locked(&admin, "intents", intent.0).await,
                 "{round}: the intent is not locked by the open commit"
             );
             assert!(
-                locked(&admin, "records", update.id.0).await,
+                eventually_locked(&admin, "records", update.id.0).await,
                 "{round}: the updated row is not locked by the open commit"
             );
             assert_eq!(
