@@ -1143,6 +1143,80 @@ where
     recover_after_leases(&world).await
 }
 
+/// A saga whose caller action runs for three leases (a slow external call)
+/// while another process's recovery runs every half lease. The driving
+/// process keeps the saga's lease while the action runs, so recovery never
+/// takes the saga over: the action runs once and the saga ends done. Without
+/// that heartbeat, recovery takes over a saga whose driver is alive — and runs
+/// the action a second time, or compensates it while the first run still acts.
+pub async fn slow_action_keeps_its_lease<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    let mut world = World::new(repo, index, config, 19);
+    world.seed().await;
+    world.bug = bug;
+    let lease = world.config.lease;
+    let runs = Arc::new(Mutex::new(0usize));
+    let counted = runs.clone();
+    world.sagas.push(
+        SagaDefinition::new("harness-slow")
+            .step(StepDefinition::tandem("reprice", |_| {
+                Ok(Transaction::new().upsert(vec![rec(0x2401, 0, "a")]))
+            }))
+            .step(StepDefinition::action(
+                "publish-slowly",
+                move |_ctx| {
+                    let runs = counted.clone();
+                    async move {
+                        *runs.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+                        tokio::time::sleep(lease * 3).await;
+                        Ok(json!({ "published": true }))
+                    }
+                },
+                |_ctx| async { Ok(()) },
+            )),
+    );
+    let driver = world.clean();
+    let other = world.clean();
+    let half = lease / 2;
+    let recoverer = async {
+        for _ in 0..7 {
+            tokio::time::sleep(half).await;
+            world.clock.advance(half);
+            other
+                .recover()
+                .await
+                .map_err(|e| format!("recovery failed: {e}"))?;
+        }
+        Ok::<_, String>(())
+    };
+    let (outcome, recovered) = tokio::join!(driver.run_saga("harness-slow", json!({})), recoverer);
+    recovered?;
+    let outcome = outcome.map_err(|e| {
+        format!("a saga whose action outlived its lease failed while its driver was alive: {e}")
+    })?;
+    if outcome.state != SagaState::Done {
+        return Err(format!(
+            "a saga whose action outlived its lease ended {:?}",
+            outcome.state
+        ));
+    }
+    let ran = *runs.lock().unwrap_or_else(PoisonError::into_inner);
+    if ran != 1 {
+        return Err(format!(
+            "the slow action ran {ran} times: recovery took over a saga whose driver was alive"
+        ));
+    }
+    recover_after_leases(&world).await
+}
+
 /// After every lease: a clean recovery, then exact equality (I2) and
 /// convergence (I7).
 async fn recover_after_leases<M, V>(world: &World<M, V>) -> Result<(), String>

@@ -127,6 +127,15 @@ pub enum Step {
         /// An injected fault.
         fault: Option<Injected>,
     },
+    /// The slow pool saga (upsert `a`, then a caller action that runs for
+    /// three leases) while another process's recovery runs every half
+    /// lease: the driver keeps the lease, so the saga ends done.
+    SlowSaga {
+        /// Pool ids of the Tandem step.
+        a: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+    },
     /// A dynamic saga (upsert `a`, then `b`) whose driver is alive while a
     /// recovery runs between its steps.
     SagaRace {
@@ -190,6 +199,33 @@ pub fn pool_saga() -> SagaDefinition {
                 } else {
                     Ok(json!({ "notified": true }))
                 }
+            },
+            |_| async { Ok(()) },
+        ))
+}
+
+/// The saga of [`Step::SlowSaga`]: upsert the input's `a`, then a caller
+/// action that takes three leases. Input: `{"a": [ids], "tag": n}`.
+pub fn slow_pool_saga(lease: Duration) -> SagaDefinition {
+    SagaDefinition::new("pool-slow")
+        .step(StepDefinition::tandem("a", move |ctx| {
+            let ids: Vec<u8> = ctx.input["a"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as u8)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let tag = ctx.input["tag"].as_u64().unwrap_or(0) as u8;
+            Ok(Transaction::new().upsert(batch(&ids, tag)))
+        }))
+        .step(StepDefinition::action(
+            "publish-slowly",
+            move |_| async move {
+                tokio::time::sleep(lease * 3).await;
+                Ok(json!({ "published": true }))
             },
             |_| async { Ok(()) },
         ))
@@ -292,6 +328,7 @@ pub fn step() -> impl Strategy<Value = Step> {
         2 => (ids(), ids(), any::<u8>(), prop::bool::weighted(0.4), maybe_fault())
             .prop_map(|(a, b, tag, fail, fault)| Step::Saga { a, b, tag, fail, fault }),
         1 => (ids(), ids(), any::<u8>()).prop_map(|(a, b, tag)| Step::SagaRace { a, b, tag }),
+        1 => (ids(), any::<u8>()).prop_map(|(a, tag)| Step::SlowSaga { a, tag }),
     ]
 }
 
@@ -408,6 +445,7 @@ where
     let mut world = World::new(repo, index, config, 3);
     world.bug = bug;
     world.sagas.push(pool_saga());
+    world.sagas.push(slow_pool_saga(world.config.lease));
     let mut model = Model::new();
     let mut landing: Vec<Vec<tandem_core::Point>> = Vec::new();
     for (n, step) in steps.iter().enumerate() {
@@ -596,6 +634,49 @@ where
                 let store = store_view(&*world.repo).await?;
                 settle_model(&mut model, applied, end, &store, &what)?;
                 check_sagas_ended(&world, &what).await?;
+            }
+            Step::SlowSaga { a, tag } => {
+                // Leases end during this step: what is still on its way lands first.
+                land(&world, std::mem::take(&mut landing)).await?;
+                let driver = world.clean();
+                let other = world.clean();
+                let half = world.config.lease / 2;
+                let recoverer = async {
+                    for _ in 0..7 {
+                        tokio::time::sleep(half).await;
+                        world.clock.advance(half);
+                        other
+                            .recover()
+                            .await
+                            .map_err(|e| format!("{what}: recovery: {e}"))?;
+                    }
+                    Ok::<_, String>(())
+                };
+                let (outcome, recovered) = tokio::join!(
+                    driver.run_saga("pool-slow", json!({ "a": a, "tag": tag })),
+                    recoverer
+                );
+                recovered?;
+                match outcome {
+                    Ok(o) if o.state == SagaState::Done => {}
+                    Ok(o) => {
+                        return Err(format!(
+                            "{what}: a saga whose action outlived its lease ended {:?} while its driver was alive",
+                            o.state
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "{what}: a saga whose action outlived its lease failed while its driver was alive: {e}"
+                        ));
+                    }
+                }
+                let mut applied = model.clone();
+                for &id in a {
+                    applied.insert(id, content(id, *tag));
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, Ended::Ok, &store, &what)?;
             }
             Step::SagaRace { a, b, tag } => {
                 let driver = world.clean();

@@ -2574,6 +2574,136 @@ fn pivot(name: &'static str, log: &SagaLog) -> StepDefinition {
     })
 }
 
+/// A caller action `name` that takes `takes` (tokio time) and counts when it
+/// ends; dropped before that, it never counts.
+fn slow_action(
+    name: &'static str,
+    log: &SagaLog,
+    takes: Duration,
+    ended: Arc<AtomicUsize>,
+) -> StepDefinition {
+    let (run_log, undo_log) = (log.clone(), log.clone());
+    StepDefinition::action(
+        name,
+        move |_ctx: SagaContext| {
+            let (log, ended) = (run_log.clone(), ended.clone());
+            async move {
+                log.event(format!("run {name}"));
+                tokio::time::sleep(takes).await;
+                ended.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({ "did": name }))
+            }
+        },
+        move |_ctx: SagaContext| {
+            let log = undo_log.clone();
+            async move {
+                log.event(format!("undo {name}"));
+                Ok(())
+            }
+        },
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_action_renews_its_sagas_lease_every_third_of_it_while_it_runs() {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    // create, started, three renewals (at a third, two thirds and one whole
+    // lease into the action), done, then the saga's end.
+    expect_saves(&mut repo, &mut seq, &log, 7);
+    let lease = config().lease;
+    let ended = Arc::new(AtomicUsize::new(0));
+    let c = coordinator(repo, index_mock());
+    c.register_saga(SagaDefinition::new("slow").step(slow_action(
+        "a",
+        &log,
+        lease + lease / 6,
+        ended.clone(),
+    )))
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let outcome = c.run_saga("slow", json!({})).await.unwrap();
+    assert_eq!(outcome.state, SagaState::Done);
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        1,
+        "the action ran to its end once"
+    );
+    assert_eq!(
+        started.elapsed(),
+        lease + lease / 6,
+        "the action was not held up"
+    );
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [a:Started]",
+            "run a",
+            "save running [a:Started]",
+            "save running [a:Started]",
+            "save running [a:Started]",
+            "save running [a:Done]",
+            "save done [a:Done]",
+        ]
+    );
+    // The renewals are journal writes like any other: fenced by the owner.
+    assert_fenced_by_creator(&log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_action_whose_lease_renewal_is_fenced_is_dropped_and_the_driver_stops() {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    expect_saves(&mut repo, &mut seq, &log, 2);
+    // The first renewal finds the saga taken over (recovery claimed it
+    // after this process stalled past the lease, say).
+    let fenced_log = log.clone();
+    repo.expect_saga_save()
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(move |saga, fence| {
+            fenced_log.saved(saga, fence);
+            Err(MetadataError::SagaFenced { saga: saga.id })
+        });
+    let lease = config().lease;
+    let ended = Arc::new(AtomicUsize::new(0));
+    let c = coordinator(repo, index_mock());
+    c.register_saga(SagaDefinition::new("slow").step(slow_action(
+        "a",
+        &log,
+        lease * 2,
+        ended.clone(),
+    )))
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = c.run_saga("slow", json!({})).await.unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::SagaFenced(_)),
+        "the driver stops with the fence: {err:?}"
+    );
+    assert_eq!(started.elapsed(), lease / 3, "stopped at the first renewal");
+    // Let the action's own time pass: it was dropped, so it never ends
+    // (and it is not compensated here: the saga is the new owner's).
+    tokio::time::sleep(lease * 3).await;
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        0,
+        "the dropped action never ended"
+    );
+    assert_eq!(
+        log.events(),
+        vec![
+            "save running []",
+            "save running [a:Started]",
+            "run a",
+            "save running [a:Started]",
+        ]
+    );
+}
+
 const REFUSED: &str = "the storefront refused the new prices (HTTP 422)";
 
 #[tokio::test(start_paused = true)]

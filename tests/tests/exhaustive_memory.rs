@@ -9,6 +9,7 @@ use tandem_core::Distance;
 use tandem_tests::harness::{
     DIM, Scenario, exhaustive_with, fault_config, late_write_lands_after_a_supersede,
     memory_caller_step, recovery_races_a_live_call, saga_races_recovery,
+    slow_action_keeps_its_lease,
 };
 
 #[tokio::test(start_paused = true)]
@@ -81,6 +82,18 @@ async fn a_late_landing_write_after_a_supersede_leaves_no_orphan() {
 #[tokio::test(start_paused = true)]
 async fn recovery_leaves_a_live_saga_alone() {
     saga_races_recovery(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_action_keeps_its_sagas_lease() {
+    slow_action_keeps_its_lease(
         InMemoryMetadataRepo::new(),
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(5)),

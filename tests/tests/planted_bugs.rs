@@ -10,7 +10,7 @@ use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::{Distance, PlantedBug};
 use tandem_tests::harness::{
     DIM, Scenario, exhaustive, fault_config, late_write_lands_after_a_supersede,
-    recovery_races_a_live_call, saga_races_recovery,
+    recovery_races_a_live_call, saga_races_recovery, slow_action_keeps_its_lease,
 };
 use tandem_tests::property::{property_config, run_history, step};
 
@@ -53,8 +53,12 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
         found.push(format!("late write after a supersede: {e}"));
     }
     let (repo, index) = stores();
-    if let Err(e) = saga_races_recovery(repo, index, config, Some(bug)).await {
+    if let Err(e) = saga_races_recovery(repo, index, config.clone(), Some(bug)).await {
         found.push(format!("saga racing recovery: {e}"));
+    }
+    let (repo, index) = stores();
+    if let Err(e) = slow_action_keeps_its_lease(repo, index, config, Some(bug)).await {
+        found.push(format!("slow saga action: {e}"));
     }
     found
 }

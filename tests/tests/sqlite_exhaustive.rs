@@ -14,7 +14,7 @@ use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
 use tandem_core::{Distance, SqlStep};
 use tandem_tests::harness::{
     CallerStep, DIM, Scenario, exhaustive_with, fault_config, recovery_races_a_live_call,
-    saga_races_recovery,
+    saga_races_recovery, slow_action_keeps_its_lease,
 };
 
 async fn open(dirs: &Mutex<Vec<tempfile::TempDir>>) -> SqliteMetadataRepo {
@@ -147,6 +147,19 @@ every_single_fault! {
 async fn recovery_leaves_a_live_saga_alone_on_sqlite() {
     let dirs = Mutex::new(Vec::new());
     saga_races_recovery(
+        open(&dirs).await,
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_action_keeps_its_sagas_lease_on_sqlite() {
+    let dirs = Mutex::new(Vec::new());
+    slow_action_keeps_its_lease(
         open(&dirs).await,
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(5)),

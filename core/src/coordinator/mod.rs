@@ -64,12 +64,16 @@ pub enum PlantedBug {
     /// A saga step's commit deletes the points it superseded or deleted at
     /// once, although the live saga still needs them for a compensation.
     CollectHeldGarbage,
+    /// A saga's caller action (or compensation) runs without the driver
+    /// renewing the saga's lease, so recovery takes over a live saga whose
+    /// action is merely slow.
+    ActionWithoutHeartbeat,
 }
 
 #[cfg(feature = "planted-bugs")]
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 13] = [
+    pub const ALL: [PlantedBug; 14] = [
         PlantedBug::CompensateOnUnknown,
         PlantedBug::RecoverIgnoringLeases,
         PlantedBug::DeleteOldPointsBeforeCommit,
@@ -83,6 +87,7 @@ impl PlantedBug {
         PlantedBug::CompensateInWrongOrder,
         PlantedBug::ResumeSagaWithoutLease,
         PlantedBug::CollectHeldGarbage,
+        PlantedBug::ActionWithoutHeartbeat,
     ];
 }
 
@@ -400,6 +405,7 @@ pub(crate) enum PlantedBugMarker {
     CompensateInWrongOrder,
     ResumeSagaWithoutLease,
     CollectHeldGarbage,
+    ActionWithoutHeartbeat,
 }
 
 #[cfg(feature = "planted-bugs")]

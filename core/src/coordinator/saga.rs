@@ -482,6 +482,75 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
         }
     }
 
+    /// Runs a caller's action or compensation while keeping the saga's
+    /// lease: every third of the lease the saga is journaled again (fenced
+    /// by its owner token, which renews the lease), at the same time as the
+    /// action goes on. So recovery never takes over a saga whose driver is
+    /// alive merely because an action is slow — it would run the action a
+    /// second time, or compensate it while the first run still acts.
+    ///
+    /// The driver stops holding the saga — and drops the action, which
+    /// cancels it at its next await — when a renewal is fenced (the saga was
+    /// taken over: [`CoordinatorError::SagaFenced`]), or when the lease runs
+    /// out before a renewal succeeded (the metadata store stayed unreachable:
+    /// the last renewal's error, else [`CoordinatorError::DeadlineExceeded`]).
+    /// Past its lease the saga is recovery's; an action still running here
+    /// then could act after recovery compensated it.
+    async fn keep_lease<T>(
+        &mut self,
+        work: futures::future::BoxFuture<'static, T>,
+    ) -> Result<T, CoordinatorError> {
+        let mut work = work;
+        if self.c.bug(Bug::ActionWithoutHeartbeat) {
+            return Ok(work.await);
+        }
+        let lease = self.c.config.lease;
+        let period = lease / 3;
+        // The step's `Started` save renewed the lease just before the action
+        // began; count a third of it as spent, to stay on the safe side.
+        let mut held_until = Instant::now() + lease - period;
+        let mut last_error = None;
+        let saga = self.saga.id;
+        loop {
+            let next = (Instant::now() + period).min(held_until);
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                () = tokio::time::sleep_until(next) => {}
+            }
+            if Instant::now() >= held_until {
+                return Err(lapsed(last_error, lease));
+            }
+            let started = Instant::now();
+            let renewal = self.save();
+            tokio::pin!(renewal);
+            tokio::select! {
+                renewed = &mut renewal => match renewed {
+                    Ok(_) => {
+                        held_until = started + lease;
+                        last_error = None;
+                    }
+                    Err(e @ CoordinatorError::SagaFenced(_)) => return Err(e),
+                    Err(e) => {
+                        warn!(saga = %saga, error = %e, "could not renew the saga's lease while an action runs");
+                        last_error = Some(e);
+                    }
+                },
+                out = &mut work => {
+                    // The action ended first: its result stands unless the
+                    // saga was taken over meanwhile (any other renewal error
+                    // is for the next journal write to meet).
+                    return match renewal.await {
+                        Err(e @ CoordinatorError::SagaFenced(_)) => Err(e),
+                        _ => Ok(out),
+                    };
+                }
+                () = tokio::time::sleep_until(held_until) => {
+                    return Err(lapsed(last_error, lease));
+                }
+            }
+        }
+    }
+
     /// Journals the saga exactly as it is (lease included).
     async fn save_raw(&mut self) -> Result<Vec<Intent>, CoordinatorError> {
         self.save_fenced(self.saga.owner).await
@@ -668,8 +737,9 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
                 self.tandem_step(index, tx).await.map(|_| ())
             }
             StepBody::Action { run, .. } => {
-                let output = run(self.context(index))
-                    .await
+                let output = self
+                    .keep_lease(run(self.context(index)))
+                    .await?
                     .map_err(CoordinatorError::Action)?;
                 let s = &mut self.saga.steps[index];
                 s.state = StepState::Done;
@@ -859,8 +929,8 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
                     });
                 match compensate {
                     Some(compensate) => {
-                        compensate(self.context(index))
-                            .await
+                        self.keep_lease(compensate(self.context(index)))
+                            .await?
                             .map_err(CoordinatorError::Action)?;
                     }
                     None if self.def.is_none() => {
@@ -984,4 +1054,11 @@ fn note_restored(
             },
         );
     }
+}
+
+/// The error of an action dropped because the saga's lease ran out before a
+/// renewal succeeded.
+fn lapsed(last_error: Option<CoordinatorError>, lease: std::time::Duration) -> CoordinatorError {
+    warn!("the saga's lease ran out while an action ran; the action was dropped");
+    last_error.unwrap_or(CoordinatorError::DeadlineExceeded(lease))
 }
