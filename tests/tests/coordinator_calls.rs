@@ -2704,6 +2704,71 @@ async fn a_slow_action_whose_lease_renewal_is_fenced_is_dropped_and_the_driver_s
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_slow_action_whose_lease_cannot_be_renewed_is_dropped_when_the_lease_runs_out() {
+    let mut seq = Sequence::new();
+    let mut repo = MockRepo::new();
+    let log = SagaLog::default();
+    expect_saves(&mut repo, &mut seq, &log, 2);
+    // The renewal a third of the lease into the action: the metadata store
+    // is unreachable through every retry.
+    let failing = log.clone();
+    repo.expect_saga_save()
+        .times(config().retry.max_attempts as usize)
+        .in_sequence(&mut seq)
+        .returning(move |_, _| {
+            failing.event("renewal failed".into());
+            Err(MetadataError::transient("connection refused"))
+        });
+    // The store is back for what follows: the failed step is compensated.
+    expect_saves(&mut repo, &mut seq, &log, 3);
+    let lease = config().lease;
+    let ended = Arc::new(AtomicUsize::new(0));
+    let c = coordinator(repo, index_mock());
+    c.register_saga(SagaDefinition::new("slow").step(slow_action(
+        "a",
+        &log,
+        lease * 2,
+        ended.clone(),
+    )))
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let outcome = c.run_saga("slow", json!({})).await.unwrap();
+    // The action began right after the step's `Started` save; with no
+    // renewal since, the driver counts its lease as held for two thirds of
+    // it from there, and no longer.
+    let stopped = started.elapsed();
+    assert!(
+        stopped >= lease * 2 / 3 && stopped < lease,
+        "the driver held on for {stopped:?} with a lease of {lease:?}"
+    );
+    assert_eq!(outcome.state, SagaState::Compensated);
+    tokio::time::sleep(lease * 3).await;
+    assert_eq!(
+        ended.load(Ordering::SeqCst),
+        0,
+        "the dropped action never ended"
+    );
+    let mut expected = vec!["save running []", "save running [a:Started]", "run a"];
+    expected.extend(std::iter::repeat_n(
+        "renewal failed",
+        config().retry.max_attempts as usize,
+    ));
+    expected.extend([
+        "save compensating [a:Started]",
+        "undo a",
+        "save compensating [a:Compensated]",
+        "save compensated [a:Compensated]",
+    ]);
+    assert_eq!(log.events(), expected);
+    let saves = log.saves();
+    let why = saves[2].0.last_error.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("connection refused"),
+        "the compensation says why: {why}"
+    );
+}
+
 const REFUSED: &str = "the storefront refused the new prices (HTTP 422)";
 
 #[tokio::test(start_paused = true)]
