@@ -22,7 +22,7 @@ use tandem_tests::harness::{
     recovery_races_a_live_call, saga_races_recovery,
 };
 use tandem_tests::pg::TestSchema;
-use tandem_tests::property::{run_history, step};
+use tandem_tests::property::{real_time_step, run_history};
 
 const DEADLINE: Duration = Duration::from_millis(300);
 
@@ -209,7 +209,7 @@ fn random_histories_keep_every_invariant_on_postgres() {
         ..Config::default()
     });
     let (s, a, r) = (&schema, &admin, &repo);
-    let outcome = runner.run(&prop::collection::vec(step(), 1..10), |steps| {
+    let outcome = runner.run(&prop::collection::vec(real_time_step(), 1..10), |steps| {
         let result = rt.block_on(run_history(
             move || async move {
                 s.truncate(a).await;
