@@ -29,7 +29,7 @@ use tandem_tests::network::{
     NetCase, NetFault, NetworkSummary, connect_index, network_exhaustive, network_faults,
     outcome_kind,
 };
-use tandem_tests::property::{run_history, step};
+use tandem_tests::property::{real_time_step, run_history};
 use tandem_tests::qdrant_double::QdrantDouble;
 
 /// The client's request timeout: well below the call deadline, so that a
@@ -261,7 +261,7 @@ fn random_histories_over_the_network_keep_every_invariant() {
         failure_persistence: None,
         ..Config::default()
     });
-    let result = runner.run(&prop::collection::vec(step(), 1..10), |steps| {
+    let result = runner.run(&prop::collection::vec(real_time_step(), 1..10), |steps| {
         let made: Mutex<Option<QdrantVectorIndex>> = Mutex::new(None);
         let (url, made_ref) = (&url, &made);
         let outcome = rt.block_on(run_history(
