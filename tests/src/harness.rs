@@ -19,8 +19,9 @@ use tandem_core::testkit::faults::{
 use tandem_core::{
     CommitStep, CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteSelector,
     IntentId, IntentKind, Limits, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken,
-    PlantedBug, Point, PointId, RecordId, RetryPolicy, RowWrite, SagaDefinition, SagaOutcome,
-    SagaState, Scope, StepDefinition, StoredRecord, Transaction, VectorIndex, WriteOptions,
+    PlantedBug, Point, PointId, RecordId, RetryPolicy, RowWrite, SagaContext, SagaDefinition,
+    SagaOutcome, SagaState, Scope, StepDefinition, StoredRecord, Transaction, VectorIndex,
+    WriteOptions,
 };
 use uuid::Uuid;
 
@@ -1143,12 +1144,81 @@ where
     recover_after_leases(&world).await
 }
 
-/// A saga whose caller action runs for three leases (a slow external call)
-/// while another process's recovery runs every half lease. The driving
-/// process keeps the saga's lease while the action runs, so recovery never
-/// takes the saga over: the action runs once and the saga ends done. Without
-/// that heartbeat, recovery takes over a saga whose driver is alive — and runs
-/// the action a second time, or compensates it while the first run still acts.
+/// How many times a [`slow_saga`]'s action started.
+pub type Runs = Arc<Mutex<usize>>;
+
+/// A saga `name`: a Tandem step that commits what `build` returns, then a
+/// caller action that takes three leases of tokio time (a slow external
+/// call) and counts its runs in the returned [`Runs`].
+pub fn slow_saga(
+    name: &str,
+    lease: Duration,
+    build: impl Fn(&SagaContext) -> Result<Transaction, tandem_core::BoxError> + Send + Sync + 'static,
+) -> (SagaDefinition, Runs) {
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let saga = SagaDefinition::new(name)
+        .step(StepDefinition::tandem("write", build))
+        .step(StepDefinition::action(
+            "publish-slowly",
+            move |_ctx| {
+                let runs = counted.clone();
+                async move {
+                    *runs.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+                    tokio::time::sleep(lease * 3).await;
+                    Ok(json!({ "published": true }))
+                }
+            },
+            |_ctx| async { Ok(()) },
+        ));
+    (saga, runs)
+}
+
+impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
+    /// Runs the registered saga `name` to its end in one process while
+    /// another process's recovery runs every half lease, seven times (the
+    /// clock moving on by half a lease each time). A saga that does not end
+    /// done is an error: its driver was alive all along.
+    pub async fn run_saga_while_recovering(
+        &self,
+        name: &str,
+        input: serde_json::Value,
+    ) -> Result<(), String> {
+        let driver = self.clean();
+        let other = self.clean();
+        let half = self.config.lease / 2;
+        let recoverer = async {
+            for _ in 0..7 {
+                tokio::time::sleep(half).await;
+                self.clock.advance(half);
+                other
+                    .recover()
+                    .await
+                    .map_err(|e| format!("recovery failed: {e}"))?;
+            }
+            Ok::<_, String>(())
+        };
+        let (outcome, recovered) = tokio::join!(driver.run_saga(name, input), recoverer);
+        recovered?;
+        match outcome {
+            Ok(o) if o.state == SagaState::Done => Ok(()),
+            Ok(o) => Err(format!(
+                "a saga whose action outlived its lease ended {:?} while its driver was alive",
+                o.state
+            )),
+            Err(e) => Err(format!(
+                "a saga whose action outlived its lease failed while its driver was alive: {e}"
+            )),
+        }
+    }
+}
+
+/// A [`slow_saga`] while another process's recovery runs every half lease.
+/// The driving process keeps the saga's lease while the action runs, so
+/// recovery never takes the saga over: the action runs once and the saga ends
+/// done. Without that heartbeat, recovery takes over a saga whose driver is
+/// alive — and runs the action a second time, or compensates it while the
+/// first run still acts.
 pub async fn slow_action_keeps_its_lease<M, V>(
     repo: M,
     index: V,
@@ -1162,52 +1232,13 @@ where
     let mut world = World::new(repo, index, config, 19);
     world.seed().await;
     world.bug = bug;
-    let lease = world.config.lease;
-    let runs = Arc::new(Mutex::new(0usize));
-    let counted = runs.clone();
-    world.sagas.push(
-        SagaDefinition::new("harness-slow")
-            .step(StepDefinition::tandem("reprice", |_| {
-                Ok(Transaction::new().upsert(vec![rec(0x2401, 0, "a")]))
-            }))
-            .step(StepDefinition::action(
-                "publish-slowly",
-                move |_ctx| {
-                    let runs = counted.clone();
-                    async move {
-                        *runs.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-                        tokio::time::sleep(lease * 3).await;
-                        Ok(json!({ "published": true }))
-                    }
-                },
-                |_ctx| async { Ok(()) },
-            )),
-    );
-    let driver = world.clean();
-    let other = world.clean();
-    let half = lease / 2;
-    let recoverer = async {
-        for _ in 0..7 {
-            tokio::time::sleep(half).await;
-            world.clock.advance(half);
-            other
-                .recover()
-                .await
-                .map_err(|e| format!("recovery failed: {e}"))?;
-        }
-        Ok::<_, String>(())
-    };
-    let (outcome, recovered) = tokio::join!(driver.run_saga("harness-slow", json!({})), recoverer);
-    recovered?;
-    let outcome = outcome.map_err(|e| {
-        format!("a saga whose action outlived its lease failed while its driver was alive: {e}")
-    })?;
-    if outcome.state != SagaState::Done {
-        return Err(format!(
-            "a saga whose action outlived its lease ended {:?}",
-            outcome.state
-        ));
-    }
+    let (saga, runs) = slow_saga("harness-slow", world.config.lease, |_| {
+        Ok(Transaction::new().upsert(vec![rec(0x2401, 0, "a")]))
+    });
+    world.sagas.push(saga);
+    world
+        .run_saga_while_recovering("harness-slow", json!({}))
+        .await?;
     let ran = *runs.lock().unwrap_or_else(PoisonError::into_inner);
     if ran != 1 {
         return Err(format!(

@@ -20,7 +20,7 @@ use tandem_core::{
     WriteOptions,
 };
 
-use crate::harness::{World, rid};
+use crate::harness::{World, rid, slow_saga};
 use crate::invariants;
 
 /// Size of the id pool: small, so that histories hit the same ids often.
@@ -204,31 +204,23 @@ pub fn pool_saga() -> SagaDefinition {
         ))
 }
 
-/// The saga of [`Step::SlowSaga`]: upsert the input's `a`, then a caller
-/// action that takes three leases. Input: `{"a": [ids], "tag": n}`.
+/// The saga of [`Step::SlowSaga`]: a [`slow_saga`] whose Tandem step upserts
+/// the input's `a`. Input: `{"a": [ids], "tag": n}`.
 pub fn slow_pool_saga(lease: Duration) -> SagaDefinition {
-    SagaDefinition::new("pool-slow")
-        .step(StepDefinition::tandem("a", move |ctx| {
-            let ids: Vec<u8> = ctx.input["a"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_u64())
-                        .map(|x| x as u8)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let tag = ctx.input["tag"].as_u64().unwrap_or(0) as u8;
-            Ok(Transaction::new().upsert(batch(&ids, tag)))
-        }))
-        .step(StepDefinition::action(
-            "publish-slowly",
-            move |_| async move {
-                tokio::time::sleep(lease * 3).await;
-                Ok(json!({ "published": true }))
-            },
-            |_| async { Ok(()) },
-        ))
+    slow_saga("pool-slow", lease, |ctx| {
+        let ids: Vec<u8> = ctx.input["a"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u8)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tag = ctx.input["tag"].as_u64().unwrap_or(0) as u8;
+        Ok(Transaction::new().upsert(batch(&ids, tag)))
+    })
+    .0
 }
 
 fn call_strategy() -> impl Strategy<Value = Call> {
@@ -647,39 +639,10 @@ where
             Step::SlowSaga { a, tag } => {
                 // Leases end during this step: what is still on its way lands first.
                 land(&world, std::mem::take(&mut landing)).await?;
-                let driver = world.clean();
-                let other = world.clean();
-                let half = world.config.lease / 2;
-                let recoverer = async {
-                    for _ in 0..7 {
-                        tokio::time::sleep(half).await;
-                        world.clock.advance(half);
-                        other
-                            .recover()
-                            .await
-                            .map_err(|e| format!("{what}: recovery: {e}"))?;
-                    }
-                    Ok::<_, String>(())
-                };
-                let (outcome, recovered) = tokio::join!(
-                    driver.run_saga("pool-slow", json!({ "a": a, "tag": tag })),
-                    recoverer
-                );
-                recovered?;
-                match outcome {
-                    Ok(o) if o.state == SagaState::Done => {}
-                    Ok(o) => {
-                        return Err(format!(
-                            "{what}: a saga whose action outlived its lease ended {:?} while its driver was alive",
-                            o.state
-                        ));
-                    }
-                    Err(e) => {
-                        return Err(format!(
-                            "{what}: a saga whose action outlived its lease failed while its driver was alive: {e}"
-                        ));
-                    }
-                }
+                world
+                    .run_saga_while_recovering("pool-slow", json!({ "a": a, "tag": tag }))
+                    .await
+                    .map_err(|e| format!("{what}: {e}"))?;
                 let mut applied = model.clone();
                 for &id in a {
                     applied.insert(id, content(id, *tag));

@@ -2604,6 +2604,20 @@ fn slow_action(
     )
 }
 
+/// A coordinator over `repo` with the saga "slow": one [`slow_action`] "a"
+/// taking `takes`; and the count of the action's ends.
+fn slow_saga(
+    repo: MockRepo,
+    log: &SagaLog,
+    takes: Duration,
+) -> (Coordinator<MockRepo, MockIndex>, Arc<AtomicUsize>) {
+    let ended = Arc::new(AtomicUsize::new(0));
+    let c = coordinator(repo, index_mock());
+    c.register_saga(SagaDefinition::new("slow").step(slow_action("a", log, takes, ended.clone())))
+        .unwrap();
+    (c, ended)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_action_renews_its_sagas_lease_every_third_of_it_while_it_runs() {
     let mut seq = Sequence::new();
@@ -2613,15 +2627,7 @@ async fn a_slow_action_renews_its_sagas_lease_every_third_of_it_while_it_runs() 
     // lease into the action), done, then the saga's end.
     expect_saves(&mut repo, &mut seq, &log, 7);
     let lease = config().lease;
-    let ended = Arc::new(AtomicUsize::new(0));
-    let c = coordinator(repo, index_mock());
-    c.register_saga(SagaDefinition::new("slow").step(slow_action(
-        "a",
-        &log,
-        lease + lease / 6,
-        ended.clone(),
-    )))
-    .unwrap();
+    let (c, ended) = slow_saga(repo, &log, lease + lease / 6);
     let started = tokio::time::Instant::now();
     let outcome = c.run_saga("slow", json!({})).await.unwrap();
     assert_eq!(outcome.state, SagaState::Done);
@@ -2669,15 +2675,7 @@ async fn a_slow_action_whose_lease_renewal_is_fenced_is_dropped_and_the_driver_s
             Err(MetadataError::SagaFenced { saga: saga.id })
         });
     let lease = config().lease;
-    let ended = Arc::new(AtomicUsize::new(0));
-    let c = coordinator(repo, index_mock());
-    c.register_saga(SagaDefinition::new("slow").step(slow_action(
-        "a",
-        &log,
-        lease * 2,
-        ended.clone(),
-    )))
-    .unwrap();
+    let (c, ended) = slow_saga(repo, &log, lease * 2);
     let started = tokio::time::Instant::now();
     let err = c.run_saga("slow", json!({})).await.unwrap_err();
     assert!(
@@ -2723,15 +2721,7 @@ async fn a_slow_action_whose_lease_cannot_be_renewed_is_dropped_when_the_lease_r
     // The store is back for what follows: the failed step is compensated.
     expect_saves(&mut repo, &mut seq, &log, 3);
     let lease = config().lease;
-    let ended = Arc::new(AtomicUsize::new(0));
-    let c = coordinator(repo, index_mock());
-    c.register_saga(SagaDefinition::new("slow").step(slow_action(
-        "a",
-        &log,
-        lease * 2,
-        ended.clone(),
-    )))
-    .unwrap();
+    let (c, ended) = slow_saga(repo, &log, lease * 2);
     let started = tokio::time::Instant::now();
     let outcome = c.run_saga("slow", json!({})).await.unwrap();
     // The action began right after the step's `Started` save; with no

@@ -498,9 +498,8 @@ impl<M: MetadataRepo, V: VectorIndex> SagaDriver<'_, M, V> {
     /// then could act after recovery compensated it.
     async fn keep_lease<T>(
         &mut self,
-        work: futures::future::BoxFuture<'static, T>,
+        mut work: futures::future::BoxFuture<'static, T>,
     ) -> Result<T, CoordinatorError> {
-        let mut work = work;
         if self.c.bug(Bug::ActionWithoutHeartbeat) {
             return Ok(work.await);
         }
