@@ -466,6 +466,20 @@ pub struct Intent {
     pub created_ms: i64,
 }
 
+impl Intent {
+    /// Held by a live saga: it ends with the saga (not by recovery), however
+    /// long that runs.
+    pub fn is_held(&self) -> bool {
+        self.state == IntentState::Held
+    }
+
+    /// Recovery's to act on at `now_ms`: its lease ended and no live saga
+    /// holds it.
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        !self.is_held() && self.lease_deadline_ms < now_ms
+    }
+}
+
 /// The prepare step's request: a new intent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewIntent {

@@ -21,9 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use tandem_core::{
-    Intent, IntentState, PointId, SagaCounts, SagaState, Scope, VerifyCursor, unix_ms,
-};
+use tandem_core::{PointId, SagaCounts, SagaState, Scope, VerifyCursor, unix_ms};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -237,15 +235,17 @@ async fn probe(ctx: &Context) {
         let now = now_ms();
         let capped = intents.len() > BACKLOG_LIMIT;
         let listed = &intents[..intents.len().min(BACKLOG_LIMIT)];
-        // Intents held by a live saga end with it (not by recovery), however
-        // long it runs: they are counted apart and neither expire nor age.
-        let (held, unheld): (Vec<&Intent>, Vec<&Intent>) =
-            listed.iter().partition(|i| i.state == IntentState::Held);
-        let oldest = unheld.iter().map(|i| i.created_ms).min();
+        // Intents held by a live saga end with it (not by recovery): they
+        // are counted apart and neither expire nor age.
+        let oldest = listed
+            .iter()
+            .filter(|i| !i.is_held())
+            .map(|i| i.created_ms)
+            .min();
         let b = Backlog {
             live_intents: listed.len() as u64,
-            held_intents: held.len() as u64,
-            expired_intents: unheld.iter().filter(|i| i.lease_deadline_ms < now).count() as u64,
+            held_intents: listed.iter().filter(|i| i.is_held()).count() as u64,
+            expired_intents: listed.iter().filter(|i| i.is_expired(now)).count() as u64,
             oldest_intent_age_secs: oldest.map(|ms| round3((now - ms).max(0) as f64 / 1e3)),
             capped,
             checked_at_ms: now,

@@ -11,9 +11,7 @@ use super::{
     Coordinator, RepairReport, ScopeCounts, Stats, VerifyCursor, VerifyPage, VerifyReport,
 };
 use crate::error::{CoordinatorError, ValidationError};
-use crate::model::{
-    IntentId, IntentKind, IntentState, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope,
-};
+use crate::model::{IntentId, IntentKind, NewIntent, OwnerToken, Point, PointId, PointInfo, Scope};
 use crate::ports::{MetadataRepo, RowRef, VectorIndex};
 
 /// Page size of the listings verify streams.
@@ -219,7 +217,6 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
     }
 
-    /// Number of live intents and the set of points they name.
     /// The unresolved intents: how many, how many of them a live saga holds,
     /// and every point they name.
     async fn intent_points(&self) -> Result<IntentPoints, CoordinatorError> {
@@ -235,10 +232,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .collect();
         Ok(IntentPoints {
             live: intents.len(),
-            held: intents
-                .iter()
-                .filter(|i| i.state == IntentState::Held)
-                .count(),
+            held: intents.iter().filter(|i| i.is_held()).count(),
             named,
         })
     }
@@ -421,16 +415,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             })
             .await?;
         let now = self.clock.now_ms();
-        let held = intents
-            .iter()
-            .filter(|i| i.state == IntentState::Held)
-            .count();
-        // A held intent's lease is not recovery's to wait for: it ends with
-        // its saga, however long that runs.
-        let expired = intents
-            .iter()
-            .filter(|i| i.state != IntentState::Held && i.lease_deadline_ms < now)
-            .count();
+        let held = intents.iter().filter(|i| i.is_held()).count();
+        let expired = intents.iter().filter(|i| i.is_expired(now)).count();
         metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
         Ok(Stats {
             rows_by_scope,
