@@ -58,6 +58,7 @@ pub async fn delete(
     };
     let opts = WriteOptions {
         idempotency_key: args.idempotency_key,
+        write_mode: None,
     };
     let report = c
         .delete_with(selector, &opts)

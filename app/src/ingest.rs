@@ -387,6 +387,7 @@ pub async fn run(
                 summary.records_embedded += batch.to_embed.len() as u64;
                 let opts = WriteOptions {
                     idempotency_key: key_prefix.as_ref().map(|p| format!("{p}:{number}")),
+                    write_mode: None,
                 };
                 let written = match saga.as_mut() {
                     None => {
@@ -1668,9 +1669,7 @@ mod tests {
         }
 
         fn keyed(key: &str) -> WriteOptions {
-            WriteOptions {
-                idempotency_key: Some(key.into()),
-            }
+            WriteOptions::idempotent(key)
         }
 
         async fn write(

@@ -76,6 +76,86 @@ impl Default for Limits {
     }
 }
 
+/// How a write reaches the vector index.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// The call writes the index itself: on `Ok` the records are searchable
+    /// (`docs/protocol.md`).
+    #[default]
+    Sync,
+    /// The call commits the rows and a pending-index entry per record in one
+    /// metadata transaction and returns; index workers write the points
+    /// later (`docs/deferred.md`). Needs no index to be up.
+    Deferred,
+}
+
+impl WriteMode {
+    /// `sync` or `deferred`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WriteMode::Sync => "sync",
+            WriteMode::Deferred => "deferred",
+        }
+    }
+}
+
+impl std::str::FromStr for WriteMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sync" => Ok(WriteMode::Sync),
+            "deferred" => Ok(WriteMode::Deferred),
+            other => Err(format!(
+                "unknown write mode {other:?} (expected sync or deferred)"
+            )),
+        }
+    }
+}
+
+/// How index workers bring deferred writes into the index
+/// ([`Coordinator::index_pending`](crate::Coordinator::index_pending)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexingConfig {
+    /// Pending entries claimed (and written as one unit) per batch.
+    pub batch: usize,
+    /// An entry is dead-lettered after this many failed attempts that were
+    /// its own (a rejected point, a permanent error). Transient failures —
+    /// the index unreachable, overloaded or slow — never count: an outage
+    /// delays the backlog, it does not dead-letter it.
+    pub max_attempts: u32,
+    /// Back-off of an entry after a failed attempt (doubled per attempt).
+    pub retry_backoff: Duration,
+    /// The largest back-off.
+    pub max_retry_backoff: Duration,
+    /// How long an idle worker waits before it looks for work again.
+    pub idle_poll: Duration,
+}
+
+impl Default for IndexingConfig {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            max_attempts: 5,
+            retry_backoff: Duration::from_millis(500),
+            max_retry_backoff: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+impl IndexingConfig {
+    /// The back-off after the `attempt`-th failure (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(20);
+        self.retry_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_retry_backoff)
+    }
+}
+
 /// Everything the [`Coordinator`](crate::Coordinator) needs to know.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CoordinatorConfig {
@@ -109,6 +189,11 @@ pub struct CoordinatorConfig {
     /// `COMMIT` waits for it. Off: the commit starts after the index write.
     /// Both keep every invariant (see `docs/protocol.md`).
     pub overlap_index_write: bool,
+    /// The write mode of calls that do not choose one
+    /// ([`WriteOptions::write_mode`](crate::WriteOptions::write_mode)).
+    pub write_mode: WriteMode,
+    /// Index workers' settings (deferred writes).
+    pub indexing: IndexingConfig,
 }
 
 impl Default for CoordinatorConfig {
@@ -123,6 +208,8 @@ impl Default for CoordinatorConfig {
             recovery_batch: 256,
             orphan_grace: Duration::from_secs(600),
             overlap_index_write: true,
+            write_mode: WriteMode::Sync,
+            indexing: IndexingConfig::default(),
         }
     }
 }
@@ -160,6 +247,11 @@ impl CoordinatorConfig {
         if self.search_overfetch == 0 || self.recovery_batch == 0 {
             return Err(CoordinatorError::Config(
                 "search_overfetch and recovery_batch must be positive".into(),
+            ));
+        }
+        if self.indexing.batch == 0 || self.indexing.max_attempts == 0 {
+            return Err(CoordinatorError::Config(
+                "indexing.batch and indexing.max_attempts must be positive".into(),
             ));
         }
         Ok(())

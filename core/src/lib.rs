@@ -22,7 +22,7 @@ pub mod saga;
 pub mod transaction;
 
 pub use clock::{Clock, SystemClock};
-pub use config::{CoordinatorConfig, Limits, RetryPolicy};
+pub use config::{CoordinatorConfig, IndexingConfig, Limits, RetryPolicy, WriteMode};
 pub use coordinator::{
     Coordinator, DeleteReport, RecoveryReport, RepairReport, SagaRun, ScopeCounts, SearchQuery,
     Stats, UpsertReport, VerifyCursor, VerifyPage, VerifyReport, WriteOptions,

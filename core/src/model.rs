@@ -380,6 +380,9 @@ pub enum IntentKind {
     /// A [`Transaction`](crate::Transaction) of several parts (or with a
     /// caller step, or a saga step's, or a saga compensation's restore).
     Transaction,
+    /// An index worker's batch: new points for records written in deferred
+    /// mode, switched in by [`CommitPart::Index`].
+    Index,
 }
 
 impl IntentKind {
@@ -390,6 +393,7 @@ impl IntentKind {
             IntentKind::Delete => "delete",
             IntentKind::Repair => "repair",
             IntentKind::Transaction => "transaction",
+            IntentKind::Index => "index",
         }
     }
     /// Parses [`IntentKind::as_str`].
@@ -399,6 +403,7 @@ impl IntentKind {
             "delete" => Some(IntentKind::Delete),
             "repair" => Some(IntentKind::Repair),
             "transaction" => Some(IntentKind::Transaction),
+            "index" => Some(IntentKind::Index),
             _ => None,
         }
     }
@@ -559,6 +564,128 @@ pub enum CommitPart {
     /// (`after_version`); a record changed since is left alone and reported
     /// as a conflict.
     Restore(Vec<UndoImage>),
+    /// A deferred write (`WriteMode::Deferred`): insert or update these rows
+    /// **without** switching their points, and enqueue (or coalesce) one
+    /// [`PendingIndex`] entry per record, with its vector, for the index
+    /// workers. An existing row keeps the point it references (its previous
+    /// vector stays findable); a new row references its `point_id`, which is
+    /// reserved and not written: the record is found by no search until a
+    /// worker indexes it.
+    Defer {
+        /// The rows (their vectors go into the pending entries).
+        rows: Vec<RowWrite>,
+        /// When the entries are enqueued (kept by a coalesced entry).
+        now_ms: i64,
+    },
+    /// An index worker's switch: for each record, if the row is still at
+    /// `version` and its pending entry is at `version` and claimed by
+    /// `claim`, point the row at the new `point_id` (its old point becomes
+    /// garbage) and remove the entry; otherwise the new point is garbage.
+    /// The row's version does not change: indexing is not a write.
+    Index {
+        /// The token the worker claimed the entries with.
+        claim: OwnerToken,
+        /// One switch per record.
+        switches: Vec<IndexSwitch>,
+    },
+}
+
+/// One record of an index worker's switch ([`CommitPart::Index`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSwitch {
+    /// The record.
+    pub record_id: RecordId,
+    /// The version the worker wrote a point for.
+    pub version: u64,
+    /// The point it wrote.
+    pub point_id: PointId,
+}
+
+/// A record's pending-index entry: a deferred write not yet in the index.
+///
+/// There is at most one per record (later deferred writes coalesce into it:
+/// only the newest version is ever indexed). A worker claims it for a while
+/// (`claim_until_ms`), writes a point for `version` and switches the row to
+/// it; a synchronous write or a delete of the record removes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingIndex {
+    /// The record.
+    pub record_id: RecordId,
+    /// The row version to index (the row's current version while the entry is current).
+    pub version: u64,
+    /// The version the row's current point holds; 0: the record was never
+    /// indexed (its row references a reserved point that does not exist).
+    pub indexed_version: u64,
+    /// The record's scope at `version`.
+    pub scope: Scope,
+    /// Its metadata at `version`.
+    pub metadata: Metadata,
+    /// Its vector at `version`.
+    pub vector: Vec<f32>,
+    /// When the oldest write still waiting in this entry was enqueued.
+    pub enqueued_ms: i64,
+    /// Failed indexing attempts of this version.
+    pub attempts: u32,
+    /// The last failure, for operators.
+    pub last_error: Option<String>,
+    /// Dead-lettered: failed permanently or too often; not retried until an
+    /// operator says so.
+    pub dead: bool,
+    /// The worker that claimed it (its switch is fenced by this token).
+    pub claimed_by: Option<OwnerToken>,
+    /// Not claimable before this (a worker's claim, or a retry's back-off);
+    /// `None`: claimable now.
+    pub claim_until_ms: Option<i64>,
+}
+
+impl PendingIndex {
+    /// Whether a worker may claim it at `now_ms`.
+    pub fn is_claimable(&self, now_ms: i64) -> bool {
+        !self.dead && self.claim_until_ms.is_none_or(|t| t < now_ms)
+    }
+}
+
+/// A failed indexing attempt, as an index worker records it
+/// ([`MetadataRepo::record_index_failure`](crate::MetadataRepo::record_index_failure)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexFailure {
+    /// Why (kept as the entry's `last_error`).
+    pub message: String,
+    /// The failure will not go away by retrying (the index rejects the point).
+    pub permanent: bool,
+    /// Whether it counts as an attempt of the entry. A transient failure
+    /// (the index down or slow) does not: the entry only backs off, and is
+    /// never dead-lettered for it.
+    pub counts: bool,
+    /// Dead-letter the entry once its attempts reach this.
+    pub max_attempts: u32,
+    /// Otherwise, when it may be claimed again (back-off).
+    pub retry_at_ms: i64,
+}
+
+/// Counts of the pending-index backlog ([`MetadataRepo::pending_stats`](crate::MetadataRepo::pending_stats)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStats {
+    /// Entries waiting to be indexed (not dead-lettered), claimed or not.
+    pub pending: u64,
+    /// Of those, entries a worker holds a claim (or a back-off) on now.
+    pub claimed: u64,
+    /// Dead-lettered entries.
+    pub dead: u64,
+    /// When the oldest waiting (not dead-lettered) entry was enqueued.
+    pub oldest_enqueued_ms: Option<i64>,
+}
+
+/// Which pending entries a listing returns ([`MetadataRepo::list_pending`](crate::MetadataRepo::list_pending)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingFilter {
+    /// Every entry.
+    All,
+    /// Entries waiting to be indexed.
+    Waiting,
+    /// Dead-lettered entries.
+    Dead,
 }
 
 /// A record as it was before a held commit touched it, and as that commit
@@ -590,6 +717,10 @@ pub struct StoredRecordImage {
     pub version: u64,
     /// Its vector, when the store keeps vectors.
     pub vector: Option<Vec<f32>>,
+    /// Its pending-index entry then, if it was waiting for an index worker:
+    /// a restore puts it back, so that the restored row gets indexed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingIndex>,
 }
 
 impl StoredRecordImage {
@@ -602,6 +733,7 @@ impl StoredRecordImage {
             point_id: record.point_id,
             version: record.version,
             vector: record.vector.clone(),
+            pending: None,
         }
     }
 
@@ -645,6 +777,10 @@ pub struct TransactionCommit<'a> {
     pub hold: bool,
     /// Commit only while the saga is still owned by this driver.
     pub saga: Option<SagaFence>,
+    /// Hand the intent over at commit: its lease ends at this time, so
+    /// recovery (an index worker's pass) collects its garbage and resolves
+    /// it. A deferred write sets it: its caller never touches the index.
+    pub release_at_ms: Option<i64>,
 }
 
 impl fmt::Debug for TransactionCommit<'_> {
@@ -654,6 +790,7 @@ impl fmt::Debug for TransactionCommit<'_> {
             .field("step", &self.step.as_ref().map(|s| s.connection()))
             .field("hold", &self.hold)
             .field("saga", &self.saga)
+            .field("release_at_ms", &self.release_at_ms)
             .finish()
     }
 }
@@ -670,6 +807,9 @@ pub struct TransactionCommitResult {
     /// Records a [`CommitPart::Restore`] left alone because they changed after
     /// the step it undoes (empty when the commit is repeated).
     pub conflicts: Vec<RecordId>,
+    /// The version each row of a [`CommitPart::Defer`] got, in the part's
+    /// order (empty when the commit is repeated, and for other parts).
+    pub versions: Vec<(RecordId, u64)>,
 }
 
 /// How an ambiguous commit was settled.

@@ -14,9 +14,10 @@ use async_trait::async_trait;
 
 use crate::error::{IndexError, MetadataError};
 use crate::model::{
-    DeleteCommit, DeleteSelector, Distance, Filter, IdempotencyRecord, Intent, IntentId, NewIntent,
-    OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, SagaId, Scope, ScoredPoint,
-    Settlement, StoredRecord, TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
+    DeleteCommit, DeleteSelector, Distance, Filter, IdempotencyRecord, IndexFailure, Intent,
+    IntentId, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, Point,
+    PointId, PointInfo, RecordId, RowWrite, SagaId, Scope, ScoredPoint, Settlement, StoredRecord,
+    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
 use crate::saga::{SagaCounts, SagaRecord, SagaState};
 use crate::transaction::ConnectionType;
@@ -555,6 +556,139 @@ pub trait MetadataRepo: Send + Sync {
     /// Contract:
     /// - `count_by_scope_counts_rows`: counts every scope with at least one row.
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError>;
+
+    /// Whether the store implements deferred indexing: the
+    /// [`CommitPart::Defer`](crate::CommitPart::Defer) and
+    /// [`CommitPart::Index`](crate::CommitPart::Index) parts of
+    /// [`commit_transaction`](Self::commit_transaction), `release_at_ms`,
+    /// and the pending-index methods below. The coordinator refuses deferred
+    /// writes and index workers on a store that does not. Wrappers must
+    /// forward it.
+    ///
+    /// Contract: every `deferred_*` and `pending_*` case runs when it is
+    /// `true` (and is skipped, reported as such, when it is `false`).
+    fn deferred_indexing(&self) -> bool {
+        false
+    }
+
+    /// An index worker's claim: atomically takes up to `limit` pending
+    /// entries that are current (the row is at the entry's version), not
+    /// dead-lettered and not claimed (`claim_until_ms` absent or before
+    /// `now_ms`), oldest enqueued first, and marks them claimed by `claim`
+    /// until `claim_until_ms`. Entries that a later write made stale (the
+    /// record was deleted, or written synchronously since) are removed.
+    ///
+    /// Contract:
+    /// - `pending_claim_takes_current`: a deferred write's entries are
+    ///   returned once, with the row's version, scope, metadata and vector;
+    ///   a second claim before `claim_until_ms` returns none of them; after
+    ///   it, they are returned again.
+    /// - `pending_claim_is_exclusive`: concurrent claims never return the
+    ///   same entry.
+    /// - `pending_claim_respects_limit`: at most `limit`, oldest enqueued
+    ///   first.
+    /// - `pending_claim_skips_dead`: dead-lettered entries are not claimed.
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _ = (now_ms, claim, claim_until_ms, limit);
+        Err(deferred_unsupported())
+    }
+
+    /// Records a failed indexing attempt of the listed entries (record,
+    /// version) that `claim` holds: the message, and attempts + 1 if the
+    /// failure `counts` (or is permanent); the entry moves to the
+    /// dead-letter list if `failure.permanent` or its counted attempts
+    /// reach `failure.max_attempts`, and otherwise becomes claimable again
+    /// at `failure.retry_at_ms`. Returns how many entries it dead-lettered.
+    ///
+    /// Contract:
+    /// - `pending_failure_counts_attempts`: attempts and `last_error` are
+    ///   updated; the entry is claimable again only from `retry_at_ms`.
+    /// - `pending_failure_transient_does_not_count`: a failure that does
+    ///   not count leaves attempts alone and never dead-letters.
+    /// - `pending_failure_dead_letters`: a permanent failure, or the
+    ///   `max_attempts`-th, dead-letters the entry.
+    /// - `pending_failure_fenced`: an entry claimed by another token, or at
+    ///   another version, is left unchanged.
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        let _ = (claim, entries, failure);
+        Err(deferred_unsupported())
+    }
+
+    /// Lists pending entries in record id order, after `after`, up to
+    /// `limit`.
+    ///
+    /// Contract:
+    /// - `pending_list_filters`: `Waiting` lists entries not dead-lettered,
+    ///   `Dead` only dead-lettered ones, `All` both; pages in record id order.
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _ = (filter, after, limit);
+        Err(deferred_unsupported())
+    }
+
+    /// The pending entries of these records (those that have one).
+    ///
+    /// Contract:
+    /// - `deferred_commit_enqueues`, `deferred_commit_coalesces`: see
+    ///   [`commit_transaction`](Self::commit_transaction).
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _ = ids;
+        Err(deferred_unsupported())
+    }
+
+    /// Puts dead-lettered entries (the listed records', or all with `None`)
+    /// back in the queue: attempts 0, claimable now. Returns how many.
+    ///
+    /// Contract:
+    /// - `pending_retry_dead`: the entries are claimable again; entries not
+    ///   dead-lettered are untouched.
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let _ = ids;
+        Err(deferred_unsupported())
+    }
+
+    /// Removes dead-lettered entries (the listed records', or all with
+    /// `None`): their records stay as committed, found through the point
+    /// their row references (the previous version's, or none for a record
+    /// never indexed). Returns how many.
+    ///
+    /// Contract:
+    /// - `pending_drop_dead`: the entries are gone; rows are unchanged;
+    ///   entries not dead-lettered are untouched.
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let _ = ids;
+        Err(deferred_unsupported())
+    }
+
+    /// The backlog's counts.
+    ///
+    /// Contract:
+    /// - `pending_stats_counts`: counts waiting, claimed (at `now_ms`) and
+    ///   dead entries, and the oldest waiting entry's enqueue time.
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        let _ = now_ms;
+        Err(deferred_unsupported())
+    }
+}
+
+/// The error of a pending-index method on a store without deferred indexing.
+fn deferred_unsupported() -> MetadataError {
+    MetadataError::permanent("this metadata store does not support deferred indexing".to_owned())
 }
 
 /// A similarity query against the index.
@@ -797,6 +931,46 @@ macro_rules! forward_metadata_repo {
             }
             async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
                 (**self).count_by_scope().await
+            }
+            fn deferred_indexing(&self) -> bool {
+                (**self).deferred_indexing()
+            }
+            async fn claim_pending(
+                &self,
+                now_ms: i64,
+                claim: OwnerToken,
+                claim_until_ms: i64,
+                limit: usize,
+            ) -> Result<Vec<PendingIndex>, MetadataError> {
+                (**self).claim_pending(now_ms, claim, claim_until_ms, limit).await
+            }
+            async fn record_index_failure(
+                &self,
+                claim: OwnerToken,
+                entries: &[(RecordId, u64)],
+                failure: &IndexFailure,
+            ) -> Result<usize, MetadataError> {
+                (**self).record_index_failure(claim, entries, failure).await
+            }
+            async fn list_pending(
+                &self,
+                filter: PendingFilter,
+                after: Option<RecordId>,
+                limit: usize,
+            ) -> Result<Vec<PendingIndex>, MetadataError> {
+                (**self).list_pending(filter, after, limit).await
+            }
+            async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+                (**self).pending_for(ids).await
+            }
+            async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+                (**self).retry_dead(ids).await
+            }
+            async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+                (**self).drop_dead(ids).await
+            }
+            async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+                (**self).pending_stats(now_ms).await
             }
         }
     };

@@ -21,7 +21,7 @@ use tandem_core::{
     IntentId, IntentKind, Limits, MetadataRepo, NewIntent, NewRecord, Outcome, OwnerToken,
     PlantedBug, Point, PointId, RecordId, RetryPolicy, RowWrite, SagaContext, SagaDefinition,
     SagaOutcome, SagaState, Scope, StepDefinition, StoredRecord, Transaction, VectorIndex,
-    WriteOptions,
+    WriteMode, WriteOptions,
 };
 use uuid::Uuid;
 
@@ -65,6 +65,15 @@ pub fn fault_config(deadline: Duration) -> CoordinatorConfig {
         orphan_grace: Duration::from_secs(600),
         // The production default: the commit overlaps the index write.
         overlap_index_write: true,
+        write_mode: tandem_core::WriteMode::Sync,
+        // Small batches (so that a backlog takes several), quick back-off.
+        indexing: tandem_core::IndexingConfig {
+            batch: 2,
+            max_attempts: 3,
+            retry_backoff: Duration::from_millis(5),
+            max_retry_backoff: Duration::from_millis(40),
+            idle_poll: Duration::from_millis(5),
+        },
     }
 }
 
@@ -312,6 +321,16 @@ pub enum Scenario {
     /// The harness saga whose last step (the caller action) is refused: both
     /// Tandem steps are compensated, in reverse order.
     SagaCompensates,
+    /// A deferred upsert (with an idempotency key): two existing records and
+    /// a new one, committed with their pending entries; then the index
+    /// workers run to completion.
+    DeferredUpsert,
+    /// A deferred delete of two records and a missing id; then the workers
+    /// (recovery) collect the points.
+    DeferredDelete,
+    /// An index worker's pass over a backlog of deferred writes (see
+    /// [`deferred_backlog`]): claim, write, switch, collect.
+    IndexWorker,
 }
 
 impl Scenario {
@@ -328,6 +347,14 @@ impl Scenario {
         Scenario::TransactionStep,
         Scenario::Saga,
         Scenario::SagaCompensates,
+    ];
+
+    /// The scenarios of deferred indexing (stores with
+    /// [`MetadataRepo::deferred_indexing`]).
+    pub const DEFERRED: [Scenario; 3] = [
+        Scenario::DeferredUpsert,
+        Scenario::DeferredDelete,
+        Scenario::IndexWorker,
     ];
 
     /// The scenarios of single writes (what every store runs first).
@@ -368,13 +395,18 @@ impl Scenario {
             ],
             Scenario::Update => vec![rec(1, 1, "a"), rec(2, 1, "a"), rec(5, 1, "b")],
             Scenario::Mixed => vec![rec(1, 2, "a"), rec(6, 2, "b"), rec(0x2004, 0, "a")],
+            Scenario::DeferredUpsert => {
+                vec![rec(1, 7, "a"), rec(6, 7, "b"), rec(0x2005, 0, "a")]
+            }
             _ => Vec::new(),
         }
     }
 
     fn selector(&self) -> Option<DeleteSelector> {
         match self {
-            Scenario::DeleteIds => Some(DeleteSelector::Ids(vec![rid(1), rid(2), rid(0x9999)])),
+            Scenario::DeleteIds | Scenario::DeferredDelete => {
+                Some(DeleteSelector::Ids(vec![rid(1), rid(2), rid(0x9999)]))
+            }
             Scenario::DeleteScope => Some(DeleteSelector::Scope(Scope::new("b"))),
             Scenario::DeleteMetadata => Some(DeleteSelector::MetadataEq {
                 scope: Scope::new("a"),
@@ -390,12 +422,28 @@ impl Scenario {
             Scenario::Insert => WriteOptions::idempotent("insert-key"),
             Scenario::DeleteIds => WriteOptions::idempotent("delete-key"),
             Scenario::Transaction => WriteOptions::idempotent("transaction-key"),
+            Scenario::DeferredUpsert => {
+                WriteOptions::idempotent("deferred-key").with_mode(WriteMode::Deferred)
+            }
+            Scenario::DeferredDelete => WriteOptions::deferred(),
             _ => WriteOptions::default(),
         }
     }
 
     fn is_saga(&self) -> bool {
         matches!(self, Scenario::Saga | Scenario::SagaCompensates)
+    }
+
+    /// Whether the scenario is housekeeping (recovery, an index worker's
+    /// pass), which writes no record: its answer is not an all-or-nothing
+    /// outcome.
+    fn is_housekeeping(&self) -> bool {
+        matches!(self, Scenario::Recovery | Scenario::IndexWorker)
+    }
+
+    /// Whether the scenario leaves work to the index workers.
+    pub fn is_deferred(&self) -> bool {
+        Self::DEFERRED.contains(self)
     }
 }
 
@@ -529,14 +577,18 @@ async fn run_scenario<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
 ) -> Ran {
     let c = world.faulty();
     match scenario {
-        Scenario::Insert | Scenario::Update | Scenario::Mixed => ran_of(
+        Scenario::Insert | Scenario::Update | Scenario::Mixed | Scenario::DeferredUpsert => ran_of(
             run_until_crash(
                 &world.ctl,
                 c.upsert_with(scenario.batch(), &scenario.options()),
             )
             .await,
         ),
-        Scenario::DeleteIds | Scenario::DeleteScope | Scenario::DeleteMetadata => {
+        Scenario::IndexWorker => ran_of(run_until_crash(&world.ctl, c.index_pending()).await),
+        Scenario::DeleteIds
+        | Scenario::DeleteScope
+        | Scenario::DeleteMetadata
+        | Scenario::DeferredDelete => {
             let sel = scenario.selector().expect("delete scenario");
             ran_of(run_until_crash(&world.ctl, c.delete_with(sel, &scenario.options())).await)
         }
@@ -583,8 +635,22 @@ fn applied(
     };
     let version_after = |id: u128| pre.get(&rid(id)).map_or(1, |p| p.version + 1);
     type Done<'a> = Box<dyn Fn(&RecordId) -> bool + 'a>;
+    if scenario == Scenario::IndexWorker {
+        // Indexing switches points; it never changes what a record is.
+        let same = |a: &StoredRecord, b: &StoredRecord| {
+            StoredRecord {
+                point_id: b.point_id,
+                ..a.clone()
+            } == *b
+        };
+        let all = pre.len() == post.len()
+            && pre
+                .iter()
+                .all(|(id, a)| post.get(id).is_some_and(|b| same(a, b)));
+        return all.then_some(true);
+    }
     let (targets, done): (Vec<RecordId>, Done<'_>) = match scenario {
-        Scenario::Insert | Scenario::Update | Scenario::Mixed => {
+        Scenario::Insert | Scenario::Update | Scenario::Mixed | Scenario::DeferredUpsert => {
             let batch = scenario.batch();
             let ids = batch.iter().filter_map(|r| r.id).collect();
             let want: BTreeMap<RecordId, NewRecord> =
@@ -601,7 +667,10 @@ fn applied(
                 }),
             )
         }
-        Scenario::DeleteIds | Scenario::DeleteScope | Scenario::DeleteMetadata => {
+        Scenario::DeleteIds
+        | Scenario::DeleteScope
+        | Scenario::DeleteMetadata
+        | Scenario::DeferredDelete => {
             let sel = scenario.selector().expect("delete scenario");
             let ids = pre
                 .values()
@@ -610,7 +679,7 @@ fn applied(
                 .collect();
             (ids, Box::new(move |id| !post.contains_key(id)))
         }
-        Scenario::Recovery => (Vec::new(), Box::new(|_| true)),
+        Scenario::Recovery | Scenario::IndexWorker => (Vec::new(), Box::new(|_| true)),
         Scenario::Transaction => {
             // Records 1 and 3 are scope "a"'s item "x"; record 3 comes back.
             let targets = [1, 3, 0x2101, 6].map(rid).to_vec();
@@ -725,6 +794,9 @@ where
         stuck_state(&world).await;
         world.after_leases();
     }
+    if scenario == Scenario::IndexWorker {
+        deferred_backlog(&world).await;
+    }
     let pre = invariants::rows(&*world.repo).await.expect("rows");
     install(&world);
     let log_start = world.ctl.log().len();
@@ -787,12 +859,16 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
         _ => None,
     };
 
-    // Later: the restarted process recovers.
+    // Later: the restarted process recovers (and, for deferred writes, its
+    // index workers run to completion).
     world.after_leases();
     restarted
         .recover()
         .await
         .map_err(|e| format!("recovery failed: {e}"))?;
+    if scenario.is_deferred() {
+        drain(world, &restarted).await?;
+    }
     let post = invariants::rows(repo).await?;
     let decided = applied(scenario, pre, &post)
         .ok_or_else(|| format!("I3 violated after recovery: partial effects ({ran:?})"))?;
@@ -818,10 +894,10 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
         check_saga_atomic(world, &restarted, decided).await?;
     }
     match ran {
-        Ran::Ok if !decided && scenario != Scenario::Recovery => {
+        Ran::Ok if !decided && !scenario.is_housekeeping() => {
             return Err("I3 violated: the call reported success but its effects are absent".into());
         }
-        Ran::NotApplied(e) if decided && scenario != Scenario::Recovery => {
+        Ran::NotApplied(e) if decided && !scenario.is_housekeeping() => {
             return Err(format!(
                 "I3 violated: the call reported NotApplied ({e}) but its effects are present"
             ));
@@ -829,6 +905,7 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
         _ => {}
     }
     invariants::exact_equality(repo, index).await?;
+    invariants::indexed_current(repo, index).await?;
     invariants::guarded_reads(&restarted, repo, &queries, 4).await?;
     invariants::converged(&restarted).await?;
 
@@ -837,7 +914,7 @@ async fn check_case<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     if opts.idempotency_key.is_some() && decided {
         let again_pre = invariants::rows(repo).await?;
         let replayed = match scenario {
-            Scenario::Insert => restarted
+            Scenario::Insert | Scenario::DeferredUpsert => restarted
                 .upsert_with(scenario.batch(), &opts)
                 .await
                 .map(|r| r.replayed),
@@ -900,6 +977,238 @@ where
             "saga atomicity violated: the caller action's effect ({published}) and the \
              records ({decided}) disagree"
         ));
+    }
+    Ok(())
+}
+
+/// Runs a restarted process's index workers until nothing is pending,
+/// then recovers after the leases (the workers' own crashed units) — the
+/// index caught up with every deferred write. Fails if anything is left
+/// pending or dead-lettered (no fault is armed any more).
+pub async fn drain<M, V, R, X>(world: &World<M, V>, c: &Coordinator<R, X>) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    R: MetadataRepo,
+    X: VectorIndex,
+{
+    for _ in 0..3 {
+        c.index_until_idle(Duration::from_secs(60))
+            .await
+            .map_err(|e| format!("index workers failed: {e}"))?;
+        world.after_leases();
+        c.recover()
+            .await
+            .map_err(|e| format!("recovery after indexing failed: {e}"))?;
+    }
+    let stats = c
+        .pending_stats()
+        .await
+        .map_err(|e| format!("pending_stats: {e}"))?;
+    if stats.pending != 0 || stats.dead != 0 {
+        return Err(format!(
+            "the index workers did not finish the backlog: {stats:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The backlog the [`Scenario::IndexWorker`] case starts from, written in
+/// deferred mode by a clean process: record 1 updated twice (the entries
+/// coalesce: only the second version may be indexed), record 4 updated, a new
+/// record 0x2006, record 3 updated then deleted, record 5 deleted (its point
+/// is the workers' garbage).
+pub async fn deferred_backlog<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+    world: &World<M, V>,
+) {
+    let c = world.clean();
+    let deferred = WriteOptions::deferred();
+    for batch in [
+        vec![rec(1, 8, "a"), rec(0x2006, 0, "a")],
+        vec![rec(1, 9, "a"), rec(4, 8, "a"), rec(3, 8, "a")],
+    ] {
+        c.upsert_with(batch, &deferred)
+            .await
+            .expect("deferred backlog");
+    }
+    c.delete_with(DeleteSelector::Ids(vec![rid(3), rid(5)]), &deferred)
+        .await
+        .expect("deferred backlog delete");
+}
+
+/// The index is down (every index write fails, transiently) for longer than
+/// `max_attempts` worker passes while a backlog of deferred writes waits: the
+/// outage must delay the backlog, not dead-letter it. Once the index is back,
+/// the workers drain it and both stores agree exactly.
+pub async fn index_outage_keeps_the_backlog<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    let mut world = World::new(repo, index, config, 19);
+    world.seed().await;
+    world.bug = bug;
+    deferred_backlog(&world).await;
+    world
+        .ctl
+        .add(Rule::always(Call::IndexUpsert, Fault::FailBefore));
+    let worker = world.faulty();
+    for _ in 0..world.config.indexing.max_attempts + 2 {
+        let report = worker
+            .index_pending()
+            .await
+            .map_err(|e| format!("a worker pass failed outright during the outage: {e}"))?;
+        if report.indexed != 0 {
+            return Err(format!("indexed during a total outage: {report:?}"));
+        }
+        world
+            .clock
+            .advance(world.config.indexing.max_retry_backoff + Duration::from_millis(1));
+    }
+    world.ctl.clear();
+    let restarted = world.clean();
+    let stats = restarted
+        .pending_stats()
+        .await
+        .map_err(|e| format!("pending_stats: {e}"))?;
+    if stats.dead != 0 {
+        return Err(format!(
+            "an index outage dead-lettered {} deferred writes",
+            stats.dead
+        ));
+    }
+    drain(&world, &restarted).await?;
+    let (repo, index) = (&*world.repo, &*world.index);
+    invariants::exact_equality(repo, index).await?;
+    invariants::indexed_current(repo, index).await
+}
+
+/// A deferred write whose vector the index rejects for good (written
+/// through the port, past the coordinator's validation: a collection whose
+/// dimension changed since, say): the worker isolates it, dead-letters it
+/// with its error, and indexes the rest of its batch; `verify` reports it
+/// apart; `drop_dead_letters` ends it, leaving the record as committed.
+pub async fn poison_is_dead_lettered<M, V>(
+    repo: M,
+    index: V,
+    config: CoordinatorConfig,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+{
+    let world = World::new(repo, index, config, 23);
+    world.seed().await;
+    let c = world.clean();
+    c.upsert_with(
+        vec![rec(0x2007, 0, "a"), rec(2, 7, "a")],
+        &WriteOptions::deferred(),
+    )
+    .await
+    .map_err(|e| format!("deferred upsert: {e}"))?;
+    // The poison: a vector of the wrong dimension, committed straight
+    // through the port.
+    let now = tandem_core::Clock::now_ms(&world.clock);
+    let owner = OwnerToken::new_random();
+    let intent = IntentId::new_v7();
+    world
+        .repo
+        .prepare(&NewIntent {
+            id: intent,
+            kind: IntentKind::Upsert,
+            owner,
+            lease_deadline_ms: now + 1_000,
+            point_ids: Vec::new(),
+            created_ms: now,
+        })
+        .await
+        .map_err(|e| format!("prepare: {e}"))?;
+    let poison = rid(0x2008);
+    world
+        .repo
+        .commit_transaction(
+            intent,
+            owner,
+            &tandem_core::TransactionCommit {
+                parts: &[tandem_core::CommitPart::Defer {
+                    rows: vec![RowWrite {
+                        id: poison,
+                        scope: Scope::new("a"),
+                        content: "poison".into(),
+                        metadata: serde_json::Map::new(),
+                        point_id: PointId::new_v7(),
+                        vector: vec![1.0; DIM + 1],
+                    }],
+                    now_ms: now,
+                }],
+                step: None,
+                hold: false,
+                saga: None,
+                release_at_ms: Some(now),
+            },
+            None,
+            &tandem_core::IndexGate::passed(),
+        )
+        .await
+        .map_err(|e| format!("poison commit: {e}"))?;
+    let report = c
+        .index_until_idle(Duration::from_secs(60))
+        .await
+        .map_err(|e| format!("workers: {e}"))?;
+    if report.dead_lettered != 1 || report.indexed != 2 {
+        return Err(format!(
+            "expected the poison dead-lettered and the other two indexed: {report:?}"
+        ));
+    }
+    let dead = c
+        .pending(tandem_core::PendingFilter::Dead, None, 10)
+        .await
+        .map_err(|e| format!("dead letters: {e}"))?;
+    match dead.as_slice() {
+        [d] if d.record_id == poison && d.last_error.is_some() => {}
+        other => return Err(format!("the dead-letter list is {other:?}")),
+    }
+    world.after_leases();
+    c.recover().await.map_err(|e| format!("recover: {e}"))?;
+    let verify = c.verify(None).await.map_err(|e| format!("verify: {e}"))?;
+    if verify.dead_letters != 1 || !verify.missing_points.is_empty() || !verify.is_consistent() {
+        return Err(format!(
+            "verify must report the dead letter apart, not as drift: {verify:?}"
+        ));
+    }
+    // Retrying changes nothing while the index still rejects it.
+    if c.retry_dead_letters(Some(&[poison]))
+        .await
+        .map_err(|e| format!("retry: {e}"))?
+        != 1
+    {
+        return Err("retry_dead_letters did not requeue the poison".into());
+    }
+    c.index_until_idle(Duration::from_secs(1))
+        .await
+        .map_err(|e| format!("workers: {e}"))?;
+    let dropped = c
+        .drop_dead_letters(None)
+        .await
+        .map_err(|e| format!("drop: {e}"))?;
+    if dropped != 1 {
+        return Err(format!("drop_dead_letters dropped {dropped}"));
+    }
+    let rows = invariants::rows(&*world.repo).await?;
+    if !rows.contains_key(&poison) {
+        return Err("dropping the dead letter deleted the record".into());
+    }
+    let stats = c
+        .pending_stats()
+        .await
+        .map_err(|e| format!("pending_stats: {e}"))?;
+    if stats.pending != 0 || stats.dead != 0 {
+        return Err(format!("entries left after the drop: {stats:?}"));
     }
     Ok(())
 }

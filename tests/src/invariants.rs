@@ -8,7 +8,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tandem_core::{
-    Coordinator, MetadataRepo, PointId, PointInfo, RecordId, SearchQuery, StoredRecord, VectorIndex,
+    Coordinator, IndexQuery, MetadataRepo, PendingFilter, PendingIndex, PointId, PointInfo,
+    RecordId, SearchQuery, StoredRecord, VectorIndex,
 };
 
 /// Every committed row, keyed by id.
@@ -69,16 +70,48 @@ pub async fn intent_points<M: MetadataRepo>(repo: &M) -> Result<(usize, HashSet<
     Ok((intents.len(), named))
 }
 
-/// I1 — no dangling metadata: every committed row's point exists in the index.
+/// Every pending-index entry (waiting or dead-lettered), keyed by record;
+/// empty for a store without deferred indexing.
+pub async fn pending<M: MetadataRepo>(
+    repo: &M,
+) -> Result<BTreeMap<RecordId, PendingIndex>, String> {
+    if !repo.deferred_indexing() {
+        return Ok(BTreeMap::new());
+    }
+    let mut out = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = repo
+            .list_pending(PendingFilter::All, after, 500)
+            .await
+            .map_err(|e| format!("list_pending: {e}"))?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        after = Some(last.record_id);
+        out.extend(page.into_iter().map(|e| (e.record_id, e)));
+    }
+}
+
+/// I1 — no dangling metadata: every committed row's point exists in the
+/// index. Deferred form: every row's *indexed* point exists — a row that was
+/// never indexed (a deferred write's new record, whose pending entry says
+/// `indexed_version` 0) references a reserved point no search can reach.
 pub async fn no_dangling_rows<M: MetadataRepo, V: VectorIndex>(
     repo: &M,
     index: &V,
 ) -> Result<(), String> {
     let rows = rows(repo).await?;
     let points = points(index).await?;
+    let pending = pending(repo).await?;
     let dangling: Vec<_> = rows
         .values()
         .filter(|r| !points.contains_key(&r.point_id))
+        .filter(|r| {
+            !pending
+                .get(&r.id)
+                .is_some_and(|e| e.indexed_version == 0 && e.version == r.version)
+        })
         .map(|r| (r.id, r.point_id))
         .collect();
     if dangling.is_empty() {
@@ -125,6 +158,13 @@ pub async fn exact_equality<M: MetadataRepo, V: VectorIndex>(
             "I2 (exact) violated: {live} intents left after recovery"
         ));
     }
+    let pending = pending(repo).await?;
+    if !pending.is_empty() {
+        return Err(format!(
+            "deferred writes left unindexed after the workers finished: {:?}",
+            pending.keys().collect::<Vec<_>>()
+        ));
+    }
     let referenced: HashSet<PointId> = rows.values().map(|r| r.point_id).collect();
     let present: HashSet<PointId> = points.keys().copied().collect();
     if referenced != present {
@@ -138,6 +178,43 @@ pub async fn exact_equality<M: MetadataRepo, V: VectorIndex>(
         let p = &points[&r.point_id];
         if p.record_id != r.id || p.scope != r.scope {
             return Err(format!("point {} does not belong to row {}", p.id, r.id));
+        }
+    }
+    Ok(())
+}
+
+/// Ordering (deferred indexing): every row's point holds the row's *current*
+/// vector — no older version was indexed over a newer one. Checked by a
+/// nearest-neighbour search with the row's kept vector, which must find the
+/// row's own point first, at (almost) exactly the same vector. Rows without
+/// a kept vector are skipped.
+pub async fn indexed_current<M: MetadataRepo, V: VectorIndex>(
+    repo: &M,
+    index: &V,
+) -> Result<(), String> {
+    for r in rows(repo).await?.values() {
+        let Some(vector) = &r.vector else { continue };
+        let hits = index
+            .search(&IndexQuery {
+                vector: vector.clone(),
+                limit: 1,
+                filter: Default::default(),
+                score_threshold: None,
+            })
+            .await
+            .map_err(|e| format!("search: {e}"))?;
+        match hits.first() {
+            Some(h) if h.id == r.point_id && h.score > 0.9999 => {}
+            other => {
+                return Err(format!(
+                    "ordering violated: record {} (version {}) is indexed with another \
+                     vector than its current one (nearest point {:?}, row's point {})",
+                    r.id,
+                    r.version,
+                    other.map(|h| (h.id, h.score)),
+                    r.point_id
+                ));
+            }
         }
     }
     Ok(())

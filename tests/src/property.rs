@@ -136,6 +136,43 @@ pub enum Step {
         /// Content tag.
         tag: u8,
     },
+    /// A deferred upsert (rows and pending entries in one transaction; the
+    /// index workers write the points later), maybe with a fault.
+    DeferredUpsert {
+        /// Pool ids.
+        ids: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
+    /// A deferred delete, maybe with a fault.
+    DeferredDelete {
+        /// Pool ids.
+        ids: Vec<u8>,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
+    /// `passes` index-worker passes, the clock moving past every back-off
+    /// between them, maybe with a fault (on every call of the step if
+    /// `every`: an outage that lasts the step).
+    Index {
+        /// Worker passes.
+        passes: u8,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
+    /// Two index workers at once, while a deferred upsert of `ids` (tag)
+    /// commits during their index writes, and a synchronous upsert of `sync`
+    /// (tag + 1) right after: the workers' switches race newer versions.
+    IndexRace {
+        /// Pool ids written deferred while the workers run.
+        ids: Vec<u8>,
+        /// Pool ids written synchronously after them.
+        sync: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+    },
     /// A dynamic saga (upsert `a`, then `b`) whose driver is alive while a
     /// recovery runs between its steps.
     SagaRace {
@@ -304,6 +341,49 @@ fn ids() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::btree_set(0..POOL, 1..4).prop_map(|s| s.into_iter().collect())
 }
 
+/// A fault in one of the calls a deferred write makes (it writes no index).
+fn maybe_deferred_fault() -> impl Strategy<Value = Option<Injected>> {
+    let call = prop_oneof![
+        1 => Just(Call::Prepare),
+        3 => Just(Call::CommitTransaction),
+        1 => Just(Call::Settle),
+        1 => Just(Call::Get),
+    ];
+    prop::option::weighted(
+        0.6,
+        (call, fault_strategy()).prop_map(|(call, fault)| Injected {
+            call,
+            nth: 0,
+            fault,
+            every: false,
+        }),
+    )
+}
+
+/// A fault in one of the calls an index worker makes.
+fn maybe_index_fault() -> impl Strategy<Value = Option<Injected>> {
+    let call = prop_oneof![
+        1 => Just(Call::ClaimPending),
+        1 => Just(Call::Prepare),
+        3 => Just(Call::IndexUpsert),
+        2 => Just(Call::CommitTransaction),
+        1 => Just(Call::IndexDelete),
+        1 => Just(Call::Resolve),
+        1 => Just(Call::RecordIndexFailure),
+    ];
+    prop::option::weighted(
+        0.7,
+        (call, 0..2usize, fault_strategy(), prop::bool::weighted(0.5)).prop_map(
+            |(call, nth, fault, every)| Injected {
+                call,
+                nth,
+                fault,
+                every,
+            },
+        ),
+    )
+}
+
 /// A random step.
 pub fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
@@ -321,7 +401,28 @@ pub fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(a, b, tag, fail, fault)| Step::Saga { a, b, tag, fail, fault }),
         1 => (ids(), ids(), any::<u8>()).prop_map(|(a, b, tag)| Step::SagaRace { a, b, tag }),
         1 => (ids(), any::<u8>()).prop_map(|(a, tag)| Step::SlowSaga { a, tag }),
+        3 => (ids(), any::<u8>(), maybe_deferred_fault())
+            .prop_map(|(ids, tag, fault)| Step::DeferredUpsert { ids, tag, fault }),
+        2 => (ids(), maybe_deferred_fault())
+            .prop_map(|(ids, fault)| Step::DeferredDelete { ids, fault }),
+        3 => (1..5u8, maybe_index_fault()).prop_map(|(passes, fault)| Step::Index { passes, fault }),
+        1 => (ids(), ids(), any::<u8>())
+            .prop_map(|(ids, sync, tag)| Step::IndexRace { ids, sync, tag }),
     ]
+}
+
+/// `steps` without the deferred-indexing steps, for histories on a store
+/// without deferred indexing.
+pub fn sync_only(steps: impl Strategy<Value = Step>) -> impl Strategy<Value = Step> {
+    steps.prop_filter("the store has no deferred indexing", |s| {
+        !matches!(
+            s,
+            Step::DeferredUpsert { .. }
+                | Step::DeferredDelete { .. }
+                | Step::Index { .. }
+                | Step::IndexRace { .. }
+        )
+    })
 }
 
 /// [`step`] for histories on a runtime whose clock is not paused (a server's
@@ -403,6 +504,7 @@ async fn check_instant<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
 async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     world: &World<M, V>,
     converge: bool,
+    allow_dead_letters: bool,
 ) -> Result<(), String> {
     // Nothing lands after a lease has ended (see `docs/protocol.md`).
     world.land_deferred().await;
@@ -411,6 +513,17 @@ async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     c.recover()
         .await
         .map_err(|e| format!("recovery failed: {e}"))?;
+    if world.repo.deferred_indexing() {
+        if allow_dead_letters {
+            // The index rejected some points for good during the history:
+            // those entries were dead-lettered; an operator retries them.
+            c.retry_dead_letters(None)
+                .await
+                .map_err(|e| format!("retrying dead letters: {e}"))?;
+        }
+        crate::harness::drain(world, &c).await?;
+        invariants::indexed_current(&*world.repo, &*world.index).await?;
+    }
     invariants::exact_equality(&*world.repo, &*world.index).await?;
     if converge {
         invariants::converged(&c).await?;
@@ -449,9 +562,88 @@ where
     world.sagas.push(slow_pool_saga(world.config.lease));
     let mut model = Model::new();
     let mut landing: Vec<Vec<tandem_core::Point>> = Vec::new();
+    // Whether a worker met a permanent failure (dead letters are then legitimate).
+    let mut rejected = false;
     for (n, step) in steps.iter().enumerate() {
         let what = format!("step {n} {step:?}");
         match step {
+            Step::DeferredUpsert { ids, tag, fault } => {
+                install(&world.ctl, fault);
+                let c = world.faulty();
+                let r = run_until_crash(
+                    &world.ctl,
+                    c.upsert_with(batch(ids, *tag), &WriteOptions::deferred()),
+                )
+                .await;
+                let mut applied = model.clone();
+                for &id in ids {
+                    applied.insert(id, content(id, *tag));
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, ended(r), &store, &what)?;
+            }
+            Step::DeferredDelete { ids, fault } => {
+                install(&world.ctl, fault);
+                let c = world.faulty();
+                let sel =
+                    DeleteSelector::Ids(ids.iter().map(|&id| rid(u128::from(id) + 1)).collect());
+                let r = run_until_crash(&world.ctl, c.delete_with(sel, &WriteOptions::deferred()))
+                    .await;
+                let mut applied = model.clone();
+                for id in ids {
+                    applied.remove(id);
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, ended(r), &store, &what)?;
+            }
+            Step::Index { passes, fault } => {
+                if fault
+                    .as_ref()
+                    .is_some_and(|f| matches!(f.fault, Fault::Reject))
+                {
+                    rejected = true;
+                }
+                install(&world.ctl, fault);
+                for _ in 0..*passes {
+                    let c = world.faulty();
+                    // A pass that fails (or dies) leaves its entries to a later one.
+                    let _ = run_until_crash(&world.ctl, c.index_pending()).await;
+                    world.clock.advance(
+                        world.config.indexing.max_retry_backoff + Duration::from_millis(1),
+                    );
+                }
+                if store_view(&*world.repo).await? != model {
+                    return Err(format!("after {what}: indexing changed the records"));
+                }
+            }
+            Step::IndexRace { ids, sync, tag } => {
+                // The workers' index writes wait while newer versions commit.
+                world.ctl.add(Rule {
+                    call: Call::IndexUpsert,
+                    nth: world.ctl.invocations(Call::IndexUpsert),
+                    times: 2,
+                    fault: Fault::Delay(Duration::from_millis(100)),
+                });
+                let (w1, w2, writer) = (world.faulty(), world.faulty(), world.clean());
+                let tag_sync = tag.wrapping_add(1);
+                let (r1, r2, written) =
+                    tokio::join!(w1.index_pending(), w2.index_pending(), async {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        writer
+                            .upsert_with(batch(ids, *tag), &WriteOptions::deferred())
+                            .await?;
+                        writer.upsert(batch(sync, tag_sync)).await
+                    });
+                r1.map_err(|e| format!("{what}: worker failed: {e}"))?;
+                r2.map_err(|e| format!("{what}: worker failed: {e}"))?;
+                written.map_err(|e| format!("{what}: write failed without faults: {e}"))?;
+                for &id in ids {
+                    model.insert(id, content(id, *tag));
+                }
+                for &id in sync {
+                    model.insert(id, content(id, tag_sync));
+                }
+            }
             Step::Upsert { ids, tag, fault } => {
                 install(&world.ctl, fault);
                 let c = world.faulty();
@@ -551,7 +743,7 @@ where
             }
             Step::Recover { fault: None } => {
                 land(&world, std::mem::take(&mut landing)).await?;
-                recover_and_check(&world, false).await?;
+                recover_and_check(&world, false, rejected).await?;
             }
             Step::Recover { fault } => {
                 land(&world, std::mem::take(&mut landing)).await?;
@@ -566,7 +758,7 @@ where
             }
             Step::Verify => {
                 land(&world, std::mem::take(&mut landing)).await?;
-                recover_and_check(&world, true).await?;
+                recover_and_check(&world, true, rejected).await?;
             }
             Step::Transaction {
                 delete,
@@ -624,7 +816,7 @@ where
                             world.ctl.clear();
                             land(&world, std::mem::take(&mut landing)).await?;
                             land(&world, world.ctl.take_deferred()).await?;
-                            recover_and_check(&world, false).await?;
+                            recover_and_check(&world, false, rejected).await?;
                             Ended::Unknown
                         }
                     }
@@ -708,7 +900,7 @@ where
     }
     world.ctl.disable();
     land(&world, landing).await?;
-    recover_and_check(&world, true).await
+    recover_and_check(&world, true, rejected).await
 }
 
 /// After a saga step: no saga is left live (a finished call ended it, an

@@ -2406,6 +2406,7 @@ async fn a_transaction_commit_failing_transiently_before_applying_is_retried_wit
                 summary: summary(1, 0, 1),
                 garbage: vec![old],
                 conflicts: vec![],
+                versions: vec![],
             })
         });
     repo.expect_settle().times(0);
@@ -3142,6 +3143,7 @@ async fn a_dynamic_saga_step_with_an_unknown_outcome_blocks_other_steps_and_is_r
                 summary: summary(1, 0, 0),
                 garbage: vec![],
                 conflicts: vec![],
+                versions: vec![],
             })
         });
     // Journaled done, holding the new intent.

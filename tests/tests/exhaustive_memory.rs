@@ -7,9 +7,9 @@ use std::time::Duration;
 use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::Distance;
 use tandem_tests::harness::{
-    DIM, Scenario, exhaustive_with, fault_config, late_write_lands_after_a_supersede,
-    memory_caller_step, recovery_races_a_live_call, saga_races_recovery,
-    slow_action_keeps_its_lease,
+    DIM, Scenario, exhaustive_with, fault_config, index_outage_keeps_the_backlog,
+    late_write_lands_after_a_supersede, memory_caller_step, poison_is_dead_lettered,
+    recovery_races_a_live_call, saga_races_recovery, slow_action_keeps_its_lease,
 };
 
 #[tokio::test(start_paused = true)]
@@ -47,6 +47,52 @@ async fn every_single_fault_keeps_every_invariant() {
         );
     }
     // The matrix really exercised every kind of ending.
+    for kind in ["ok", "not_applied", "crashed"] {
+        assert!(
+            summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
+            "no case ended {kind}"
+        );
+    }
+}
+
+/// Deferred indexing: the deferred upsert and delete, and an index worker's
+/// pass over a backlog — every port call × every fault × crash, then a
+/// restarted process's workers run to completion and every invariant holds,
+/// plus ordering (each record indexed at its last committed version).
+#[tokio::test(start_paused = true)]
+async fn every_single_fault_of_deferred_indexing_keeps_every_invariant() {
+    let summary = exhaustive_with(
+        || async {
+            (
+                InMemoryMetadataRepo::new(),
+                InMemoryVectorIndex::new(DIM, Distance::Cosine),
+            )
+        },
+        fault_config(Duration::from_secs(5)),
+        &Scenario::DEFERRED,
+        None,
+        Some(memory_caller_step()),
+    )
+    .await;
+    println!(
+        "exhaustive single faults, deferred indexing (in-memory): {} cases, per scenario {:?}, \
+         outcomes {:?}",
+        summary.cases, summary.per_scenario, summary.outcomes
+    );
+    for f in &summary.failures {
+        println!("FAILED: {f:?}");
+    }
+    assert!(
+        summary.failures.is_empty(),
+        "{} cases broke an invariant",
+        summary.failures.len()
+    );
+    for scenario in Scenario::DEFERRED {
+        assert!(
+            summary.per_scenario[&format!("{scenario:?}")] >= 2 * 9,
+            "{scenario:?} ran too few cases"
+        );
+    }
     for kind in ["ok", "not_applied", "crashed"] {
         assert!(
             summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
@@ -98,6 +144,29 @@ async fn a_slow_action_keeps_its_sagas_lease() {
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(5)),
         None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_index_outage_delays_the_backlog_without_dead_lettering_it() {
+    index_outage_keeps_the_backlog(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        None,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_point_the_index_rejects_is_dead_lettered_alone() {
+    poison_is_dead_lettered(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(DIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
     )
     .await
     .unwrap();

@@ -9,8 +9,9 @@ use proptest::test_runner::{Config, TestRunner};
 use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::{Distance, PlantedBug};
 use tandem_tests::harness::{
-    DIM, Scenario, exhaustive, fault_config, late_write_lands_after_a_supersede,
-    recovery_races_a_live_call, saga_races_recovery, slow_action_keeps_its_lease,
+    DIM, Scenario, exhaustive, fault_config, index_outage_keeps_the_backlog,
+    late_write_lands_after_a_supersede, recovery_races_a_live_call, saga_races_recovery,
+    slow_action_keeps_its_lease,
 };
 use tandem_tests::property::{property_config, run_history, step};
 
@@ -32,6 +33,8 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
             Scenario::DeleteIds,
             Scenario::Recovery,
             Scenario::SagaCompensates,
+            Scenario::DeferredDelete,
+            Scenario::IndexWorker,
         ],
         Some(bug),
     )
@@ -57,8 +60,12 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
         found.push(format!("saga racing recovery: {e}"));
     }
     let (repo, index) = stores();
-    if let Err(e) = slow_action_keeps_its_lease(repo, index, config, Some(bug)).await {
+    if let Err(e) = slow_action_keeps_its_lease(repo, index, config.clone(), Some(bug)).await {
         found.push(format!("slow saga action: {e}"));
+    }
+    let (repo, index) = stores();
+    if let Err(e) = index_outage_keeps_the_backlog(repo, index, config, Some(bug)).await {
+        found.push(format!("index outage: {e}"));
     }
     found
 }

@@ -22,7 +22,7 @@ use tandem_tests::harness::{
     recovery_races_a_live_call, saga_races_recovery,
 };
 use tandem_tests::pg::TestSchema;
-use tandem_tests::property::{real_time_step, run_history};
+use tandem_tests::property::{real_time_step, run_history, sync_only};
 
 const DEADLINE: Duration = Duration::from_millis(300);
 
@@ -209,19 +209,22 @@ fn random_histories_keep_every_invariant_on_postgres() {
         ..Config::default()
     });
     let (s, a, r) = (&schema, &admin, &repo);
-    let outcome = runner.run(&prop::collection::vec(real_time_step(), 1..10), |steps| {
-        let result = rt.block_on(run_history(
-            move || async move {
-                s.truncate(a).await;
-                (r.clone(), InMemoryVectorIndex::new(DIM, Distance::Cosine))
-            },
-            fault_config(DEADLINE),
-            steps,
-            None,
-        ));
-        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
-        Ok(())
-    });
+    let outcome = runner.run(
+        &prop::collection::vec(sync_only(real_time_step()), 1..10),
+        |steps| {
+            let result = rt.block_on(run_history(
+                move || async move {
+                    s.truncate(a).await;
+                    (r.clone(), InMemoryVectorIndex::new(DIM, Distance::Cosine))
+                },
+                fault_config(DEADLINE),
+                steps,
+                None,
+            ));
+            prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+            Ok(())
+        },
+    );
     println!("random histories (PostgreSQL): {} cases", cases());
     if let Err(e) = outcome {
         panic!("{e}");

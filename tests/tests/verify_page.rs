@@ -72,7 +72,11 @@ async fn pass(c: &Memory, scope: Option<&Scope>, limit: usize) -> (Vec<VerifyPag
 }
 
 fn counts(rows: u64, points: u64) -> ScopeCounts {
-    ScopeCounts { rows, points }
+    ScopeCounts {
+        rows,
+        points,
+        unindexed: 0,
+    }
 }
 
 #[tokio::test]

@@ -7,10 +7,11 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tandem_core::{
     CommitPart, CommitSummary, ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord,
-    IndexGate, Intent, IntentId, IntentState, MetadataError, MetadataRepo, NewIntent, OwnerToken,
-    Page, PointId, RecordId, RowRef, RowWrite, SagaCounts, SagaFence, SagaId, SagaRecord,
-    SagaState, Scope, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
-    TransactionCommitResult, UndoImage, UpsertCommit,
+    IndexFailure, IndexGate, IndexSwitch, Intent, IntentId, IntentState, MetadataError,
+    MetadataRepo, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, PointId,
+    RecordId, RowRef, RowWrite, SagaCounts, SagaFence, SagaId, SagaRecord, SagaState, Scope,
+    Settlement, StoredRecord, StoredRecordImage, TransactionCommit, TransactionCommitResult,
+    UndoImage, UpsertCommit,
 };
 
 /// A [`MetadataRepo`] that keeps rows, intents and idempotency keys in memory.
@@ -33,6 +34,8 @@ struct State {
     rows: BTreeMap<RecordId, StoredRecord>,
     /// Which row references each point (only current points).
     by_point: HashMap<PointId, RecordId>,
+    /// Pending-index entries of deferred writes, one per record at most.
+    pending: BTreeMap<RecordId, PendingIndex>,
     intents: HashMap<IntentId, StoredIntent>,
     /// Tie-breaker for intents (and sagas) created in the same millisecond.
     next_seq: u64,
@@ -86,36 +89,41 @@ impl InMemoryTables {
 struct Scratch<'s> {
     rows: &'s mut BTreeMap<RecordId, StoredRecord>,
     by_point: &'s mut HashMap<PointId, RecordId>,
+    pending: &'s mut BTreeMap<RecordId, PendingIndex>,
     keep_vectors: bool,
     summary: CommitSummary,
     /// Points that stopped being referenced, in the order they did.
     garbage: Vec<PointId>,
-    /// Every record a part touched, with its row before the commit, in the
-    /// order it was first touched.
-    saved: Vec<(RecordId, Option<StoredRecord>)>,
+    /// Every record a part touched, with its row and pending entry before
+    /// the commit, in the order it was first touched.
+    saved: Vec<(RecordId, Option<StoredRecord>, Option<PendingIndex>)>,
     conflicts: Vec<RecordId>,
+    /// The version each deferred row got.
+    versions: Vec<(RecordId, u64)>,
 }
 
 impl<'s> Scratch<'s> {
-    fn new(
-        rows: &'s mut BTreeMap<RecordId, StoredRecord>,
-        by_point: &'s mut HashMap<PointId, RecordId>,
-        keep_vectors: bool,
-    ) -> Self {
+    fn new(state: &'s mut State, keep_vectors: bool) -> Self {
         Self {
-            rows,
-            by_point,
+            rows: &mut state.rows,
+            by_point: &mut state.by_point,
+            pending: &mut state.pending,
             keep_vectors,
             summary: CommitSummary::default(),
             garbage: Vec::new(),
             saved: Vec::new(),
             conflicts: Vec::new(),
+            versions: Vec::new(),
         }
     }
 
     fn touch(&mut self, id: RecordId) {
-        if !self.saved.iter().any(|(s, _)| *s == id) {
-            self.saved.push((id, self.rows.get(&id).cloned()));
+        if !self.saved.iter().any(|(s, _, _)| *s == id) {
+            self.saved.push((
+                id,
+                self.rows.get(&id).cloned(),
+                self.pending.get(&id).cloned(),
+            ));
         }
     }
 
@@ -126,7 +134,7 @@ impl<'s> Scratch<'s> {
 
     /// Puts every touched row back as it was.
     fn rollback(self) {
-        for (id, before) in self.saved.into_iter().rev() {
+        for (id, before, pending) in self.saved.into_iter().rev() {
             if let Some(now) = self.rows.remove(&id) {
                 self.by_point.remove(&now.point_id);
             }
@@ -134,6 +142,10 @@ impl<'s> Scratch<'s> {
                 self.by_point.insert(before.point_id, id);
                 self.rows.insert(id, before);
             }
+            match pending {
+                Some(entry) => self.pending.insert(id, entry),
+                None => self.pending.remove(&id),
+            };
         }
     }
 
@@ -142,9 +154,15 @@ impl<'s> Scratch<'s> {
         let mut images: Vec<UndoImage> = self
             .saved
             .iter()
-            .map(|(id, before)| UndoImage {
+            .map(|(id, before, pending)| UndoImage {
                 id: *id,
-                before: before.as_ref().map(StoredRecordImage::of),
+                before: before.as_ref().map(|row| StoredRecordImage {
+                    // A waiting entry of the row's version goes with its image.
+                    pending: pending
+                        .clone()
+                        .filter(|p| !p.dead && p.version == row.version),
+                    ..StoredRecordImage::of(row)
+                }),
                 after_version: self.rows.get(id).map(|r| r.version),
             })
             .collect();
@@ -156,6 +174,8 @@ impl<'s> Scratch<'s> {
         validate_rows(self.by_point, rows)?;
         for row in rows {
             self.touch(row.id);
+            // A synchronous write supersedes a deferred one still waiting.
+            self.pending.remove(&row.id);
             let vector = self.keep_vectors.then(|| row.vector.clone());
             let previous = self.rows.get(&row.id).map(|r| (r.version, r.point_id));
             let version = match previous {
@@ -206,6 +226,7 @@ impl<'s> Scratch<'s> {
         };
         for id in selected {
             self.touch(id);
+            self.pending.remove(&id);
             if let Some(row) = self.rows.remove(&id) {
                 self.unreference(row.point_id);
                 self.summary.deleted += 1;
@@ -223,6 +244,7 @@ impl<'s> Scratch<'s> {
                 continue;
             }
             self.touch(image.id);
+            self.pending.remove(&image.id);
             match (&image.before, current) {
                 (None, None) => {}
                 (None, Some((_, point))) => {
@@ -255,9 +277,124 @@ impl<'s> Scratch<'s> {
                     if !self.keep_vectors {
                         row.vector = None;
                     }
+                    if let Some(entry) = &before.pending {
+                        // The row was waiting for an index worker: it waits again.
+                        self.pending.insert(
+                            image.id,
+                            PendingIndex {
+                                version,
+                                claimed_by: None,
+                                claim_until_ms: None,
+                                ..entry.clone()
+                            },
+                        );
+                    }
                     self.by_point.insert(row.point_id, image.id);
                     self.rows.insert(image.id, row);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn defer(&mut self, rows: &[RowWrite], now_ms: i64) -> Result<(), MetadataError> {
+        // New rows reserve their point id: it must be as fresh as a written one.
+        let new_rows: Vec<RowWrite> = rows
+            .iter()
+            .filter(|r| !self.rows.contains_key(&r.id))
+            .cloned()
+            .collect();
+        validate_rows(self.by_point, &new_rows)?;
+        let mut ids = HashSet::with_capacity(rows.len());
+        for (index, row) in rows.iter().enumerate() {
+            if !ids.insert(row.id) {
+                return Err(invalid(format!(
+                    "row #{index}: record {} appears more than once in the batch",
+                    row.id
+                )));
+            }
+        }
+        for row in rows {
+            self.touch(row.id);
+            let vector = self.keep_vectors.then(|| row.vector.clone());
+            let (version, point_id, previous) = match self.rows.get(&row.id) {
+                Some(current) => {
+                    self.summary.updated += 1;
+                    (current.version + 1, current.point_id, current.version)
+                }
+                None => {
+                    self.summary.inserted += 1;
+                    self.by_point.insert(row.point_id, row.id);
+                    (1, row.point_id, 0)
+                }
+            };
+            let waiting = self.pending.get(&row.id).filter(|e| e.version == previous);
+            let (enqueued_ms, indexed_version) = match waiting {
+                Some(e) => (e.enqueued_ms, e.indexed_version),
+                None => (now_ms, previous),
+            };
+            self.pending.insert(
+                row.id,
+                PendingIndex {
+                    record_id: row.id,
+                    version,
+                    indexed_version,
+                    scope: row.scope.clone(),
+                    metadata: row.metadata.clone(),
+                    vector: row.vector.clone(),
+                    enqueued_ms,
+                    attempts: 0,
+                    last_error: None,
+                    dead: false,
+                    claimed_by: None,
+                    claim_until_ms: None,
+                },
+            );
+            self.rows.insert(
+                row.id,
+                StoredRecord {
+                    id: row.id,
+                    scope: row.scope.clone(),
+                    content: row.content.clone(),
+                    metadata: row.metadata.clone(),
+                    point_id,
+                    version,
+                    vector,
+                },
+            );
+            self.versions.push((row.id, version));
+        }
+        Ok(())
+    }
+
+    fn index(&mut self, claim: OwnerToken, switches: &[IndexSwitch]) -> Result<(), MetadataError> {
+        let mut points = HashSet::with_capacity(switches.len());
+        for (index, s) in switches.iter().enumerate() {
+            if !points.insert(s.point_id) || self.by_point.contains_key(&s.point_id) {
+                return Err(invalid(format!(
+                    "switch #{index}: point {} is not fresh",
+                    s.point_id
+                )));
+            }
+        }
+        for s in switches {
+            let current = self.rows.get(&s.record_id).map(|r| (r.version, r.point_id));
+            let entry_ok = self
+                .pending
+                .get(&s.record_id)
+                .is_some_and(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
+            match current {
+                Some((version, old)) if version == s.version && entry_ok => {
+                    self.touch(s.record_id);
+                    self.unreference(old);
+                    self.by_point.insert(s.point_id, s.record_id);
+                    if let Some(row) = self.rows.get_mut(&s.record_id) {
+                        row.point_id = s.point_id;
+                    }
+                    self.pending.remove(&s.record_id);
+                }
+                // Superseded, deleted, or taken over: the new point is garbage.
+                _ => self.garbage.push(s.point_id),
             }
         }
         Ok(())
@@ -474,7 +611,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         }
         state.check_key_free(idempotency)?;
         // Validated before anything changes: the commit applies whole or not at all.
-        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        let mut scratch = Scratch::new(state, self.keep_vectors);
         scratch.upsert(rows)?;
         let (summary, old_point_ids) = (scratch.summary, scratch.garbage);
         state.mark_committed(intent, old_point_ids.clone(), summary);
@@ -502,7 +639,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
             });
         }
         state.check_key_free(idempotency)?;
-        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        let mut scratch = Scratch::new(state, self.keep_vectors);
         scratch.delete(selector);
         let (summary, point_ids) = (scratch.summary, scratch.garbage);
         state.mark_committed(intent, point_ids.clone(), summary);
@@ -549,11 +686,12 @@ impl MetadataRepo for InMemoryMetadataRepo {
                 summary: current.summary.unwrap_or_default(),
                 garbage: current.point_ids.clone(),
                 conflicts: Vec::new(),
+                versions: Vec::new(),
             });
         }
         state.check_saga(commit.saga)?;
         state.check_key_free(idempotency)?;
-        let mut scratch = Scratch::new(&mut state.rows, &mut state.by_point, self.keep_vectors);
+        let mut scratch = Scratch::new(state, self.keep_vectors);
         for part in commit.parts {
             let applied = match part {
                 CommitPart::Upsert(rows) => scratch.upsert(rows),
@@ -562,6 +700,8 @@ impl MetadataRepo for InMemoryMetadataRepo {
                     Ok(())
                 }
                 CommitPart::Restore(images) => scratch.restore(images),
+                CommitPart::Defer { rows, now_ms } => scratch.defer(rows, *now_ms),
+                CommitPart::Index { claim, switches } => scratch.index(*claim, switches),
             };
             if let Err(e) = applied {
                 scratch.rollback();
@@ -577,13 +717,16 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .copied()
             .filter(|p| !referenced.contains(p) && seen.insert(*p))
             .collect();
-        let (summary, conflicts) = (scratch.summary, scratch.conflicts);
+        let (summary, conflicts, versions) = (scratch.summary, scratch.conflicts, scratch.versions);
         let held = if commit.hold {
             IntentState::Held
         } else {
             IntentState::Committed
         };
         state.mark(intent, garbage.clone(), summary, held);
+        if let (Some(at), Some(stored)) = (commit.release_at_ms, state.intents.get_mut(&intent)) {
+            stored.intent.lease_deadline_ms = at;
+        }
         if let Some(undo) = undo {
             state.undo.insert(intent, undo);
         }
@@ -595,6 +738,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
             summary,
             garbage,
             conflicts,
+            versions,
         })
     }
 
@@ -918,5 +1062,156 @@ impl MetadataRepo for InMemoryMetadataRepo {
             *counts.entry(row.scope.clone()).or_insert(0) += 1;
         }
         Ok(counts)
+    }
+
+    fn deferred_indexing(&self) -> bool {
+        true
+    }
+
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        // Entries a later write made stale go first.
+        let rows = &state.rows;
+        state
+            .pending
+            .retain(|id, e| rows.get(id).is_some_and(|r| r.version == e.version));
+        let mut claimable: Vec<&PendingIndex> = state
+            .pending
+            .values()
+            .filter(|e| e.is_claimable(now_ms))
+            .collect();
+        claimable.sort_by_key(|e| (e.enqueued_ms, e.record_id));
+        let ids: Vec<RecordId> = claimable
+            .into_iter()
+            .take(limit)
+            .map(|e| e.record_id)
+            .collect();
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(entry) = state.pending.get_mut(&id) {
+                entry.claimed_by = Some(claim);
+                entry.claim_until_ms = Some(claim_until_ms);
+                claimed.push(entry.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        let mut state = self.lock();
+        let mut dead = 0;
+        for (id, version) in entries {
+            let Some(entry) = state.pending.get_mut(id) else {
+                continue;
+            };
+            if entry.version != *version || entry.claimed_by != Some(claim) || entry.dead {
+                continue;
+            }
+            entry.last_error = Some(failure.message.clone());
+            entry.claimed_by = None;
+            if failure.counts || failure.permanent {
+                entry.attempts = entry.attempts.saturating_add(1);
+            }
+            if failure.permanent || (failure.counts && entry.attempts >= failure.max_attempts) {
+                entry.dead = true;
+                entry.claim_until_ms = None;
+                dead += 1;
+            } else {
+                entry.claim_until_ms = Some(failure.retry_at_ms);
+            }
+        }
+        Ok(dead)
+    }
+
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let state = self.lock();
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(state
+            .pending
+            .range((start, std::ops::Bound::Unbounded))
+            .map(|(_, e)| e)
+            .filter(|e| match filter {
+                PendingFilter::All => true,
+                PendingFilter::Waiting => !e.dead,
+                PendingFilter::Dead => e.dead,
+            })
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        let state = self.lock();
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .filter(|id| seen.insert(**id))
+            .filter_map(|id| state.pending.get(id).cloned())
+            .collect())
+    }
+
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let mut state = self.lock();
+        let mut n = 0;
+        for entry in state.pending.values_mut() {
+            if entry.dead && ids.is_none_or(|ids| ids.contains(&entry.record_id)) {
+                entry.dead = false;
+                entry.attempts = 0;
+                entry.claimed_by = None;
+                entry.claim_until_ms = None;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let mut state = self.lock();
+        let before = state.pending.len();
+        state
+            .pending
+            .retain(|id, e| !(e.dead && ids.is_none_or(|ids| ids.contains(id))));
+        Ok((before - state.pending.len()) as u64)
+    }
+
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        let state = self.lock();
+        let mut stats = PendingStats::default();
+        for e in state.pending.values() {
+            if e.dead {
+                stats.dead += 1;
+                continue;
+            }
+            stats.pending += 1;
+            if !e.is_claimable(now_ms) {
+                stats.claimed += 1;
+            }
+            stats.oldest_enqueued_ms = Some(
+                stats
+                    .oldest_enqueued_ms
+                    .map_or(e.enqueued_ms, |o| o.min(e.enqueued_ms)),
+            );
+        }
+        Ok(stats)
     }
 }

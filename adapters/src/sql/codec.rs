@@ -425,6 +425,8 @@ impl UndoRow {
                     point_id: PointId(point),
                     version: to_u64(version, "version")?,
                     vector,
+                    // The SQL stores keep no pending entries in undo images yet.
+                    pending: None,
                 })
             }
             (None, None, None, None, None) => None,

@@ -258,6 +258,7 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             summary: current.summary.unwrap_or_default(),
             garbage: current.point_ids,
             conflicts: Vec::new(),
+            versions: Vec::new(),
         });
     }
     if let Some(fence) = commit.saga {
@@ -272,6 +273,11 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             CommitPart::Upsert(rows) => applied.upsert(tx, rows, commit.hold).await?,
             CommitPart::Delete(selector) => applied.delete(tx, selector, commit.hold).await?,
             CommitPart::Restore(images) => applied.restore(tx, images, commit.hold).await?,
+            CommitPart::Defer { .. } | CommitPart::Index { .. } => {
+                return Err(MetadataError::permanent(
+                    "this metadata store does not support deferred indexing yet".to_owned(),
+                ));
+            }
         }
     }
     if let Some(step) = &commit.step {
@@ -315,6 +321,7 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
         summary: applied.summary,
         garbage,
         conflicts: applied.conflicts,
+        versions: Vec::new(),
     })
 }
 

@@ -301,7 +301,12 @@ impl MetadataRepo for SqliteMetadataRepo {
             return Err(MetadataError::Aborted { intent });
         }
         let parts = commit.parts.to_vec();
-        let (step, hold, saga) = (commit.step.clone(), commit.hold, commit.saga);
+        let (step, hold, saga, release_at_ms) = (
+            commit.step.clone(),
+            commit.hold,
+            commit.saga,
+            commit.release_at_ms,
+        );
         let idempotency = idempotency.cloned();
         self.run(move |c, keep_vectors| {
             immediate(c, |c| {
@@ -311,6 +316,7 @@ impl MetadataRepo for SqliteMetadataRepo {
                     step,
                     hold,
                     saga,
+                    release_at_ms,
                 };
                 futures::executor::block_on(steps::commit_transaction(
                     &mut tx,

@@ -215,6 +215,7 @@ fn check_batch(len: usize, max: usize, what: &str) -> Result<(), ApiError> {
 fn opts(key: Option<String>) -> WriteOptions {
     WriteOptions {
         idempotency_key: key,
+        write_mode: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! See `docs/protocol.md` for the mechanism and why each step is there.
 
+mod index;
 mod read;
 mod reconcile;
 mod recovery;
@@ -10,6 +11,7 @@ mod saga;
 mod validate;
 mod write;
 
+pub use index::{IndexReport, IndexToken, IndexWait};
 pub use saga::SagaRun;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,9 +20,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, WriteMode};
 use crate::error::CoordinatorError;
-use crate::model::{Filter, IntentId, PointId, PointInfo, RecordId, Scope};
+use crate::model::{Filter, IntentId, PendingStats, PointId, PointInfo, RecordId, Scope};
 use crate::ports::{MetadataRepo, RowRef, VectorIndex};
 
 /// Deliberate protocol bugs, compiled in only with the `planted-bugs` feature, to
@@ -68,12 +70,19 @@ pub enum PlantedBug {
     /// renewing the saga's lease, so recovery takes over a live saga whose
     /// action is merely slow.
     ActionWithoutHeartbeat,
+    /// A deferred delete deletes the records' points from the index before
+    /// its commit (to make deletes "immediate"): a commit that then fails
+    /// leaves committed rows without their points.
+    DeferredDeleteBeforeCommit,
+    /// Index workers count transient failures (the index down, slow) as
+    /// the entries' own attempts, so an outage dead-letters the backlog.
+    DeadLetterTransient,
 }
 
 #[cfg(feature = "planted-bugs")]
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 14] = [
+    pub const ALL: [PlantedBug; 16] = [
         PlantedBug::CompensateOnUnknown,
         PlantedBug::RecoverIgnoringLeases,
         PlantedBug::DeleteOldPointsBeforeCommit,
@@ -88,6 +97,8 @@ impl PlantedBug {
         PlantedBug::ResumeSagaWithoutLease,
         PlantedBug::CollectHeldGarbage,
         PlantedBug::ActionWithoutHeartbeat,
+        PlantedBug::DeferredDeleteBeforeCommit,
+        PlantedBug::DeadLetterTransient,
     ];
 }
 
@@ -97,6 +108,9 @@ pub struct WriteOptions {
     /// A retried call with the same key returns the first call's outcome and
     /// writes nothing; the same key with a different request is rejected.
     pub idempotency_key: Option<String>,
+    /// How this call reaches the index; `None`: the configured default
+    /// ([`CoordinatorConfig::write_mode`]).
+    pub write_mode: Option<WriteMode>,
 }
 
 impl WriteOptions {
@@ -104,7 +118,19 @@ impl WriteOptions {
     pub fn idempotent(key: impl Into<String>) -> Self {
         Self {
             idempotency_key: Some(key.into()),
+            write_mode: None,
         }
+    }
+
+    /// These options with a write mode.
+    pub fn with_mode(mut self, mode: WriteMode) -> Self {
+        self.write_mode = Some(mode);
+        self
+    }
+
+    /// Deferred-mode options ([`WriteMode::Deferred`]).
+    pub fn deferred() -> Self {
+        Self::default().with_mode(WriteMode::Deferred)
     }
 }
 
@@ -124,6 +150,11 @@ pub struct UpsertReport {
     /// The call was answered from its idempotency key; nothing was written.
     #[serde(default)]
     pub replayed: bool,
+    /// A deferred write: the records are committed but not yet searchable
+    /// (an update: found through its previous vector); wait for them with
+    /// [`Coordinator::wait_indexed`]. `None` for a synchronous write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_token: Option<IndexToken>,
 }
 
 /// What a delete did.
@@ -203,6 +234,9 @@ pub struct ScopeCounts {
     pub rows: u64,
     /// Points in the index.
     pub points: u64,
+    /// Of the rows, those never indexed yet (deferred writes of new records
+    /// waiting for a worker, or dead-lettered): they have no point.
+    pub unindexed: u64,
 }
 
 /// What `verify` found.
@@ -222,16 +256,26 @@ pub struct VerifyReport {
     pub held_intents: usize,
     /// Points named by unresolved intents.
     pub intent_points: usize,
+    /// Rows never indexed yet (new records of deferred writes, waiting or
+    /// dead-lettered): not drift, the index workers' backlog.
+    pub unindexed: usize,
+    /// Deferred writes waiting for an index worker.
+    pub pending_index: u64,
+    /// Dead-lettered records (reported apart: not drift, an operator's
+    /// decision).
+    pub dead_letters: u64,
 }
 
 impl VerifyReport {
     /// Both stores agree exactly: no missing points, no orphans, no pending
-    /// intents, and per scope as many points as rows.
+    /// intents, no deferred write waiting, and per scope as many points as
+    /// rows (but for dead-lettered records never indexed).
     pub fn is_consistent(&self) -> bool {
         self.missing_points.is_empty()
             && self.orphan_points.is_empty()
             && self.live_intents == 0
-            && self.scopes.values().all(|c| c.rows == c.points)
+            && self.pending_index == 0
+            && self.scopes.values().all(ScopeCounts::in_sync)
     }
 }
 
@@ -300,6 +344,10 @@ pub struct Stats {
     /// Unresolved intents not held by a saga whose lease has ended
     /// (recovery's backlog).
     pub expired_intents: usize,
+    /// The deferred-indexing backlog (`None` if the store has no deferred
+    /// indexing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingStats>,
 }
 
 /// Keeps a [`MetadataRepo`] and a [`VectorIndex`] consistent.
@@ -406,6 +454,8 @@ pub(crate) enum PlantedBugMarker {
     ResumeSagaWithoutLease,
     CollectHeldGarbage,
     ActionWithoutHeartbeat,
+    DeferredDeleteBeforeCommit,
+    DeadLetterTransient,
 }
 
 #[cfg(feature = "planted-bugs")]
@@ -430,6 +480,7 @@ mod send_check {
             Vec::new(),
             &WriteOptions {
                 idempotency_key: None,
+                write_mode: None,
             },
         ));
         assert_send(c.delete(DeleteSelector::Scope(Scope::new("s"))));
@@ -440,5 +491,10 @@ mod send_check {
         assert_send(c.get(Box::leak(Box::new(Vec::new()))));
         assert_send(c.repair(None));
         assert_send(c.stats());
+        assert_send(c.index_pending());
+        assert_send(c.wait_indexed(
+            Box::leak(Box::new(IndexToken::default())),
+            std::time::Duration::from_secs(1),
+        ));
     }
 }

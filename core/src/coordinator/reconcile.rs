@@ -68,7 +68,23 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
         // Re-check the findings: a missing point must still be missing, an
         // orphan must still be unreferenced and unnamed.
-        report.missing_points = self.confirm_missing(missing).await?;
+        let (missing, unindexed) = self.confirm_missing(missing).await?;
+        report.missing_points = missing;
+        for r in &unindexed {
+            report.scopes.entry(r.scope.clone()).or_default().unindexed += 1;
+        }
+        report.unindexed = unindexed.len();
+        if self.repo.deferred_indexing() {
+            let now = self.clock.now_ms();
+            let deadline = Instant::now() + self.config.call_deadline;
+            let stats = self
+                .metadata_call("metadata.pending_stats", deadline, || {
+                    self.repo.pending_stats(now)
+                })
+                .await?;
+            report.pending_index = stats.pending;
+            report.dead_letters = stats.dead;
+        }
         report.orphan_points = self.confirm_orphans(orphans).await?;
         for c in report.scopes.values() {
             debug_assert!(c.rows > 0 || c.points > 0);
@@ -169,7 +185,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .into_iter()
                 .filter(|r| !present.contains(&r.point_id))
                 .collect();
-            page.missing_points = self.confirm_missing(candidates).await?;
+            let (missing, unindexed) = self.confirm_missing(candidates).await?;
+            page.missing_points = missing;
+            for r in &unindexed {
+                page.scopes.entry(r.scope.clone()).or_default().unindexed += 1;
+            }
             page.next.rows_done = rows.next.is_none();
             page.next.rows_after = rows.next;
         }
@@ -237,12 +257,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         })
     }
 
+    /// The rows of `candidates` whose point is still missing while they
+    /// still reference it, split into those that violate I1 and those that
+    /// were never indexed (a deferred write's record waiting for a worker,
+    /// or dead-lettered): their row references a reserved point.
     async fn confirm_missing(
         &self,
         candidates: Vec<RowRef>,
-    ) -> Result<Vec<RowRef>, CoordinatorError> {
+    ) -> Result<(Vec<RowRef>, Vec<RowRef>), CoordinatorError> {
         if candidates.is_empty() {
-            return Ok(candidates);
+            return Ok((candidates, Vec::new()));
         }
         let deadline = Instant::now() + self.config.call_deadline;
         let ids: Vec<PointId> = candidates.iter().map(|r| r.point_id).collect();
@@ -255,10 +279,26 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         // Still referenced by the row? (It may have been updated or deleted.)
         let still = self.referenced(&ids).await?;
-        Ok(candidates
+        let missing: Vec<RowRef> = candidates
             .into_iter()
             .filter(|r| !present.contains(&r.point_id) && still.contains(&r.point_id))
-            .collect())
+            .collect();
+        if missing.is_empty() || !self.repo.deferred_indexing() {
+            return Ok((missing, Vec::new()));
+        }
+        let records: Vec<_> = missing.iter().map(|r| r.id).collect();
+        let never_indexed: HashSet<_> = self
+            .metadata_call("metadata.pending_for", deadline, || {
+                self.repo.pending_for(&records)
+            })
+            .await?
+            .into_iter()
+            .filter(|e| e.indexed_version == 0)
+            .map(|e| e.record_id)
+            .collect();
+        Ok(missing
+            .into_iter()
+            .partition(|r| !never_indexed.contains(&r.id)))
     }
 
     async fn confirm_orphans(
@@ -418,20 +458,38 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let held = intents.iter().filter(|i| i.is_held()).count();
         let expired = intents.iter().filter(|i| i.is_expired(now)).count();
         metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
+        let pending = if self.repo.deferred_indexing() {
+            let stats = self
+                .metadata_call("metadata.pending_stats", deadline, || {
+                    self.repo.pending_stats(now)
+                })
+                .await?;
+            metrics::gauge!("tandem_index_pending").set(stats.pending as f64);
+            metrics::gauge!("tandem_index_dead_letters").set(stats.dead as f64);
+            let age = stats
+                .oldest_enqueued_ms
+                .map_or(0, |t| now.saturating_sub(t).max(0));
+            metrics::gauge!("tandem_index_oldest_pending_seconds").set(age as f64 / 1000.0);
+            Some(stats)
+        } else {
+            None
+        };
         Ok(Stats {
             rows_by_scope,
             points,
             live_intents: intents.len(),
             held_intents: held,
             expired_intents: expired,
+            pending,
         })
     }
 }
 
 impl ScopeCounts {
-    /// Whether both stores hold as many entries for the scope.
+    /// Whether both stores hold as many entries for the scope (a row never
+    /// indexed has no point).
     pub fn in_sync(&self) -> bool {
-        self.rows == self.points
+        self.rows == self.points + self.unindexed
     }
 }
 

@@ -18,7 +18,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::retry::{Failed, Idempotence, with_retry};
 use super::validate::{check_batch, check_selector, check_transaction, request_hash};
-use super::{Bug, Coordinator, DeleteReport, UpsertReport, WriteOptions};
+use super::{Bug, Coordinator, DeleteReport, IndexToken, UpsertReport, WriteOptions};
+use crate::config::WriteMode;
 use crate::error::{CoordinatorError, IndexError, MetadataError, Outcome, ValidationError};
 use crate::model::{
     CommitPart, CommitSummary, DeleteSelector, IdempotencyRecord, IntentId, IntentKind, NewIntent,
@@ -38,6 +39,8 @@ enum Decision {
         owner: OwnerToken,
         /// Records a restore left alone because they changed since.
         conflicts: Vec<RecordId>,
+        /// The version each deferred row got (empty when settled).
+        versions: Vec<(RecordId, u64)>,
     },
     /// It did not happen and never will.
     NotApplied {
@@ -91,14 +94,18 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             }
             None => None,
         };
+        let deferred = self.write_mode(opts)? == WriteMode::Deferred;
         let intent = IntentId::new_v7();
-        let span = info_span!("tandem.upsert", intent = %intent, batch = records.len());
+        let span = info_span!("tandem.upsert", intent = %intent, batch = records.len(), deferred);
         async {
             // Only the planted bugs look at the current rows before the commit.
             let current = self.current_points_for_bugs(&records, deadline).await?;
             let now = self.clock.now_ms();
             let (rows, points) = self.rows_and_points(records, now, &current)?;
             let ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
+            // A replayed deferred write cannot tell the versions it wrote:
+            // its token waits for whatever is pending for the records then.
+            let unknown_token = deferred.then(|| IndexToken::unknown_versions(&ids));
             let idem = key.map(|(key, hash)| {
                 keyed(
                     key,
@@ -110,18 +117,37 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         updated: 0,
                         deferred_cleanup: 0,
                         replayed: false,
+                        index_token: unknown_token.clone(),
                     },
                 )
             });
-            let unit = Unit {
-                op: "upsert",
-                kind: IntentKind::Upsert,
-                parts: vec![CommitPart::Upsert(rows)],
-                points,
-                step: None,
-                hold: false,
-                saga: None,
-                current_for_bugs: current,
+            let unit = if deferred {
+                // One metadata transaction: the rows (new ones on a reserved,
+                // unwritten point; existing ones keep theirs) and a pending
+                // entry per record. The index workers write the points.
+                Unit {
+                    op: "deferred_upsert",
+                    kind: IntentKind::Upsert,
+                    parts: vec![CommitPart::Defer { rows, now_ms: now }],
+                    points: Vec::new(),
+                    step: None,
+                    hold: false,
+                    saga: None,
+                    release_at_ms: Some(now),
+                    current_for_bugs: current,
+                }
+            } else {
+                Unit {
+                    op: "upsert",
+                    kind: IntentKind::Upsert,
+                    parts: vec![CommitPart::Upsert(rows)],
+                    points,
+                    step: None,
+                    hold: false,
+                    saga: None,
+                    release_at_ms: None,
+                    current_for_bugs: current,
+                }
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
                 Written::Done(done) => Ok(UpsertReport {
@@ -131,6 +157,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     updated: done.summary.updated,
                     deferred_cleanup: done.deferred_cleanup,
                     replayed: false,
+                    index_token: unknown_token.map(|unknown| {
+                        if done.versions.is_empty() {
+                            unknown
+                        } else {
+                            IndexToken {
+                                records: done.versions,
+                            }
+                        }
+                    }),
                 }),
                 Written::Replay(rec) => replay_upsert(rec),
             }
@@ -167,8 +202,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             }
             None => None,
         };
+        let deferred = self.write_mode(opts)? == WriteMode::Deferred;
         let intent = IntentId::new_v7();
-        let span = info_span!("tandem.delete", intent = %intent);
+        let span = info_span!("tandem.delete", intent = %intent, deferred);
         async {
             let idem = key.map(|(key, hash)| {
                 keyed(
@@ -182,14 +218,25 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     },
                 )
             });
+            if deferred && self.bug(Bug::DeferredDeleteBeforeCommit) {
+                self.delete_points_before_commit_for_bug(&selector, deadline)
+                    .await?;
+            }
             let unit = Unit {
-                op: "delete",
+                op: if deferred {
+                    "deferred_delete"
+                } else {
+                    "delete"
+                },
                 kind: IntentKind::Delete,
                 parts: vec![CommitPart::Delete(selector)],
                 points: Vec::new(),
                 step: None,
                 hold: false,
                 saga: None,
+                // Deferred: the deleted rows' points are the index workers'
+                // to collect (the intent is handed over at commit).
+                release_at_ms: deferred.then(|| self.clock.now_ms()),
                 current_for_bugs: HashMap::new(),
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
@@ -204,6 +251,35 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         .instrument(span)
         .await
+    }
+
+    /// The write mode of a call, refused if the store cannot do it.
+    pub(super) fn write_mode(&self, opts: &WriteOptions) -> Result<WriteMode, CoordinatorError> {
+        let mode = opts.write_mode.unwrap_or(self.config.write_mode);
+        if mode == WriteMode::Deferred && !self.repo.deferred_indexing() {
+            return Err(CoordinatorError::Config(
+                "write mode deferred: this metadata store has no deferred indexing".to_owned(),
+            ));
+        }
+        Ok(mode)
+    }
+
+    /// The planted bug `DeferredDeleteBeforeCommit`: deletes the selected
+    /// records' points (by id) from the index before the commit.
+    async fn delete_points_before_commit_for_bug(
+        &self,
+        selector: &DeleteSelector,
+        deadline: Instant,
+    ) -> Result<(), CoordinatorError> {
+        let DeleteSelector::Ids(ids) = selector else {
+            return Ok(());
+        };
+        let rows = self
+            .metadata_call("metadata.get", deadline, || self.repo.get(ids))
+            .await?;
+        let points: Vec<PointId> = rows.iter().map(|r| r.point_id).collect();
+        let _ = self.delete_points(&points, deadline).await;
+        Ok(())
     }
 
     /// Commits several writes — upserts and deletes, across scopes — and
@@ -233,6 +309,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         opts: &WriteOptions,
         saga: Option<SagaFence>,
     ) -> Result<TransactionReport, CoordinatorError> {
+        if opts.write_mode == Some(WriteMode::Deferred) {
+            // A transaction may carry the caller's step and may be a saga's:
+            // it is decided with its points written. (The configured default
+            // mode does not apply to transactions.)
+            return Err(CoordinatorError::Config(
+                "transactions are synchronous: write mode deferred applies to upserts and deletes"
+                    .to_owned(),
+            ));
+        }
         let (parts, step) = tx.into_parts();
         check_transaction(
             &parts,
@@ -296,6 +381,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 step,
                 hold: saga.is_some(),
                 saga,
+                release_at_ms: None,
                 current_for_bugs: HashMap::new(),
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
@@ -338,6 +424,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             step: None,
             hold: false,
             saga: Some(saga),
+            release_at_ms: None,
             current_for_bugs: HashMap::new(),
         };
         let span = info_span!("tandem.restore", intent = %intent);
@@ -429,7 +516,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// that will not commit, settlement of a commit whose outcome is unknown.
     /// A held unit (a saga step) skips the cleanup: its garbage is kept until
     /// the saga ends.
-    async fn write_unit(
+    pub(super) async fn write_unit(
         &self,
         intent_id: IntentId,
         unit: Unit,
@@ -587,6 +674,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 garbage,
                 owner,
                 conflicts,
+                versions,
             } => {
                 metrics::counter!("tandem_commits_total", "op" => op).increment(1);
                 info!(
@@ -595,6 +683,17 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     deleted = summary.deleted,
                     "committed"
                 );
+                if unit.release_at_ms.is_some() {
+                    // A deferred write: the commit handed the intent (and
+                    // its garbage) to the index workers' recovery pass.
+                    return Ok(Written::Done(Done {
+                        summary,
+                        deferred_cleanup: garbage.len(),
+                        conflicts,
+                        garbage,
+                        versions,
+                    }));
+                }
                 if unit.hold {
                     // A saga step: its garbage (superseded and deleted rows'
                     // points) stays until the saga ends, so that a
@@ -608,6 +707,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         summary,
                         deferred_cleanup: 0,
                         conflicts,
+                        garbage,
+                        versions,
                     }));
                 }
                 // 4. Cleanup: the write is decided; failures here are recovery's.
@@ -619,6 +720,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     summary,
                     deferred_cleanup: deferred,
                     conflicts,
+                    garbage,
+                    versions,
                 }))
             }
             Decision::NotApplied {
@@ -733,6 +836,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                             garbage: done.garbage,
                             owner,
                             conflicts: done.conflicts,
+                            versions: done.versions,
                         };
                     }
                     Ok(Err(e)) => Failed::Port(e),
@@ -803,6 +907,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                                 garbage,
                                 owner,
                                 conflicts: Vec::new(),
+                                versions: Vec::new(),
                             };
                         }
                         Ok(Settled::NotCommitted { fence }) => {
@@ -851,6 +956,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             summary,
             garbage,
             conflicts: Vec::new(),
+            versions: Vec::new(),
         };
         match request {
             CommitRequest::Upsert {
@@ -1157,22 +1263,29 @@ fn commit_request<'a>(
     idempotency: Option<&'a IdempotencyRecord>,
     gate: Option<&'a IndexGate>,
 ) -> CommitRequest<'a> {
-    match (&unit.parts[..], &unit.step, unit.hold, unit.saga) {
-        ([CommitPart::Upsert(rows)], None, false, None) => CommitRequest::Upsert {
+    match (
+        &unit.parts[..],
+        &unit.step,
+        unit.hold,
+        unit.saga,
+        unit.release_at_ms,
+    ) {
+        ([CommitPart::Upsert(rows)], None, false, None, None) => CommitRequest::Upsert {
             rows,
             idempotency,
             gate,
         },
-        ([CommitPart::Delete(selector)], None, false, None) => CommitRequest::Delete {
+        ([CommitPart::Delete(selector)], None, false, None, None) => CommitRequest::Delete {
             selector,
             idempotency,
         },
-        (parts, step, hold, saga) => CommitRequest::Transaction {
+        (parts, step, hold, saga, release_at_ms) => CommitRequest::Transaction {
             commit: TransactionCommit {
                 parts,
                 step: step.clone(),
                 hold,
                 saga,
+                release_at_ms,
             },
             idempotency,
             gate,
@@ -1181,28 +1294,31 @@ fn commit_request<'a>(
 }
 
 /// A write of any kind, ready for the protocol ([`Coordinator::write_unit`]).
-struct Unit {
+pub(super) struct Unit {
     /// The operation's name in metrics and logs (`upsert`, `delete`,
     /// `transaction`, `restore`).
-    op: &'static str,
+    pub(super) op: &'static str,
     /// The intent's kind.
-    kind: IntentKind,
+    pub(super) kind: IntentKind,
     /// What the commit writes, in order (point ids decided).
-    parts: Vec<CommitPart>,
+    pub(super) parts: Vec<CommitPart>,
     /// The new points to write to the index before the commit.
-    points: Vec<Point>,
+    pub(super) points: Vec<Point>,
     /// The caller's own statements, in the commit's transaction.
-    step: Option<Arc<dyn CommitStep>>,
+    pub(super) step: Option<Arc<dyn CommitStep>>,
     /// A saga step: keep the garbage and the undo images until the saga ends.
-    hold: bool,
+    pub(super) hold: bool,
     /// Commit only while the saga is still this driver's.
-    saga: Option<SagaFence>,
+    pub(super) saga: Option<SagaFence>,
+    /// A deferred write: the commit hands the intent over at this time
+    /// (its garbage is the index workers'), and the call does no cleanup.
+    pub(super) release_at_ms: Option<i64>,
     /// The current points of the records, read only for the planted bugs.
-    current_for_bugs: HashMap<RecordId, PointId>,
+    pub(super) current_for_bugs: HashMap<RecordId, PointId>,
 }
 
 /// How a write ended for its caller.
-enum Written {
+pub(super) enum Written {
     /// It committed now.
     Done(Done),
     /// A concurrent call with the same idempotency key committed first:
@@ -1211,12 +1327,16 @@ enum Written {
 }
 
 /// What a committed write decided.
-struct Done {
-    summary: CommitSummary,
+pub(super) struct Done {
+    pub(super) summary: CommitSummary,
     /// Points left to recovery.
-    deferred_cleanup: usize,
+    pub(super) deferred_cleanup: usize,
     /// Records a restore left alone.
-    conflicts: Vec<RecordId>,
+    pub(super) conflicts: Vec<RecordId>,
+    /// The points the commit made garbage.
+    pub(super) garbage: Vec<PointId>,
+    /// The version each deferred row got (empty when settled).
+    pub(super) versions: Vec<(RecordId, u64)>,
 }
 
 /// What a commit writes.

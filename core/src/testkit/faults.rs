@@ -41,9 +41,9 @@ use tokio::sync::watch;
 
 use crate::error::{IndexError, MetadataError, Outcome};
 use crate::model::{
-    DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, Intent, IntentId, NewIntent,
-    OwnerToken, Page, Point, PointId, PointInfo, RecordId, RowWrite, Scope, ScoredPoint,
-    Settlement, StoredRecord, UpsertCommit,
+    DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexFailure, Intent, IntentId,
+    NewIntent, OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, Point, PointId,
+    PointInfo, RecordId, RowWrite, Scope, ScoredPoint, Settlement, StoredRecord, UpsertCommit,
 };
 use crate::model::{SagaId, TransactionCommit, TransactionCommitResult, UndoImage};
 use crate::ports::{IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
@@ -99,6 +99,20 @@ pub enum Call {
     SagaList,
     /// [`MetadataRepo::saga_counts`].
     SagaCounts,
+    /// [`MetadataRepo::claim_pending`].
+    ClaimPending,
+    /// [`MetadataRepo::record_index_failure`].
+    RecordIndexFailure,
+    /// [`MetadataRepo::list_pending`].
+    ListPending,
+    /// [`MetadataRepo::pending_for`].
+    PendingFor,
+    /// [`MetadataRepo::retry_dead`].
+    RetryDead,
+    /// [`MetadataRepo::drop_dead`].
+    DropDead,
+    /// [`MetadataRepo::pending_stats`].
+    PendingStats,
     /// [`VectorIndex::upsert`].
     IndexUpsert,
     /// [`VectorIndex::delete`].
@@ -114,7 +128,7 @@ pub enum Call {
 }
 
 impl Call {
-    const ALL: [Call; 29] = [
+    const ALL: [Call; 36] = [
         Call::Prepare,
         Call::CommitUpsert,
         Call::CommitDelete,
@@ -138,6 +152,13 @@ impl Call {
         Call::SagaGet,
         Call::SagaList,
         Call::SagaCounts,
+        Call::ClaimPending,
+        Call::RecordIndexFailure,
+        Call::ListPending,
+        Call::PendingFor,
+        Call::RetryDead,
+        Call::DropDead,
+        Call::PendingStats,
         Call::IndexUpsert,
         Call::IndexDelete,
         Call::IndexRetrieve,
@@ -162,6 +183,10 @@ impl Call {
                 | Call::SagaSave
                 | Call::SagaClaim
                 | Call::SagaTake
+                | Call::ClaimPending
+                | Call::RecordIndexFailure
+                | Call::RetryDead
+                | Call::DropDead
                 | Call::IndexUpsert
                 | Call::IndexDelete
         )
@@ -1026,6 +1051,67 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
         })
         .await
     }
+
+    fn deferred_indexing(&self) -> bool {
+        self.inner.deferred_indexing()
+    }
+
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        intercept(&self.ctl, Call::ClaimPending, || {
+            self.inner
+                .claim_pending(now_ms, claim, claim_until_ms, limit)
+        })
+        .await
+    }
+
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        intercept(&self.ctl, Call::RecordIndexFailure, || {
+            self.inner.record_index_failure(claim, entries, failure)
+        })
+        .await
+    }
+
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        intercept(&self.ctl, Call::ListPending, || {
+            self.inner.list_pending(filter, after, limit)
+        })
+        .await
+    }
+
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        intercept(&self.ctl, Call::PendingFor, || self.inner.pending_for(ids)).await
+    }
+
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        intercept(&self.ctl, Call::RetryDead, || self.inner.retry_dead(ids)).await
+    }
+
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        intercept(&self.ctl, Call::DropDead, || self.inner.drop_dead(ids)).await
+    }
+
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        intercept(&self.ctl, Call::PendingStats, || {
+            self.inner.pending_stats(now_ms)
+        })
+        .await
+    }
 }
 
 /// A [`VectorIndex`] that injects the faults its [`FaultController`] decides.
@@ -1219,7 +1305,7 @@ mod tests {
 
     #[test]
     fn call_classification() {
-        assert_eq!(Call::all().len(), 29);
+        assert_eq!(Call::all().len(), 36);
         let distinct: HashSet<Call> = Call::all().iter().copied().collect();
         assert_eq!(distinct.len(), 29);
         let writes: Vec<Call> = Call::all().iter().copied().filter(Call::is_write).collect();

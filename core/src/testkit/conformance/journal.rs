@@ -29,6 +29,7 @@ fn plain(parts: &[CommitPart]) -> TransactionCommit<'_> {
         step: None,
         hold: false,
         saga: None,
+        release_at_ms: None,
     }
 }
 
@@ -490,6 +491,7 @@ fn image_of(written: &RowWrite, version: u64) -> StoredRecordImage {
         point_id: written.point_id,
         version,
         vector: Some(written.vector.clone()),
+        pending: None,
     }
 }
 
