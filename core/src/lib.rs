@@ -24,8 +24,9 @@ pub mod transaction;
 pub use clock::{Clock, SystemClock};
 pub use config::{CoordinatorConfig, IndexingConfig, Limits, RetryPolicy, WriteMode};
 pub use coordinator::{
-    Coordinator, DeleteReport, RecoveryReport, RepairReport, SagaRun, ScopeCounts, SearchQuery,
-    Stats, UpsertReport, VerifyCursor, VerifyPage, VerifyReport, WriteOptions,
+    Coordinator, DeleteReport, IndexReport, IndexToken, IndexWait, RecoveryReport, RepairReport,
+    SagaRun, ScopeCounts, SearchQuery, Stats, UpsertReport, VerifyCursor, VerifyPage,
+    VerifyReport, WriteOptions,
 };
 pub use embed::{BatchLimits, BatchingEmbedder, Embedder, RetryingEmbedder};
 pub use error::{

@@ -47,11 +47,13 @@
 //! The functions can also be called directly, e.g. from a hand-written test:
 //! `conformance::prepare_then_read(&repo).await`. They panic on a violation.
 
+mod deferred;
 mod embed;
 mod journal;
 mod metadata;
 mod vector;
 
+pub use deferred::*;
 pub use embed::*;
 pub use journal::*;
 pub use metadata::*;
@@ -265,6 +267,25 @@ macro_rules! metadata_repo_conformance {
                 saga_list_filters_by_state,
                 saga_counts_by_state,
                 referenced_points_includes_held,
+                deferred_commit_enqueues,
+                deferred_commit_coalesces,
+                deferred_sync_write_drops_pending,
+                deferred_index_switches,
+                deferred_index_fenced_by_version,
+                deferred_release,
+                deferred_restore_requeues,
+                pending_claim_takes_current,
+                pending_claim_is_exclusive,
+                pending_claim_respects_limit,
+                pending_claim_skips_dead,
+                pending_failure_counts_attempts,
+                pending_failure_transient_does_not_count,
+                pending_failure_dead_letters,
+                pending_failure_fenced,
+                pending_list_filters,
+                pending_retry_dead,
+                pending_drop_dead,
+                pending_stats_counts,
             );
 
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
