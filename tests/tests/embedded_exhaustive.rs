@@ -34,10 +34,15 @@ async fn every_single_fault_keeps_every_invariant_on_the_embedded_pair() {
     let dirs = Mutex::new(Vec::new());
     let d = &dirs;
     let started = std::time::Instant::now();
+    // Every scenario, and deferred indexing's: SQLite implements it.
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .chain(Scenario::DEFERRED)
+        .collect();
     let summary = exhaustive(
         move || async move { open(d).await },
         fault_config(Duration::from_secs(5)),
-        &Scenario::ALL,
+        &scenarios,
         None,
     )
     .await;

@@ -34,6 +34,8 @@ struct PgUndo {
     vector: Option<Vec<u8>>,
     #[diesel(sql_type = Nullable<BigInt>)]
     after_version: Option<i64>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    pending: Option<Value>,
 }
 
 #[derive(QueryableByName)]
@@ -103,7 +105,7 @@ impl Session {
     ) -> Result<Vec<UndoImage>, MetadataError> {
         let rows: Vec<PgUndo> = diesel::sql_query(
             "SELECT record_id, scope, content, metadata, point_id, version, vector, \
-             after_version FROM intent_undo WHERE intent_id = $1 ORDER BY record_id",
+             after_version, pending FROM intent_undo WHERE intent_id = $1 ORDER BY record_id",
         )
         .bind::<SqlUuid, _>(intent.0)
         .prepared()
@@ -122,6 +124,7 @@ impl Session {
                     version: r.version,
                     vector: r.vector,
                     after_version: r.after_version,
+                    pending: r.pending,
                 }
                 .into_image()?;
                 if !keep && let Some(before) = &mut image.before {

@@ -31,9 +31,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tandem_core::{
-    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId,
-    MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite,
-    SagaCounts, SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
+    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure, IndexGate,
+    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PendingFilter,
+    PendingIndex, PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts, SagaId,
+    SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
@@ -492,6 +493,75 @@ impl MetadataRepo for PostgresMetadataRepo {
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
         let mut s = self.session().await?;
         let r = s.count_by_scope().await;
+        s.done(r)
+    }
+
+    fn deferred_indexing(&self) -> bool {
+        true
+    }
+
+    /// One transaction: the oldest claimable entries `FOR UPDATE SKIP
+    /// LOCKED` (so N workers in any number of processes never take the same
+    /// entry nor wait for each other), stale ones removed, the rest marked.
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = steps::claim_pending(&mut s, now_ms, claim, claim_until_ms, limit).await;
+        s.finish(r).await
+    }
+
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut s = self.session().await?;
+        let r = s.record_index_failure(claim, entries, failure).await;
+        s.done(r)
+    }
+
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.list_pending(filter, after, limit).await;
+        s.done(r)
+    }
+
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.pending_for(ids).await;
+        s.done(r)
+    }
+
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.retry_dead(ids).await;
+        s.done(r)
+    }
+
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.drop_dead(ids).await;
+        s.done(r)
+    }
+
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.pending_stats(now_ms).await;
         s.done(r)
     }
 }

@@ -11,17 +11,18 @@ use diesel::sql_types::{
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use serde_json::Value;
 use tandem_core::{
-    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
-    MetadataError, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, SagaId,
-    SagaState, Scope, StoredRecord, UndoImage,
+    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, IndexFailure, Intent, IntentId,
+    IntentState, MetadataError, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex,
+    PendingStats, PointId, RecordId, RowRef, RowWrite, SagaId, SagaState, Scope, StoredRecord,
+    UndoImage,
 };
 use uuid::Uuid;
 
 use super::connect::{Connection, open};
 use super::error::{ConnectError, Phase, ServerErrors, classify_checkout};
 use crate::sql::codec::{
-    IdempotencyRow, IntentRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit, step_failed,
-    summary_columns, to_i64, to_u64,
+    IdempotencyRow, IntentRow, PendingRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit,
+    pending_filter, step_failed, summary_columns, to_i64, to_u64,
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
 use crate::sql::prepared::PreparedExt;
@@ -262,6 +263,154 @@ struct PgClaimed {
     #[diesel(sql_type = BigInt)]
     seq: i64,
 }
+
+#[derive(QueryableByName)]
+struct PgPending {
+    #[diesel(sql_type = SqlUuid)]
+    record_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = BigInt)]
+    indexed_version: i64,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Jsonb)]
+    metadata: Value,
+    #[diesel(sql_type = Bytea)]
+    vector: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    enqueued_ms: i64,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = Bool)]
+    dead: bool,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    claimed_by: Option<Uuid>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    claim_until_ms: Option<i64>,
+}
+
+impl PgPending {
+    fn into_pending(self) -> Result<PendingIndex, MetadataError> {
+        PendingRow {
+            record_id: self.record_id,
+            version: self.version,
+            indexed_version: self.indexed_version,
+            scope: self.scope,
+            metadata: self.metadata,
+            vector: self.vector,
+            enqueued_ms: self.enqueued_ms,
+            attempts: self.attempts,
+            last_error: self.last_error,
+            dead: self.dead,
+            claimed_by: self.claimed_by,
+            claim_until_ms: self.claim_until_ms,
+        }
+        .into_pending()
+    }
+}
+
+#[derive(QueryableByName)]
+struct PgCandidate {
+    #[diesel(embed)]
+    entry: PgPending,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    row_version: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct PgVersion {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgNewVersion {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgDead {
+    #[diesel(sql_type = Bool)]
+    dead: bool,
+}
+
+#[derive(QueryableByName)]
+struct PgPendingStats {
+    #[diesel(sql_type = BigInt)]
+    pending: i64,
+    #[diesel(sql_type = BigInt)]
+    claimed: i64,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    oldest: Option<i64>,
+}
+
+/// Column arrays of pending entries for `UNNEST`.
+struct PendingColumns {
+    ids: Vec<Uuid>,
+    versions: Vec<i64>,
+    indexed: Vec<i64>,
+    scopes: Vec<String>,
+    metadata: Vec<Value>,
+    vectors: Vec<Vec<u8>>,
+    enqueued: Vec<i64>,
+    attempts: Vec<i32>,
+    errors: Vec<Option<String>>,
+    dead: Vec<bool>,
+    claimed_by: Vec<Option<Uuid>>,
+    claim_until: Vec<Option<i64>>,
+}
+
+impl PendingColumns {
+    fn new(entries: &[PendingIndex]) -> Result<Self, MetadataError> {
+        let mut cols = Self {
+            ids: Vec::with_capacity(entries.len()),
+            versions: Vec::with_capacity(entries.len()),
+            indexed: Vec::with_capacity(entries.len()),
+            scopes: Vec::with_capacity(entries.len()),
+            metadata: Vec::with_capacity(entries.len()),
+            vectors: Vec::with_capacity(entries.len()),
+            enqueued: Vec::with_capacity(entries.len()),
+            attempts: Vec::with_capacity(entries.len()),
+            errors: Vec::with_capacity(entries.len()),
+            dead: Vec::with_capacity(entries.len()),
+            claimed_by: Vec::with_capacity(entries.len()),
+            claim_until: Vec::with_capacity(entries.len()),
+        };
+        for entry in entries {
+            let r = PendingRow::of(entry)?;
+            cols.ids.push(r.record_id);
+            cols.versions.push(r.version);
+            cols.indexed.push(r.indexed_version);
+            cols.scopes.push(r.scope);
+            cols.metadata.push(r.metadata);
+            cols.vectors.push(r.vector);
+            cols.enqueued.push(r.enqueued_ms);
+            cols.attempts.push(r.attempts);
+            cols.errors.push(r.last_error);
+            cols.dead.push(r.dead);
+            cols.claimed_by.push(r.claimed_by);
+            cols.claim_until.push(r.claim_until_ms);
+        }
+        Ok(cols)
+    }
+}
+
+/// The `pending_index` columns, qualified by `p`.
+const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, p.scope, p.metadata, \
+                               p.vector, p.enqueued_ms, p.attempts, p.last_error, p.dead, \
+                               p.claimed_by, p.claim_until_ms";
 
 #[derive(QueryableByName)]
 pub(super) struct PgSagaOwner {
@@ -537,12 +686,14 @@ impl TxOps for Session {
         point_ids: &[PointId],
         summary: CommitSummary,
         state: IntentState,
+        release_at_ms: Option<i64>,
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         diesel::sql_query(
             "UPDATE intents SET state = $6, point_ids = $2, inserted = $3, \
-             updated = $4, deleted = $5 WHERE id = $1",
+             updated = $4, deleted = $5, lease_deadline_ms = COALESCE($7, lease_deadline_ms) \
+             WHERE id = $1",
         )
         .bind::<SqlUuid, _>(id.0)
         .bind::<Array<SqlUuid>, _>(uuids(point_ids, |p| p.0))
@@ -550,6 +701,232 @@ impl TxOps for Session {
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
         .bind::<Text, _>(state.as_str())
+        .bind::<Nullable<BigInt>, _>(release_at_ms)
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn lock_versions(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId, u64)>, MetadataError> {
+        self.in_tx().await?;
+        let rows: Vec<PgVersion> = diesel::sql_query(
+            "SELECT id, point_id, version FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok((
+                    RecordId(r.id),
+                    PointId(r.point_id),
+                    to_u64(r.version, "version")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn defer_update(
+        &mut self,
+        rows: &[&RowWrite],
+    ) -> Result<Vec<(RecordId, u64)>, MetadataError> {
+        self.in_tx().await?;
+        let cols = RowColumns::new(rows, self.keep_vectors);
+        // The rows are locked already (insert_or_lock); the point stays.
+        let updated: Vec<PgNewVersion> = diesel::sql_query(
+            "UPDATE records AS r SET scope = t.scope, content = t.content, \
+             metadata = t.metadata, vector = t.vector, version = r.version + 1, \
+             updated_at = now() \
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
+                 AS t(id, scope, content, metadata, vector) \
+             WHERE r.id = t.id RETURNING r.id, r.version",
+        )
+        .bind::<Array<SqlUuid>, _>(cols.ids)
+        .bind::<Array<Text>, _>(cols.scopes)
+        .bind::<Array<Text>, _>(cols.contents)
+        .bind::<Array<Jsonb>, _>(cols.metadata)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        updated
+            .into_iter()
+            .map(|r| Ok((RecordId(r.id), to_u64(r.version, "version")?)))
+            .collect()
+    }
+
+    async fn switch_points(
+        &mut self,
+        switches: &[(RecordId, PointId)],
+    ) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        // The rows are locked already (lock_versions).
+        diesel::sql_query(
+            "UPDATE records AS r SET point_id = t.point_id, updated_at = now() \
+             FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, point_id) WHERE r.id = t.id",
+        )
+        .bind::<Array<SqlUuid>, _>(switches.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind::<Array<SqlUuid>, _>(switches.iter().map(|(_, p)| p.0).collect::<Vec<_>>())
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        self.in_tx().await?;
+        let rows: Vec<PgPending> = diesel::sql_query(format!(
+            "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id = ANY($1) \
+             ORDER BY p.record_id FOR UPDATE"
+        ))
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        rows.into_iter().map(PgPending::into_pending).collect()
+    }
+
+    async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
+            .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+            .prepared()
+            .execute(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let cols = PendingColumns::new(entries)?;
+        // In id order, like every lock. The SET expressions read the existing
+        // entry as it was: a waiting entry at the row's previous version keeps
+        // when it was enqueued and which version the row's point holds.
+        diesel::sql_query(
+            "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
+                 vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
+             SELECT t.id, t.version, t.indexed, t.scope, t.metadata, t.vector, t.enqueued, \
+                 0, NULL, false, NULL, NULL \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[], \
+                 $6::bytea[], $7::bigint[]) \
+                 AS t(id, version, indexed, scope, metadata, vector, enqueued) \
+             ORDER BY t.id \
+             ON CONFLICT (record_id) DO UPDATE SET \
+                 enqueued_ms = CASE WHEN pending_index.version = excluded.indexed_version \
+                     THEN pending_index.enqueued_ms ELSE excluded.enqueued_ms END, \
+                 indexed_version = CASE WHEN pending_index.version = excluded.indexed_version \
+                     THEN pending_index.indexed_version ELSE excluded.indexed_version END, \
+                 version = excluded.version, scope = excluded.scope, \
+                 metadata = excluded.metadata, vector = excluded.vector, attempts = 0, \
+                 last_error = NULL, dead = false, claimed_by = NULL, claim_until_ms = NULL",
+        )
+        .bind::<Array<SqlUuid>, _>(cols.ids)
+        .bind::<Array<BigInt>, _>(cols.versions)
+        .bind::<Array<BigInt>, _>(cols.indexed)
+        .bind::<Array<Text>, _>(cols.scopes)
+        .bind::<Array<Jsonb>, _>(cols.metadata)
+        .bind::<Array<Bytea>, _>(cols.vectors)
+        .bind::<Array<BigInt>, _>(cols.enqueued)
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let cols = PendingColumns::new(entries)?;
+        diesel::sql_query(
+            "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
+                 vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
+                 $5::jsonb[], $6::bytea[], $7::bigint[], $8::integer[], $9::text[], \
+                 $10::boolean[], $11::uuid[], $12::bigint[]) \
+             ON CONFLICT (record_id) DO UPDATE SET version = excluded.version, \
+                 indexed_version = excluded.indexed_version, scope = excluded.scope, \
+                 metadata = excluded.metadata, vector = excluded.vector, \
+                 enqueued_ms = excluded.enqueued_ms, attempts = excluded.attempts, \
+                 last_error = excluded.last_error, dead = excluded.dead, \
+                 claimed_by = excluded.claimed_by, claim_until_ms = excluded.claim_until_ms",
+        )
+        .bind::<Array<SqlUuid>, _>(cols.ids)
+        .bind::<Array<BigInt>, _>(cols.versions)
+        .bind::<Array<BigInt>, _>(cols.indexed)
+        .bind::<Array<Text>, _>(cols.scopes)
+        .bind::<Array<Jsonb>, _>(cols.metadata)
+        .bind::<Array<Bytea>, _>(cols.vectors)
+        .bind::<Array<BigInt>, _>(cols.enqueued)
+        .bind::<Array<Integer>, _>(cols.attempts)
+        .bind::<Array<Nullable<Text>>, _>(cols.errors)
+        .bind::<Array<Bool>, _>(cols.dead)
+        .bind::<Array<Nullable<SqlUuid>>, _>(cols.claimed_by)
+        .bind::<Array<Nullable<BigInt>>, _>(cols.claim_until)
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn claim_candidates(
+        &mut self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(PendingIndex, Option<u64>)>, MetadataError> {
+        self.in_tx().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Oldest first through pending_index_claim_idx, stopping at `limit`.
+        // SKIP LOCKED: entries another worker is claiming, or a commit is
+        // writing, are left to them, so concurrent claims (in any process)
+        // never take the same entry and never wait for each other. The row's
+        // version is only read: the claim locks no record.
+        let rows: Vec<PgCandidate> = diesel::sql_query(format!(
+            "SELECT {PENDING_COLUMNS}, r.version AS row_version \
+             FROM pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id \
+             WHERE NOT p.dead AND (p.claim_until_ms IS NULL OR p.claim_until_ms < $1) \
+             ORDER BY p.enqueued_ms, p.record_id LIMIT $2 \
+             FOR UPDATE OF p SKIP LOCKED"
+        ))
+        .bind::<BigInt, _>(now_ms)
+        .bind::<BigInt, _>(limit)
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        rows.into_iter()
+            .map(|r| {
+                let row = r.row_version.map(|v| to_u64(v, "version")).transpose()?;
+                Ok((r.entry.into_pending()?, row))
+            })
+            .collect()
+    }
+
+    async fn mark_claimed(
+        &mut self,
+        ids: &[RecordId],
+        claim: OwnerToken,
+        claim_until_ms: i64,
+    ) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        diesel::sql_query(
+            "UPDATE pending_index SET claimed_by = $2, claim_until_ms = $3 \
+             WHERE record_id = ANY($1)",
+        )
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .bind::<SqlUuid, _>(claim.0)
+        .bind::<BigInt, _>(claim_until_ms)
         .prepared()
         .execute(self.c())
         .await
@@ -624,9 +1001,9 @@ impl TxOps for Session {
             .collect::<Result<Vec<_>, _>>()?;
         diesel::sql_query(
             "INSERT INTO intent_undo (intent_id, record_id, scope, content, metadata, point_id, \
-                 version, vector, after_version) \
+                 version, vector, after_version, pending) \
              SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::jsonb[], \
-                 $6::uuid[], $7::bigint[], $8::bytea[], $9::bigint[]) \
+                 $6::uuid[], $7::bigint[], $8::bytea[], $9::bigint[], $10::jsonb[]) \
              ON CONFLICT DO NOTHING",
         )
         .bind::<SqlUuid, _>(id.0)
@@ -645,6 +1022,9 @@ impl TxOps for Session {
         )
         .bind::<Array<Nullable<BigInt>>, _>(
             rows.iter().map(|r| r.after_version).collect::<Vec<_>>(),
+        )
+        .bind::<Array<Nullable<Jsonb>>, _>(
+            rows.iter().map(|r| r.pending.clone()).collect::<Vec<_>>(),
         )
         .prepared()
         .execute(self.c())
@@ -1019,5 +1399,149 @@ impl Session {
         rows.into_iter()
             .map(|r| Ok((Scope::new(r.scope), to_u64(r.n, "count")?)))
             .collect()
+    }
+
+    /// One statement: each listed entry that `claim` holds at that version
+    /// is updated; returns how many were dead-lettered.
+    pub(crate) async fn record_index_failure(
+        &mut self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        let versions = entries
+            .iter()
+            .map(|(_, v)| to_i64(*v, "version"))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let counts = failure.counts || failure.permanent;
+        // The SET expressions read the entry as it was (attempts before + 1).
+        let rows: Vec<PgDead> = diesel::sql_query(
+            "UPDATE pending_index AS p SET last_error = $3, claimed_by = NULL, \
+                 attempts = p.attempts + $4, \
+                 dead = ($5 OR ($6 AND p.attempts + 1 >= $7)), \
+                 claim_until_ms = CASE WHEN ($5 OR ($6 AND p.attempts + 1 >= $7)) \
+                     THEN NULL ELSE $8 END \
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS t(record_id, version) \
+             WHERE p.record_id = t.record_id AND p.version = t.version \
+                 AND p.claimed_by = $9 AND NOT p.dead \
+             RETURNING p.dead",
+        )
+        .bind::<Array<SqlUuid>, _>(entries.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(versions)
+        .bind::<Text, _>(failure.message.as_str())
+        .bind::<Integer, _>(i32::from(counts))
+        .bind::<Bool, _>(failure.permanent)
+        .bind::<Bool, _>(failure.counts)
+        .bind::<BigInt, _>(i64::from(failure.max_attempts))
+        .bind::<BigInt, _>(failure.retry_at_ms)
+        .bind::<SqlUuid, _>(claim.0)
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.autocommit(e))?;
+        Ok(rows.iter().filter(|r| r.dead).count())
+    }
+
+    pub(crate) async fn list_pending(
+        &mut self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let (all, dead) = pending_filter(filter);
+        let rows: Vec<PgPending> = diesel::sql_query(format!(
+            "SELECT {PENDING_COLUMNS} FROM pending_index AS p \
+             WHERE ($1::uuid IS NULL OR p.record_id > $1) AND ($2 OR p.dead = $3) \
+             ORDER BY p.record_id LIMIT $4"
+        ))
+        .bind::<Nullable<SqlUuid>, _>(after.map(|a| a.0))
+        .bind::<Bool, _>(all)
+        .bind::<Bool, _>(dead)
+        .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        rows.into_iter().map(PgPending::into_pending).collect()
+    }
+
+    pub(crate) async fn pending_for(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let rows: Vec<PgPending> = diesel::sql_query(format!(
+            "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id = ANY($1)"
+        ))
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        let mut by_id: HashMap<RecordId, PendingIndex> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let entry = row.into_pending()?;
+            by_id.insert(entry.record_id, entry);
+        }
+        // In the order asked for, each entry once.
+        Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+    }
+
+    pub(crate) async fn retry_dead(
+        &mut self,
+        ids: Option<&[RecordId]>,
+    ) -> Result<u64, MetadataError> {
+        let n = diesel::sql_query(
+            "UPDATE pending_index SET dead = false, attempts = 0, claimed_by = NULL, \
+                 claim_until_ms = NULL \
+             WHERE dead AND ($1::uuid[] IS NULL OR record_id = ANY($1))",
+        )
+        .bind::<Nullable<Array<SqlUuid>>, _>(ids.map(|ids| uuids(ids, |i| i.0)))
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.autocommit(e))?;
+        Ok(n as u64)
+    }
+
+    pub(crate) async fn drop_dead(
+        &mut self,
+        ids: Option<&[RecordId]>,
+    ) -> Result<u64, MetadataError> {
+        let n = diesel::sql_query(
+            "DELETE FROM pending_index WHERE dead AND ($1::uuid[] IS NULL OR record_id = ANY($1))",
+        )
+        .bind::<Nullable<Array<SqlUuid>>, _>(ids.map(|ids| uuids(ids, |i| i.0)))
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.autocommit(e))?;
+        Ok(n as u64)
+    }
+
+    pub(crate) async fn pending_stats(
+        &mut self,
+        now_ms: i64,
+    ) -> Result<PendingStats, MetadataError> {
+        let rows: Vec<PgPendingStats> = diesel::sql_query(
+            "SELECT count(*) FILTER (WHERE NOT dead) AS pending, \
+                 count(*) FILTER (WHERE NOT dead AND claim_until_ms >= $1) AS claimed, \
+                 count(*) FILTER (WHERE dead) AS dead, \
+                 min(enqueued_ms) FILTER (WHERE NOT dead) AS oldest \
+             FROM pending_index",
+        )
+        .bind::<BigInt, _>(now_ms)
+        .prepared()
+        .load(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        let Some(r) = rows.into_iter().next() else {
+            return Ok(PendingStats::default());
+        };
+        Ok(PendingStats {
+            pending: to_u64(r.pending, "count")?,
+            claimed: to_u64(r.claimed, "count")?,
+            dead: to_u64(r.dead, "count")?,
+            oldest_enqueued_ms: r.oldest,
+        })
     }
 }

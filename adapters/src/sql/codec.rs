@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use serde_json::Value;
 use tandem_core::{
     CommitSummary, IdempotencyRecord, Intent, IntentId, IntentKind, IntentState, MetadataError,
-    OwnerToken, PointId, RecordId, RowWrite, SagaId, SagaRecord, SagaState, Scope, StepRecord,
-    StoredRecord, StoredRecordImage, UndoImage,
+    OwnerToken, PendingIndex, PointId, RecordId, RowWrite, SagaId, SagaRecord, SagaState, Scope,
+    StepRecord, StoredRecord, StoredRecordImage, UndoImage,
 };
 use uuid::Uuid;
 
@@ -372,6 +372,8 @@ pub(crate) struct UndoRow {
     pub version: Option<i64>,
     pub vector: Option<Vec<u8>>,
     pub after_version: Option<i64>,
+    /// The record's waiting pending-index entry then, as JSON.
+    pub pending: Option<Value>,
 }
 
 impl UndoRow {
@@ -392,6 +394,19 @@ impl UndoRow {
             after_version: image
                 .after_version
                 .map(|v| to_i64(v, "version"))
+                .transpose()?,
+            // The entry keeps its vector whatever rows keep: a restore
+            // requeues it, and the worker needs the vector to index it.
+            pending: b
+                .and_then(|b| b.pending.as_ref())
+                .map(|p| {
+                    serde_json::to_value(p).map_err(|e| {
+                        invalid(format!(
+                            "undo image of record {}: pending entry cannot be stored: {e}",
+                            image.id
+                        ))
+                    })
+                })
                 .transpose()?,
         })
     }
@@ -418,6 +433,13 @@ impl UndoRow {
                     })?),
                     None => None,
                 };
+                let pending = self
+                    .pending
+                    .map(serde_json::from_value::<PendingIndex>)
+                    .transpose()
+                    .map_err(|e| {
+                        corrupt(format!("undo image of record {id}: pending entry: {e}"))
+                    })?;
                 Some(StoredRecordImage {
                     scope: Scope::new(scope),
                     content,
@@ -425,8 +447,7 @@ impl UndoRow {
                     point_id: PointId(point),
                     version: to_u64(version, "version")?,
                     vector,
-                    // The SQL stores keep no pending entries in undo images yet.
-                    pending: None,
+                    pending,
                 })
             }
             (None, None, None, None, None) => None,
@@ -444,6 +465,84 @@ impl UndoRow {
                 .map(|v| to_u64(v, "version"))
                 .transpose()?,
         })
+    }
+}
+
+/// A `pending_index` row as either backend reads or writes it.
+#[derive(Debug)]
+pub(crate) struct PendingRow {
+    pub record_id: Uuid,
+    pub version: i64,
+    pub indexed_version: i64,
+    pub scope: String,
+    pub metadata: Value,
+    pub vector: Vec<u8>,
+    pub enqueued_ms: i64,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub dead: bool,
+    pub claimed_by: Option<Uuid>,
+    pub claim_until_ms: Option<i64>,
+}
+
+impl PendingRow {
+    /// The row of an entry.
+    pub fn of(entry: &PendingIndex) -> Result<Self, MetadataError> {
+        Ok(Self {
+            record_id: entry.record_id.0,
+            version: to_i64(entry.version, "version")?,
+            indexed_version: to_i64(entry.indexed_version, "indexed_version")?,
+            scope: entry.scope.as_str().to_owned(),
+            metadata: Value::Object(entry.metadata.clone()),
+            vector: encode_vector(&entry.vector),
+            enqueued_ms: entry.enqueued_ms,
+            attempts: i32::try_from(entry.attempts).unwrap_or(i32::MAX),
+            last_error: entry.last_error.clone(),
+            dead: entry.dead,
+            claimed_by: entry.claimed_by.map(|o| o.0),
+            claim_until_ms: entry.claim_until_ms,
+        })
+    }
+
+    /// The model's entry.
+    pub fn into_pending(self) -> Result<PendingIndex, MetadataError> {
+        let id = RecordId(self.record_id);
+        let Value::Object(metadata) = self.metadata else {
+            return Err(corrupt(format!(
+                "pending entry of record {id}: metadata is not a JSON object"
+            )));
+        };
+        let vector = decode_vector(&self.vector).ok_or_else(|| {
+            corrupt(format!(
+                "pending entry of record {id}: stored vector has {} bytes, not a multiple of 4",
+                self.vector.len()
+            ))
+        })?;
+        Ok(PendingIndex {
+            record_id: id,
+            version: to_u64(self.version, "version")?,
+            indexed_version: to_u64(self.indexed_version, "indexed_version")?,
+            scope: Scope::new(self.scope),
+            metadata,
+            vector,
+            enqueued_ms: self.enqueued_ms,
+            attempts: u32::try_from(self.attempts)
+                .map_err(|_| corrupt(format!("pending entry of record {id}: negative attempts")))?,
+            last_error: self.last_error,
+            dead: self.dead,
+            claimed_by: self.claimed_by.map(OwnerToken),
+            claim_until_ms: self.claim_until_ms,
+        })
+    }
+}
+
+/// Which entries a listing returns, as two flags for one constant
+/// statement: `WHERE (all OR dead = dead_only)`.
+pub(crate) fn pending_filter(filter: tandem_core::PendingFilter) -> (bool, bool) {
+    match filter {
+        tandem_core::PendingFilter::All => (true, false),
+        tandem_core::PendingFilter::Waiting => (false, false),
+        tandem_core::PendingFilter::Dead => (false, true),
     }
 }
 

@@ -9,13 +9,13 @@ use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
 use tandem_core::{
-    CommitPart, CommitStep, CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord, Intent,
-    IntentId, IntentState, MetadataError, OwnerToken, PointId, RecordId, RowWrite, SagaId,
-    SagaState, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
-    TransactionCommitResult, UndoImage, UpsertCommit,
+    CommitPart, CommitStep, CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord,
+    IndexSwitch, Intent, IntentId, IntentState, MetadataError, OwnerToken, PendingIndex, PointId,
+    RecordId, RowWrite, SagaId, SagaState, Settlement, StoredRecord, StoredRecordImage,
+    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
-use super::codec::validate_batch;
+use super::codec::{invalid, validate_batch};
 
 /// The statements a backend runs inside a protocol step's transaction.
 ///
@@ -54,13 +54,73 @@ pub(crate) trait TxOps: Send {
     async fn delete_records(&mut self, ids: &[RecordId]) -> Result<u64, MetadataError>;
 
     /// Marks the intent `state` (`Committed` or `Held`), listing
-    /// `point_ids`, with the summary.
+    /// `point_ids`, with the summary; with `release_at_ms`, its lease ends
+    /// then (the intent is handed over to recovery).
     async fn mark_committed(
         &mut self,
         id: IntentId,
         point_ids: &[PointId],
         summary: CommitSummary,
         state: IntentState,
+        release_at_ms: Option<i64>,
+    ) -> Result<(), MetadataError>;
+
+    /// The version and point of each existing record among `ids`
+    /// (ascending, deduplicated), locked, in id order.
+    async fn lock_versions(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId, u64)>, MetadataError>;
+
+    /// A deferred write's update of existing `rows` (ascending id order):
+    /// new content, metadata, scope and vector, version + 1, the point
+    /// unchanged. Returns each updated record's new version.
+    async fn defer_update(
+        &mut self,
+        rows: &[&RowWrite],
+    ) -> Result<Vec<(RecordId, u64)>, MetadataError>;
+
+    /// Points existing rows at new points (their versions unchanged).
+    async fn switch_points(
+        &mut self,
+        switches: &[(RecordId, PointId)],
+    ) -> Result<(), MetadataError>;
+
+    /// The pending entries of `ids` (ascending, deduplicated), locked, in id
+    /// order. Callers lock the records first: every path that touches both
+    /// takes records, then entries, so none can deadlock another.
+    async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError>;
+
+    /// Removes the pending entries of `ids`.
+    async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError>;
+
+    /// Enqueues a deferred write's entries (ascending id order), each with
+    /// `indexed_version` = the row's previous version and `enqueued_ms` =
+    /// now. An existing entry at that previous version (still waiting for
+    /// the write it coalesces with) keeps its `enqueued_ms` and
+    /// `indexed_version`; everything else is overwritten, the claim, the
+    /// attempts and the dead-letter flag cleared.
+    async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError>;
+
+    /// Inserts or overwrites these entries exactly as given.
+    async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError>;
+
+    /// Up to `limit` claimable entries (not dead-lettered, no claim or
+    /// back-off left at `now_ms`), oldest enqueued first, locked (on
+    /// PostgreSQL skipping those another transaction holds), each with the
+    /// current version of its row (`None`: the row is gone).
+    async fn claim_candidates(
+        &mut self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(PendingIndex, Option<u64>)>, MetadataError>;
+
+    /// Marks these entries claimed by `claim` until `claim_until_ms`.
+    async fn mark_claimed(
+        &mut self,
+        ids: &[RecordId],
+        claim: OwnerToken,
+        claim_until_ms: i64,
     ) -> Result<(), MetadataError>;
 
     /// The full rows of the existing records among `ids` (with their vectors
@@ -155,8 +215,14 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
         updated: old_point_ids.len() as u64,
         deleted: 0,
     };
-    tx.mark_committed(intent, &old_point_ids, summary, IntentState::Committed)
-        .await?;
+    tx.mark_committed(
+        intent,
+        &old_point_ids,
+        summary,
+        IntentState::Committed,
+        None,
+    )
+    .await?;
     record_key(tx, idempotency, summary).await?;
     Ok(UpsertCommit {
         summary,
@@ -202,6 +268,12 @@ async fn write_rows<T: TxOps + ?Sized>(
         tx.update_records(&updates).await?;
     }
     let old_point_ids: Vec<PointId> = updates.iter().map(|r| existing[&r.id]).collect();
+    // A synchronous write supersedes a deferred one still waiting (after the
+    // rows' locks: records first, then entries, on every path).
+    let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
+    if !ids.is_empty() {
+        tx.delete_pending(&ids).await?;
+    }
     Ok((inserted.len() as u64, old_point_ids))
 }
 
@@ -225,13 +297,14 @@ pub(crate) async fn commit_delete<T: TxOps + ?Sized>(
     let ids: Vec<RecordId> = selected.iter().map(|(id, _)| *id).collect();
     if !ids.is_empty() {
         tx.delete_records(&ids).await?;
+        tx.delete_pending(&ids).await?;
     }
     let point_ids: Vec<PointId> = selected.into_iter().map(|(_, p)| p).collect();
     let summary = CommitSummary {
         deleted: point_ids.len() as u64,
         ..CommitSummary::default()
     };
-    tx.mark_committed(intent, &point_ids, summary, IntentState::Committed)
+    tx.mark_committed(intent, &point_ids, summary, IntentState::Committed, None)
         .await?;
     record_key(tx, idempotency, summary).await?;
     Ok(DeleteCommit { summary, point_ids })
@@ -273,10 +346,11 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             CommitPart::Upsert(rows) => applied.upsert(tx, rows, commit.hold).await?,
             CommitPart::Delete(selector) => applied.delete(tx, selector, commit.hold).await?,
             CommitPart::Restore(images) => applied.restore(tx, images, commit.hold).await?,
-            CommitPart::Defer { .. } | CommitPart::Index { .. } => {
-                return Err(MetadataError::permanent(
-                    "this metadata store does not support deferred indexing yet".to_owned(),
-                ));
+            CommitPart::Defer { rows, now_ms } => {
+                applied.defer(tx, rows, *now_ms, commit.hold).await?
+            }
+            CommitPart::Index { claim, switches } => {
+                applied.index(tx, *claim, switches, commit.hold).await?
             }
         }
     }
@@ -295,8 +369,14 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
     } else {
         IntentState::Committed
     };
-    tx.mark_committed(intent, &garbage, applied.summary, state)
-        .await?;
+    tx.mark_committed(
+        intent,
+        &garbage,
+        applied.summary,
+        state,
+        commit.release_at_ms,
+    )
+    .await?;
     if commit.hold && !applied.before.is_empty() {
         let ids: Vec<RecordId> = applied.before.keys().copied().collect();
         let after: BTreeMap<RecordId, u64> = tx
@@ -310,7 +390,15 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             .iter()
             .map(|(id, before)| UndoImage {
                 id: *id,
-                before: before.as_ref().map(StoredRecordImage::of),
+                before: before.as_ref().map(|row| StoredRecordImage {
+                    // A waiting entry of the row's version goes with its image.
+                    pending: applied
+                        .before_pending
+                        .get(id)
+                        .filter(|p| !p.dead && p.version == row.version)
+                        .cloned(),
+                    ..StoredRecordImage::of(row)
+                }),
                 after_version: after.get(id).copied(),
             })
             .collect();
@@ -321,7 +409,7 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
         summary: applied.summary,
         garbage,
         conflicts: applied.conflicts,
-        versions: Vec::new(),
+        versions: applied.versions,
     })
 }
 
@@ -333,7 +421,11 @@ struct Applied {
     garbage: Vec<PointId>,
     /// Each touched record's row before the commit (held commits only).
     before: BTreeMap<RecordId, Option<StoredRecord>>,
+    /// The pending entries of those records before the commit.
+    before_pending: BTreeMap<RecordId, PendingIndex>,
     conflicts: Vec<RecordId>,
+    /// The version each deferred row got, in the parts' order.
+    versions: Vec<(RecordId, u64)>,
 }
 
 impl Applied {
@@ -362,9 +454,147 @@ impl Applied {
             .into_iter()
             .map(|r| (r.id, r))
             .collect();
+        for entry in tx.lock_pending(&fresh).await? {
+            self.before_pending.insert(entry.record_id, entry);
+        }
         for id in fresh {
             self.before.insert(id, found.remove(&id));
         }
+        Ok(())
+    }
+
+    /// [`CommitPart::Defer`]: inserts new rows (version 1, on their reserved
+    /// point) and updates existing ones (version + 1, keeping their point),
+    /// and enqueues or coalesces one pending entry per record.
+    async fn defer<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        rows: &[RowWrite],
+        now_ms: i64,
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        // Only new rows' points matter (they are reserved); an existing row
+        // keeps its point, so the point a row of it names is not checked.
+        let mut seen = HashSet::with_capacity(rows.len());
+        for (index, row) in rows.iter().enumerate() {
+            if !seen.insert(row.id) {
+                return Err(invalid(format!(
+                    "row #{index}: record {} appears more than once in the batch",
+                    row.id
+                )));
+            }
+        }
+        let mut sorted: Vec<&RowWrite> = rows.iter().collect();
+        sorted.sort_unstable_by_key(|r| r.id);
+        let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
+        self.save_before(tx, &ids, hold).await?;
+        // In id order, like every write: new keys inserted, existing rows locked.
+        let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
+        let existing: Vec<&RowWrite> = sorted
+            .iter()
+            .copied()
+            .filter(|r| !inserted.contains(&r.id))
+            .collect();
+        let mut versions: BTreeMap<RecordId, u64> = inserted.iter().map(|id| (*id, 1)).collect();
+        if !existing.is_empty() {
+            let updated = tx.defer_update(&existing).await?;
+            if updated.len() != existing.len() {
+                // Cannot happen while we hold the locks; refuse rather than guess.
+                return Err(MetadataError::transient(
+                    "records changed concurrently during the commit; nothing was written",
+                ));
+            }
+            versions.extend(updated);
+        }
+        let entries: Vec<PendingIndex> = sorted
+            .iter()
+            .map(|row| {
+                let version = versions[&row.id];
+                PendingIndex {
+                    record_id: row.id,
+                    version,
+                    // The row's previous version (0: a new record, never indexed).
+                    indexed_version: version - 1,
+                    scope: row.scope.clone(),
+                    metadata: row.metadata.clone(),
+                    vector: row.vector.clone(),
+                    enqueued_ms: now_ms,
+                    attempts: 0,
+                    last_error: None,
+                    dead: false,
+                    claimed_by: None,
+                    claim_until_ms: None,
+                }
+            })
+            .collect();
+        tx.enqueue_pending(&entries).await?;
+        self.summary.inserted += inserted.len() as u64;
+        self.summary.updated += existing.len() as u64;
+        self.versions
+            .extend(rows.iter().map(|r| (r.id, versions[&r.id])));
+        Ok(())
+    }
+
+    /// [`CommitPart::Index`]: switches each row still at the switch's
+    /// version, whose entry is at that version, waiting and claimed by
+    /// `claim`, to the new point (the old one becomes garbage) and removes
+    /// the entry; every other switch's new point is garbage.
+    async fn index<T: TxOps + ?Sized>(
+        &mut self,
+        tx: &mut T,
+        claim: OwnerToken,
+        switches: &[IndexSwitch],
+        hold: bool,
+    ) -> Result<(), MetadataError> {
+        let mut points = HashSet::with_capacity(switches.len());
+        for (index, s) in switches.iter().enumerate() {
+            if !points.insert(s.point_id) {
+                return Err(invalid(format!(
+                    "switch #{index}: point {} is not fresh",
+                    s.point_id
+                )));
+            }
+        }
+        let mut ids: Vec<RecordId> = switches.iter().map(|s| s.record_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows: BTreeMap<RecordId, (PointId, u64)> = tx
+            .lock_versions(&ids)
+            .await?
+            .into_iter()
+            .map(|(id, point, version)| (id, (point, version)))
+            .collect();
+        let entries: BTreeMap<RecordId, PendingIndex> = tx
+            .lock_pending(&ids)
+            .await?
+            .into_iter()
+            .map(|e| (e.record_id, e))
+            .collect();
+        let mut switched: BTreeMap<RecordId, PointId> = BTreeMap::new();
+        for s in switches {
+            let entry_ok = entries
+                .get(&s.record_id)
+                .is_some_and(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
+            match rows.get(&s.record_id) {
+                // A record switched once already lost its entry with it.
+                Some(&(old, version))
+                    if version == s.version && entry_ok && !switched.contains_key(&s.record_id) =>
+                {
+                    self.garbage.push(old);
+                    switched.insert(s.record_id, s.point_id);
+                }
+                // Superseded, deleted, or taken over: the new point is garbage.
+                _ => self.garbage.push(s.point_id),
+            }
+        }
+        if switched.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<RecordId> = switched.keys().copied().collect();
+        self.save_before(tx, &ids, hold).await?;
+        let pairs: Vec<(RecordId, PointId)> = switched.into_iter().collect();
+        tx.switch_points(&pairs).await?;
+        tx.delete_pending(&ids).await?;
         Ok(())
     }
 
@@ -397,6 +627,7 @@ impl Applied {
         }
         self.save_before(tx, &ids, hold).await?;
         tx.delete_records(&ids).await?;
+        tx.delete_pending(&ids).await?;
         self.garbage.extend(selected.iter().map(|(_, p)| *p));
         self.summary.deleted += ids.len() as u64;
         Ok(())
@@ -420,6 +651,10 @@ impl Applied {
             .collect();
         let mut deletes = Vec::new();
         let mut writes = Vec::new();
+        // Every restored record's entry goes; a waiting one in its image
+        // comes back at the restored version.
+        let mut unqueued = Vec::new();
+        let mut requeued = Vec::new();
         for image in images {
             let now = current.get(&image.id);
             if now.map(|r| r.version) != image.after_version {
@@ -427,6 +662,7 @@ impl Applied {
                 self.conflicts.push(image.id);
                 continue;
             }
+            unqueued.push(image.id);
             match (&image.before, now) {
                 (None, None) => {}
                 (None, Some(now)) => {
@@ -449,6 +685,15 @@ impl Applied {
                             self.summary.inserted += 1;
                         }
                     }
+                    if let Some(entry) = &before.pending {
+                        // The row was waiting for an index worker: it waits again.
+                        requeued.push(PendingIndex {
+                            version: row.version,
+                            claimed_by: None,
+                            claim_until_ms: None,
+                            ..entry.clone()
+                        });
+                    }
                     writes.push(row);
                 }
             }
@@ -459,8 +704,56 @@ impl Applied {
         if !writes.is_empty() {
             tx.write_rows_exact(&writes).await?;
         }
+        if !unqueued.is_empty() {
+            tx.delete_pending(&unqueued).await?;
+        }
+        if !requeued.is_empty() {
+            tx.put_pending(&requeued).await?;
+        }
         Ok(())
     }
+}
+
+/// [`MetadataRepo::claim_pending`](tandem_core::MetadataRepo::claim_pending)
+/// inside the caller's transaction: the oldest claimable entries, locked;
+/// those a later write made stale (the row gone or at another version) are
+/// removed and more are taken in their place; the rest are marked claimed.
+pub(crate) async fn claim_pending<T: TxOps + ?Sized>(
+    tx: &mut T,
+    now_ms: i64,
+    claim: OwnerToken,
+    claim_until_ms: i64,
+    limit: usize,
+) -> Result<Vec<PendingIndex>, MetadataError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let current = loop {
+        let candidates = tx.claim_candidates(now_ms, limit).await?;
+        let stale: Vec<RecordId> = candidates
+            .iter()
+            .filter(|(e, row)| *row != Some(e.version))
+            .map(|(e, _)| e.record_id)
+            .collect();
+        if stale.is_empty() {
+            break candidates;
+        }
+        // Each round removes at least one entry, so this ends; the entries
+        // kept stay locked by this transaction and come back next round.
+        tx.delete_pending(&stale).await?;
+    };
+    let mut claimed: Vec<PendingIndex> = current.into_iter().map(|(e, _)| e).collect();
+    if claimed.is_empty() {
+        return Ok(claimed);
+    }
+    let ids: Vec<RecordId> = claimed.iter().map(|e| e.record_id).collect();
+    tx.mark_claimed(&ids, claim, claim_until_ms).await?;
+    for entry in &mut claimed {
+        entry.claimed_by = Some(claim);
+        entry.claim_until_ms = Some(claim_until_ms);
+    }
+    claimed.sort_by_key(|e| (e.enqueued_ms, e.record_id));
+    Ok(claimed)
 }
 
 /// [`MetadataRepo::settle`](tandem_core::MetadataRepo::settle) inside the

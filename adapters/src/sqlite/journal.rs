@@ -34,6 +34,8 @@ struct SqlUndo {
     vector: Option<Vec<u8>>,
     #[diesel(sql_type = Nullable<BigInt>)]
     after_version: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pending: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -102,8 +104,8 @@ pub(crate) fn undo_images(
     keep_vectors: bool,
 ) -> Result<Vec<UndoImage>, MetadataError> {
     let rows: Vec<SqlUndo> = diesel::sql_query(
-        "SELECT record_id, scope, content, metadata, point_id, version, vector, after_version \
-         FROM intent_undo WHERE intent_id = ? ORDER BY record_id",
+        "SELECT record_id, scope, content, metadata, point_id, version, vector, after_version, \
+         pending FROM intent_undo WHERE intent_id = ? ORDER BY record_id",
     )
     .bind::<Text, _>(intent.0.to_string())
     .prepared()
@@ -120,6 +122,7 @@ pub(crate) fn undo_images(
                 version: r.version,
                 vector: r.vector,
                 after_version: r.after_version,
+                pending: r.pending.as_deref().map(parse_json).transpose()?,
             }
             .into_image()?;
             if !keep_vectors && let Some(before) = &mut image.before {

@@ -24,10 +24,11 @@ use async_trait::async_trait;
 use diesel::SqliteConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tandem_core::{
-    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexGate, Intent, IntentId,
-    MetadataError, MetadataRepo, NewIntent, Outcome, OwnerToken, Page, PointId, RecordId, RowRef,
-    RowWrite, SagaCounts, SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord,
-    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
+    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure, IndexGate,
+    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, Outcome, OwnerToken, Page,
+    PendingFilter, PendingIndex, PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts,
+    SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
 use self::error::{Phase, classify, classify_checkout, task_lost};
@@ -488,5 +489,84 @@ impl MetadataRepo for SqliteMetadataRepo {
 
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
         self.simple(|c, _| session::count_by_scope(c)).await
+    }
+
+    fn deferred_indexing(&self) -> bool {
+        true
+    }
+
+    /// Inside an immediate transaction, like recovery's claim: no other
+    /// claimer (in this process or another) runs between its read and its
+    /// update.
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(steps::claim_pending(
+                    &mut tx,
+                    now_ms,
+                    claim,
+                    claim_until_ms,
+                    limit,
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let (entries, failure) = (entries.to_vec(), failure.clone());
+        self.run(move |c, _| {
+            immediate(c, |c| {
+                session::record_index_failure(c, claim, &entries, &failure)
+            })
+        })
+        .await
+    }
+
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        self.simple(move |c, _| session::list_pending(c, filter, after, limit))
+            .await
+    }
+
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        let ids = ids.to_vec();
+        self.simple(move |c, _| session::pending_for(c, &ids)).await
+    }
+
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let ids = ids.map(<[RecordId]>::to_vec);
+        self.simple(move |c, _| session::retry_dead(c, ids.as_deref()))
+            .await
+    }
+
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let ids = ids.map(<[RecordId]>::to_vec);
+        self.simple(move |c, _| session::drop_dead(c, ids.as_deref()))
+            .await
+    }
+
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        self.simple(move |c, _| session::pending_stats(c, now_ms))
+            .await
     }
 }

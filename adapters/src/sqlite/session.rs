@@ -14,16 +14,17 @@ use diesel_async::AsyncConnection;
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use serde_json::Value;
 use tandem_core::{
-    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, Intent, IntentId, IntentState,
-    MetadataError, NewIntent, OwnerToken, Page, PointId, RecordId, RowRef, RowWrite, SagaId,
-    SagaState, Scope, StoredRecord, UndoImage,
+    CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, IndexFailure, Intent, IntentId,
+    IntentState, MetadataError, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex,
+    PendingStats, PointId, RecordId, RowRef, RowWrite, SagaId, SagaState, Scope, StoredRecord,
+    UndoImage,
 };
 use uuid::Uuid;
 
 use super::error::{OpenError, Phase, classify};
 use crate::sql::codec::{
-    IdempotencyRow, IntentRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit, step_failed,
-    summary_columns, to_i64, to_u64,
+    IdempotencyRow, IntentRow, PendingRow, RecordRow, UndoRow, corrupt, encode_vector, page_limit,
+    pending_filter, step_failed, summary_columns, to_i64, to_u64,
 };
 use crate::sql::pool::Connector;
 use crate::sql::prepared::PreparedExt;
@@ -199,6 +200,96 @@ impl SqlIntent {
 }
 
 #[derive(QueryableByName)]
+struct SqlPending {
+    #[diesel(sql_type = Text)]
+    record_id: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+    #[diesel(sql_type = BigInt)]
+    indexed_version: i64,
+    #[diesel(sql_type = Text)]
+    scope: String,
+    #[diesel(sql_type = Text)]
+    metadata: String,
+    #[diesel(sql_type = Binary)]
+    vector: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    enqueued_ms: i64,
+    #[diesel(sql_type = Integer)]
+    attempts: i32,
+    #[diesel(sql_type = Nullable<Text>)]
+    last_error: Option<String>,
+    #[diesel(sql_type = Bool)]
+    dead: bool,
+    #[diesel(sql_type = Nullable<Text>)]
+    claimed_by: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    claim_until_ms: Option<i64>,
+}
+
+impl SqlPending {
+    fn into_pending(self) -> Result<PendingIndex, MetadataError> {
+        PendingRow {
+            record_id: parse_uuid(&self.record_id)?,
+            version: self.version,
+            indexed_version: self.indexed_version,
+            scope: self.scope,
+            metadata: parse_json(&self.metadata)?,
+            vector: self.vector,
+            enqueued_ms: self.enqueued_ms,
+            attempts: self.attempts,
+            last_error: self.last_error,
+            dead: self.dead,
+            claimed_by: self.claimed_by.as_deref().map(parse_uuid).transpose()?,
+            claim_until_ms: self.claim_until_ms,
+        }
+        .into_pending()
+    }
+}
+
+#[derive(QueryableByName)]
+struct SqlCandidate {
+    #[diesel(embed)]
+    entry: SqlPending,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    row_version: Option<i64>,
+}
+
+#[derive(QueryableByName)]
+struct SqlVersion {
+    #[diesel(sql_type = Text)]
+    id: String,
+    #[diesel(sql_type = Text)]
+    point_id: String,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct SqlNewVersion {
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+#[derive(QueryableByName)]
+struct SqlDead {
+    #[diesel(sql_type = Bool)]
+    dead: bool,
+}
+
+#[derive(QueryableByName)]
+struct SqlPendingStats {
+    #[diesel(sql_type = BigInt)]
+    pending: i64,
+    #[diesel(sql_type = BigInt)]
+    claimed: i64,
+    #[diesel(sql_type = BigInt)]
+    dead: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    oldest: Option<i64>,
+}
+
+#[derive(QueryableByName)]
 struct SqlSagaOwner {
     #[diesel(sql_type = Text)]
     owner: String,
@@ -282,6 +373,11 @@ pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_
 const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
                               CASE WHEN ? THEN vector END AS vector";
 
+/// The `pending_index` columns, qualified by `p`.
+const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, p.scope, p.metadata, \
+                               p.vector, p.enqueued_ms, p.attempts, p.last_error, p.dead, \
+                               p.claimed_by, p.claim_until_ms";
+
 /// `id IN (…)` over a JSON array bound as one parameter.
 pub(super) const IN_JSON: &str = "(SELECT value FROM json_each(?))";
 
@@ -339,6 +435,21 @@ fn refs_by_ids(
     .load(c)
     .map_err(stmt)?;
     rows.iter().map(SqlRef::parse).collect()
+}
+
+fn pending_of(
+    c: &mut SqliteConnection,
+    ids: impl IntoIterator<Item = Uuid>,
+) -> Result<Vec<PendingIndex>, MetadataError> {
+    let rows: Vec<SqlPending> = diesel::sql_query(format!(
+        "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id IN {IN_JSON} \
+         ORDER BY p.record_id"
+    ))
+    .bind::<Text, _>(json_ids(ids))
+    .prepared()
+    .load(c)
+    .map_err(stmt)?;
+    rows.into_iter().map(SqlPending::into_pending).collect()
 }
 
 #[async_trait]
@@ -452,18 +563,204 @@ impl TxOps for SyncTx<'_> {
         point_ids: &[PointId],
         summary: CommitSummary,
         state: IntentState,
+        release_at_ms: Option<i64>,
     ) -> Result<(), MetadataError> {
         let (inserted, updated, deleted) = summary_columns(summary)?;
         diesel::sql_query(
             "UPDATE intents SET state = ?, point_ids = ?, inserted = ?, updated = ?, \
-             deleted = ? WHERE id = ?",
+             deleted = ?, lease_deadline_ms = COALESCE(?, lease_deadline_ms) WHERE id = ?",
         )
         .bind::<Text, _>(state.as_str())
         .bind::<Text, _>(json_ids(point_ids.iter().map(|p| p.0)))
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
+        .bind::<Nullable<BigInt>, _>(release_at_ms)
         .bind::<Text, _>(id.0.to_string())
+        .execute(self.c)
+        .map_err(stmt)?;
+        Ok(())
+    }
+
+    async fn lock_versions(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<(RecordId, PointId, u64)>, MetadataError> {
+        let rows: Vec<SqlVersion> = diesel::sql_query(format!(
+            "SELECT id, point_id, version FROM records WHERE id IN {IN_JSON} ORDER BY id"
+        ))
+        .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+        .prepared()
+        .load(self.c)
+        .map_err(stmt)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    RecordId(parse_uuid(&r.id)?),
+                    PointId(parse_uuid(&r.point_id)?),
+                    to_u64(r.version, "version")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn defer_update(
+        &mut self,
+        rows: &[&RowWrite],
+    ) -> Result<Vec<(RecordId, u64)>, MetadataError> {
+        let mut updated = Vec::with_capacity(rows.len());
+        for row in rows {
+            let versions: Vec<SqlNewVersion> = diesel::sql_query(format!(
+                "UPDATE records SET scope = ?, content = ?, metadata = ?, vector = ?, \
+                 version = version + 1, updated_at = {NOW} WHERE id = ? RETURNING version"
+            ))
+            .bind::<Text, _>(row.scope.as_str())
+            .bind::<Text, _>(row.content.as_str())
+            .bind::<Text, _>(json_text(&Value::Object(row.metadata.clone())))
+            .bind::<Nullable<Binary>, _>(self.keep_vectors.then(|| encode_vector(&row.vector)))
+            .bind::<Text, _>(row.id.0.to_string())
+            .prepared()
+            .load(self.c)
+            .map_err(stmt)?;
+            if let Some(v) = versions.first() {
+                updated.push((row.id, to_u64(v.version, "version")?));
+            }
+        }
+        Ok(updated)
+    }
+
+    async fn switch_points(
+        &mut self,
+        switches: &[(RecordId, PointId)],
+    ) -> Result<(), MetadataError> {
+        for (id, point) in switches {
+            diesel::sql_query(format!(
+                "UPDATE records SET point_id = ?, updated_at = {NOW} WHERE id = ?"
+            ))
+            .bind::<Text, _>(point.0.to_string())
+            .bind::<Text, _>(id.0.to_string())
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        pending_of(self.c, ids.iter().map(|i| i.0))
+    }
+
+    async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
+        delete_pending_of(self.c, ids)
+    }
+
+    async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
+        for entry in entries {
+            let r = PendingRow::of(entry)?;
+            // The SET expressions read the existing entry as it was: a
+            // waiting entry at the row's previous version keeps when it was
+            // enqueued and which version the row's point holds.
+            diesel::sql_query(
+                "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
+                     vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, 0, NULL, NULL) \
+                 ON CONFLICT (record_id) DO UPDATE SET \
+                     enqueued_ms = CASE WHEN pending_index.version = excluded.indexed_version \
+                         THEN pending_index.enqueued_ms ELSE excluded.enqueued_ms END, \
+                     indexed_version = CASE WHEN pending_index.version = excluded.indexed_version \
+                         THEN pending_index.indexed_version ELSE excluded.indexed_version END, \
+                     version = excluded.version, scope = excluded.scope, \
+                     metadata = excluded.metadata, vector = excluded.vector, attempts = 0, \
+                     last_error = NULL, dead = 0, claimed_by = NULL, claim_until_ms = NULL",
+            )
+            .bind::<Text, _>(r.record_id.to_string())
+            .bind::<BigInt, _>(r.version)
+            .bind::<BigInt, _>(r.indexed_version)
+            .bind::<Text, _>(r.scope)
+            .bind::<Text, _>(json_text(&r.metadata))
+            .bind::<Binary, _>(r.vector)
+            .bind::<BigInt, _>(r.enqueued_ms)
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
+        for entry in entries {
+            let r = PendingRow::of(entry)?;
+            diesel::sql_query(
+                "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
+                     vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (record_id) DO UPDATE SET version = excluded.version, \
+                     indexed_version = excluded.indexed_version, scope = excluded.scope, \
+                     metadata = excluded.metadata, vector = excluded.vector, \
+                     enqueued_ms = excluded.enqueued_ms, attempts = excluded.attempts, \
+                     last_error = excluded.last_error, dead = excluded.dead, \
+                     claimed_by = excluded.claimed_by, claim_until_ms = excluded.claim_until_ms",
+            )
+            .bind::<Text, _>(r.record_id.to_string())
+            .bind::<BigInt, _>(r.version)
+            .bind::<BigInt, _>(r.indexed_version)
+            .bind::<Text, _>(r.scope)
+            .bind::<Text, _>(json_text(&r.metadata))
+            .bind::<Binary, _>(r.vector)
+            .bind::<BigInt, _>(r.enqueued_ms)
+            .bind::<Integer, _>(r.attempts)
+            .bind::<Nullable<Text>, _>(r.last_error)
+            .bind::<Bool, _>(r.dead)
+            .bind::<Nullable<Text>, _>(r.claimed_by.map(|u| u.to_string()))
+            .bind::<Nullable<BigInt>, _>(r.claim_until_ms)
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn claim_candidates(
+        &mut self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(PendingIndex, Option<u64>)>, MetadataError> {
+        // The immediate transaction holds the database's write lock: no
+        // other claimer runs between this read and the claim's update.
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<SqlCandidate> = diesel::sql_query(format!(
+            "SELECT {PENDING_COLUMNS}, r.version AS row_version \
+             FROM pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id \
+             WHERE p.dead = 0 AND (p.claim_until_ms IS NULL OR p.claim_until_ms < ?) \
+             ORDER BY p.enqueued_ms, p.record_id LIMIT ?"
+        ))
+        .bind::<BigInt, _>(now_ms)
+        .bind::<BigInt, _>(limit)
+        .prepared()
+        .load(self.c)
+        .map_err(stmt)?;
+        rows.into_iter()
+            .map(|r| {
+                let row = r.row_version.map(|v| to_u64(v, "version")).transpose()?;
+                Ok((r.entry.into_pending()?, row))
+            })
+            .collect()
+    }
+
+    async fn mark_claimed(
+        &mut self,
+        ids: &[RecordId],
+        claim: OwnerToken,
+        claim_until_ms: i64,
+    ) -> Result<(), MetadataError> {
+        diesel::sql_query(format!(
+            "UPDATE pending_index SET claimed_by = ?, claim_until_ms = ? \
+             WHERE record_id IN {IN_JSON}"
+        ))
+        .bind::<Text, _>(claim.0.to_string())
+        .bind::<BigInt, _>(claim_until_ms)
+        .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+        .prepared()
         .execute(self.c)
         .map_err(stmt)?;
         Ok(())
@@ -518,8 +815,8 @@ impl TxOps for SyncTx<'_> {
             let r = UndoRow::of(image, self.keep_vectors)?;
             diesel::sql_query(
                 "INSERT INTO intent_undo (intent_id, record_id, scope, content, metadata, \
-                 point_id, version, vector, after_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
-                 ON CONFLICT DO NOTHING",
+                 point_id, version, vector, after_version, pending) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             )
             .bind::<Text, _>(id.0.to_string())
             .bind::<Text, _>(r.record_id.to_string())
@@ -530,6 +827,7 @@ impl TxOps for SyncTx<'_> {
             .bind::<Nullable<BigInt>, _>(r.version)
             .bind::<Nullable<Binary>, _>(r.vector)
             .bind::<Nullable<BigInt>, _>(r.after_version)
+            .bind::<Nullable<Text>, _>(r.pending.as_ref().map(json_text))
             .execute(self.c)
             .map_err(stmt)?;
         }
@@ -883,4 +1181,157 @@ pub(crate) fn count_by_scope(
     rows.into_iter()
         .map(|r| Ok((Scope::new(r.scope), to_u64(r.n, "count")?)))
         .collect()
+}
+
+fn delete_pending_of(c: &mut SqliteConnection, ids: &[RecordId]) -> Result<(), MetadataError> {
+    diesel::sql_query(format!(
+        "DELETE FROM pending_index WHERE record_id IN {IN_JSON}"
+    ))
+    .bind::<Text, _>(json_ids(ids.iter().map(|i| i.0)))
+    .prepared()
+    .execute(c)
+    .map_err(stmt)?;
+    Ok(())
+}
+
+/// `ids` as the optional JSON array of the dead-letter statements (`None`:
+/// every entry).
+fn optional_ids(ids: Option<&[RecordId]>) -> Option<String> {
+    ids.map(|ids| json_ids(ids.iter().map(|i| i.0)))
+}
+
+/// Inside [`immediate`]: each listed entry that `claim` holds at that
+/// version is updated on its own; returns how many were dead-lettered.
+pub(crate) fn record_index_failure(
+    c: &mut SqliteConnection,
+    claim: OwnerToken,
+    entries: &[(RecordId, u64)],
+    failure: &IndexFailure,
+) -> Result<usize, MetadataError> {
+    let counts = failure.counts || failure.permanent;
+    let mut dead = 0;
+    for (id, version) in entries {
+        // The SET expressions read the entry as it was (attempts before + 1).
+        let rows: Vec<SqlDead> = diesel::sql_query(
+            "UPDATE pending_index SET last_error = ?, claimed_by = NULL, \
+                 attempts = attempts + ?, \
+                 dead = (? OR (? AND attempts + 1 >= ?)), \
+                 claim_until_ms = CASE WHEN (? OR (? AND attempts + 1 >= ?)) THEN NULL ELSE ? END \
+             WHERE record_id = ? AND version = ? AND claimed_by = ? AND dead = 0 \
+             RETURNING dead",
+        )
+        .bind::<Text, _>(failure.message.as_str())
+        .bind::<BigInt, _>(i64::from(counts))
+        .bind::<Bool, _>(failure.permanent)
+        .bind::<Bool, _>(failure.counts)
+        .bind::<BigInt, _>(i64::from(failure.max_attempts))
+        .bind::<Bool, _>(failure.permanent)
+        .bind::<Bool, _>(failure.counts)
+        .bind::<BigInt, _>(i64::from(failure.max_attempts))
+        .bind::<BigInt, _>(failure.retry_at_ms)
+        .bind::<Text, _>(id.0.to_string())
+        .bind::<BigInt, _>(to_i64(*version, "version")?)
+        .bind::<Text, _>(claim.0.to_string())
+        .prepared()
+        .load(c)
+        .map_err(stmt)?;
+        dead += rows.iter().filter(|r| r.dead).count();
+    }
+    Ok(dead)
+}
+
+pub(crate) fn list_pending(
+    c: &mut SqliteConnection,
+    filter: PendingFilter,
+    after: Option<RecordId>,
+    limit: usize,
+) -> Result<Vec<PendingIndex>, MetadataError> {
+    let (all, dead) = pending_filter(filter);
+    let rows: Vec<SqlPending> = diesel::sql_query(format!(
+        "SELECT {PENDING_COLUMNS} FROM pending_index AS p \
+         WHERE (? IS NULL OR p.record_id > ?) AND (? OR p.dead = ?) \
+         ORDER BY p.record_id LIMIT ?"
+    ))
+    .bind::<Nullable<Text>, _>(after.map(|a| a.0.to_string()))
+    .bind::<Nullable<Text>, _>(after.map(|a| a.0.to_string()))
+    .bind::<Bool, _>(all)
+    .bind::<Bool, _>(dead)
+    .bind::<BigInt, _>(i64::try_from(limit).unwrap_or(i64::MAX))
+    .prepared()
+    .load(c)
+    .map_err(stmt)?;
+    rows.into_iter().map(SqlPending::into_pending).collect()
+}
+
+pub(crate) fn pending_for(
+    c: &mut SqliteConnection,
+    ids: &[RecordId],
+) -> Result<Vec<PendingIndex>, MetadataError> {
+    let mut by_id: HashMap<RecordId, PendingIndex> = pending_of(c, ids.iter().map(|i| i.0))?
+        .into_iter()
+        .map(|e| (e.record_id, e))
+        .collect();
+    // In the order asked for, each entry once.
+    Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+}
+
+pub(crate) fn retry_dead(
+    c: &mut SqliteConnection,
+    ids: Option<&[RecordId]>,
+) -> Result<u64, MetadataError> {
+    let ids = optional_ids(ids);
+    let n = diesel::sql_query(format!(
+        "UPDATE pending_index SET dead = 0, attempts = 0, claimed_by = NULL, \
+             claim_until_ms = NULL \
+         WHERE dead = 1 AND (? IS NULL OR record_id IN {IN_JSON})"
+    ))
+    .bind::<Nullable<Text>, _>(ids.as_deref())
+    .bind::<Nullable<Text>, _>(ids.as_deref())
+    .prepared()
+    .execute(c)
+    .map_err(autocommit)?;
+    Ok(n as u64)
+}
+
+pub(crate) fn drop_dead(
+    c: &mut SqliteConnection,
+    ids: Option<&[RecordId]>,
+) -> Result<u64, MetadataError> {
+    let ids = optional_ids(ids);
+    let n = diesel::sql_query(format!(
+        "DELETE FROM pending_index WHERE dead = 1 AND (? IS NULL OR record_id IN {IN_JSON})"
+    ))
+    .bind::<Nullable<Text>, _>(ids.as_deref())
+    .bind::<Nullable<Text>, _>(ids.as_deref())
+    .prepared()
+    .execute(c)
+    .map_err(autocommit)?;
+    Ok(n as u64)
+}
+
+pub(crate) fn pending_stats(
+    c: &mut SqliteConnection,
+    now_ms: i64,
+) -> Result<PendingStats, MetadataError> {
+    let rows: Vec<SqlPendingStats> = diesel::sql_query(
+        "SELECT COALESCE(SUM(dead = 0), 0) AS pending, \
+             COALESCE(SUM(dead = 0 AND claim_until_ms IS NOT NULL AND claim_until_ms >= ?), 0) \
+                 AS claimed, \
+             COALESCE(SUM(dead = 1), 0) AS dead, \
+             MIN(CASE WHEN dead = 0 THEN enqueued_ms END) AS oldest \
+         FROM pending_index",
+    )
+    .bind::<BigInt, _>(now_ms)
+    .prepared()
+    .load(c)
+    .map_err(stmt)?;
+    let Some(r) = rows.into_iter().next() else {
+        return Ok(PendingStats::default());
+    };
+    Ok(PendingStats {
+        pending: to_u64(r.pending, "count")?,
+        claimed: to_u64(r.claimed, "count")?,
+        dead: to_u64(r.dead, "count")?,
+        oldest_enqueued_ms: r.oldest,
+    })
 }

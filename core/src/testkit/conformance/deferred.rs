@@ -140,7 +140,7 @@ pub async fn deferred_commit_enqueues<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("defer-enqueue");
     let old = row(&scope, 1);
-    committed(repo, &[old.clone()]).await;
+    committed(repo, std::slice::from_ref(&old)).await;
     let updated = rewrite(&old, &scope, 2);
     let new = row(&scope, 3);
     let result = defer(repo, &[updated.clone(), new.clone()], T0).await;
@@ -194,7 +194,7 @@ pub async fn deferred_commit_coalesces<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("defer-coalesce");
     let a = row(&scope, 1);
-    defer(repo, &[a.clone()], T0).await;
+    defer(repo, std::slice::from_ref(&a), T0).await;
     let claim = OwnerToken::new_random();
     let claimed = claim_ours(repo, claim, &[a.id], NOW).await;
     assert_eq!(claimed.len(), 1);
@@ -212,7 +212,7 @@ pub async fn deferred_commit_coalesces<M: MetadataRepo + ?Sized>(repo: &M) {
     );
     assert!(entry(repo, a.id).await.expect("entry").dead);
     let a2 = rewrite(&a, &scope, 2);
-    defer(repo, &[a2.clone()], T0 + 50).await;
+    defer(repo, std::slice::from_ref(&a2), T0 + 50).await;
     let e = entry(repo, a.id).await.expect("one entry");
     assert_eq!((e.version, e.indexed_version, e.enqueued_ms), (2, 0, T0));
     assert_eq!(e.vector, a2.vector);
@@ -284,7 +284,7 @@ pub async fn deferred_index_switches<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("defer-switch");
     let old = row(&scope, 1);
-    committed(repo, &[old.clone()]).await;
+    committed(repo, std::slice::from_ref(&old)).await;
     let new = row(&scope, 2);
     defer(repo, &[rewrite(&old, &scope, 3), new.clone()], T0).await;
     let claim = OwnerToken::new_random();
@@ -423,7 +423,7 @@ pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("defer-restore");
     let a = row(&scope, 1);
-    defer(repo, &[a.clone()], T0).await;
+    defer(repo, std::slice::from_ref(&a), T0).await;
     // A saga step overwrites it synchronously (held), then is compensated.
     let parts = [CommitPart::Upsert(vec![rewrite(&a, &scope, 2)])];
     let held = TransactionCommit {
@@ -542,7 +542,7 @@ pub async fn pending_claim_skips_dead<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("pending-dead");
     let a = row(&scope, 1);
-    defer(repo, &[a.clone()], T0).await;
+    defer(repo, std::slice::from_ref(&a), T0).await;
     let claim = OwnerToken::new_random();
     assert_eq!(claim_ours(repo, claim, &[a.id], NOW).await.len(), 1);
     let dead = ok(
@@ -576,7 +576,7 @@ async fn failed_once<M: MetadataRepo + ?Sized>(
 ) -> (RowWrite, OwnerToken, usize) {
     let scope = fresh_scope(tag);
     let a = row(&scope, 1);
-    defer(repo, &[a.clone()], T0).await;
+    defer(repo, std::slice::from_ref(&a), T0).await;
     let claim = OwnerToken::new_random();
     assert_eq!(claim_ours(repo, claim, &[a.id], NOW).await.len(), 1);
     let dead = ok(
@@ -658,7 +658,7 @@ pub async fn pending_failure_fenced<M: MetadataRepo + ?Sized>(repo: &M) {
     }
     let scope = fresh_scope("pending-fenced");
     let a = row(&scope, 1);
-    defer(repo, &[a.clone()], T0).await;
+    defer(repo, std::slice::from_ref(&a), T0).await;
     let claim = OwnerToken::new_random();
     assert_eq!(claim_ours(repo, claim, &[a.id], NOW).await.len(), 1);
     let failure = IndexFailure {
