@@ -408,9 +408,22 @@ async fn open_qdrant(
     }
     config.require_tls = require_tls;
     config = config.with_collection_settings(collection_settings.clone());
-    let index = QdrantVectorIndex::connect(config)
-        .await
-        .map_err(OpenError::Index)?;
+    let index = match QdrantVectorIndex::connect(config.clone()).await {
+        Ok(index) => index,
+        // Deferred writes need no index: a process that writes in deferred
+        // mode starts while Qdrant is unreachable, and reaches it later.
+        Err(e)
+            if settings.coordinator.write_mode == tandem_core::WriteMode::Deferred
+                && e.is_retryable() =>
+        {
+            tracing::warn!(
+                error = %e,
+                "the index is unreachable; deferred writes go on, index workers wait for it"
+            );
+            QdrantVectorIndex::connect_lazy(config).map_err(OpenError::Index)?
+        }
+        Err(e) => return Err(OpenError::Index(e)),
+    };
     Ok((Arc::new(index), None))
 }
 

@@ -78,6 +78,17 @@ pub struct GlobalArgs {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// How writes reach the index: sync (the call writes it) or deferred
+    /// (one metadata transaction; index workers write the points later, see
+    /// docs/deferred.md) [config: coordinator.write_mode; default: sync].
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_WRITE_MODE",
+        value_name = "sync|deferred"
+    )]
+    pub write_mode: Option<tandem_core::WriteMode>,
+
     /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -288,6 +299,13 @@ pub enum Command {
     /// Durable sagas (e.g. `ingest --atomic`): list, show, abort.
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// Index deferred writes (see docs/deferred.md): claims pending entries,
+    /// writes their points, switches the rows to them; also runs recovery.
+    /// Runs until interrupted, or with --until-idle until nothing is pending.
+    IndexWorker(IndexWorkerArgs),
+    /// The dead-letter list of deferred writes the index workers gave up on.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Create or upgrade the schema and the collection.
     Migrate,
     /// Run the end-to-end demo in a fresh data directory: ingest, updates,
@@ -382,6 +400,47 @@ pub enum SagaCommand {
         #[arg(value_name = "ID")]
         id: String,
     },
+}
+
+/// `tandem index-worker`.
+#[derive(Debug, Args)]
+pub struct IndexWorkerArgs {
+    /// Drain the backlog and exit 0 (exit 1 if entries are left dead-lettered).
+    #[arg(long)]
+    pub until_idle: bool,
+
+    /// With --until-idle: give up after this long with entries still waiting
+    /// (exit 1) [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = crate::ingest::parse_duration)]
+    pub patience: Option<std::time::Duration>,
+}
+
+/// `tandem dlq`.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Dead-lettered records with their attempts and last error.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: usize,
+    },
+    /// Put dead-lettered records back in the queue (the given ids, or --all).
+    Retry(DlqTargets),
+    /// Give up on dead-lettered records (the given ids, or --all): they stay
+    /// committed, found through their previous point (or not at all if never
+    /// indexed).
+    Drop(DlqTargets),
+}
+
+/// Which dead letters `dlq retry|drop` act on.
+#[derive(Debug, Args)]
+pub struct DlqTargets {
+    /// Record ids.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Every dead-lettered record.
+    #[arg(long, conflicts_with = "ids")]
+    pub all: bool,
 }
 
 /// `tandem saga list`.

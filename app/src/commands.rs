@@ -3,14 +3,19 @@
 
 use serde::Serialize;
 use serde_json::Value;
+use std::time::Duration;
+
 use tandem_core::{
-    CoordinatorError, DeleteSelector, Filter, RecordId, RecoveryReport, RepairReport, SagaId,
-    SagaRecord, SagaState, Scope, SearchQuery, VerifyReport, WriteOptions,
+    CoordinatorError, DeleteSelector, Filter, IndexReport, PendingFilter, PendingStats, RecordId,
+    RecoveryReport, RepairReport, SagaId, SagaRecord, SagaState, Scope, SearchQuery, VerifyReport,
+    WriteOptions,
 };
 
 use crate::backend::{AppCoordinator, MigrateReport, Stores};
 use crate::cli::EmbedMode;
-use crate::cli::{DeleteArgs, SagaCommand, SearchArgs, VerifyArgs};
+use crate::cli::{
+    DeleteArgs, DlqCommand, DlqTargets, IndexWorkerArgs, SagaCommand, SearchArgs, VerifyArgs,
+};
 use crate::error::{AppError, EXIT_FAILED, EXIT_OK};
 use crate::output::{self, Output};
 
@@ -351,6 +356,18 @@ fn print_verify(o: &VerifyOutput, out: Output) {
             "points named by live intents",
             output::count(o.report.intent_points as u64),
         ),
+        (
+            "deferred writes waiting for an index worker",
+            output::count(o.report.pending_index),
+        ),
+        (
+            "of the rows, never indexed yet",
+            output::count(o.report.unindexed as u64),
+        ),
+        (
+            "dead letters (tandem dlq list)",
+            output::count(o.report.dead_letters),
+        ),
     ]));
     for m in o.report.missing_points.iter().take(SHOWN) {
         out.text(&format!(
@@ -366,6 +383,14 @@ fn print_verify(o: &VerifyOutput, out: Output) {
     }
     if o.consistent {
         out.text("consistent: both stores agree exactly");
+    } else if o.report.missing_points.is_empty()
+        && o.report.orphan_points.is_empty()
+        && o.report.pending_index > 0
+    {
+        out.text(
+            "NOT consistent yet: deferred writes wait for an index worker (`tandem index-worker`, \
+             or `tandem serve`), then verify again",
+        );
     } else if o.report.missing_points.is_empty()
         && o.report.orphan_points.is_empty()
         && o.report.live_intents > 0
@@ -465,6 +490,20 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
                 output::count(s.expired_intents as u64),
             ),
         ]));
+        if let Some(p) = s.pending {
+            let age = p
+                .oldest_enqueued_ms
+                .map(|t| tandem_core::unix_ms(std::time::SystemTime::now()).saturating_sub(t))
+                .map_or("-".to_owned(), |ms| {
+                    format!("{:.1} s", ms.max(0) as f64 / 1000.0)
+                });
+            out.text(&output::kv_table(vec![
+                ("deferred writes waiting", output::count(p.pending)),
+                ("of those claimed by a worker", output::count(p.claimed)),
+                ("oldest waiting", age),
+                ("dead letters", output::count(p.dead)),
+            ]));
+        }
     }
     Ok(EXIT_OK)
 }
@@ -655,6 +694,169 @@ pub fn print_migrate(r: &MigrateReport, out: Output) {
             r.metadata, r.migrations_applied
         ));
         out.text(&format!("{}: collection ready", r.index));
+    }
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<RecordId>, AppError> {
+    ids.iter()
+        .map(|s| {
+            s.trim()
+                .parse::<RecordId>()
+                .map_err(|_| AppError::Usage(format!("{s:?} is not a record id (a UUID)")))
+        })
+        .collect()
+}
+
+/// `tandem index-worker`: runs an index worker (and recovery) until
+/// interrupted, or with `--until-idle` until nothing is pending. Exit 1 when
+/// entries are left dead-lettered or still waiting after the patience.
+pub async fn index_worker(
+    args: IndexWorkerArgs,
+    stores: &Stores,
+    c: &AppCoordinator,
+    out: Output,
+) -> Result<u8, AppError> {
+    let report = if args.until_idle {
+        let patience = args.patience.unwrap_or(Duration::from_secs(600));
+        c.index_until_idle(patience)
+            .await
+            .map_err(|e| stores.error("index-worker", e))?
+    } else {
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        c.run_index_worker(stop)
+            .await
+            .map_err(|e| stores.error("index-worker", e))?
+    };
+    let pending = c
+        .pending_stats()
+        .await
+        .map_err(|e| stores.error("index-worker", e))?;
+    #[derive(Serialize)]
+    struct WorkerOutput {
+        #[serde(flatten)]
+        report: IndexReport,
+        pending: PendingStats,
+    }
+    let left = pending.pending + pending.dead;
+    if out.json {
+        out.json(&WorkerOutput { report, pending });
+    } else {
+        out.text(&output::kv_table(vec![
+            ("records indexed", output::count(report.indexed as u64)),
+            (
+                "entries overtaken by a newer write",
+                output::count(report.superseded as u64),
+            ),
+            ("batches", output::count(report.batches as u64)),
+            ("failed attempts", output::count(report.failed as u64)),
+            (
+                "dead-lettered now",
+                output::count(report.dead_lettered as u64),
+            ),
+            ("still waiting", output::count(pending.pending)),
+            ("dead letters", output::count(pending.dead)),
+        ]));
+    }
+    Ok(if left == 0 { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// `tandem dlq list|retry|drop`.
+pub async fn dlq(
+    command: DlqCommand,
+    stores: &Stores,
+    c: &AppCoordinator,
+    out: Output,
+) -> Result<u8, AppError> {
+    let targets = |t: &DlqTargets| -> Result<Option<Vec<RecordId>>, AppError> {
+        match (t.all, t.ids.is_empty()) {
+            (true, _) => Ok(None),
+            (false, false) => parse_ids(&t.ids).map(Some),
+            (false, true) => Err(AppError::Usage(
+                "name the records (ids), or --all".to_owned(),
+            )),
+        }
+    };
+    match command {
+        DlqCommand::List { limit } => {
+            let dead = c
+                .pending(PendingFilter::Dead, None, limit)
+                .await
+                .map_err(|e| stores.error("dlq list", e))?;
+            if out.json {
+                #[derive(Serialize)]
+                struct Entry<'a> {
+                    id: RecordId,
+                    scope: &'a Scope,
+                    version: u64,
+                    indexed_version: u64,
+                    attempts: u32,
+                    last_error: Option<&'a str>,
+                    enqueued_ms: i64,
+                }
+                let entries: Vec<Entry<'_>> = dead
+                    .iter()
+                    .map(|e| Entry {
+                        id: e.record_id,
+                        scope: &e.scope,
+                        version: e.version,
+                        indexed_version: e.indexed_version,
+                        attempts: e.attempts,
+                        last_error: e.last_error.as_deref(),
+                        enqueued_ms: e.enqueued_ms,
+                    })
+                    .collect();
+                out.json(&serde_json::json!({ "dead_letters": entries }));
+            } else if dead.is_empty() {
+                out.text("no dead letters");
+            } else {
+                let rows = dead
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.record_id.to_string(),
+                            e.scope.to_string(),
+                            e.version.to_string(),
+                            e.attempts.to_string(),
+                            e.last_error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                out.text(&output::table(
+                    &["record", "scope", "version", "attempts", "last error"],
+                    &[false, false, true, true, false],
+                    rows,
+                ));
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Retry(t) => {
+            let ids = targets(&t)?;
+            let n = c
+                .retry_dead_letters(ids.as_deref())
+                .await
+                .map_err(|e| stores.error("dlq retry", e))?;
+            if out.json {
+                out.json(&serde_json::json!({ "requeued": n }));
+            } else {
+                out.text(&format!("{} requeued", output::count(n)));
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Drop(t) => {
+            let ids = targets(&t)?;
+            let n = c
+                .drop_dead_letters(ids.as_deref())
+                .await
+                .map_err(|e| stores.error("dlq drop", e))?;
+            if out.json {
+                out.json(&serde_json::json!({ "dropped": n }));
+            } else {
+                out.text(&format!("{} dropped", output::count(n)));
+            }
+            Ok(EXIT_OK)
+        }
     }
 }
 

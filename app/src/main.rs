@@ -153,6 +153,15 @@ async fn run(
             }
             match command {
                 Command::Ingest(args) => {
+                    if args.atomic
+                        && settings.coordinator.write_mode == tandem_core::WriteMode::Deferred
+                    {
+                        return Err(AppError::Usage(
+                            "--atomic runs the ingest as a saga, whose steps are synchronous: \
+                             it cannot be combined with --write-mode deferred"
+                                .into(),
+                        ));
+                    }
                     let mode = settings.embed.mode;
                     let embedder = embed::build(&settings.embed, mode, settings.dimension)?;
                     let embedder = match embedder {
@@ -199,6 +208,10 @@ async fn run(
                 Command::Verify(args) => commands::verify(args, &stores, &coordinator, out).await,
                 Command::Stats => commands::stats(&stores, &coordinator, out).await,
                 Command::Saga(args) => commands::saga(args, &stores, &coordinator, out).await,
+                Command::IndexWorker(args) => {
+                    commands::index_worker(args, &stores, &coordinator, out).await
+                }
+                Command::Dlq(args) => commands::dlq(args, &stores, &coordinator, out).await,
                 Command::Demo(_)
                 | Command::Migrate
                 | Command::Bench(_)

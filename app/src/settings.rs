@@ -48,6 +48,8 @@ pub struct FileConfig {
     #[serde(default)]
     coordinator: CoordinatorSection,
     #[serde(default)]
+    indexing: IndexingSection,
+    #[serde(default)]
     ingest: IngestSection,
     #[serde(default)]
     embed: EmbedSection,
@@ -93,6 +95,18 @@ struct CoordinatorSection {
     max_batch: Option<usize>,
     index_chunk: Option<usize>,
     index_parallelism: Option<usize>,
+    /// `sync` (default) or `deferred` (see docs/deferred.md).
+    write_mode: Option<tandem_core::WriteMode>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IndexingSection {
+    batch: Option<usize>,
+    max_attempts: Option<u32>,
+    retry_backoff_secs: Option<f64>,
+    max_retry_backoff_secs: Option<f64>,
+    idle_poll_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -413,6 +427,25 @@ impl Settings {
         }
         if let Some(n) = c.index_parallelism {
             coordinator.limits.index_parallelism = n;
+        }
+        if let Some(mode) = args.write_mode.or(c.write_mode) {
+            coordinator.write_mode = mode;
+        }
+        let ix = &file.indexing;
+        if let Some(n) = ix.batch {
+            coordinator.indexing.batch = n;
+        }
+        if let Some(n) = ix.max_attempts {
+            coordinator.indexing.max_attempts = n;
+        }
+        if let Some(d) = secs("indexing.retry_backoff_secs", ix.retry_backoff_secs)? {
+            coordinator.indexing.retry_backoff = d;
+        }
+        if let Some(d) = secs("indexing.max_retry_backoff_secs", ix.max_retry_backoff_secs)? {
+            coordinator.indexing.max_retry_backoff = d;
+        }
+        if let Some(d) = secs("indexing.idle_poll_secs", ix.idle_poll_secs)? {
+            coordinator.indexing.idle_poll = d;
         }
         coordinator
             .validate()

@@ -142,6 +142,27 @@ pub fn describe_metrics() {
         "tandem_pending_intents",
         "Unresolved intents at the last verify, stats or service probe"
     );
+    describe_counter!(
+        "tandem_indexed_records_total",
+        "Records of deferred writes that index workers made searchable"
+    );
+    describe_counter!(
+        "tandem_dead_lettered_total",
+        "Pending-index entries moved to the dead-letter list"
+    );
+    describe_gauge!(
+        "tandem_index_pending",
+        "Deferred writes waiting for an index worker, at the last stats or service probe"
+    );
+    describe_gauge!(
+        "tandem_index_dead_letters",
+        "Dead-lettered deferred writes, at the last stats or service probe"
+    );
+    describe_gauge!(
+        "tandem_index_oldest_pending_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest deferred write waiting for an index worker (0: none)"
+    );
     describe_histogram!(
         "tandem_phase_seconds",
         metrics::Unit::Seconds,
@@ -227,7 +248,14 @@ pub fn describe_service_metrics() {
 /// `rate()` and alerts; a zero does not). Labels that name a call or a route
 /// appear with their first use.
 pub fn register_metrics() {
-    for op in ["upsert", "delete", "transaction"] {
+    for op in [
+        "upsert",
+        "delete",
+        "transaction",
+        "deferred_upsert",
+        "deferred_delete",
+        "index",
+    ] {
         metrics::counter!("tandem_commits_total", "op" => op).absolute(0);
         metrics::counter!("tandem_rollbacks_total", "op" => op).absolute(0);
     }
@@ -242,6 +270,8 @@ pub fn register_metrics() {
         "tandem_verify_passes_total",
         "tandem_sagas_started_total",
         "tandem_embed_retries_total",
+        "tandem_indexed_records_total",
+        "tandem_dead_lettered_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -264,6 +294,9 @@ pub fn register_metrics() {
         "tandem_verify_inconsistent_scopes",
         "tandem_verify_missing_points",
         "tandem_verify_orphan_points",
+        "tandem_index_pending",
+        "tandem_index_dead_letters",
+        "tandem_index_oldest_pending_seconds",
     ] {
         metrics::gauge!(name).set(0.0);
     }

@@ -1010,3 +1010,132 @@ fn replace_scope_deletes_what_the_input_did_not_write_and_only_that_scope() {
     let r = s.embedded(&["ingest", f.to_str().unwrap(), "--replace-scope", "books"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+/// Deferred writes on the embedded stores: the ingest commits rows and
+/// pending entries only; nothing is searchable and `verify` reports a backlog
+/// (not drift) until `index-worker --until-idle` drains it; then both stores
+/// agree exactly. A deferred update stays findable through its previous
+/// vector until indexed.
+#[test]
+fn deferred_ingest_becomes_searchable_once_the_index_worker_drains_it() {
+    let s = Sandbox::new();
+    let f = s.write("in.jsonl", &lines(1..=6, "books"));
+    let deferred = ["--write-mode", "deferred"];
+    let mut args = vec!["ingest", f.to_str().unwrap(), "--batch-size", "4", "--json"];
+    args.extend(deferred);
+    let r = s.embedded(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["inserted"], 6);
+
+    let r = s.embedded(&["stats", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = r.json();
+    assert_eq!(
+        (v["rows"].as_u64(), v["points"].as_u64()),
+        (Some(6), Some(0))
+    );
+    assert_eq!(v["pending"]["pending"], 6, "{v}");
+
+    let own = "[1, 3, 0.5, 0]";
+    let r = s.embedded(&["search", "--vector", own, "-k", "6", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.json().as_array().unwrap().is_empty(),
+        "a deferred insert was found before it was indexed: {}",
+        r.stdout
+    );
+    let r = s.embedded(&["verify", "--json"]);
+    assert_eq!(r.code, 1, "a backlog is not consistent yet: {}", r.stdout);
+    let v = r.json();
+    assert_eq!(v["pending_index"], 6);
+    assert_eq!(v["unindexed"], 6);
+    assert_eq!(v["missing_points"].as_array().map(Vec::len), Some(0), "{v}");
+
+    let r = s.embedded(&["index-worker", "--until-idle", "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["indexed"], 6);
+    let r = s.embedded(&["search", "--vector", own, "-k", "1", "--json"]);
+    assert_eq!(r.json()[0]["id"], id(3), "{}", r.stdout);
+    let r = s.embedded(&["verify", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+
+    // A deferred update: found through its previous vector, as committed now.
+    let update = json!({
+        "id": id(3), "scope": "books", "content": "record 3, second edition",
+        "vector": [-1.0, 0.2, 0.3, 0.9],
+    })
+    .to_string();
+    let f = s.write("update.jsonl", &(update + "\n"));
+    let mut args = vec!["ingest", f.to_str().unwrap(), "--json"];
+    args.extend(deferred);
+    assert_eq!(s.embedded(&args).code, 0);
+    let r = s.embedded(&["search", "--vector", own, "-k", "1", "--json"]);
+    let hit = &r.json()[0];
+    assert_eq!(hit["id"], id(3));
+    assert_eq!(hit["content"], "record 3, second edition", "{}", r.stdout);
+    let r = s.embedded(&["index-worker", "--until-idle", "--json"]);
+    assert_eq!((r.code, r.json()["indexed"].as_u64()), (0, Some(1)));
+    let r = s.embedded(&[
+        "search",
+        "--vector",
+        "[-1, 0.2, 0.3, 0.9]",
+        "-k",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(r.json()[0]["id"], id(3));
+    let r = s.embedded(&["dlq", "list", "--json"]);
+    assert_eq!(r.json()["dead_letters"].as_array().map(Vec::len), Some(0));
+    let r = s.embedded(&["dlq", "retry"]);
+    assert_eq!(r.code, 2, "retry needs ids or --all: {}", r.stderr);
+}
+
+/// A deferred write needs no index: with Qdrant unreachable, a deferred
+/// ingest (SQLite for the metadata) commits every batch and exits 0, and the
+/// backlog is visible without the index; a synchronous ingest of the same
+/// stores fails, naming the index.
+#[test]
+fn deferred_ingest_works_while_the_index_is_unreachable() {
+    let s = Sandbox::new();
+    let f = s.write("in.jsonl", &lines(1..=5, "books"));
+    let args = |mode: &'static str| {
+        vec![
+            "--qdrant-url".to_owned(),
+            "http://127.0.0.1:1".to_owned(),
+            "--data-dir".to_owned(),
+            "d".to_owned(),
+            "--dim".to_owned(),
+            "4".to_owned(),
+            "--write-mode".to_owned(),
+            mode.to_owned(),
+        ]
+    };
+    let out = tandem(s.path())
+        .args(args("deferred"))
+        .args(["ingest", f.to_str().unwrap(), "--batch-size", "2", "--json"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["inserted"], 5, "{summary}");
+    let out = tandem(s.path())
+        .args(args("deferred"))
+        .args(["dlq", "list", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let out = tandem(s.path())
+        .args(args("sync"))
+        .args(["ingest", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a synchronous write needs the index"
+    );
+}

@@ -783,3 +783,80 @@ fn bench_api_measures_both_sides_on_the_same_stores() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Deferred writes over HTTP: `?mode=deferred` commits without the index and
+/// says so; `&wait=true` answers once the service's index worker made the
+/// records searchable; the status document's "Deferred indexing" panel and
+/// the lag gauges show the backlog; a bad mode is refused.
+#[test]
+fn deferred_writes_over_http_become_searchable_through_the_services_worker() {
+    let stores = Stores::embedded();
+    let s = Server::start(&stores, &[], &["--verify-every", "100ms"]);
+    let r = s.post(
+        &format!("{RECORDS}?mode=deferred&wait=true&wait_ms=20000"),
+        &json!({ "records": [record(&id(1), "books", "a", 1), record(&id(2), "books", "b", 2)] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    assert_eq!(
+        (body["deferred"].clone(), body["wait"].clone()),
+        (json!(true), json!("indexed"))
+    );
+    assert_eq!(body["inserted"], 2);
+    // Searchable at once: the answer came after the worker's switch.
+    let r = s.post(SEARCH, &json!({ "vector": [1.0, 2.0, 0.5, 1.0], "k": 1 }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["hits"][0]["record"]["id"],
+        json!(id(1)),
+        "{}",
+        r.body
+    );
+    assert_eq!(present(&s, &[id(1), id(2)]), 2);
+
+    // Without waiting: the write is deferred; the worker catches up.
+    let r = s.post(
+        &format!("{RECORDS}?mode=deferred"),
+        &json!({ "records": [record(&id(3), "books", "c", 3)] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["deferred"], true);
+    assert!(r.json().get("wait").is_none());
+    let status = s.wait_for_status(Duration::from_secs(20), "the backlog drained", |st| {
+        st["sections"]
+            .as_array()
+            .and_then(|sections| sections.iter().find(|x| x["id"] == "indexing"))
+            .and_then(|x| x["rows"].as_array())
+            .and_then(|rows| rows.iter().find(|r| r["key"] == "pending"))
+            .is_some_and(|r| r["value"] == 0)
+    });
+    let config = status["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "configuration")
+        .unwrap()
+        .clone();
+    assert!(
+        config["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["key"] == "index" && r["value"] == 1),
+        "{config}"
+    );
+    let text = s.get("/metrics").body;
+    assert!(
+        metric_sum(&text, "tandem_indexed_records_total") >= 3.0,
+        "{text}"
+    );
+    assert_eq!(metric_value(&text, "tandem_index_pending"), Some(0.0));
+
+    let r = s.post(
+        &format!("{RECORDS}?mode=later"),
+        &json!({ "records": [record(&id(4), "books", "d", 4)] }),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let (code, stderr) = s.terminate();
+    assert_eq!(code, 0, "a clean exit on SIGTERM:\n{stderr}");
+}

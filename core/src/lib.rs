@@ -25,8 +25,8 @@ pub use clock::{Clock, SystemClock};
 pub use config::{CoordinatorConfig, IndexingConfig, Limits, RetryPolicy, WriteMode};
 pub use coordinator::{
     Coordinator, DeleteReport, IndexReport, IndexToken, IndexWait, RecoveryReport, RepairReport,
-    SagaRun, ScopeCounts, SearchQuery, Stats, UpsertReport, VerifyCursor, VerifyPage,
-    VerifyReport, WriteOptions,
+    SagaRun, ScopeCounts, SearchQuery, Stats, UpsertReport, VerifyCursor, VerifyPage, VerifyReport,
+    WriteOptions,
 };
 pub use embed::{BatchLimits, BatchingEmbedder, Embedder, RetryingEmbedder};
 pub use error::{

@@ -109,6 +109,27 @@ impl QdrantVectorIndex {
         Ok(index)
     }
 
+    /// Builds the client without reaching the server: no health check, no
+    /// collection check (the gRPC channel connects on first use). For
+    /// processes that must start while the index is down — deferred writes
+    /// never call it — and check it later (`tandem index-worker`, `serve`'s
+    /// probe). Errors only for an invalid configuration.
+    pub fn connect_lazy(config: QdrantConfig) -> Result<Self, IndexError> {
+        config.validate()?;
+        let client = Qdrant::from_url(&config.url)
+            .api_key(config.api_key.as_ref().map(|k| k.expose().to_owned()))
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            .skip_compatibility_check()
+            .build()
+            .map_err(|e| classify(e, Op::Read, &config.collection))?;
+        Ok(Self {
+            client,
+            config,
+            server_version: "unknown (not reached yet)".to_owned(),
+        })
+    }
+
     /// The configuration (its `Debug` hides the API key).
     pub fn config(&self) -> &QdrantConfig {
         &self.config

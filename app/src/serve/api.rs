@@ -17,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tandem_core::{
-    CoordinatorError, DeleteSelector, Filter, NewRecord, RecordId, Scope, SearchQuery, WriteOptions,
+    CoordinatorError, DeleteSelector, Filter, IndexWait, NewRecord, RecordId, Scope, SearchQuery,
+    WriteMode, WriteOptions,
 };
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -84,6 +85,29 @@ pub struct UpsertResponse {
     pub deferred_cleanup: usize,
     /// Answered from the idempotency key: this call wrote nothing.
     pub replayed: bool,
+    /// The write was deferred (`?mode=deferred`): committed, but searchable
+    /// only once an index worker has indexed it.
+    #[serde(default)]
+    pub deferred: bool,
+    /// With `?wait=true`: `indexed`, `timed_out` or `dead_lettered`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+}
+
+/// `?mode=sync|deferred&wait=true&wait_ms=N` of a write.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct WriteQuery {
+    /// `sync` (the call writes the index) or `deferred` (one metadata
+    /// transaction; index workers write the points) [default: the service's
+    /// configured write mode].
+    #[param(value_type = Option<String>)]
+    pub mode: Option<WriteMode>,
+    /// Deferred upserts: answer only once the records are searchable (or
+    /// after `wait_ms`).
+    #[serde(default)]
+    pub wait: bool,
+    /// How long `wait` waits, in milliseconds [default: 10000].
+    pub wait_ms: Option<u64>,
 }
 
 /// `POST /api/v1/records/delete`: `{"ids": [...]}`, `{"scope": "s"}`, or
@@ -212,10 +236,10 @@ fn check_batch(len: usize, max: usize, what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn opts(key: Option<String>) -> WriteOptions {
+fn opts(key: Option<String>, mode: Option<WriteMode>) -> WriteOptions {
     WriteOptions {
         idempotency_key: key,
-        write_mode: None,
+        write_mode: mode,
     }
 }
 
@@ -277,7 +301,8 @@ async fn run_write<T: Send + 'static>(
     tag = "records",
     request_body = UpsertRequest,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "A retried call with the same key writes nothing twice and returns the first call's outcome")),
+        description = "A retried call with the same key writes nothing twice and returns the first call's outcome"),
+        WriteQuery),
     responses(
         (status = 200, description = "Written (or replayed: header Idempotent-Replayed)", body = UpsertResponse),
         (status = 400, description = "bad_json, empty_batch, invalid_idempotency_key", body = ApiError),
@@ -294,6 +319,7 @@ async fn run_write<T: Send + 'static>(
 pub async fn upsert(
     State(state): State<ApiState>,
     IdempotencyKey(key): IdempotencyKey,
+    Query(q): Query<WriteQuery>,
     ApiJson(req): ApiJson<UpsertRequest>,
 ) -> Result<Response, ApiError> {
     check_batch(req.records.len(), state.limits.max_batch, "records")?;
@@ -327,12 +353,31 @@ pub async fn upsert(
         });
     }
     let c = state.coordinator.clone();
-    let report = run_write(
-        &state,
-        async move { c.upsert_with(records, &opts(key)).await },
-    )
+    let mode = q.mode;
+    let report = run_write(&state, async move {
+        c.upsert_with(records, &opts(key, mode)).await
+    })
     .await?;
     let replayed = report.replayed;
+    let wait = match (&report.index_token, q.wait) {
+        (Some(token), true) => {
+            let timeout = std::time::Duration::from_millis(q.wait_ms.unwrap_or(10_000));
+            let waited = state
+                .coordinator
+                .wait_indexed(token, timeout)
+                .await
+                .map_err(|e| ApiError::from_coordinator(&e, &state.redactor))?;
+            Some(
+                match waited {
+                    IndexWait::Indexed => "indexed",
+                    IndexWait::TimedOut { .. } => "timed_out",
+                    IndexWait::DeadLettered { .. } => "dead_lettered",
+                }
+                .to_owned(),
+            )
+        }
+        _ => None,
+    };
     Ok(written(
         UpsertResponse {
             intent: report.intent.0,
@@ -341,6 +386,8 @@ pub async fn upsert(
             updated: report.updated,
             deferred_cleanup: report.deferred_cleanup,
             replayed,
+            deferred: report.index_token.is_some(),
+            wait,
         },
         replayed,
     ))
@@ -353,7 +400,8 @@ pub async fn upsert(
     tag = "records",
     request_body = DeleteRequest,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "A retried call with the same key deletes nothing twice")),
+        description = "A retried call with the same key deletes nothing twice"),
+        WriteQuery),
     responses(
         (status = 200, description = "Deleted (or replayed)", body = DeleteResponse),
         (status = 400, description = "bad_json, invalid_idempotency_key", body = ApiError),
@@ -369,6 +417,7 @@ pub async fn upsert(
 pub async fn delete(
     State(state): State<ApiState>,
     IdempotencyKey(key): IdempotencyKey,
+    Query(q): Query<WriteQuery>,
     ApiJson(req): ApiJson<DeleteRequest>,
 ) -> Result<Response, ApiError> {
     let selector = match (req.ids, req.scope, req.where_eq) {
@@ -400,10 +449,10 @@ pub async fn delete(
         }
     };
     let c = state.coordinator.clone();
-    let report = run_write(
-        &state,
-        async move { c.delete_with(selector, &opts(key)).await },
-    )
+    let mode = q.mode;
+    let report = run_write(&state, async move {
+        c.delete_with(selector, &opts(key, mode)).await
+    })
     .await?;
     let replayed = report.replayed;
     Ok(written(

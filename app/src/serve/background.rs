@@ -47,6 +47,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 /// The periods and options of the tasks.
 #[derive(Clone, Debug)]
 pub struct Schedule {
+    /// Index workers for deferred writes (0: none).
+    pub index_workers: usize,
     /// Recovery's period (`None`: off).
     pub recover_every: Option<Duration>,
     /// Verification's period (`None`: off).
@@ -102,6 +104,18 @@ pub fn spawn(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<(
         let c = c.clone();
         async move { probe(&c).await }
     })));
+    if ctx.coordinator.repo().deferred_indexing() {
+        for _ in 0..ctx.schedule.index_workers {
+            let c = ctx.coordinator.clone();
+            let mut stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let stopped = async move { stopped(&mut stop).await };
+                if let Err(e) = c.run_index_worker(stopped).await {
+                    tracing::error!(error = %e, "the index worker stopped");
+                }
+            }));
+        }
+    }
     if let Some(period) = ctx.schedule.recover_every {
         let c = ctx.clone();
         tasks.push(tokio::spawn(every(period, stop.clone(), move || {
@@ -273,6 +287,15 @@ async fn probe(ctx: &Context) {
     } else {
         None
     };
+    // The deferred-indexing backlog, likewise.
+    let indexing = if metadata.is_ok() && c.repo().deferred_indexing() {
+        match tokio::time::timeout(PROBE_TIMEOUT, c.pending_stats()).await {
+            Ok(Ok(p)) => Some(indexing_section(&p, now_ms())),
+            _ => None,
+        }
+    } else {
+        None
+    };
     ctx.live.with(|l| {
         l.stores = stores;
         if let Some(b) = backlog {
@@ -281,7 +304,44 @@ async fn probe(ctx: &Context) {
         if sagas.is_some() {
             l.sagas = sagas;
         }
+        if indexing.is_some() {
+            l.indexing = indexing;
+        }
     });
+}
+
+/// The dashboard's "Deferred indexing" panel (and its gauges): writes
+/// waiting for an index worker, the oldest one's age (the index's lag),
+/// dead letters (an alert: an operator decides), and how many records the
+/// workers indexed so far.
+pub fn indexing_section(p: &tandem_core::PendingStats, now_ms: i64) -> Section {
+    let age = p
+        .oldest_enqueued_ms
+        .map_or(0.0, |t| round3((now_ms - t).max(0) as f64 / 1e3));
+    metrics::gauge!("tandem_index_pending").set(p.pending as f64);
+    metrics::gauge!("tandem_index_dead_letters").set(p.dead as f64);
+    metrics::gauge!("tandem_index_oldest_pending_seconds").set(age);
+    let row = |key: &str, label: &str, value: serde_json::Value, alert: bool| SectionRow {
+        key: key.to_owned(),
+        label: label.to_owned(),
+        value,
+        alert,
+    };
+    Section {
+        id: "indexing".to_owned(),
+        title: "Deferred indexing".to_owned(),
+        rows: vec![
+            row("pending", "waiting for a worker", p.pending.into(), false),
+            row("claimed", "of those being indexed", p.claimed.into(), false),
+            row("lag_secs", "oldest waiting (s)", age.into(), false),
+            row(
+                "dead_letters",
+                "dead letters (tandem dlq)",
+                p.dead.into(),
+                p.dead > 0,
+            ),
+        ],
+    }
 }
 
 /// The dashboard's "Sagas by state" panel: one row per state, a failed saga
@@ -554,13 +614,14 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     series.sample(&ctx.tap, now);
     ctx.prometheus.run_upkeep();
-    let (stores, backlog, recovery, verification, sagas) = ctx.live.with(|l| {
+    let (stores, backlog, recovery, verification, sagas, indexing) = ctx.live.with(|l| {
         (
             l.stores.clone(),
             l.backlog.clone(),
             l.recovery.clone(),
             l.verification.clone(),
             l.sagas.clone(),
+            l.indexing.clone(),
         )
     });
     let seq = ctx.snapshots.next_seq();
@@ -589,6 +650,7 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         http: http_status(&ctx.tap, ctx.writes.count() as u64),
         sections: std::iter::once(ctx.config_section.clone())
             .chain(sagas)
+            .chain(indexing)
             .collect(),
     };
     ctx.snapshots.publish(&status);

@@ -75,6 +75,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1000)]
     pub verify_page: usize,
 
+    /// Index workers to run for deferred writes (see docs/deferred.md); 0
+    /// runs none (another process's `tandem index-worker` does the work).
+    /// Ignored when the metadata store has no deferred indexing.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub index_workers: usize,
+
     /// Repair a scope when a verification pass finds it inconsistent (deletes
     /// old orphans, rewrites missing points; see `tandem verify --repair`).
     #[arg(long)]
@@ -244,6 +250,7 @@ fn plan(args: &ServeArgs, settings: &Settings) -> Result<Plan, AppError> {
             request_timeout,
         },
         schedule: background::Schedule {
+            index_workers: args.index_workers,
             recover_every: nonzero(recover_every),
             verify_every: nonzero(args.verify_every),
             verify_page: args.verify_page,
@@ -268,6 +275,11 @@ fn config_section(settings: &Settings, plan: &Plan, listen: SocketAddr) -> statu
             "call deadline (s)",
             json!(settings.coordinator.call_deadline.as_secs_f64()),
         ),
+        (
+            "write mode",
+            json!(settings.coordinator.write_mode.as_str()),
+        ),
+        ("index workers", json!(plan.schedule.index_workers)),
         ("recover every (s)", secs(plan.schedule.recover_every)),
         ("verify step every (s)", secs(plan.schedule.verify_every)),
         ("verify page", json!(plan.schedule.verify_page)),

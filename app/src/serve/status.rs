@@ -265,6 +265,9 @@ pub struct LiveInner {
     pub verification: VerificationStatus,
     /// The last count of sagas by state (`None` until one succeeded).
     pub sagas: Option<Section>,
+    /// The last deferred-indexing backlog (`None` until one succeeded, or
+    /// without deferred indexing).
+    pub indexing: Option<Section>,
 }
 
 impl Live {
