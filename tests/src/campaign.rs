@@ -463,6 +463,17 @@ impl StoreReader {
             .sum()
     }
 
+    /// How many deferred writes wait for an index worker (or are
+    /// dead-lettered).
+    pub async fn pending_entries(&self) -> u64 {
+        let stats = self
+            .repo
+            .pending_stats(i64::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("reading the pending entries: {e}"));
+        stats.pending + stats.dead
+    }
+
     /// The unresolved intents.
     pub async fn intents(&self) -> Vec<Intent> {
         self.repo

@@ -22,7 +22,16 @@
 //!   stands whole or not at all once `tandem recover` has ended its saga:
 //!   either every record of the input is stored at the input's version, or
 //!   none of its new records exists and every record it updated is back at
-//!   its version from before the run; no saga is left running, none failed.
+//!   its version from before the run; no saga is left running, none failed;
+//! * a deferred ingest (`--write-mode deferred`: rows and pending entries,
+//!   no index write) is indexed by `tandem index-worker --until-idle` runs
+//!   killed at random moments (workers of 25-entry batches, so kills land
+//!   before, between and after switches): right after each kill I1 in its
+//!   deferred form and I2 hold; a worker run to the end then drains what the
+//!   killed ones left once their claims end, and after recovery the stores
+//!   agree exactly, every record of the input is at its last version, and a
+//!   sample of them is found by `tandem search` at its own vector (no older
+//!   version indexed over a newer one).
 //!
 //! Recovery may only claim an intent once its writer's lease has ended, so
 //! the campaign's `tandem.toml` sets a short one (`[coordinator] lease_secs =
@@ -49,7 +58,9 @@
 //! and choices (the outcomes still depend on timing).
 //! `CRASH_CAMPAIGN_KILLS=N` sets the kills per backend (default 50: 26
 //! ingest, 12 delete, 12 recover); `CRASH_CAMPAIGN_ATOMIC_KILLS=N` the kills
-//! of `ingest --atomic` per backend on top (default 12).
+//! of `ingest --atomic` per backend on top (default 12);
+//! `CRASH_CAMPAIGN_WORKER_KILLS=N` the kills of `tandem index-worker` per
+//! backend on top (default 20).
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
@@ -95,6 +106,10 @@ lease_secs = 0.8
 call_deadline_secs = 0.5
 cleanup_deadline_secs = 0.2
 orphan_grace_secs = 0.8
+
+[indexing]
+batch = 25
+idle_poll_secs = 0.05
 ";
 
 fn seed() -> u64 {
@@ -114,6 +129,7 @@ struct Targets {
     delete: usize,
     recover: usize,
     atomic: usize,
+    worker: usize,
 }
 
 impl Targets {
@@ -132,6 +148,13 @@ impl Targets {
                 .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_ATOMIC_KILLS={s:?} is not a number")),
             Err(_) => 12,
         };
+        let worker = match std::env::var("CRASH_CAMPAIGN_WORKER_KILLS") {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("CRASH_CAMPAIGN_WORKER_KILLS={s:?} is not a number")),
+            Err(_) => 20,
+        };
         let delete = total / 4;
         let recover = total / 4;
         Self {
@@ -139,11 +162,12 @@ impl Targets {
             delete,
             recover,
             atomic,
+            worker,
         }
     }
 
     fn total(&self) -> usize {
-        self.ingest + self.delete + self.recover + self.atomic
+        self.ingest + self.delete + self.recover + self.atomic + self.worker
     }
 }
 
@@ -154,6 +178,7 @@ enum Kind {
     Delete,
     Recover,
     Atomic,
+    Worker,
 }
 
 impl Kind {
@@ -163,6 +188,7 @@ impl Kind {
             Kind::Delete => "delete",
             Kind::Recover => "recover",
             Kind::Atomic => "atomic",
+            Kind::Worker => "index-worker",
         }
     }
 }
@@ -195,6 +221,10 @@ struct Tally {
     /// Sagas that `recover` runs ended (done / compensated).
     sagas_done: u64,
     sagas_compensated: u64,
+    /// Deferred inputs indexed to completion after worker kills, and the
+    /// records whose index point was checked to hold their current vector.
+    deferred_inputs: usize,
+    ordering_checked: usize,
 }
 
 impl Tally {
@@ -314,6 +344,7 @@ struct Campaign {
     delete_window: Duration,
     recover_window: Duration,
     atomic_window: Duration,
+    worker_window: Duration,
     atomic_rounds: usize,
     kills_since_recovery: usize,
     started: Instant,
@@ -1072,11 +1103,113 @@ impl Campaign {
         }
     }
 
+    /// A fresh input ingested in deferred mode (rows and pending entries
+    /// only), then `tandem index-worker --until-idle` killed at random
+    /// moments (or, with `calibrate`, run once uninterrupted to measure the
+    /// kill window), each kill checked at once (I1 in its deferred form, I2);
+    /// then a worker drains what is left, recovery runs, and both stores must
+    /// agree exactly, with every record of the input at its last version and
+    /// — sampled through `tandem search` — found at its own vector: no older
+    /// version indexed over a newer one.
+    fn worker_step(&mut self, calibrate: bool) {
+        let round = self.new_round();
+        let file = round.file;
+        let mut args = Self::ingest_args(&file);
+        args.extend(["--write-mode".to_owned(), "deferred".to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let j = self.run_ok(&args).json();
+        if j["ok"] != true {
+            self.fail(&format!("deferred ingest of {} failed: {j:#}", file.tag));
+        }
+        let worker = ["index-worker", "--until-idle"];
+        if calibrate {
+            let out = self.run_ok(&worker);
+            self.worker_window = out.elapsed.mul_f64(1.2);
+        } else {
+            let kills = self.rng.random_range(1..=3);
+            for _ in 0..kills {
+                let before = self.block_on(self.store.pending_entries());
+                let delay = self.delay(self.worker_window);
+                match self.cli.run_killed(&worker, delay) {
+                    KillOutcome::Exited {
+                        status,
+                        after,
+                        stderr,
+                        ..
+                    } => {
+                        if status.code() != Some(0) {
+                            self.fail(&format!(
+                                "index-worker failed on its own: {status}\n{stderr}"
+                            ));
+                        }
+                        self.say(&format!(
+                            "    index-worker drained {} before the signal ({} ms)",
+                            file.tag,
+                            after.as_millis()
+                        ));
+                        *self
+                            .tally
+                            .not_killed
+                            .entry((Kind::Worker, "drained before the signal".into()))
+                            .or_default() += 1;
+                        break;
+                    }
+                    KillOutcome::Killed(at) => {
+                        let pending = self.block_on(self.store.pending_entries());
+                        let outcome = if pending == 0 {
+                            "killed after the last switch"
+                        } else if pending == before {
+                            "killed before its first switch"
+                        } else {
+                            "killed mid-drain"
+                        };
+                        self.tally.kill(Kind::Worker, outcome);
+                        self.say(&format!(
+                            "kill {:>3}: index-worker on {} at {:>4} ms: {outcome} ({pending} entries left)",
+                            self.tally.total(),
+                            file.tag,
+                            at.as_millis()
+                        ));
+                        self.check_instant("a killed index worker");
+                    }
+                }
+            }
+            // What the killed workers claimed is taken over once their
+            // claims end; the worker drains the rest.
+            self.run_ok(&worker);
+        }
+        let rows = self.recover_and_check();
+        if let Err(e) = file.check_complete(&rows) {
+            self.fail(&format!("after the index workers: {e}"));
+        }
+        // Ordering, sampled: each record is found first at its own vector.
+        let ids: Vec<RecordId> = file.lines.iter().filter_map(|l| l.id).collect();
+        for id in ids
+            .choose_multiple(&mut self.rng, 4)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            let Some(vector) = rows.get(&id).and_then(|r| r.vector.clone()) else {
+                continue;
+            };
+            let v = serde_json::to_string(&vector).expect("a vector");
+            let hits = self.run_ok(&["search", "--vector", &v, "-k", "1"]).json();
+            if hits[0]["id"] != json!(id.to_string()) {
+                self.fail(&format!(
+                    "ordering: record {id} is not found at its current vector: {hits:#}"
+                ));
+            }
+            self.tally.ordering_checked += 1;
+        }
+        self.tally.deferred_inputs += 1;
+    }
+
     fn done(&self) -> bool {
         self.tally.kills(Kind::Ingest) >= self.targets.ingest
             && self.tally.kills(Kind::Delete) >= self.targets.delete
             && self.tally.kills(Kind::Recover) >= self.targets.recover
             && self.tally.kills(Kind::Atomic) >= self.targets.atomic
+            && self.tally.kills(Kind::Worker) >= self.targets.worker
     }
 
     fn run(&mut self) {
@@ -1099,12 +1232,15 @@ impl Campaign {
         // An atomic ingest of ATOMIC_LINES lines, uninterrupted.
         self.atomic_step(true);
         self.recover_and_check();
+        // A deferred ingest indexed by an uninterrupted worker.
+        self.worker_step(true);
         self.say(&format!(
-            "kill windows: ingest {} ms, delete {} ms, recover {} ms (first), atomic ingest {} ms",
+            "kill windows: ingest {} ms, delete {} ms, recover {} ms (first), atomic ingest {} ms, index worker {} ms",
             self.ingest_window.as_millis(),
             self.delete_window.as_millis(),
             self.recover_window.as_millis(),
-            self.atomic_window.as_millis()
+            self.atomic_window.as_millis(),
+            self.worker_window.as_millis()
         ));
 
         while !self.done() {
@@ -1112,7 +1248,12 @@ impl Campaign {
             let ingest_due = self.tally.kills(Kind::Ingest) < self.targets.ingest
                 || self.tally.kills(Kind::Recover) < self.targets.recover;
             let atomic_due = self.tally.kills(Kind::Atomic) < self.targets.atomic;
-            if atomic_due && ((!delete_due && !ingest_due) || self.rng.random_bool(0.25)) {
+            let worker_due = self.tally.kills(Kind::Worker) < self.targets.worker;
+            if worker_due
+                && ((!delete_due && !ingest_due && !atomic_due) || self.rng.random_bool(0.2))
+            {
+                self.worker_step(false);
+            } else if atomic_due && ((!delete_due && !ingest_due) || self.rng.random_bool(0.25)) {
                 self.atomic_step(false);
             } else if delete_due && (!ingest_due || self.rng.random_bool(0.3)) {
                 self.delete_step();
@@ -1135,7 +1276,13 @@ impl Campaign {
             t.total(),
             self.started.elapsed().as_secs_f64()
         );
-        for kind in [Kind::Ingest, Kind::Delete, Kind::Recover, Kind::Atomic] {
+        for kind in [
+            Kind::Ingest,
+            Kind::Delete,
+            Kind::Recover,
+            Kind::Atomic,
+            Kind::Worker,
+        ] {
             let parts: Vec<String> = t
                 .outcomes
                 .iter()
@@ -1184,6 +1331,10 @@ impl Campaign {
             "\n  atomic ingests: {} stood whole, {} undone; recover runs ended {} saga(s) forward and compensated {}",
             t.atomic_whole, t.atomic_undone, t.sagas_done, t.sagas_compensated
         ));
+        s.push_str(&format!(
+            "\n  deferred ingests indexed to completion after index-worker kills: {}; records checked in the index at their current vector: {}",
+            t.deferred_inputs, t.ordering_checked
+        ));
         println!("{s}");
     }
 }
@@ -1218,6 +1369,7 @@ fn new_campaign(
         delete_window: Duration::from_millis(300),
         recover_window: Duration::from_millis(250),
         atomic_window: Duration::from_secs(1),
+        worker_window: Duration::from_secs(1),
         atomic_rounds: 0,
         kills_since_recovery: 0,
         started: Instant::now(),
@@ -1251,7 +1403,8 @@ fn assert_enough(c: &Campaign) {
             && t.kills(Kind::Ingest) >= c.targets.ingest
             && t.kills(Kind::Delete) >= c.targets.delete
             && t.kills(Kind::Recover) >= c.targets.recover
-            && t.kills(Kind::Atomic) >= c.targets.atomic,
+            && t.kills(Kind::Atomic) >= c.targets.atomic
+            && t.kills(Kind::Worker) >= c.targets.worker,
         "[{}] too few kills: {:?} (targets {:?})",
         c.label,
         t.kills,
