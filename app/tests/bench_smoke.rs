@@ -121,6 +121,23 @@ fn check_run(run: &Value, backend: &str, latency_ms: f64) -> usize {
         assert!(overlapped["vs_raw"]["median"].is_number());
         assert!(raw["vs_raw"].is_null());
         assert!(overlapped["vs_raw_overlapped"].is_null());
+        // Deferred: prepare and one commit, no index call; the raw insert it
+        // is compared with: BEGIN, insert, COMMIT. The workers then index
+        // every record the deferred pass wrote.
+        let deferred = case(run, "upsert", "deferred", Some(b));
+        let insert = case(run, "upsert", "raw-insert", Some(b));
+        assert_eq!(deferred["items"], raw["items"]);
+        assert_eq!(insert["items"], raw["items"]);
+        assert_eq!(
+            num(deferred, "metadata_calls_per_batch"),
+            2.0,
+            "{deferred:#}"
+        );
+        assert_eq!(num(deferred, "index_calls_per_batch"), 0.0, "{deferred:#}");
+        assert_eq!(num(insert, "metadata_calls_per_batch"), 3.0, "{insert:#}");
+        assert_eq!(num(insert, "index_calls_per_batch"), 0.0, "{insert:#}");
+        let drain = case(run, "index_drain", "workers", Some(b));
+        assert_eq!(drain["items"], deferred["items"], "{drain:#}");
         let deleted = case(run, "delete_ids", "tandem", Some(b));
         assert_eq!(num(deleted, "metadata_calls_per_batch"), 3.0);
     }
@@ -190,9 +207,10 @@ fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
     let runs = report["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 1);
     let cases = check_run(&runs[0], "embedded", 0.0);
-    // 4 protocols × 2 batch sizes, 2 × 2 searches, verify, 2 deletes by ids,
-    // delete by scope, recover.
-    assert_eq!(cases, 8 + 4 + 1 + 2 + 1 + 1);
+    // 6 protocols × 2 batch sizes and the index workers' drain of each
+    // deferred pass, 2 × 2 searches, verify, 2 deletes by ids, delete by
+    // scope, recover.
+    assert_eq!(cases, 12 + 2 + 4 + 1 + 2 + 1 + 1);
     // The embedded stores lived in the work dir and are gone.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

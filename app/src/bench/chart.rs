@@ -10,11 +10,13 @@ use super::report::Run;
 const PANEL: (u32, u32) = (520, 360);
 
 /// Each protocol's line colour.
-const COLORS: [(&str, RGBColor); 4] = [
+const COLORS: [(&str, RGBColor); 6] = [
     ("raw", RGBColor(31, 119, 180)),
     ("raw-overlapped", RGBColor(148, 103, 189)),
     ("naive", RGBColor(214, 39, 40)),
     ("tandem", RGBColor(44, 160, 44)),
+    ("raw-insert", RGBColor(127, 127, 127)),
+    ("deferred", RGBColor(255, 127, 14)),
 ];
 
 /// Draws every run's upsert throughput into one SVG file.

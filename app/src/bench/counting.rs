@@ -10,10 +10,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tandem_core::{
     ConnectionType, DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError,
-    IndexGate, IndexQuery, Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken,
-    Page, Point, PointId, PointInfo, RecordId, RowRef, RowWrite, SagaCounts, SagaId, SagaRecord,
-    SagaState, Scope, ScoredPoint, Settlement, StoredRecord, TransactionCommit,
-    TransactionCommitResult, UndoImage, UpsertCommit, VectorIndex,
+    IndexFailure, IndexGate, IndexQuery, Intent, IntentId, MetadataError, MetadataRepo, NewIntent,
+    OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, Point, PointId, PointInfo,
+    RecordId, RowRef, RowWrite, SagaCounts, SagaId, SagaRecord, SagaState, Scope, ScoredPoint,
+    Settlement, StoredRecord, TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
+    VectorIndex,
 };
 
 /// Calls counted so far. Cheap to read at any time; the runner takes the
@@ -333,6 +334,57 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
     async fn count_by_scope(&self) -> Result<BTreeMap<Scope, u64>, MetadataError> {
         let _t = self.counters.metadata_call("metadata.count_by_scope");
         self.inner.count_by_scope().await
+    }
+    fn deferred_indexing(&self) -> bool {
+        self.inner.deferred_indexing()
+    }
+    async fn claim_pending(
+        &self,
+        now_ms: i64,
+        claim: OwnerToken,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.claim_pending");
+        self.inner
+            .claim_pending(now_ms, claim, claim_until_ms, limit)
+            .await
+    }
+    async fn record_index_failure(
+        &self,
+        claim: OwnerToken,
+        entries: &[(RecordId, u64)],
+        failure: &IndexFailure,
+    ) -> Result<usize, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.record_index_failure");
+        self.inner
+            .record_index_failure(claim, entries, failure)
+            .await
+    }
+    async fn list_pending(
+        &self,
+        filter: PendingFilter,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.list_pending");
+        self.inner.list_pending(filter, after, limit).await
+    }
+    async fn pending_for(&self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.pending_for");
+        self.inner.pending_for(ids).await
+    }
+    async fn retry_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.retry_dead");
+        self.inner.retry_dead(ids).await
+    }
+    async fn drop_dead(&self, ids: Option<&[RecordId]>) -> Result<u64, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.drop_dead");
+        self.inner.drop_dead(ids).await
+    }
+    async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.pending_stats");
+        self.inner.pending_stats(now_ms).await
     }
 }
 

@@ -30,15 +30,23 @@ pub enum Protocol {
     Naive,
     /// `Coordinator::upsert`.
     Tandem,
+    /// The metadata insert + commit alone (what a deferred write's one
+    /// transaction is compared with).
+    #[serde(rename = "raw-insert")]
+    RawInsert,
+    /// `Coordinator::upsert_with` in deferred mode (no index write).
+    Deferred,
 }
 
 impl Protocol {
     /// In the order the first repetition runs them.
-    pub const ALL: [Protocol; 4] = [
+    pub const ALL: [Protocol; 6] = [
         Protocol::Raw,
         Protocol::RawOverlapped,
         Protocol::Naive,
         Protocol::Tandem,
+        Protocol::RawInsert,
+        Protocol::Deferred,
     ];
 
     /// Its name in reports.
@@ -48,6 +56,8 @@ impl Protocol {
             Protocol::RawOverlapped => "raw-overlapped",
             Protocol::Naive => "naive",
             Protocol::Tandem => "tandem",
+            Protocol::RawInsert => "raw-insert",
+            Protocol::Deferred => "deferred",
         }
     }
 }
@@ -115,6 +125,33 @@ pub async fn raw_upsert(
     }
     session.commit().await?;
     index.upsert(&points).await.map_err(index_error)
+}
+
+/// raw-insert: the insert + commit of raw, without the index write.
+pub async fn raw_insert(
+    session: &mut dyn SqlSession,
+    batch: &[NewRecord],
+    keep_vectors: bool,
+) -> Result<(), AppError> {
+    let (rows, _) = rows_and_points(batch, keep_vectors);
+    session.begin().await?;
+    if let Err(e) = session.insert_many(&rows).await {
+        let _ = session.rollback().await;
+        return Err(e);
+    }
+    session.commit().await
+}
+
+/// The batch under fresh record ids (the protocols that would otherwise
+/// meet another protocol's rows in the same store).
+pub fn with_fresh_ids(batch: Vec<NewRecord>) -> Vec<NewRecord> {
+    batch
+        .into_iter()
+        .map(|r| NewRecord {
+            id: Some(RecordId::new_v7()),
+            ..r
+        })
+        .collect()
 }
 
 /// raw-overlapped: the same insert + commit as raw and the same upsert, both
