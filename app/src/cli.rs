@@ -375,6 +375,13 @@ pub struct IngestArgs {
     #[arg(long, conflicts_with = "idempotency_prefix")]
     pub atomic: bool,
 
+    /// With --write-mode deferred: after the last batch, wait at most this
+    /// long until every record written is searchable (index workers run
+    /// elsewhere: `tandem index-worker`, `tandem serve`); exit 1 if they are
+    /// not by then, or were dead-lettered (e.g. 30s, 5m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::ingest::parse_duration)]
+    pub wait_indexed: Option<std::time::Duration>,
+
     /// With --atomic: as the saga's last step, delete the records of SCOPE
     /// that the input did not write, so that the scope ends up holding
     /// exactly the input's records of it.

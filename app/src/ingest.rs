@@ -66,6 +66,9 @@ pub struct IngestPlan {
     /// With `atomic`: as the saga's last steps, delete the records of this
     /// scope that the input did not write.
     pub replace_scope: Option<Scope>,
+    /// Deferred writes: wait at most this long, after the last batch, until
+    /// every record written is searchable.
+    pub wait_indexed: Option<Duration>,
 }
 
 /// The saga an atomic ingest runs (`tandem ingest --atomic`). Its steps are
@@ -217,6 +220,12 @@ enum Msg {
 pub struct IngestSummary {
     /// The input.
     pub input: String,
+    /// With `--wait-indexed`: `indexed`, `timed_out` or `dead_lettered`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_indexed: Option<&'static str>,
+    /// The deferred batches' tokens, for `--wait-indexed`.
+    #[serde(skip)]
+    pub tokens: Vec<(RecordId, u64)>,
     /// Whether every batch was written (or replayed).
     pub ok: bool,
     /// Batches committed now.
@@ -521,6 +530,36 @@ pub async fn run(
     } else {
         0.0
     };
+    if let (None, false, Some(timeout)) = (&failure, summary.interrupted, plan.wait_indexed) {
+        let token = tandem_core::IndexToken {
+            records: std::mem::take(&mut summary.tokens),
+        };
+        let waited = coordinator
+            .wait_indexed(&token, timeout)
+            .await
+            .map_err(|e| stores.error("ingest --wait-indexed", e))?;
+        let (status, error) = match waited {
+            tandem_core::IndexWait::Indexed => ("indexed", None),
+            tandem_core::IndexWait::TimedOut { waiting } => (
+                "timed_out",
+                Some(format!(
+                    "{} record(s) not yet searchable after {timeout:?} (are index workers running?)",
+                    waiting.len()
+                )),
+            ),
+            tandem_core::IndexWait::DeadLettered { dead } => (
+                "dead_lettered",
+                Some(format!(
+                    "{} record(s) were dead-lettered (tandem dlq list)",
+                    dead.len()
+                )),
+            ),
+        };
+        summary.wait_indexed = Some(status);
+        if let Some(message) = error {
+            failure = Some((AppError::Failed(message), None, None));
+        }
+    }
     let result = match failure {
         Some((error, batch, line)) => {
             summary.error = Some(IngestFailure {
@@ -691,6 +730,8 @@ struct BatchReport {
     deleted: u64,
     deferred_cleanup: usize,
     replayed: bool,
+    /// A deferred batch's read-your-writes token.
+    token: Option<tandem_core::IndexToken>,
 }
 
 impl From<UpsertReport> for BatchReport {
@@ -702,6 +743,7 @@ impl From<UpsertReport> for BatchReport {
             deleted: 0,
             deferred_cleanup: r.deferred_cleanup,
             replayed: r.replayed,
+            token: r.index_token,
         }
     }
 }
@@ -715,6 +757,7 @@ impl From<TransactionReport> for BatchReport {
             deleted: r.deleted,
             deferred_cleanup: r.deferred_cleanup,
             replayed: r.replayed,
+            token: None,
         }
     }
 }
@@ -830,6 +873,9 @@ fn account(summary: &mut IngestSummary, report: &BatchReport, n: u64, settled: b
         summary.inserted += report.inserted;
         summary.updated += report.updated;
         summary.deferred_cleanup += report.deferred_cleanup as u64;
+        if let Some(token) = &report.token {
+            summary.tokens.extend(token.records.iter().copied());
+        }
         metrics::counter!("tandem_ingest_batches_total", "outcome" => "committed").increment(1);
         metrics::counter!("tandem_ingest_records_total").increment(n);
     }
@@ -1432,6 +1478,7 @@ mod tests {
             retry: BatchRetry::default(),
             atomic: false,
             replace_scope: None,
+            wait_indexed: None,
         }
     }
 

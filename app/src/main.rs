@@ -188,6 +188,7 @@ async fn run(
                         },
                         atomic: args.atomic,
                         replace_scope: args.replace_scope.map(tandem_core::Scope::from),
+                        wait_indexed: args.wait_indexed,
                     };
                     ingest::run(
                         plan,

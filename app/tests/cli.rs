@@ -1086,6 +1086,27 @@ fn deferred_ingest_becomes_searchable_once_the_index_worker_drains_it() {
     assert_eq!(r.json()[0]["id"], id(3));
     let r = s.embedded(&["dlq", "list", "--json"]);
     assert_eq!(r.json()["dead_letters"].as_array().map(Vec::len), Some(0));
+    // --wait-indexed with no worker running: the ingest succeeds, but its
+    // records are not searchable in time — exit 1, saying so; a worker then
+    // makes them so.
+    let f = s.write("late.jsonl", &lines(20..=21, "books"));
+    let mut args = vec![
+        "ingest",
+        f.to_str().unwrap(),
+        "--wait-indexed",
+        "300ms",
+        "--json",
+    ];
+    args.extend(deferred);
+    let r = s.embedded(&args);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let v = r.json();
+    assert_eq!(
+        (v["inserted"].as_u64(), v["wait_indexed"].as_str()),
+        (Some(2), Some("timed_out"))
+    );
+    assert!(r.stderr.contains("not yet searchable"), "{}", r.stderr);
+    assert_eq!(s.embedded(&["index-worker", "--until-idle"]).code, 0);
     let r = s.embedded(&["dlq", "retry"]);
     assert_eq!(r.code, 2, "retry needs ids or --all: {}", r.stderr);
 }
