@@ -141,6 +141,16 @@ fn check_run(run: &Value, backend: &str, latency_ms: f64) -> usize {
         let deleted = case(run, "delete_ids", "tandem", Some(b));
         assert_eq!(num(deleted, "metadata_calls_per_batch"), 3.0);
     }
+    // The lag under a steady deferred load: every record written was indexed
+    // (the pass ends once the worker drained them), lag samples were taken.
+    let largest = *BATCHES.iter().max().expect("batch sizes");
+    let lag = case(run, "index_lag", "workers", Some(largest));
+    assert_eq!(
+        lag["items"],
+        case(run, "upsert", "raw", Some(largest))["items"],
+        "{lag:#}"
+    );
+    assert!(num(lag, "calls") >= 2.0, "{lag:#}");
     for op in ["search", "search_scope"] {
         let index = case(run, op, "index", Some(10));
         let guarded = case(run, op, "guarded", Some(10));
@@ -208,9 +218,9 @@ fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
     assert_eq!(runs.len(), 1);
     let cases = check_run(&runs[0], "embedded", 0.0);
     // 6 protocols × 2 batch sizes and the index workers' drain of each
-    // deferred pass, 2 × 2 searches, verify, 2 deletes by ids, delete by
-    // scope, recover.
-    assert_eq!(cases, 12 + 2 + 4 + 1 + 2 + 1 + 1);
+    // deferred pass, the lag under load at the largest batch, 2 × 2
+    // searches, verify, 2 deletes by ids, delete by scope, recover.
+    assert_eq!(cases, 12 + 2 + 1 + 4 + 1 + 2 + 1 + 1);
     // The embedded stores lived in the work dir and are gone.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

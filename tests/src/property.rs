@@ -371,17 +371,23 @@ fn maybe_index_fault() -> impl Strategy<Value = Option<Injected>> {
         1 => Just(Call::Resolve),
         1 => Just(Call::RecordIndexFailure),
     ];
-    prop::option::weighted(
-        0.7,
-        (call, 0..2usize, fault_strategy(), prop::bool::weighted(0.5)).prop_map(
-            |(call, nth, fault, every)| Injected {
-                call,
-                nth,
-                fault,
-                every,
-            },
-        ),
-    )
+    let any_fault = (call, 0..2usize, fault_strategy(), prop::bool::weighted(0.5)).prop_map(
+        |(call, nth, fault, every)| Injected {
+            call,
+            nth,
+            fault,
+            every,
+        },
+    );
+    // The index down for the whole step (every write refused, transiently):
+    // an outage must delay the backlog, never dead-letter it.
+    let outage = Just(Injected {
+        call: Call::IndexUpsert,
+        nth: 0,
+        fault: Fault::FailBefore,
+        every: true,
+    });
+    prop::option::weighted(0.7, prop_oneof![3 => any_fault, 1 => outage])
 }
 
 /// A random step.

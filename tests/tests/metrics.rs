@@ -52,7 +52,7 @@ use tandem_tests::harness::{DIM, FaultyCoordinator, World, fault_config, rid, ve
 /// Every metric the coordinator records: name, kind, label keys. Kept equal to
 /// the macros in `core/src` and to `docs/metrics.md` by
 /// [`the_inventory_matches_the_core_sources_the_docs_and_the_exporter_descriptions`].
-const INVENTORY: [(&str, MetricKind, &[&str]); 14] = [
+const INVENTORY: [(&str, MetricKind, &[&str]); 19] = [
     ("tandem_commits_total", MetricKind::Counter, &["op"]),
     ("tandem_rollbacks_total", MetricKind::Counter, &["op"]),
     ("tandem_compensations_total", MetricKind::Counter, &[]),
@@ -82,6 +82,15 @@ const INVENTORY: [(&str, MetricKind, &[&str]); 14] = [
         "tandem_saga_steps_total",
         MetricKind::Counter,
         &["kind", "outcome"],
+    ),
+    ("tandem_indexed_records_total", MetricKind::Counter, &[]),
+    ("tandem_dead_lettered_total", MetricKind::Counter, &[]),
+    ("tandem_index_pending", MetricKind::Gauge, &[]),
+    ("tandem_index_dead_letters", MetricKind::Gauge, &[]),
+    (
+        "tandem_index_oldest_pending_seconds",
+        MetricKind::Gauge,
+        &[],
     ),
 ];
 
@@ -326,6 +335,58 @@ fn a_delete_counts_one_delete_commit_and_times_each_delete_phase_once() {
         assert_moved(
             m.take(),
             Moved::expect(&[("tandem_commits_total{op=delete}", 1)], &DELETE_PHASES),
+        );
+    });
+}
+
+#[test]
+fn a_deferred_upsert_counts_its_commit_and_the_workers_batch_counts_the_records_it_indexed() {
+    metered(async |w, m| {
+        let c = w.faulty();
+        let report = c
+            .upsert_with(batch(&[1, 0x101, 0x102], 3), &WriteOptions::deferred())
+            .await
+            .expect("deferred upsert");
+        assert_eq!((report.inserted, report.updated), (2, 1));
+        // One metadata transaction after the prepare; no index write, no cleanup.
+        assert_moved(
+            m.take(),
+            Moved::expect(
+                &[("tandem_commits_total{op=deferred_upsert}", 1)],
+                &[
+                    ("deferred_upsert", "prepare", 1),
+                    ("deferred_upsert", "commit", 1),
+                ],
+            ),
+        );
+        let stats = c.stats().await.expect("stats");
+        assert_eq!(stats.pending.map(|p| p.pending), Some(3));
+        // The deferred write's intent waits for recovery (handed over at
+        // its commit, it is the workers' recovery pass's to resolve).
+        assert_moved(
+            m.take(),
+            Moved::nothing()
+                .with_gauge("tandem_index_pending", 3.0)
+                .with_gauge("tandem_pending_intents", 1.0),
+        );
+        // One worker batch (the harness's batch of 2, then 1): each an
+        // upsert-like unit; the records it switched in are counted.
+        let indexed = c.index_pending().await.expect("index");
+        assert_eq!((indexed.indexed, indexed.batches), (3, 2));
+        assert_moved(
+            m.take(),
+            Moved::expect(
+                &[
+                    ("tandem_commits_total{op=index}", 2),
+                    ("tandem_indexed_records_total", 3),
+                ],
+                &[
+                    ("index", "prepare", 2),
+                    ("index", "index_write", 2),
+                    ("index", "commit", 2),
+                    ("index", "cleanup", 2),
+                ],
+            ),
         );
     });
 }

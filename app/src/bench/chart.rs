@@ -135,6 +135,8 @@ mod tests {
             ("raw-overlapped", 1200.0),
             ("naive", 100.0),
             ("tandem", 900.0),
+            ("raw-insert", 3000.0),
+            ("deferred", 2500.0),
         ] {
             for b in [1usize, 10, 100] {
                 let pass = Pass {
@@ -169,7 +171,14 @@ mod tests {
         throughput_svg(&[run], &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..50.min(svg.len())]);
-        for label in ["raw-overlapped", "naive", "tandem", "embedded, dim 8"] {
+        for label in [
+            "raw-overlapped",
+            "naive",
+            "tandem",
+            "raw-insert",
+            "deferred",
+            "embedded, dim 8",
+        ] {
             assert!(svg.contains(label), "{label} missing");
         }
         // Per protocol: its line and its legend mark, and one dot per batch size.

@@ -224,6 +224,80 @@ async fn drain_pass(env: &Arc<Env>) -> Result<Pass, AppError> {
     measure(env, &env.tandem_counters, vec![()], 1, job).await
 }
 
+/// The index's lag under a steady write load: one writer issues deferred
+/// batches back to back while one index worker runs; every 20 ms the age of
+/// the oldest waiting entry is sampled. The pass's "latencies" are those lag
+/// samples, its items the records written, its time until the worker had
+/// drained everything.
+async fn lag_pass(env: &Arc<Env>, batches: Vec<Vec<NewRecord>>) -> Result<Pass, AppError> {
+    let before = snapshot(env, &env.tandem_counters);
+    rss::reset_peak();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writing = std::cell::Cell::new(true);
+    let start = Instant::now();
+    let mut items = 0u64;
+    let mut lags = Vec::new();
+    let writer = async {
+        let opts = tandem_core::WriteOptions::deferred();
+        for batch in batches {
+            let batch = protocols::with_fresh_ids(batch);
+            items += batch.len() as u64;
+            env.tandem
+                .upsert_with(batch, &opts)
+                .await
+                .map_err(|e| failed("deferred upsert", e))?;
+        }
+        writing.set(false);
+        Ok::<_, AppError>(())
+    };
+    let sampler = async {
+        loop {
+            let stats = env
+                .tandem
+                .pending_stats()
+                .await
+                .map_err(|e| failed("pending stats", e))?;
+            let now = tandem_core::unix_ms(std::time::SystemTime::now());
+            let lag_ms = stats.oldest_enqueued_ms.map_or(0, |t| (now - t).max(0));
+            lags.push((lag_ms as u64).saturating_mul(1000));
+            if !writing.get() && stats.pending == 0 {
+                let _ = stop_tx.send(true);
+                return Ok::<_, AppError>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let worker = async {
+        let mut stop = stop_rx.clone();
+        env.tandem
+            .run_index_worker(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .map_err(|e| failed("index worker", e))
+    };
+    let (written, sampled, worked) = futures::join!(writer, sampler, worker);
+    written?;
+    sampled?;
+    worked?;
+    // The deferred writes' intents (handed over at commit) are resolved by
+    // the worker's recovery passes; the last of them may not have run yet.
+    env.tandem
+        .recover()
+        .await
+        .map_err(|e| failed("recovery after the lag pass", e))?;
+    let mut pass = Pass {
+        items,
+        batches: lags.len() as u64,
+        seconds: start.elapsed().as_secs_f64(),
+        latencies_us: lags,
+        ..Pass::default()
+    };
+    pass.peak_rss = rss::peak();
+    fill(&mut pass, env, &env.tandem_counters, before);
+    Ok(pass)
+}
+
 fn progress(plan: &Plan, label: &str, what: &str, pass: &Pass, unit: &str) {
     if !plan.quiet {
         eprintln!(
@@ -317,6 +391,30 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
             "rec/s",
             &drains,
         ));
+        // The lag under a steady deferred write load, at the largest batch.
+        if Some(&b) == plan.batch_sizes.iter().max() {
+            let mut lags = Vec::new();
+            for rep in 0..plan.repeat {
+                let seed = plan.seed ^ ((label.dim as u64) << 32) ^ ((b as u64) << 8) ^ 0x1a6;
+                let data = data::batches(n, b, label.dim, plan.scopes, seed ^ rep as u64);
+                let pass = lag_pass(&env, data).await?;
+                progress(
+                    plan,
+                    &name,
+                    &format!("index lag b={b} rep {}", rep + 1),
+                    &pass,
+                    "rec/s",
+                );
+                lags.push(pass);
+            }
+            cases.push(Case::from_passes(
+                "index_lag",
+                "workers",
+                Some(b),
+                "rec/s",
+                &lags,
+            ));
+        }
     }
 
     // 2. Guarded search vs raw index search, without and with a scope filter.
@@ -348,7 +446,14 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
                     .map_err(|e| failed("verify", e))?;
                 if !report.is_consistent() {
                     return Err(AppError::Inconsistent(format!(
-                        "bench: verify of scope {scope} found the stores inconsistent"
+                        "bench: verify of scope {scope} found the stores inconsistent: \
+                         {} missing, {} orphans, {} live intents, {} waiting to be indexed, \
+                         counts {:?}",
+                        report.missing_points.len(),
+                        report.orphan_points.len(),
+                        report.live_intents,
+                        report.pending_index,
+                        report.scopes
                     )));
                 }
                 Ok(report.scopes.get(&scope).map_or(0, |c| c.rows))

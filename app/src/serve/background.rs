@@ -110,7 +110,9 @@ pub fn spawn(ctx: Arc<Context>, stop: watch::Receiver<bool>) -> Vec<JoinHandle<(
             let mut stop = stop.clone();
             tasks.push(tokio::spawn(async move {
                 let stopped = async move { stopped(&mut stop).await };
-                if let Err(e) = c.run_index_worker(stopped).await {
+                // The service's own recovery task collects what deferred
+                // deletes leave (and reports it).
+                if let Err(e) = c.run_index_worker_with(stopped, false).await {
                     tracing::error!(error = %e, "the index worker stopped");
                 }
             }));

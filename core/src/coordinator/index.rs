@@ -309,36 +309,48 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// pending, runs recovery (which also collects the garbage that deferred
     /// deletes and superseded points leave), and polls every
     /// [`IndexingConfig::idle_poll`](crate::IndexingConfig::idle_poll) when
-    /// idle. Errors are logged and retried after the poll interval; it
-    /// returns the totals.
+    /// idle. Shutdown is graceful: a pass under way (one batch's unit and its
+    /// recovery) finishes first, so a stopped worker leaves no intent behind.
+    /// Errors are logged and retried after the poll interval; it returns the
+    /// totals.
     pub async fn run_index_worker(
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<IndexReport, CoordinatorError> {
+        self.run_index_worker_with(shutdown, true).await
+    }
+
+    /// [`run_index_worker`](Self::run_index_worker), with or without its
+    /// recovery passes: a process that runs recovery on a schedule of its own
+    /// (`tandem serve`) runs its workers without, and its recovery collects
+    /// what deferred deletes leave.
+    pub async fn run_index_worker_with(
+        &self,
+        shutdown: impl Future<Output = ()>,
+        recover: bool,
+    ) -> Result<IndexReport, CoordinatorError> {
+        use futures::FutureExt;
         self.ensure_deferred()?;
         let mut total = IndexReport::default();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            let pass = async {
-                let report = self.index_pending().await;
-                if let Err(e) = self.recover().await {
-                    warn!(error = %e, "recovery pass of the index worker failed");
+            if shutdown.as_mut().now_or_never().is_some() {
+                break;
+            }
+            let report = self.index_pending().await;
+            if recover && let Err(e) = self.recover().await {
+                warn!(error = %e, "recovery pass of the index worker failed");
+            }
+            let idle = match report {
+                Ok(report) => {
+                    let idle = report.claimed == 0 || report.failed > 0;
+                    total.add(&report);
+                    idle
                 }
-                report
-            };
-            let idle = tokio::select! {
-                () = &mut shutdown => break,
-                report = pass => match report {
-                    Ok(report) => {
-                        let idle = report.claimed == 0 || report.failed > 0;
-                        total.add(&report);
-                        idle
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "index worker pass failed");
-                        true
-                    }
-                },
+                Err(e) => {
+                    warn!(error = %e, "index worker pass failed");
+                    true
+                }
             };
             if idle {
                 tokio::select! {

@@ -133,7 +133,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     step: None,
                     hold: false,
                     saga: None,
-                    release_at_ms: Some(now),
+                    release_at_ms: Some(released_at(now)),
                     current_for_bugs: current,
                 }
             } else {
@@ -236,7 +236,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 saga: None,
                 // Deferred: the deleted rows' points are the index workers'
                 // to collect (the intent is handed over at commit).
-                release_at_ms: deferred.then(|| self.clock.now_ms()),
+                release_at_ms: deferred.then(|| released_at(self.clock.now_ms())),
                 current_for_bugs: HashMap::new(),
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
@@ -1253,6 +1253,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             warn!(error = %e, "could not resolve the intent; recovery will");
         }
     }
+}
+
+/// The lease a deferred write's intent gets at its commit: already ended
+/// (recovery claims intents whose lease ended *before* its now), so that the
+/// next recovery pass collects it even within the same millisecond. Nobody
+/// else acts on the intent after its commit: the caller does no cleanup.
+fn released_at(now_ms: i64) -> i64 {
+    now_ms.saturating_sub(1)
 }
 
 /// Which port method commits `unit`: a plain upsert or delete keeps its own

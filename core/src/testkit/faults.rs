@@ -1307,9 +1307,10 @@ mod tests {
     fn call_classification() {
         assert_eq!(Call::all().len(), 36);
         let distinct: HashSet<Call> = Call::all().iter().copied().collect();
-        assert_eq!(distinct.len(), 29);
+        assert_eq!(distinct.len(), 36);
         let writes: Vec<Call> = Call::all().iter().copied().filter(Call::is_write).collect();
-        assert_eq!(writes.len(), 14);
+        assert_eq!(writes.len(), 18);
+        assert!(Call::ClaimPending.is_write() && !Call::PendingFor.is_write());
         assert!(Call::CommitTransaction.is_write() && Call::CommitTransaction.is_metadata());
         assert!(Call::SagaClaim.is_write() && !Call::SagaGet.is_write());
         assert!(Call::IndexDelete.is_write() && Call::IndexDelete.is_index());
