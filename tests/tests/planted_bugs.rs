@@ -74,7 +74,7 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
 /// history's error, if any was found.
 fn caught_by_property_suite(bug: PlantedBug) -> Option<String> {
     let mut runner = TestRunner::new(Config {
-        cases: 512,
+        cases: 1024,
         failure_persistence: None,
         ..Config::default()
     });
