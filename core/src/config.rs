@@ -119,7 +119,10 @@ impl std::str::FromStr for WriteMode {
 /// ([`Coordinator::index_pending`](crate::Coordinator::index_pending)).
 #[derive(Clone, Debug, PartialEq)]
 pub struct IndexingConfig {
-    /// Pending entries claimed (and written as one unit) per batch.
+    /// Pending entries claimed (and written as one unit) per batch: like a
+    /// synchronous batch, its points go out in `limits.index_chunk` chunks,
+    /// `limits.index_parallelism` at a time, so a large batch amortises the
+    /// unit's metadata round trips.
     pub batch: usize,
     /// An entry is dead-lettered after this many failed attempts that were
     /// its own (a rejected point, a permanent error). Transient failures —
@@ -137,7 +140,7 @@ pub struct IndexingConfig {
 impl Default for IndexingConfig {
     fn default() -> Self {
         Self {
-            batch: 256,
+            batch: 1000,
             max_attempts: 5,
             retry_backoff: Duration::from_millis(500),
             max_retry_backoff: Duration::from_secs(60),
