@@ -44,16 +44,7 @@ pub async fn delete(
     out: Output,
 ) -> Result<u8, AppError> {
     let selector = if !args.ids.is_empty() {
-        let ids = args
-            .ids
-            .iter()
-            .map(|s| {
-                s.trim()
-                    .parse::<RecordId>()
-                    .map_err(|_| AppError::Usage(format!("--ids: {s:?} is not a UUID")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        DeleteSelector::Ids(ids)
+        DeleteSelector::Ids(parse_ids("--ids", &args.ids)?)
     } else {
         let scope = Scope::new(args.scope.unwrap_or_default());
         match args.where_eq.as_deref().map(parse_where).transpose()? {
@@ -697,12 +688,13 @@ pub fn print_migrate(r: &MigrateReport, out: Output) {
     }
 }
 
-fn parse_ids(ids: &[String]) -> Result<Vec<RecordId>, AppError> {
+/// Record ids given on the command line (`what`: where, for the message).
+fn parse_ids(what: &str, ids: &[String]) -> Result<Vec<RecordId>, AppError> {
     ids.iter()
         .map(|s| {
             s.trim()
                 .parse::<RecordId>()
-                .map_err(|_| AppError::Usage(format!("{s:?} is not a record id (a UUID)")))
+                .map_err(|_| AppError::Usage(format!("{what}: {s:?} is not a UUID")))
         })
         .collect()
 }
@@ -772,7 +764,7 @@ pub async fn dlq(
     let targets = |t: &DlqTargets| -> Result<Option<Vec<RecordId>>, AppError> {
         match (t.all, t.ids.is_empty()) {
             (true, _) => Ok(None),
-            (false, false) => parse_ids(&t.ids).map(Some),
+            (false, false) => parse_ids("record ids", &t.ids).map(Some),
             (false, true) => Err(AppError::Usage(
                 "name the records (ids), or --all".to_owned(),
             )),

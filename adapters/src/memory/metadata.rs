@@ -298,7 +298,8 @@ impl<'s> Scratch<'s> {
     }
 
     fn defer(&mut self, rows: &[RowWrite], now_ms: i64) -> Result<(), MetadataError> {
-        // New rows reserve their point id: it must be as fresh as a written one.
+        // New rows reserve their point id: it must be as fresh as a written
+        // one. An existing row keeps its point and ignores the one given.
         let new_rows: Vec<RowWrite> = rows
             .iter()
             .filter(|r| !self.rows.contains_key(&r.id))

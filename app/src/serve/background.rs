@@ -312,17 +312,14 @@ async fn probe(ctx: &Context) {
     });
 }
 
-/// The dashboard's "Deferred indexing" panel (and its gauges): writes
-/// waiting for an index worker, the oldest one's age (the index's lag),
-/// dead letters (an alert: an operator decides), and how many records the
-/// workers indexed so far.
+/// The dashboard's "Deferred indexing" panel: writes waiting for an index
+/// worker, the oldest one's age (the index's lag) and dead letters (an
+/// alert: an operator decides). The indexing rate is the activity series
+/// `indexed_records`; the gauges are set by `Coordinator::pending_stats`.
 pub fn indexing_section(p: &tandem_core::PendingStats, now_ms: i64) -> Section {
     let age = p
         .oldest_enqueued_ms
         .map_or(0.0, |t| round3((now_ms - t).max(0) as f64 / 1e3));
-    metrics::gauge!("tandem_index_pending").set(p.pending as f64);
-    metrics::gauge!("tandem_index_dead_letters").set(p.dead as f64);
-    metrics::gauge!("tandem_index_oldest_pending_seconds").set(age);
     let row = |key: &str, label: &str, value: serde_json::Value, alert: bool| SectionRow {
         key: key.to_owned(),
         label: label.to_owned(),

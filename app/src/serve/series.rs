@@ -67,6 +67,12 @@ pub const SERIES: &[SeriesDef] = &[
         metric: "tandem_recovered_intents_total",
         only: None,
     },
+    SeriesDef {
+        id: "indexed_records",
+        label: "records indexed (deferred)",
+        metric: "tandem_indexed_records_total",
+        only: None,
+    },
 ];
 
 /// A latency the service keeps percentiles of: the samples of

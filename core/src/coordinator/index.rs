@@ -442,15 +442,25 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// The backlog: waiting, claimed and dead-lettered entries, and the
-    /// oldest waiting entry's enqueue time.
+    /// oldest waiting entry's enqueue time. Sets the backlog's gauges
+    /// (`tandem_index_pending`, `tandem_index_dead_letters`,
+    /// `tandem_index_oldest_pending_seconds`).
     pub async fn pending_stats(&self) -> Result<PendingStats, CoordinatorError> {
         self.ensure_deferred()?;
         let now = self.clock.now_ms();
         let deadline = Instant::now() + self.config.call_deadline;
-        self.metadata_call("metadata.pending_stats", deadline, || {
-            self.repo.pending_stats(now)
-        })
-        .await
+        let stats = self
+            .metadata_call("metadata.pending_stats", deadline, || {
+                self.repo.pending_stats(now)
+            })
+            .await?;
+        let lag_ms = stats
+            .oldest_enqueued_ms
+            .map_or(0, |t| now.saturating_sub(t).max(0));
+        metrics::gauge!("tandem_index_pending").set(stats.pending as f64);
+        metrics::gauge!("tandem_index_dead_letters").set(stats.dead as f64);
+        metrics::gauge!("tandem_index_oldest_pending_seconds").set(lag_ms as f64 / 1000.0);
+        Ok(stats)
     }
 
     /// Lists pending entries (waiting, dead-lettered or both) in record id

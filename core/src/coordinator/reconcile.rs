@@ -75,13 +75,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
         report.unindexed = unindexed.len();
         if self.repo.deferred_indexing() {
-            let now = self.clock.now_ms();
-            let deadline = Instant::now() + self.config.call_deadline;
-            let stats = self
-                .metadata_call("metadata.pending_stats", deadline, || {
-                    self.repo.pending_stats(now)
-                })
-                .await?;
+            let stats = self.pending_stats().await?;
             report.pending_index = stats.pending;
             report.dead_letters = stats.dead;
         }
@@ -459,18 +453,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let expired = intents.iter().filter(|i| i.is_expired(now)).count();
         metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
         let pending = if self.repo.deferred_indexing() {
-            let stats = self
-                .metadata_call("metadata.pending_stats", deadline, || {
-                    self.repo.pending_stats(now)
-                })
-                .await?;
-            metrics::gauge!("tandem_index_pending").set(stats.pending as f64);
-            metrics::gauge!("tandem_index_dead_letters").set(stats.dead as f64);
-            let age = stats
-                .oldest_enqueued_ms
-                .map_or(0, |t| now.saturating_sub(t).max(0));
-            metrics::gauge!("tandem_index_oldest_pending_seconds").set(age as f64 / 1000.0);
-            Some(stats)
+            Some(self.pending_stats().await?)
         } else {
             None
         };
