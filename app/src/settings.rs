@@ -107,6 +107,7 @@ struct IndexingSection {
     retry_backoff_secs: Option<f64>,
     max_retry_backoff_secs: Option<f64>,
     idle_poll_secs: Option<f64>,
+    lanes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -446,6 +447,9 @@ impl Settings {
         }
         if let Some(d) = secs("indexing.idle_poll_secs", ix.idle_poll_secs)? {
             coordinator.indexing.idle_poll = d;
+        }
+        if let Some(n) = ix.lanes {
+            coordinator.indexing.lanes = n;
         }
         coordinator
             .validate()

@@ -135,6 +135,11 @@ pub struct IndexingConfig {
     pub max_retry_backoff: Duration,
     /// How long an idle worker waits before it looks for work again.
     pub idle_poll: Duration,
+    /// Batches one worker runs at once. Each lane claims its own batch (the
+    /// claims never overlap), so while one batch's points are being written
+    /// another's metadata steps run; ordering is kept by the same fences as
+    /// between workers in different processes.
+    pub lanes: usize,
 }
 
 impl Default for IndexingConfig {
@@ -145,6 +150,7 @@ impl Default for IndexingConfig {
             retry_backoff: Duration::from_millis(500),
             max_retry_backoff: Duration::from_secs(60),
             idle_poll: Duration::from_millis(200),
+            lanes: 2,
         }
     }
 }
@@ -252,9 +258,9 @@ impl CoordinatorConfig {
                 "search_overfetch and recovery_batch must be positive".into(),
             ));
         }
-        if self.indexing.batch == 0 || self.indexing.max_attempts == 0 {
+        if self.indexing.batch == 0 || self.indexing.max_attempts == 0 || self.indexing.lanes == 0 {
             return Err(CoordinatorError::Config(
-                "indexing.batch and indexing.max_attempts must be positive".into(),
+                "indexing.batch, indexing.max_attempts and indexing.lanes must be positive".into(),
             ));
         }
         Ok(())

@@ -781,6 +781,13 @@ pub struct TransactionCommit<'a> {
     /// recovery (an index worker's pass) collects its garbage and resolves
     /// it. A deferred write sets it: its caller never touches the index.
     pub release_at_ms: Option<i64>,
+    /// Create the intent in this commit instead of a prior
+    /// [`prepare`](crate::MetadataRepo::prepare): inserted (owned by the
+    /// committing token) unless an intent with its id exists, in the same
+    /// transaction as the parts. Only for units that write no point before
+    /// their commit (a deferred upsert): a lost reply is then settled with
+    /// [`settle_unprepared`](crate::MetadataRepo::settle_unprepared).
+    pub create_intent: Option<&'a NewIntent>,
 }
 
 impl fmt::Debug for TransactionCommit<'_> {
@@ -791,6 +798,7 @@ impl fmt::Debug for TransactionCommit<'_> {
             .field("hold", &self.hold)
             .field("saga", &self.saga)
             .field("release_at_ms", &self.release_at_ms)
+            .field("create_intent", &self.create_intent.map(|i| i.id))
             .finish()
     }
 }

@@ -426,6 +426,33 @@ pub trait MetadataRepo: Send + Sync {
         fence: OwnerToken,
     ) -> Result<Settlement, MetadataError>;
 
+    /// Settles a lost reply of a commit that creates its own intent
+    /// ([`TransactionCommit::create_intent`](crate::TransactionCommit::create_intent)):
+    /// inserts `intent` owned by `fence` unless an intent of its id exists —
+    /// waiting for any transaction still inserting it, so a commit still
+    /// landing either is seen or can never apply — then reports as
+    /// [`settle`](Self::settle) does.
+    ///
+    /// The default reports as `settle` without inserting anything: a missing
+    /// intent then stays `Missing` (the caller reports the outcome unknown).
+    /// A store with [`deferred_indexing`](Self::deferred_indexing) overrides it.
+    ///
+    /// Contract:
+    /// - `settle_unprepared_fences_absent`: with no intent of that id, the
+    ///   intent is inserted owned by `fence` and reported `NotCommitted`; a
+    ///   late commit creating it with `owner` then fails with `Fenced` and
+    ///   writes nothing, and one with `fence` commits.
+    /// - `settle_unprepared_committed`: an intent the commit created is
+    ///   reported `Committed`, unchanged.
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        self.settle(intent.id, owner, fence).await
+    }
+
     /// Resolves (deletes) an intent owned by `owner`.
     ///
     /// Contract:
@@ -869,6 +896,14 @@ macro_rules! forward_metadata_repo {
                 fence: OwnerToken,
             ) -> Result<Settlement, MetadataError> {
                 (**self).settle(intent, owner, fence).await
+            }
+            async fn settle_unprepared(
+                &self,
+                intent: &NewIntent,
+                owner: OwnerToken,
+                fence: OwnerToken,
+            ) -> Result<Settlement, MetadataError> {
+                (**self).settle_unprepared(intent, owner, fence).await
             }
             async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
                 (**self).resolve(intent, owner).await

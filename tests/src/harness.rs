@@ -73,6 +73,9 @@ pub fn fault_config(deadline: Duration) -> CoordinatorConfig {
             retry_backoff: Duration::from_millis(5),
             max_retry_backoff: Duration::from_millis(40),
             idle_poll: Duration::from_millis(5),
+            // One lane: a single-fault case's calls come in one order (the
+            // property suite's `IndexRace` runs workers side by side).
+            lanes: 1,
         },
     }
 }
@@ -1165,6 +1168,7 @@ where
                 hold: false,
                 saga: None,
                 release_at_ms: Some(now),
+                create_intent: None,
             },
             None,
             &tandem_core::IndexGate::passed(),

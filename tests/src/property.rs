@@ -347,6 +347,7 @@ fn maybe_deferred_fault() -> impl Strategy<Value = Option<Injected>> {
         1 => Just(Call::Prepare),
         3 => Just(Call::CommitTransaction),
         1 => Just(Call::Settle),
+        1 => Just(Call::SettleUnprepared),
         1 => Just(Call::Get),
     ];
     prop::option::weighted(

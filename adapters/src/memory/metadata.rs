@@ -452,6 +452,33 @@ impl InMemoryMetadataRepo {
 }
 
 impl State {
+    /// Inserts `intent` as prepared, unless an intent of its id exists.
+    fn insert_intent(&mut self, intent: &NewIntent) {
+        if self.intents.contains_key(&intent.id) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.intents.insert(
+            intent.id,
+            StoredIntent {
+                intent: Intent {
+                    id: intent.id,
+                    kind: intent.kind,
+                    state: IntentState::Prepared,
+                    owner: intent.owner,
+                    lease_deadline_ms: intent.lease_deadline_ms,
+                    point_ids: intent.point_ids.clone(),
+                    summary: None,
+                    attempts: 0,
+                    last_error: None,
+                    created_ms: intent.created_ms,
+                },
+                seq,
+            },
+        );
+    }
+
     /// The intent, if `owner` owns it; otherwise the commit is fenced.
     fn owned_intent(&self, intent: IntentId, owner: OwnerToken) -> Result<&Intent, MetadataError> {
         match self.intents.get(&intent) {
@@ -564,32 +591,9 @@ fn invalid(message: String) -> MetadataError {
 #[async_trait]
 impl MetadataRepo for InMemoryMetadataRepo {
     async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
-        let mut state = self.lock();
-        if state.intents.contains_key(&intent.id) {
-            // A repeated prepare (a retry, a duplicated request) changes nothing,
-            // even when the intent has moved on since.
-            return Ok(());
-        }
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        state.intents.insert(
-            intent.id,
-            StoredIntent {
-                intent: Intent {
-                    id: intent.id,
-                    kind: intent.kind,
-                    state: IntentState::Prepared,
-                    owner: intent.owner,
-                    lease_deadline_ms: intent.lease_deadline_ms,
-                    point_ids: intent.point_ids.clone(),
-                    summary: None,
-                    attempts: 0,
-                    last_error: None,
-                    created_ms: intent.created_ms,
-                },
-                seq,
-            },
-        );
+        // A repeated prepare (a retry, a duplicated request) changes nothing,
+        // even when the intent has moved on since.
+        self.lock().insert_intent(intent);
         Ok(())
     }
 
@@ -681,14 +685,24 @@ impl MetadataRepo for InMemoryMetadataRepo {
         };
         let mut guard = self.lock();
         let state = &mut *guard;
-        let current = state.owned_intent(intent, owner)?;
-        if current.state != IntentState::Prepared {
-            return Ok(TransactionCommitResult {
-                summary: current.summary.unwrap_or_default(),
-                garbage: current.point_ids.clone(),
-                conflicts: Vec::new(),
-                versions: Vec::new(),
-            });
+        // An intent the commit creates is inserted with the rows, below.
+        let created = commit
+            .create_intent
+            .filter(|new| new.id == intent && !state.intents.contains_key(&intent));
+        match created {
+            Some(new) if new.owner != owner => return Err(MetadataError::Fenced { intent }),
+            Some(_) => {}
+            None => {
+                let current = state.owned_intent(intent, owner)?;
+                if current.state != IntentState::Prepared {
+                    return Ok(TransactionCommitResult {
+                        summary: current.summary.unwrap_or_default(),
+                        garbage: current.point_ids.clone(),
+                        conflicts: Vec::new(),
+                        versions: Vec::new(),
+                    });
+                }
+            }
         }
         state.check_saga(commit.saga)?;
         state.check_key_free(idempotency)?;
@@ -724,6 +738,9 @@ impl MetadataRepo for InMemoryMetadataRepo {
         } else {
             IntentState::Committed
         };
+        if let Some(new) = created {
+            state.insert_intent(new);
+        }
         state.mark(intent, garbage.clone(), summary, held);
         if let (Some(at), Some(stored)) = (commit.release_at_ms, state.intents.get_mut(&intent)) {
             stored.intent.lease_deadline_ms = at;
@@ -889,6 +906,21 @@ impl MetadataRepo for InMemoryMetadataRepo {
                 Settlement::NotCommitted(current.clone())
             }
         })
+    }
+
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        // Commits apply under the same lock: one that has not applied yet
+        // finds the fence and fails.
+        self.lock().insert_intent(&NewIntent {
+            owner: fence,
+            ..intent.clone()
+        });
+        self.settle(intent.id, owner, fence).await
     }
 
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {

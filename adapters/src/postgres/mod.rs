@@ -399,6 +399,18 @@ impl MetadataRepo for PostgresMetadataRepo {
         s.finish(r).await
     }
 
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = steps::settle_unprepared(&mut s, intent, owner, fence).await;
+        s.finish(r).await
+    }
+
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         let mut s = self.session().await?;
         let r = s.delete_intent(intent, owner).await;

@@ -555,6 +555,37 @@ impl TxOps for Session {
             .transpose()
     }
 
+    async fn create_intent(&mut self, intent: &NewIntent) -> Result<bool, MetadataError> {
+        // The unique key makes this wait for a transaction inserting the same
+        // intent, then do nothing if that one committed.
+        let insert = diesel::sql_query(
+            "INSERT INTO intents (id, kind, state, owner, lease_deadline_ms, point_ids, \
+             attempts, created_ms) VALUES ($1, $2, 'prepared', $3, $4, $5, 0, $6) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind::<SqlUuid, _>(intent.id.0)
+        .bind::<Text, _>(intent.kind.as_str())
+        .bind::<SqlUuid, _>(intent.owner.0)
+        .bind::<BigInt, _>(intent.lease_deadline_ms)
+        .bind::<Array<SqlUuid>, _>(uuids(&intent.point_ids, |p| p.0))
+        .bind::<BigInt, _>(intent.created_ms)
+        .prepared();
+        let inserted = if self.tx == Tx::Pending {
+            // Pipelined with `BEGIN`, one round trip (see `lock_intent`).
+            let conn: &AsyncPgConnection = self.c();
+            let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
+            let insert = insert.execute(&mut &*conn);
+            let (began, inserted) = futures::join!(begin, insert);
+            began.map_err(|e| self.stmt(e))?;
+            self.tx = Tx::Open;
+            inserted.map_err(|e| self.stmt(e))?
+        } else {
+            self.in_tx().await?;
+            insert.execute(self.c()).await.map_err(|e| self.stmt(e))?
+        };
+        Ok(inserted == 1)
+    }
+
     async fn lock_records(
         &mut self,
         ids: &[RecordId],

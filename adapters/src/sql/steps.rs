@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use async_trait::async_trait;
 use tandem_core::{
     CommitPart, CommitStep, CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord,
-    IndexSwitch, Intent, IntentId, IntentState, MetadataError, OwnerToken, PendingIndex, PointId,
-    RecordId, RowWrite, SagaId, SagaState, Settlement, StoredRecord, StoredRecordImage,
+    IndexSwitch, Intent, IntentId, IntentState, MetadataError, NewIntent, OwnerToken, PendingIndex,
+    PointId, RecordId, RowWrite, SagaId, SagaState, Settlement, StoredRecord, StoredRecordImage,
     TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
@@ -26,6 +26,11 @@ use super::codec::{invalid, validate_batch};
 pub(crate) trait TxOps: Send {
     /// Reads an intent and locks it, waiting for any transaction holding it.
     async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError>;
+
+    /// Inserts `intent` as prepared unless an intent of its id exists
+    /// (waiting for any transaction inserting one); `true` if inserted, and
+    /// then locked by this transaction.
+    async fn create_intent(&mut self, intent: &NewIntent) -> Result<bool, MetadataError>;
 
     /// The current point of each existing record among `ids` (ascending,
     /// deduplicated), locked, in id order.
@@ -325,8 +330,19 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             validate_batch(rows)?;
         }
     }
-    let current = owned_intent(tx, intent, owner).await?;
-    if current.state != IntentState::Prepared {
+    // A commit that creates its intent owns it if it inserted it; otherwise
+    // the intent is checked like a prepared one (a retry finds it committed;
+    // a settlement's fence makes this commit fail).
+    let created = match commit.create_intent {
+        Some(new) if new.id == intent && new.owner == owner => tx.create_intent(new).await?,
+        _ => false,
+    };
+    let current = if created {
+        None
+    } else {
+        Some(owned_intent(tx, intent, owner).await?)
+    };
+    if let Some(current) = current.filter(|c| c.state != IntentState::Prepared) {
         return Ok(TransactionCommitResult {
             summary: current.summary.unwrap_or_default(),
             garbage: current.point_ids,
@@ -754,6 +770,24 @@ pub(crate) async fn claim_pending<T: TxOps + ?Sized>(
     }
     claimed.sort_by_key(|e| (e.enqueued_ms, e.record_id));
     Ok(claimed)
+}
+
+/// [`MetadataRepo::settle_unprepared`](tandem_core::MetadataRepo::settle_unprepared)
+/// inside the caller's transaction: the intent's unique key makes the insert
+/// wait for a commit still inserting it; if none has, the fence it inserts
+/// makes any later one fail.
+pub(crate) async fn settle_unprepared<T: TxOps + ?Sized>(
+    tx: &mut T,
+    intent: &NewIntent,
+    owner: OwnerToken,
+    fence: OwnerToken,
+) -> Result<Settlement, MetadataError> {
+    tx.create_intent(&NewIntent {
+        owner: fence,
+        ..intent.clone()
+    })
+    .await?;
+    settle(tx, intent.id, owner, fence).await
 }
 
 /// [`MetadataRepo::settle`](tandem_core::MetadataRepo::settle) inside the

@@ -283,6 +283,24 @@ impl MetadataRepo for SqliteMetadataRepo {
         .await
     }
 
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        let intent = intent.clone();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(steps::settle_unprepared(
+                    &mut tx, &intent, owner, fence,
+                ))
+            })
+        })
+        .await
+    }
+
     fn commit_step_connection(&self) -> Option<ConnectionType> {
         Some(ConnectionType::of::<SqliteConnection>())
     }
@@ -318,6 +336,7 @@ impl MetadataRepo for SqliteMetadataRepo {
                     hold,
                     saga,
                     release_at_ms,
+                    create_intent: None,
                 };
                 futures::executor::block_on(steps::commit_transaction(
                     &mut tx,

@@ -458,6 +458,16 @@ impl TxOps for SyncTx<'_> {
         read_intent(self.c, id)
     }
 
+    async fn create_intent(&mut self, intent: &NewIntent) -> Result<bool, MetadataError> {
+        // The immediate transaction holds the writer lock: no other
+        // transaction is inserting it meanwhile.
+        if read_intent(self.c, intent.id)?.is_some() {
+            return Ok(false);
+        }
+        insert_intent(self.c, intent)?;
+        Ok(true)
+    }
+
     async fn lock_records(
         &mut self,
         ids: &[RecordId],

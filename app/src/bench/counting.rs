@@ -263,6 +263,15 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         let _t = self.counters.metadata_call("metadata.settle");
         self.inner.settle(intent, owner, fence).await
     }
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.settle_unprepared");
+        self.inner.settle_unprepared(intent, owner, fence).await
+    }
     async fn resolve(&self, intent: IntentId, owner: OwnerToken) -> Result<bool, MetadataError> {
         let _t = self.counters.metadata_call("metadata.resolve");
         self.inner.resolve(intent, owner).await

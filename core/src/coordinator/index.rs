@@ -132,8 +132,32 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// retried after a back-off, or dead-lettered if the failure was theirs
     /// (see [`IndexingConfig::max_attempts`](crate::IndexingConfig::max_attempts)).
     /// The call fails only if the metadata store cannot be reached to claim.
+    ///
+    /// [`IndexingConfig::lanes`](crate::IndexingConfig::lanes) batches run at
+    /// once, each lane claiming its own.
     pub async fn index_pending(&self) -> Result<IndexReport, CoordinatorError> {
         self.ensure_deferred()?;
+        let lanes = self.config.indexing.lanes.max(1);
+        let results = futures::future::join_all((0..lanes).map(|_| self.index_lane())).await;
+        let mut report = IndexReport::default();
+        let mut error = None;
+        for result in results {
+            match result {
+                Ok(lane) => report.add(&lane),
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// One lane of [`index_pending`](Self::index_pending): batch after batch
+    /// until nothing is claimable.
+    async fn index_lane(&self) -> Result<IndexReport, CoordinatorError> {
         let mut report = IndexReport::default();
         loop {
             let batch = self.index_one_batch().await?;
@@ -223,6 +247,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             saga: None,
             release_at_ms: None,
             current_for_bugs: Default::default(),
+            create_intent: false,
         };
         let deadline = Instant::now() + self.config.call_deadline;
         let written = self

@@ -125,6 +125,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 // One metadata transaction: the rows (new ones on a reserved,
                 // unwritten point; existing ones keep theirs) and a pending
                 // entry per record. The index workers write the points.
+                //
+                // The commit creates its own intent (no prepare: nothing is
+                // written before it). The intent exists only to settle a lost
+                // reply, and it holds no garbage, so it is handed over at the
+                // end of its lease: it outlives this call, so a settlement
+                // always finds it, and recovery then just resolves it.
                 Unit {
                     op: "deferred_upsert",
                     kind: IntentKind::Upsert,
@@ -133,8 +139,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     step: None,
                     hold: false,
                     saga: None,
-                    release_at_ms: Some(released_at(now)),
+                    release_at_ms: Some(now.saturating_add(self.lease_ms())),
                     current_for_bugs: current,
+                    create_intent: true,
                 }
             } else {
                 Unit {
@@ -147,6 +154,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     saga: None,
                     release_at_ms: None,
                     current_for_bugs: current,
+                    create_intent: false,
                 }
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
@@ -238,6 +246,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 // to collect (the intent is handed over at commit).
                 release_at_ms: deferred.then(|| released_at(self.clock.now_ms())),
                 current_for_bugs: HashMap::new(),
+                create_intent: false,
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
                 Written::Done(done) => Ok(DeleteReport {
@@ -383,6 +392,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 saga,
                 release_at_ms: None,
                 current_for_bugs: HashMap::new(),
+                create_intent: false,
             };
             match self.write_unit(intent, unit, idem, deadline).await? {
                 Written::Done(done) => Ok(TransactionReport {
@@ -426,6 +436,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             saga: Some(saga),
             release_at_ms: None,
             current_for_bugs: HashMap::new(),
+            create_intent: false,
         };
         let span = info_span!("tandem.restore", intent = %intent);
         match self
@@ -543,7 +554,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         // 1. Prepare: name every point before any is written. (A delete's
         // intent names none yet: it exists so that a lost commit reply can be
         // settled by locking it.)
-        if !early_bug {
+        // A unit that creates its intent in its commit has nothing to name
+        // before it.
+        let created = unit.create_intent.then_some(&intent);
+        if !early_bug && created.is_none() {
             self.prepare(&intent, deadline, op).await?;
         }
 
@@ -563,7 +577,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     intent_id,
                     owner,
                     deadline,
-                    commit_request(&unit, idem.as_ref(), None),
+                    commit_request(&unit, created, idem.as_ref(), None),
                 )
                 .await;
             record_phase(op, "commit", started);
@@ -589,7 +603,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         intent_id,
                         owner,
                         deadline,
-                        commit_request(&unit, idem.as_ref(), Some(&gate)),
+                        commit_request(&unit, created, idem.as_ref(), Some(&gate)),
                     )
                     .await;
                 record_phase(op, "commit", started);
@@ -623,7 +637,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                             intent_id,
                             owner,
                             deadline,
-                            commit_request(&unit, idem.as_ref(), None),
+                            commit_request(&unit, created, idem.as_ref(), None),
                         )
                         .await;
                     record_phase(op, "commit", started);
@@ -894,7 +908,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         };
                     }
                     warn!(error = %cause, "commit outcome unknown; settling");
-                    match self.settle(intent, owner).await {
+                    match self.settle(intent, owner, request.created()).await {
                         Ok(Settled::Committed {
                             summary,
                             garbage,
@@ -1015,17 +1029,34 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         &self,
         intent: IntentId,
         owner: OwnerToken,
+        created: Option<&NewIntent>,
     ) -> Result<Settled, CoordinatorError> {
         let fence = OwnerToken::new_random();
         let deadline = Instant::now() + self.config.cleanup_deadline;
-        let settlement = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.settle",
-            Idempotence::Idempotent,
-            || self.repo.settle(intent, owner, fence),
-        )
-        .await
+        let settlement = match created {
+            // The commit creates the intent: settling inserts it (fenced)
+            // if the commit has not.
+            Some(created) => {
+                with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "metadata.settle_unprepared",
+                    Idempotence::Idempotent,
+                    || self.repo.settle_unprepared(created, owner, fence),
+                )
+                .await
+            }
+            None => {
+                with_retry(
+                    &self.config.retry,
+                    deadline,
+                    "metadata.settle",
+                    Idempotence::Idempotent,
+                    || self.repo.settle(intent, owner, fence),
+                )
+                .await
+            }
+        }
         .map_err(|f| metadata_failure(f, self.config.cleanup_deadline))?;
         Ok(match settlement {
             Settlement::Committed(i) => Settled::Committed {
@@ -1268,6 +1299,7 @@ fn released_at(now_ms: i64) -> i64 {
 /// calls); anything else is a [`MetadataRepo::commit_transaction`].
 fn commit_request<'a>(
     unit: &'a Unit,
+    created: Option<&'a NewIntent>,
     idempotency: Option<&'a IdempotencyRecord>,
     gate: Option<&'a IndexGate>,
 ) -> CommitRequest<'a> {
@@ -1278,6 +1310,18 @@ fn commit_request<'a>(
         unit.saga,
         unit.release_at_ms,
     ) {
+        _ if created.is_some() => CommitRequest::Transaction {
+            commit: TransactionCommit {
+                parts: &unit.parts,
+                step: unit.step.clone(),
+                hold: unit.hold,
+                saga: unit.saga,
+                release_at_ms: unit.release_at_ms,
+                create_intent: created,
+            },
+            idempotency,
+            gate,
+        },
         ([CommitPart::Upsert(rows)], None, false, None, None) => CommitRequest::Upsert {
             rows,
             idempotency,
@@ -1294,6 +1338,7 @@ fn commit_request<'a>(
                 hold,
                 saga,
                 release_at_ms,
+                create_intent: None,
             },
             idempotency,
             gate,
@@ -1323,6 +1368,10 @@ pub(super) struct Unit {
     pub(super) release_at_ms: Option<i64>,
     /// The current points of the records, read only for the planted bugs.
     pub(super) current_for_bugs: HashMap<RecordId, PointId>,
+    /// The commit creates the intent (no prepare): only for a unit that
+    /// writes no point and hands its intent over
+    /// ([`TransactionCommit::create_intent`]).
+    pub(super) create_intent: bool,
 }
 
 /// How a write ended for its caller.
@@ -1366,6 +1415,16 @@ enum CommitRequest<'a> {
         /// Set when the commit overlaps the index write it must follow.
         gate: Option<&'a IndexGate>,
     },
+}
+
+impl CommitRequest<'_> {
+    /// The intent the commit creates, if it creates one.
+    fn created(&self) -> Option<&NewIntent> {
+        match self {
+            Self::Transaction { commit, .. } => commit.create_intent,
+            _ => None,
+        }
+    }
 }
 
 /// Whether a request of an index write may still land after the write

@@ -51,12 +51,14 @@ mod deferred;
 mod embed;
 mod journal;
 mod metadata;
+mod unprepared;
 mod vector;
 
 pub use deferred::*;
 pub use embed::*;
 pub use journal::*;
 pub use metadata::*;
+pub use unprepared::*;
 pub use vector::*;
 
 use crate::embed::Embedder;
@@ -286,6 +288,9 @@ macro_rules! metadata_repo_conformance {
                 pending_retry_dead,
                 pending_drop_dead,
                 pending_stats_counts,
+                commit_transaction_creates_intent,
+                settle_unprepared_fences_absent,
+                settle_unprepared_committed,
             );
 
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]

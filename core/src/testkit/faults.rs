@@ -61,6 +61,8 @@ pub enum Call {
     CommitDelete,
     /// [`MetadataRepo::settle`].
     Settle,
+    /// [`MetadataRepo::settle_unprepared`].
+    SettleUnprepared,
     /// [`MetadataRepo::resolve`].
     Resolve,
     /// [`MetadataRepo::resolve_many`].
@@ -128,11 +130,12 @@ pub enum Call {
 }
 
 impl Call {
-    const ALL: [Call; 36] = [
+    const ALL: [Call; 37] = [
         Call::Prepare,
         Call::CommitUpsert,
         Call::CommitDelete,
         Call::Settle,
+        Call::SettleUnprepared,
         Call::Resolve,
         Call::ResolveMany,
         Call::ClaimExpired,
@@ -175,6 +178,7 @@ impl Call {
                 | Call::CommitUpsert
                 | Call::CommitDelete
                 | Call::Settle
+                | Call::SettleUnprepared
                 | Call::Resolve
                 | Call::ResolveMany
                 | Call::ClaimExpired
@@ -947,6 +951,18 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
     ) -> Result<Settlement, MetadataError> {
         intercept(&self.ctl, Call::Settle, || {
             self.inner.settle(intent, owner, fence)
+        })
+        .await
+    }
+
+    async fn settle_unprepared(
+        &self,
+        intent: &NewIntent,
+        owner: OwnerToken,
+        fence: OwnerToken,
+    ) -> Result<Settlement, MetadataError> {
+        intercept(&self.ctl, Call::SettleUnprepared, || {
+            self.inner.settle_unprepared(intent, owner, fence)
         })
         .await
     }

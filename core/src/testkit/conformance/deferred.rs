@@ -41,6 +41,7 @@ fn commit(parts: &[CommitPart]) -> TransactionCommit<'_> {
         hold: false,
         saga: None,
         release_at_ms: None,
+        create_intent: None,
     }
 }
 

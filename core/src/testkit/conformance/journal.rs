@@ -30,6 +30,7 @@ fn plain(parts: &[CommitPart]) -> TransactionCommit<'_> {
         hold: false,
         saga: None,
         release_at_ms: None,
+        create_intent: None,
     }
 }
 

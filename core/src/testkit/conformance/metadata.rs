@@ -105,7 +105,7 @@ pub(super) fn idempotency(key: &str) -> IdempotencyRecord {
     }
 }
 
-fn assert_fenced(err: MetadataError, intent: IntentId, what: &str) {
+pub(super) fn assert_fenced(err: MetadataError, intent: IntentId, what: &str) {
     match err {
         MetadataError::Fenced { intent: got } => {
             assert_eq!(got, intent, "{what}: fenced error names the wrong intent")
