@@ -326,6 +326,7 @@ impl MetadataRepo for SqliteMetadataRepo {
             commit.saga,
             commit.release_at_ms,
         );
+        let create_intent = commit.create_intent.cloned();
         let idempotency = idempotency.cloned();
         self.run(move |c, keep_vectors| {
             immediate(c, |c| {
@@ -336,7 +337,7 @@ impl MetadataRepo for SqliteMetadataRepo {
                     hold,
                     saga,
                     release_at_ms,
-                    create_intent: None,
+                    create_intent: create_intent.as_ref(),
                 };
                 futures::executor::block_on(steps::commit_transaction(
                     &mut tx,
