@@ -580,7 +580,9 @@ pub enum CommitPart {
     /// An index worker's switch: for each record, if the row is still at
     /// `version` and its pending entry is at `version` and claimed by
     /// `claim`, point the row at the new `point_id` (its old point becomes
-    /// garbage) and remove the entry; otherwise the new point is garbage.
+    /// garbage — unless the entry's `indexed_version` is 0: the old point is
+    /// then the reserved one, never written, and nothing is left to delete)
+    /// and remove the entry; otherwise the new point is garbage.
     /// The row's version does not change: indexing is not a write.
     Index {
         /// The token the worker claimed the entries with.

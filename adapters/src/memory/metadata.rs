@@ -380,14 +380,20 @@ impl<'s> Scratch<'s> {
         }
         for s in switches {
             let current = self.rows.get(&s.record_id).map(|r| (r.version, r.point_id));
-            let entry_ok = self
+            let entry = self
                 .pending
                 .get(&s.record_id)
-                .is_some_and(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
+                .filter(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
+            let written_before = entry.is_some_and(|e| e.indexed_version > 0);
             match current {
-                Some((version, old)) if version == s.version && entry_ok => {
+                Some((version, old)) if version == s.version && entry.is_some() => {
                     self.touch(s.record_id);
-                    self.unreference(old);
+                    if written_before {
+                        self.unreference(old);
+                    } else {
+                        // The reserved point, never written: nothing to delete.
+                        self.by_point.remove(&old);
+                    }
                     self.by_point.insert(s.point_id, s.record_id);
                     if let Some(row) = self.rows.get_mut(&s.record_id) {
                         row.point_id = s.point_id;

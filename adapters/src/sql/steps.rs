@@ -588,15 +588,21 @@ impl Applied {
             .collect();
         let mut switched: BTreeMap<RecordId, PointId> = BTreeMap::new();
         for s in switches {
-            let entry_ok = entries
+            let entry = entries
                 .get(&s.record_id)
-                .is_some_and(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
+                .filter(|e| e.version == s.version && !e.dead && e.claimed_by == Some(claim));
             match rows.get(&s.record_id) {
                 // A record switched once already lost its entry with it.
                 Some(&(old, version))
-                    if version == s.version && entry_ok && !switched.contains_key(&s.record_id) =>
+                    if version == s.version
+                        && entry.is_some()
+                        && !switched.contains_key(&s.record_id) =>
                 {
-                    self.garbage.push(old);
+                    // Never indexed: the old point is the reserved one,
+                    // never written, so there is nothing to delete.
+                    if entry.is_some_and(|e| e.indexed_version > 0) {
+                        self.garbage.push(old);
+                    }
                     switched.insert(s.record_id, s.point_id);
                 }
                 // Superseded, deleted, or taken over: the new point is garbage.

@@ -278,7 +278,9 @@ pub async fn deferred_sync_write_drops_pending<M: MetadataRepo + ?Sized>(repo: &
 
 /// `deferred_index_switches`: an `Index` part switches a current row to the
 /// new point (its old point becomes garbage, its version is unchanged) and
-/// removes its entry.
+/// removes its entry. A never-indexed record's reserved point (entry at
+/// `indexed_version` 0) was never written: it is not garbage, and no row
+/// references it any more.
 pub async fn deferred_index_switches<M: MetadataRepo + ?Sized>(repo: &M) {
     if skipped(repo, "deferred_index_switches") {
         return;
@@ -294,10 +296,15 @@ pub async fn deferred_index_switches<M: MetadataRepo + ?Sized>(repo: &M) {
     let switches: Vec<IndexSwitch> = claimed.iter().map(to).collect();
     let result = switch(repo, claim, switches.clone()).await;
     assert_eq!(
-        result.garbage.iter().copied().collect::<BTreeSet<_>>(),
-        [old.point_id, new.point_id].into_iter().collect(),
-        "the old point and the reserved one are garbage"
+        result.garbage,
+        vec![old.point_id],
+        "the old point is garbage; the reserved one was never written"
     );
+    let still = ok(
+        repo.referenced_points(&[old.point_id, new.point_id]).await,
+        "referenced_points",
+    );
+    assert!(still.is_empty(), "a switched-from point is still referenced: {still:?}");
     for s in &switches {
         let r = get_one(repo, s.record_id).await.expect("row");
         assert_eq!((r.point_id, r.version), (s.point_id, s.version));
