@@ -304,7 +304,10 @@ pub async fn deferred_index_switches<M: MetadataRepo + ?Sized>(repo: &M) {
         repo.referenced_points(&[old.point_id, new.point_id]).await,
         "referenced_points",
     );
-    assert!(still.is_empty(), "a switched-from point is still referenced: {still:?}");
+    assert!(
+        still.is_empty(),
+        "a switched-from point is still referenced: {still:?}"
+    );
     for s in &switches {
         let r = get_one(repo, s.record_id).await.expect("row");
         assert_eq!((r.point_id, r.version), (s.point_id, s.version));
