@@ -128,9 +128,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 //
                 // The commit creates its own intent (no prepare: nothing is
                 // written before it). The intent exists only to settle a lost
-                // reply, and it holds no garbage, so it is handed over at the
-                // end of its lease: it outlives this call, so a settlement
-                // always finds it, and recovery then just resolves it.
+                // reply, and it holds no garbage: its lease outlives this
+                // call, so a settlement always finds it; once the reply is
+                // in, the call resolves it (recovery does if that fails).
                 Unit {
                     op: "deferred_upsert",
                     kind: IntentKind::Upsert,
@@ -700,6 +700,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 if unit.release_at_ms.is_some() {
                     // A deferred write: the commit handed the intent (and
                     // its garbage) to the index workers' recovery pass.
+                    if unit.create_intent && garbage.is_empty() {
+                        // A deferred upsert's intent only served to settle a
+                        // lost commit reply; the reply is in, so it is done.
+                        // Resolving it now (one idempotent delete) keeps
+                        // intents from piling up for a lease after every
+                        // call; if this fails, recovery resolves it when
+                        // its lease ends.
+                        self.resolve_best_effort(intent_id, owner).await;
+                    }
                     return Ok(Written::Done(Done {
                         summary,
                         deferred_cleanup: garbage.len(),
