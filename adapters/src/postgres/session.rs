@@ -272,12 +272,13 @@ struct PgPending {
     version: i64,
     #[diesel(sql_type = BigInt)]
     indexed_version: i64,
-    #[diesel(sql_type = Text)]
-    scope: String,
-    #[diesel(sql_type = Jsonb)]
-    metadata: Value,
-    #[diesel(sql_type = Bytea)]
-    vector: Vec<u8>,
+    // NULL only for a stale entry (see `PENDING_COLUMNS`).
+    #[diesel(sql_type = Nullable<Text>)]
+    scope: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    metadata: Option<Value>,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    vector: Option<Vec<u8>>,
     #[diesel(sql_type = BigInt)]
     enqueued_ms: i64,
     #[diesel(sql_type = Integer)]
@@ -361,9 +362,9 @@ struct PendingColumns {
     ids: Vec<Uuid>,
     versions: Vec<i64>,
     indexed: Vec<i64>,
-    scopes: Vec<String>,
-    metadata: Vec<Value>,
-    vectors: Vec<Vec<u8>>,
+    scopes: Vec<Option<String>>,
+    metadata: Vec<Option<Value>>,
+    vectors: Vec<Option<Vec<u8>>>,
     enqueued: Vec<i64>,
     attempts: Vec<i32>,
     errors: Vec<Option<String>>,
@@ -373,23 +374,22 @@ struct PendingColumns {
 }
 
 impl PendingColumns {
-    fn new(entries: &[PendingIndex]) -> Result<Self, MetadataError> {
+    fn new(rows: Vec<PendingRow>) -> Self {
         let mut cols = Self {
-            ids: Vec::with_capacity(entries.len()),
-            versions: Vec::with_capacity(entries.len()),
-            indexed: Vec::with_capacity(entries.len()),
-            scopes: Vec::with_capacity(entries.len()),
-            metadata: Vec::with_capacity(entries.len()),
-            vectors: Vec::with_capacity(entries.len()),
-            enqueued: Vec::with_capacity(entries.len()),
-            attempts: Vec::with_capacity(entries.len()),
-            errors: Vec::with_capacity(entries.len()),
-            dead: Vec::with_capacity(entries.len()),
-            claimed_by: Vec::with_capacity(entries.len()),
-            claim_until: Vec::with_capacity(entries.len()),
+            ids: Vec::with_capacity(rows.len()),
+            versions: Vec::with_capacity(rows.len()),
+            indexed: Vec::with_capacity(rows.len()),
+            scopes: Vec::with_capacity(rows.len()),
+            metadata: Vec::with_capacity(rows.len()),
+            vectors: Vec::with_capacity(rows.len()),
+            enqueued: Vec::with_capacity(rows.len()),
+            attempts: Vec::with_capacity(rows.len()),
+            errors: Vec::with_capacity(rows.len()),
+            dead: Vec::with_capacity(rows.len()),
+            claimed_by: Vec::with_capacity(rows.len()),
+            claim_until: Vec::with_capacity(rows.len()),
         };
-        for entry in entries {
-            let r = PendingRow::of(entry)?;
+        for r in rows {
             cols.ids.push(r.record_id);
             cols.versions.push(r.version);
             cols.indexed.push(r.indexed_version);
@@ -403,14 +403,24 @@ impl PendingColumns {
             cols.claimed_by.push(r.claimed_by);
             cols.claim_until.push(r.claim_until_ms);
         }
-        Ok(cols)
+        cols
     }
 }
 
-/// The `pending_index` columns, qualified by `p`.
-const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, p.scope, p.metadata, \
-                               p.vector, p.enqueued_ms, p.attempts, p.last_error, p.dead, \
+/// The `pending_index` columns, qualified by `p`, each entry's content
+/// filled in from its record's row `r` (see [`PENDING_FROM`]) where the
+/// entry leaves it NULL, as a deferred write's light entry does. A live
+/// entry's row is at the entry's version; a stale entry (its row gone, or
+/// at another version) is only read to be deleted or for its versions.
+const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, \
+                               COALESCE(p.scope, r.scope) AS scope, \
+                               COALESCE(p.metadata, r.metadata) AS metadata, \
+                               COALESCE(p.vector, r.vector) AS vector, \
+                               p.enqueued_ms, p.attempts, p.last_error, p.dead, \
                                p.claimed_by, p.claim_until_ms";
+
+/// The entries `p` with their records' rows `r`, for [`PENDING_COLUMNS`].
+const PENDING_FROM: &str = "pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id";
 
 #[derive(QueryableByName)]
 pub(super) struct PgSagaOwner {
@@ -815,9 +825,11 @@ impl TxOps for Session {
 
     async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
         self.in_tx().await?;
+        // Locks the entries only (`OF p`): the records' rows are only read
+        // (the callers have locked them already).
         let rows: Vec<PgPending> = diesel::sql_query(format!(
-            "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id = ANY($1) \
-             ORDER BY p.record_id FOR UPDATE"
+            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE p.record_id = ANY($1) \
+             ORDER BY p.record_id FOR UPDATE OF p"
         ))
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .prepared()
@@ -840,34 +852,40 @@ impl TxOps for Session {
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        let cols = PendingColumns::new(entries)?;
+        // Light entries: the rows just written hold scope, metadata and (if
+        // kept) the vector at the entries' versions.
+        let cols = PendingColumns::new(
+            entries
+                .iter()
+                .map(|e| PendingRow::light(e, self.keep_vectors))
+                .collect::<Result<_, _>>()?,
+        );
         // In id order, like every lock. The SET expressions read the existing
         // entry as it was: a waiting entry at the row's previous version keeps
-        // when it was enqueued and which version the row's point holds.
+        // when it was enqueued and which version the row's point holds. A
+        // coalesced entry becomes light too (one restored from an undo image
+        // may carry content).
         diesel::sql_query(
             "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
                  vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
-             SELECT t.id, t.version, t.indexed, t.scope, t.metadata, t.vector, t.enqueued, \
+             SELECT t.id, t.version, t.indexed, NULL, NULL, t.vector, t.enqueued, \
                  0, NULL, false, NULL, NULL \
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::jsonb[], \
-                 $6::bytea[], $7::bigint[]) \
-                 AS t(id, version, indexed, scope, metadata, vector, enqueued) \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bigint[]) \
+                 AS t(id, version, indexed, vector, enqueued) \
              ORDER BY t.id \
              ON CONFLICT (record_id) DO UPDATE SET \
                  enqueued_ms = CASE WHEN pending_index.version = excluded.indexed_version \
                      THEN pending_index.enqueued_ms ELSE excluded.enqueued_ms END, \
                  indexed_version = CASE WHEN pending_index.version = excluded.indexed_version \
                      THEN pending_index.indexed_version ELSE excluded.indexed_version END, \
-                 version = excluded.version, scope = excluded.scope, \
-                 metadata = excluded.metadata, vector = excluded.vector, attempts = 0, \
-                 last_error = NULL, dead = false, claimed_by = NULL, claim_until_ms = NULL",
+                 version = excluded.version, scope = NULL, metadata = NULL, \
+                 vector = excluded.vector, attempts = 0, last_error = NULL, dead = false, \
+                 claimed_by = NULL, claim_until_ms = NULL",
         )
         .bind::<Array<SqlUuid>, _>(cols.ids)
         .bind::<Array<BigInt>, _>(cols.versions)
         .bind::<Array<BigInt>, _>(cols.indexed)
-        .bind::<Array<Text>, _>(cols.scopes)
-        .bind::<Array<Jsonb>, _>(cols.metadata)
-        .bind::<Array<Bytea>, _>(cols.vectors)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
         .bind::<Array<BigInt>, _>(cols.enqueued)
         .prepared()
         .execute(self.c())
@@ -878,7 +896,13 @@ impl TxOps for Session {
 
     async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        let cols = PendingColumns::new(entries)?;
+        // With all their content, exactly as given.
+        let cols = PendingColumns::new(
+            entries
+                .iter()
+                .map(PendingRow::of)
+                .collect::<Result<_, _>>()?,
+        );
         diesel::sql_query(
             "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
                  vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
@@ -895,9 +919,9 @@ impl TxOps for Session {
         .bind::<Array<SqlUuid>, _>(cols.ids)
         .bind::<Array<BigInt>, _>(cols.versions)
         .bind::<Array<BigInt>, _>(cols.indexed)
-        .bind::<Array<Text>, _>(cols.scopes)
-        .bind::<Array<Jsonb>, _>(cols.metadata)
-        .bind::<Array<Bytea>, _>(cols.vectors)
+        .bind::<Array<Nullable<Text>>, _>(cols.scopes)
+        .bind::<Array<Nullable<Jsonb>>, _>(cols.metadata)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
         .bind::<Array<BigInt>, _>(cols.enqueued)
         .bind::<Array<Integer>, _>(cols.attempts)
         .bind::<Array<Nullable<Text>>, _>(cols.errors)
@@ -922,10 +946,12 @@ impl TxOps for Session {
         // SKIP LOCKED: entries another worker is claiming, or a commit is
         // writing, are left to them, so concurrent claims (in any process)
         // never take the same entry and never wait for each other. The row's
-        // version is only read: the claim locks no record.
+        // version and content are only read: the claim locks no record. A
+        // candidate whose row is at its version gets that version's content
+        // from the row; the others are stale and deleted, not indexed.
         let rows: Vec<PgCandidate> = diesel::sql_query(format!(
             "SELECT {PENDING_COLUMNS}, r.version AS row_version \
-             FROM pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id \
+             FROM {PENDING_FROM} \
              WHERE NOT p.dead AND (p.claim_until_ms IS NULL OR p.claim_until_ms < $1) \
              ORDER BY p.enqueued_ms, p.record_id LIMIT $2 \
              FOR UPDATE OF p SKIP LOCKED"
@@ -1481,7 +1507,7 @@ impl Session {
     ) -> Result<Vec<PendingIndex>, MetadataError> {
         let (all, dead) = pending_filter(filter);
         let rows: Vec<PgPending> = diesel::sql_query(format!(
-            "SELECT {PENDING_COLUMNS} FROM pending_index AS p \
+            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} \
              WHERE ($1::uuid IS NULL OR p.record_id > $1) AND ($2 OR p.dead = $3) \
              ORDER BY p.record_id LIMIT $4"
         ))
@@ -1501,7 +1527,7 @@ impl Session {
         ids: &[RecordId],
     ) -> Result<Vec<PendingIndex>, MetadataError> {
         let rows: Vec<PgPending> = diesel::sql_query(format!(
-            "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id = ANY($1)"
+            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE p.record_id = ANY($1)"
         ))
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .prepared()

@@ -357,6 +357,65 @@ mod tests {
         assert_eq!(intent.summary.unwrap().deleted, 1);
         assert_eq!(intent.attempts, 2);
     }
+
+    fn entry() -> PendingIndex {
+        PendingIndex {
+            record_id: RecordId::new_random(),
+            version: 3,
+            indexed_version: 2,
+            scope: Scope::new("s"),
+            metadata: json!({"a": 1}).as_object().cloned().unwrap(),
+            vector: vec![1.0, -2.5],
+            enqueued_ms: 7,
+            attempts: 1,
+            last_error: Some("e".into()),
+            dead: false,
+            claimed_by: None,
+            claim_until_ms: Some(9),
+        }
+    }
+
+    #[test]
+    fn pending_rows_are_light_unless_restored() {
+        let e = entry();
+        let light = PendingRow::light(&e, true).unwrap();
+        assert!(light.scope.is_none() && light.metadata.is_none() && light.vector.is_none());
+        assert_eq!((light.version, light.indexed_version), (3, 2));
+        // Rows without vectors: the entry carries it.
+        let carried = PendingRow::light(&e, false).unwrap();
+        assert!(carried.scope.is_none() && carried.metadata.is_none());
+        assert_eq!(carried.vector, Some(encode_vector(&e.vector)));
+        // Restored exactly as given.
+        assert_eq!(PendingRow::of(&e).unwrap().into_pending().unwrap(), e);
+    }
+
+    #[test]
+    fn pending_rows_without_content_decode_empty() {
+        let e = entry();
+        let read = PendingRow::light(&e, true).unwrap().into_pending().unwrap();
+        assert_eq!(read.scope.as_str(), "");
+        assert!(read.metadata.is_empty() && read.vector.is_empty());
+        assert_eq!(
+            (read.version, read.indexed_version, read.attempts),
+            (3, 2, 1)
+        );
+        let bad = PendingRow {
+            metadata: Some(json!([1])),
+            ..PendingRow::light(&e, true).unwrap()
+        };
+        assert!(matches!(
+            bad.into_pending(),
+            Err(MetadataError::Permanent { .. })
+        ));
+        let bad = PendingRow {
+            vector: Some(vec![1, 2, 3]),
+            ..PendingRow::light(&e, true).unwrap()
+        };
+        assert!(matches!(
+            bad.into_pending(),
+            Err(MetadataError::Permanent { .. })
+        ));
+    }
 }
 
 /// An `intent_undo` row as either backend reads or writes it: the columns of
@@ -469,14 +528,22 @@ impl UndoRow {
 }
 
 /// A `pending_index` row as either backend reads or writes it.
+///
+/// An entry a deferred write enqueues is *light*: `scope` and `metadata` are
+/// `None` (the record's row at the entry's version holds them), and so is
+/// `vector` when rows keep their vectors (see [`PendingRow::light`]). Reads
+/// fill a missing column from the record's row (`COALESCE(p.x, r.x)` over
+/// `LEFT JOIN records`); what is still missing then — the entry is stale:
+/// its row is gone or lacks the vector, and a claim deletes it without
+/// indexing it — decodes as empty.
 #[derive(Debug)]
 pub(crate) struct PendingRow {
     pub record_id: Uuid,
     pub version: i64,
     pub indexed_version: i64,
-    pub scope: String,
-    pub metadata: Value,
-    pub vector: Vec<u8>,
+    pub scope: Option<String>,
+    pub metadata: Option<Value>,
+    pub vector: Option<Vec<u8>>,
     pub enqueued_ms: i64,
     pub attempts: i32,
     pub last_error: Option<String>,
@@ -486,15 +553,28 @@ pub(crate) struct PendingRow {
 }
 
 impl PendingRow {
-    /// The row of an entry.
+    /// The row of an entry with all its content (an entry restored exactly
+    /// as given, from a held commit's undo image).
     pub fn of(entry: &PendingIndex) -> Result<Self, MetadataError> {
+        Ok(Self {
+            scope: Some(entry.scope.as_str().to_owned()),
+            metadata: Some(Value::Object(entry.metadata.clone())),
+            vector: Some(encode_vector(&entry.vector)),
+            ..Self::light(entry, true)?
+        })
+    }
+
+    /// The light row a deferred write enqueues: no scope or metadata (the
+    /// record's row at the entry's version holds them), and the vector only
+    /// if rows do not keep theirs (`keep_vectors: false`).
+    pub fn light(entry: &PendingIndex, keep_vectors: bool) -> Result<Self, MetadataError> {
         Ok(Self {
             record_id: entry.record_id.0,
             version: to_i64(entry.version, "version")?,
             indexed_version: to_i64(entry.indexed_version, "indexed_version")?,
-            scope: entry.scope.as_str().to_owned(),
-            metadata: Value::Object(entry.metadata.clone()),
-            vector: encode_vector(&entry.vector),
+            scope: None,
+            metadata: None,
+            vector: (!keep_vectors).then(|| encode_vector(&entry.vector)),
             enqueued_ms: entry.enqueued_ms,
             attempts: i32::try_from(entry.attempts).unwrap_or(i32::MAX),
             last_error: entry.last_error.clone(),
@@ -504,25 +584,33 @@ impl PendingRow {
         })
     }
 
-    /// The model's entry.
+    /// The model's entry, from a row read with its record's content filled
+    /// in; content still missing (a stale entry) decodes as empty.
     pub fn into_pending(self) -> Result<PendingIndex, MetadataError> {
         let id = RecordId(self.record_id);
-        let Value::Object(metadata) = self.metadata else {
-            return Err(corrupt(format!(
-                "pending entry of record {id}: metadata is not a JSON object"
-            )));
+        let metadata = match self.metadata {
+            None => Default::default(),
+            Some(Value::Object(metadata)) => metadata,
+            Some(_) => {
+                return Err(corrupt(format!(
+                    "pending entry of record {id}: metadata is not a JSON object"
+                )));
+            }
         };
-        let vector = decode_vector(&self.vector).ok_or_else(|| {
-            corrupt(format!(
-                "pending entry of record {id}: stored vector has {} bytes, not a multiple of 4",
-                self.vector.len()
-            ))
-        })?;
+        let vector = match self.vector {
+            None => Vec::new(),
+            Some(bytes) => decode_vector(&bytes).ok_or_else(|| {
+                corrupt(format!(
+                    "pending entry of record {id}: stored vector has {} bytes, not a multiple of 4",
+                    bytes.len()
+                ))
+            })?,
+        };
         Ok(PendingIndex {
             record_id: id,
             version: to_u64(self.version, "version")?,
             indexed_version: to_u64(self.indexed_version, "indexed_version")?,
-            scope: Scope::new(self.scope),
+            scope: Scope::new(self.scope.unwrap_or_default()),
             metadata,
             vector,
             enqueued_ms: self.enqueued_ms,

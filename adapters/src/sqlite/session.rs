@@ -207,12 +207,13 @@ struct SqlPending {
     version: i64,
     #[diesel(sql_type = BigInt)]
     indexed_version: i64,
-    #[diesel(sql_type = Text)]
-    scope: String,
-    #[diesel(sql_type = Text)]
-    metadata: String,
-    #[diesel(sql_type = Binary)]
-    vector: Vec<u8>,
+    // NULL only for a stale entry (see `PENDING_COLUMNS`).
+    #[diesel(sql_type = Nullable<Text>)]
+    scope: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    metadata: Option<String>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    vector: Option<Vec<u8>>,
     #[diesel(sql_type = BigInt)]
     enqueued_ms: i64,
     #[diesel(sql_type = Integer)]
@@ -234,7 +235,7 @@ impl SqlPending {
             version: self.version,
             indexed_version: self.indexed_version,
             scope: self.scope,
-            metadata: parse_json(&self.metadata)?,
+            metadata: self.metadata.as_deref().map(parse_json).transpose()?,
             vector: self.vector,
             enqueued_ms: self.enqueued_ms,
             attempts: self.attempts,
@@ -373,10 +374,20 @@ pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_
 const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
                               CASE WHEN ? THEN vector END AS vector";
 
-/// The `pending_index` columns, qualified by `p`.
-const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, p.scope, p.metadata, \
-                               p.vector, p.enqueued_ms, p.attempts, p.last_error, p.dead, \
+/// The `pending_index` columns, qualified by `p`, each entry's content
+/// filled in from its record's row `r` (see [`PENDING_FROM`]) where the
+/// entry leaves it NULL, as a deferred write's light entry does. A live
+/// entry's row is at the entry's version; a stale entry (its row gone, or
+/// at another version) is only read to be deleted or for its versions.
+const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, \
+                               COALESCE(p.scope, r.scope) AS scope, \
+                               COALESCE(p.metadata, r.metadata) AS metadata, \
+                               COALESCE(p.vector, r.vector) AS vector, \
+                               p.enqueued_ms, p.attempts, p.last_error, p.dead, \
                                p.claimed_by, p.claim_until_ms";
+
+/// The entries `p` with their records' rows `r`, for [`PENDING_COLUMNS`].
+const PENDING_FROM: &str = "pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id";
 
 /// `id IN (…)` over a JSON array bound as one parameter.
 pub(super) const IN_JSON: &str = "(SELECT value FROM json_each(?))";
@@ -442,7 +453,7 @@ fn pending_of(
     ids: impl IntoIterator<Item = Uuid>,
 ) -> Result<Vec<PendingIndex>, MetadataError> {
     let rows: Vec<SqlPending> = diesel::sql_query(format!(
-        "SELECT {PENDING_COLUMNS} FROM pending_index AS p WHERE p.record_id IN {IN_JSON} \
+        "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE p.record_id IN {IN_JSON} \
          ORDER BY p.record_id"
     ))
     .bind::<Text, _>(json_ids(ids))
@@ -666,29 +677,31 @@ impl TxOps for SyncTx<'_> {
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         for entry in entries {
-            let r = PendingRow::of(entry)?;
+            // A light entry: the row just written holds scope, metadata and
+            // (if kept) the vector at the entry's version.
+            let r = PendingRow::light(entry, self.keep_vectors)?;
             // The SET expressions read the existing entry as it was: a
             // waiting entry at the row's previous version keeps when it was
-            // enqueued and which version the row's point holds.
+            // enqueued and which version the row's point holds. A coalesced
+            // entry becomes light too (one restored from an undo image may
+            // carry content).
             diesel::sql_query(
                 "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
                      vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, 0, NULL, 0, NULL, NULL) \
+                 VALUES (?, ?, ?, NULL, NULL, ?, ?, 0, NULL, 0, NULL, NULL) \
                  ON CONFLICT (record_id) DO UPDATE SET \
                      enqueued_ms = CASE WHEN pending_index.version = excluded.indexed_version \
                          THEN pending_index.enqueued_ms ELSE excluded.enqueued_ms END, \
                      indexed_version = CASE WHEN pending_index.version = excluded.indexed_version \
                          THEN pending_index.indexed_version ELSE excluded.indexed_version END, \
-                     version = excluded.version, scope = excluded.scope, \
-                     metadata = excluded.metadata, vector = excluded.vector, attempts = 0, \
-                     last_error = NULL, dead = 0, claimed_by = NULL, claim_until_ms = NULL",
+                     version = excluded.version, scope = NULL, metadata = NULL, \
+                     vector = excluded.vector, attempts = 0, last_error = NULL, dead = 0, \
+                     claimed_by = NULL, claim_until_ms = NULL",
             )
             .bind::<Text, _>(r.record_id.to_string())
             .bind::<BigInt, _>(r.version)
             .bind::<BigInt, _>(r.indexed_version)
-            .bind::<Text, _>(r.scope)
-            .bind::<Text, _>(json_text(&r.metadata))
-            .bind::<Binary, _>(r.vector)
+            .bind::<Nullable<Binary>, _>(r.vector)
             .bind::<BigInt, _>(r.enqueued_ms)
             .prepared()
             .execute(self.c)
@@ -699,6 +712,7 @@ impl TxOps for SyncTx<'_> {
 
     async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         for entry in entries {
+            // With all its content, exactly as given.
             let r = PendingRow::of(entry)?;
             diesel::sql_query(
                 "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
@@ -714,9 +728,9 @@ impl TxOps for SyncTx<'_> {
             .bind::<Text, _>(r.record_id.to_string())
             .bind::<BigInt, _>(r.version)
             .bind::<BigInt, _>(r.indexed_version)
-            .bind::<Text, _>(r.scope)
-            .bind::<Text, _>(json_text(&r.metadata))
-            .bind::<Binary, _>(r.vector)
+            .bind::<Nullable<Text>, _>(r.scope)
+            .bind::<Nullable<Text>, _>(r.metadata.as_ref().map(json_text))
+            .bind::<Nullable<Binary>, _>(r.vector)
             .bind::<BigInt, _>(r.enqueued_ms)
             .bind::<Integer, _>(r.attempts)
             .bind::<Nullable<Text>, _>(r.last_error)
@@ -740,7 +754,7 @@ impl TxOps for SyncTx<'_> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<SqlCandidate> = diesel::sql_query(format!(
             "SELECT {PENDING_COLUMNS}, r.version AS row_version \
-             FROM pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id \
+             FROM {PENDING_FROM} \
              WHERE p.dead = 0 AND (p.claim_until_ms IS NULL OR p.claim_until_ms < ?) \
              ORDER BY p.enqueued_ms, p.record_id LIMIT ?"
         ))
@@ -1258,7 +1272,7 @@ pub(crate) fn list_pending(
 ) -> Result<Vec<PendingIndex>, MetadataError> {
     let (all, dead) = pending_filter(filter);
     let rows: Vec<SqlPending> = diesel::sql_query(format!(
-        "SELECT {PENDING_COLUMNS} FROM pending_index AS p \
+        "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} \
          WHERE (? IS NULL OR p.record_id > ?) AND (? OR p.dead = ?) \
          ORDER BY p.record_id LIMIT ?"
     ))

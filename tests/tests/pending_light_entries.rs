@@ -1,0 +1,420 @@
+//! Light pending-index entries (migration `2026-12-07-000000_light_pending_entries`)
+//! in `SqliteMetadataRepo` and `PostgresMetadataRepo`, with and without kept
+//! vectors: a deferred write stores each record's scope, metadata and vector
+//! once, in its row, and every read of an entry fills them in from the row.
+//!
+//! The cases are written like the conformance suite's (one generic function
+//! per contract, named after it): the reads must return what the
+//! `claim_pending` / `pending_for` contracts promise — the row's scope,
+//! metadata and vector at the entry's version — and the raw table must hold
+//! light entries, so the saving cannot silently regress.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::{Binary, Bool, Nullable, Text};
+use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
+use serde_json::json;
+use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
+use tandem_core::{
+    CommitPart, IndexGate, IntentId, IntentKind, MetadataRepo, NewIntent, OwnerToken,
+    PendingFilter, PendingIndex, PointId, RecordId, RowWrite, Scope, TransactionCommit,
+};
+use tandem_tests::pg::TestSchema;
+use tandem_tests::pg::data::{meta, prepare_upsert};
+
+/// Entries of these cases are enqueued at this time.
+const T0: i64 = 1_000;
+/// "Now" of the claims.
+const NOW: i64 = 2_000_000_000_000;
+
+/// A pending entry's content columns as the table stores them.
+#[derive(Debug)]
+struct RawEntry {
+    scope_null: bool,
+    metadata_null: bool,
+    vector: Option<Vec<u8>>,
+}
+
+/// Direct access to a store's tables, around the port.
+#[async_trait]
+trait Raw: Send + Sync {
+    /// The record's entry as stored.
+    async fn entry(&self, id: RecordId) -> Option<RawEntry>;
+    /// Gives the record's entry content of its own (scope "restored", the
+    /// metadata `{"restored": true}`, the vector `[9.0]`), as a restore from
+    /// a held commit's undo image writes it.
+    async fn fill_entry(&self, id: RecordId);
+    /// Removes the record's row behind the port's back (its entry stays).
+    async fn drop_row(&self, id: RecordId);
+}
+
+fn row(scope: &str, n: i64) -> RowWrite {
+    RowWrite {
+        id: RecordId::new_random(),
+        scope: Scope::new(scope),
+        content: format!("content {n}"),
+        metadata: meta(json!({ "n": n, "scope": scope })),
+        point_id: PointId::new_random(),
+        vector: vec![n as f32, 0.25, -1.5],
+    }
+}
+
+/// The same record with other content in every column an entry reads.
+fn rewrite(old: &RowWrite, scope: &str, n: i64) -> RowWrite {
+    RowWrite {
+        id: old.id,
+        ..row(scope, n)
+    }
+}
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+async fn committed<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
+    let (intent, owner) = prepare_upsert(repo, rows).await;
+    repo.commit_upsert(intent, owner, rows, None)
+        .await
+        .expect("commit_upsert");
+}
+
+/// A deferred write of `rows`.
+async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
+    let intent = NewIntent {
+        id: IntentId::new_v7(),
+        kind: IntentKind::Upsert,
+        owner: OwnerToken::new_random(),
+        lease_deadline_ms: i64::MAX / 2,
+        point_ids: Vec::new(),
+        created_ms: 1,
+    };
+    repo.prepare(&intent).await.expect("prepare");
+    let parts = [CommitPart::Defer {
+        rows: rows.to_vec(),
+        now_ms: T0,
+    }];
+    let commit = TransactionCommit {
+        parts: &parts,
+        step: None,
+        hold: false,
+        saga: None,
+        release_at_ms: None,
+        create_intent: None,
+    };
+    repo.commit_transaction(intent.id, intent.owner, &commit, None, &IndexGate::passed())
+        .await
+        .expect("deferred commit");
+}
+
+async fn entry<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<PendingIndex> {
+    let mut found = repo.pending_for(&[id]).await.expect("pending_for");
+    assert!(found.len() <= 1, "two entries of one record");
+    found.pop()
+}
+
+/// Asserts that `e` carries `w`'s content at `version`.
+fn assert_content(e: &PendingIndex, w: &RowWrite, version: u64, what: &str) {
+    assert_eq!(e.record_id, w.id, "{what}");
+    assert_eq!(e.version, version, "{what}: version");
+    assert_eq!(e.scope, w.scope, "{what}: scope");
+    assert_eq!(e.metadata, w.metadata, "{what}: metadata");
+    assert_eq!(e.vector, w.vector, "{what}: vector");
+}
+
+/// `deferred_entries_are_light`: a deferred write's entry stores no scope
+/// and no metadata, and a vector only when rows do not keep theirs; an
+/// entry that carried content (restored from an undo image) becomes light
+/// when a deferred write coalesces into it.
+async fn deferred_entries_are_light<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    raw: &dyn Raw,
+    keeps_vectors: bool,
+) {
+    let old = row("light-a", 1);
+    committed(repo, std::slice::from_ref(&old)).await;
+    let updated = rewrite(&old, "light-b", 2);
+    let new = row("light-a", 3);
+    defer(repo, &[updated.clone(), new.clone()]).await;
+    for written in [&updated, &new] {
+        let e = raw.entry(written.id).await.expect("an entry per record");
+        assert!(
+            e.scope_null && e.metadata_null,
+            "entry stores content: {e:?}"
+        );
+        let expected = (!keeps_vectors).then(|| vector_bytes(&written.vector));
+        assert_eq!(e.vector, expected, "the entry's vector column");
+    }
+    // An entry with content of its own, coalesced by a deferred write.
+    raw.fill_entry(new.id).await;
+    let filled = raw.entry(new.id).await.expect("entry");
+    assert!(!filled.scope_null && !filled.metadata_null && filled.vector.is_some());
+    let again = rewrite(&new, "light-c", 4);
+    defer(repo, std::slice::from_ref(&again)).await;
+    let e = raw.entry(new.id).await.expect("the coalesced entry");
+    assert!(
+        e.scope_null && e.metadata_null,
+        "coalesced entry keeps content: {e:?}"
+    );
+    let expected = (!keeps_vectors).then(|| vector_bytes(&again.vector));
+    assert_eq!(e.vector, expected, "the coalesced entry's vector column");
+    let read = entry(repo, new.id).await.expect("entry");
+    assert_content(&read, &again, 2, "the coalesced entry, read");
+}
+
+/// `pending_claim_reads_rows`: claimed, listed and looked-up entries carry
+/// exactly the scope, metadata and vector of their rows at the entries'
+/// versions — for a new record, an updated one and one written twice
+/// (coalesced) — although the entries do not store them.
+async fn pending_claim_reads_rows<M: MetadataRepo + ?Sized>(repo: &M) {
+    let old = row("claim-a", 1);
+    committed(repo, std::slice::from_ref(&old)).await;
+    let updated = rewrite(&old, "claim-b", 2);
+    let new = row("claim-c", 3);
+    let twice = row("claim-d", 4);
+    defer(repo, &[updated.clone(), new.clone(), twice.clone()]).await;
+    let twice2 = rewrite(&twice, "claim-e", 5);
+    defer(repo, std::slice::from_ref(&twice2)).await;
+    let expected = [(&updated, 2), (&new, 1), (&twice2, 2)];
+
+    for (w, version) in expected {
+        let e = entry(repo, w.id).await.expect("pending_for");
+        assert_content(&e, w, version, "pending_for");
+    }
+    let listed = repo
+        .list_pending(PendingFilter::All, None, 100)
+        .await
+        .expect("list_pending");
+    assert_eq!(listed.len(), 3);
+    for (w, version) in expected {
+        let e = listed.iter().find(|e| e.record_id == w.id).expect("listed");
+        assert_content(e, w, version, "list_pending");
+    }
+    let claim = OwnerToken::new_random();
+    let claimed = repo
+        .claim_pending(NOW, claim, NOW + 600_000, 100)
+        .await
+        .expect("claim_pending");
+    assert_eq!(claimed.len(), 3, "{claimed:?}");
+    for (w, version) in expected {
+        let e = claimed
+            .iter()
+            .find(|e| e.record_id == w.id)
+            .expect("claimed");
+        assert_content(e, w, version, "claim_pending");
+        assert_eq!(e.claimed_by, Some(claim));
+    }
+}
+
+/// `pending_stale_entry_is_readable`: an entry whose row is gone reads
+/// without an error (its versions as stored, the content it stores, the
+/// rest empty), and a claim deletes it without returning it.
+async fn pending_stale_entry_is_readable<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    raw: &dyn Raw,
+    keeps_vectors: bool,
+) {
+    let gone = row("stale", 1);
+    defer(repo, std::slice::from_ref(&gone)).await;
+    raw.drop_row(gone.id).await;
+    let e = entry(repo, gone.id).await.expect("the stale entry");
+    assert_eq!((e.version, e.indexed_version), (1, 0));
+    assert_eq!(e.scope.as_str(), "");
+    assert!(e.metadata.is_empty());
+    let vector = if keeps_vectors {
+        Vec::new()
+    } else {
+        gone.vector.clone()
+    };
+    assert_eq!(e.vector, vector);
+    let listed = repo
+        .list_pending(PendingFilter::Waiting, None, 100)
+        .await
+        .expect("list_pending");
+    assert!(listed.iter().any(|e| e.record_id == gone.id));
+    let claimed = repo
+        .claim_pending(NOW, OwnerToken::new_random(), NOW + 600_000, 100)
+        .await
+        .expect("claim_pending");
+    assert!(claimed.is_empty(), "a stale entry was claimed: {claimed:?}");
+    assert!(entry(repo, gone.id).await.is_none(), "the claim deletes it");
+}
+
+// SQLite.
+
+struct SqliteRaw {
+    path: PathBuf,
+}
+
+#[derive(QueryableByName)]
+struct SqliteRawRow {
+    #[diesel(sql_type = Bool)]
+    scope_null: bool,
+    #[diesel(sql_type = Bool)]
+    metadata_null: bool,
+    #[diesel(sql_type = Nullable<Binary>)]
+    vector: Option<Vec<u8>>,
+}
+
+impl SqliteRaw {
+    fn conn(&self) -> SqliteConnection {
+        let mut c = SqliteConnection::establish(self.path.to_str().expect("utf-8 path"))
+            .expect("open the database file");
+        c.batch_execute("PRAGMA busy_timeout = 5000")
+            .expect("busy timeout");
+        c
+    }
+}
+
+#[async_trait]
+impl Raw for SqliteRaw {
+    async fn entry(&self, id: RecordId) -> Option<RawEntry> {
+        let rows: Vec<SqliteRawRow> = diesel::sql_query(
+            "SELECT scope IS NULL AS scope_null, metadata IS NULL AS metadata_null, vector \
+             FROM pending_index WHERE record_id = ?",
+        )
+        .bind::<Text, _>(id.0.to_string())
+        .load(&mut self.conn())
+        .expect("read pending_index");
+        rows.into_iter().next().map(|r| RawEntry {
+            scope_null: r.scope_null,
+            metadata_null: r.metadata_null,
+            vector: r.vector,
+        })
+    }
+
+    async fn fill_entry(&self, id: RecordId) {
+        diesel::sql_query(
+            "UPDATE pending_index SET scope = 'restored', metadata = '{\"restored\": true}', \
+             vector = ? WHERE record_id = ?",
+        )
+        .bind::<Binary, _>(vector_bytes(&[9.0]))
+        .bind::<Text, _>(id.0.to_string())
+        .execute(&mut self.conn())
+        .expect("fill the entry");
+    }
+
+    async fn drop_row(&self, id: RecordId) {
+        diesel::sql_query("DELETE FROM records WHERE id = ?")
+            .bind::<Text, _>(id.0.to_string())
+            .execute(&mut self.conn())
+            .expect("delete the row");
+    }
+}
+
+async fn sqlite(keep_vectors: bool) -> (SqliteMetadataRepo, SqliteRaw, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("tandem.db");
+    let mut config = SqliteConfig::new(&path);
+    config.keep_vectors = keep_vectors;
+    let repo = SqliteMetadataRepo::open(config).await.expect("open SQLite");
+    (repo, SqliteRaw { path }, dir)
+}
+
+// PostgreSQL.
+
+struct PgRaw {
+    admin: tokio_postgres::Client,
+}
+
+#[async_trait]
+impl Raw for PgRaw {
+    async fn entry(&self, id: RecordId) -> Option<RawEntry> {
+        let rows = self
+            .admin
+            .query(
+                "SELECT scope IS NULL, metadata IS NULL, vector FROM pending_index \
+                 WHERE record_id = $1::text::uuid",
+                &[&id.0.to_string()],
+            )
+            .await
+            .expect("read pending_index");
+        rows.first().map(|r| RawEntry {
+            scope_null: r.get(0),
+            metadata_null: r.get(1),
+            vector: r.get(2),
+        })
+    }
+
+    async fn fill_entry(&self, id: RecordId) {
+        self.admin
+            .execute(
+                "UPDATE pending_index SET scope = 'restored', metadata = '{\"restored\": true}', \
+                 vector = $1 WHERE record_id = $2::text::uuid",
+                &[&vector_bytes(&[9.0]), &id.0.to_string()],
+            )
+            .await
+            .expect("fill the entry");
+    }
+
+    async fn drop_row(&self, id: RecordId) {
+        self.admin
+            .execute(
+                "DELETE FROM records WHERE id = $1::text::uuid",
+                &[&id.0.to_string()],
+            )
+            .await
+            .expect("delete the row");
+    }
+}
+
+async fn postgres(
+    keep_vectors: bool,
+) -> (
+    tandem_adapters::postgres::PostgresMetadataRepo,
+    PgRaw,
+    TestSchema,
+) {
+    let schema = TestSchema::new().await;
+    let repo = schema.repo_with(|c| c.keep_vectors = keep_vectors).await;
+    let admin = schema.admin().await;
+    (repo, PgRaw { admin }, schema)
+}
+
+/// Each case against each store, with and without kept vectors.
+macro_rules! cases {
+    ($($store:ident),*) => {
+        $(
+            mod $store {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn deferred_entries_are_light() {
+                    let (repo, raw, _guard) = super::$store(true).await;
+                    super::deferred_entries_are_light(&repo, &raw, true).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn deferred_entries_are_light_without_vectors() {
+                    let (repo, raw, _guard) = super::$store(false).await;
+                    super::deferred_entries_are_light(&repo, &raw, false).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pending_claim_reads_rows() {
+                    let (repo, _raw, _guard) = super::$store(true).await;
+                    super::pending_claim_reads_rows(&repo).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pending_claim_reads_rows_without_vectors() {
+                    let (repo, _raw, _guard) = super::$store(false).await;
+                    super::pending_claim_reads_rows(&repo).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pending_stale_entry_is_readable() {
+                    let (repo, raw, _guard) = super::$store(true).await;
+                    super::pending_stale_entry_is_readable(&repo, &raw, true).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pending_stale_entry_is_readable_without_vectors() {
+                    let (repo, raw, _guard) = super::$store(false).await;
+                    super::pending_stale_entry_is_readable(&repo, &raw, false).await;
+                }
+            }
+        )*
+    };
+}
+
+cases!(sqlite, postgres);
