@@ -566,13 +566,14 @@ pub enum CommitPart {
     Restore(Vec<UndoImage>),
     /// A deferred write (`WriteMode::Deferred`): insert or update these rows
     /// **without** switching their points, and enqueue (or coalesce) one
-    /// [`PendingIndex`] entry per record, with its vector, for the index
-    /// workers. An existing row keeps the point it references (its previous
+    /// [`PendingIndex`] entry per record for the index workers (a claim
+    /// returns each entry with its row's scope, metadata and vector; a store
+    /// that does not keep vectors keeps the vector in the entry). An existing row keeps the point it references (its previous
     /// vector stays findable); a new row references its `point_id`, which is
     /// reserved and not written: the record is found by no search until a
     /// worker indexes it.
     Defer {
-        /// The rows (their vectors go into the pending entries).
+        /// The rows (with their vectors: the workers index them).
         rows: Vec<RowWrite>,
         /// When the entries are enqueued (kept by a coalesced entry).
         now_ms: i64,

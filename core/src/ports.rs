@@ -603,7 +603,11 @@ pub trait MetadataRepo: Send + Sync {
     /// dead-lettered and not claimed (`claim_until_ms` absent or before
     /// `now_ms`), oldest enqueued first, and marks them claimed by `claim`
     /// until `claim_until_ms`. Entries that a later write made stale (the
-    /// record was deleted, or written synchronously since) are removed.
+    /// record was deleted, or written synchronously since) are removed. An
+    /// implementation whose claim can see an entry newer than its row (a
+    /// commit landing while the claim reads, as under PostgreSQL's read
+    /// committed) leaves that entry for a later claim: it must never remove
+    /// an entry its row has not passed.
     ///
     /// Contract:
     /// - `pending_claim_takes_current`: a deferred write's entries are

@@ -104,7 +104,9 @@ pub(crate) trait TxOps: Send {
     /// now. An existing entry at that previous version (still waiting for
     /// the write it coalesces with) keeps its `enqueued_ms` and
     /// `indexed_version`; everything else is overwritten, the claim, the
-    /// attempts and the dead-letter flag cleared.
+    /// attempts and the dead-letter flag cleared. The entry stores no copy
+    /// of what its row holds: scope and metadata stay NULL, and so does the
+    /// vector when the store keeps vectors (reads take them from the row).
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError>;
 
     /// Inserts or overwrites these entries exactly as given.
@@ -738,8 +740,10 @@ impl Applied {
 
 /// [`MetadataRepo::claim_pending`](tandem_core::MetadataRepo::claim_pending)
 /// inside the caller's transaction: the oldest claimable entries, locked;
-/// those a later write made stale (the row gone or at another version) are
-/// removed and more are taken in their place; the rest are marked claimed.
+/// those a later write made stale (the row gone or past the entry's version)
+/// are removed and more are taken in their place; an entry whose row is
+/// behind it (a commit landing during the claim) is left for the next claim;
+/// the rest are marked claimed.
 pub(crate) async fn claim_pending<T: TxOps + ?Sized>(
     tx: &mut T,
     now_ms: i64,
@@ -752,13 +756,22 @@ pub(crate) async fn claim_pending<T: TxOps + ?Sized>(
     }
     let current = loop {
         let candidates = tx.claim_candidates(now_ms, limit).await?;
+        // An entry is stale when its record is gone or a later write passed
+        // it; it is current when its row is at its version. A row *behind*
+        // its entry is a write that committed while the claim's statement
+        // ran: PostgreSQL re-reads a locked entry at its newest version but
+        // keeps the joined row from the statement's snapshot. That entry is
+        // neither claimed nor deleted: the next claim sees both at once.
         let stale: Vec<RecordId> = candidates
             .iter()
-            .filter(|(e, row)| *row != Some(e.version))
+            .filter(|(e, row)| row.is_none_or(|v| v > e.version))
             .map(|(e, _)| e.record_id)
             .collect();
         if stale.is_empty() {
-            break candidates;
+            break candidates
+                .into_iter()
+                .filter(|(e, row)| *row == Some(e.version))
+                .collect::<Vec<_>>();
         }
         // Each round removes at least one entry, so this ends; the entries
         // kept stay locked by this transaction and come back next round.
