@@ -1321,17 +1321,18 @@ mod tests {
 
     #[test]
     fn call_classification() {
-        assert_eq!(Call::all().len(), 36);
+        assert_eq!(Call::all().len(), 37);
         let distinct: HashSet<Call> = Call::all().iter().copied().collect();
-        assert_eq!(distinct.len(), 36);
+        assert_eq!(distinct.len(), 37);
         let writes: Vec<Call> = Call::all().iter().copied().filter(Call::is_write).collect();
-        assert_eq!(writes.len(), 18);
+        assert_eq!(writes.len(), 19);
         assert!(Call::ClaimPending.is_write() && !Call::PendingFor.is_write());
         assert!(Call::CommitTransaction.is_write() && Call::CommitTransaction.is_metadata());
         assert!(Call::SagaClaim.is_write() && !Call::SagaGet.is_write());
         assert!(Call::IndexDelete.is_write() && Call::IndexDelete.is_index());
         assert!(!Call::IndexSearch.is_write());
         assert!(Call::Settle.is_write() && Call::Settle.is_metadata());
+        assert!(Call::SettleUnprepared.is_write() && Call::SettleUnprepared.is_metadata());
         assert_eq!(Call::all().iter().filter(|c| c.is_index()).count(), 6);
     }
 
