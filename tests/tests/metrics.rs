@@ -348,15 +348,13 @@ fn a_deferred_upsert_counts_its_commit_and_the_workers_batch_counts_the_records_
             .await
             .expect("deferred upsert");
         assert_eq!((report.inserted, report.updated), (2, 1));
-        // One metadata transaction after the prepare; no index write, no cleanup.
+        // One metadata transaction (it creates its own intent: no prepare);
+        // no index write, no cleanup.
         assert_moved(
             m.take(),
             Moved::expect(
                 &[("tandem_commits_total{op=deferred_upsert}", 1)],
-                &[
-                    ("deferred_upsert", "prepare", 1),
-                    ("deferred_upsert", "commit", 1),
-                ],
+                &[("deferred_upsert", "commit", 1)],
             ),
         );
         let stats = c.stats().await.expect("stats");
