@@ -492,6 +492,14 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
                 ("deferred writes waiting", output::count(p.pending)),
                 ("of those claimed by a worker", output::count(p.claimed)),
                 ("oldest waiting", age),
+                (
+                    "indexed in the last minute",
+                    output::count(p.indexed_last_minute),
+                ),
+                (
+                    "indexing rate (all workers)",
+                    format!("{:.1} records/s", p.indexing_rate()),
+                ),
                 ("dead letters", output::count(p.dead)),
             ]));
         }

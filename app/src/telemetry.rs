@@ -163,6 +163,10 @@ pub fn describe_metrics() {
         metrics::Unit::Seconds,
         "Age of the oldest deferred write waiting for an index worker (0: none)"
     );
+    describe_gauge!(
+        "tandem_index_indexed_last_minute",
+        "Records every index worker switched into the index in the last minute, at the last stats or service probe"
+    );
     describe_histogram!(
         "tandem_phase_seconds",
         metrics::Unit::Seconds,
@@ -297,6 +301,7 @@ pub fn register_metrics() {
         "tandem_index_pending",
         "tandem_index_dead_letters",
         "tandem_index_oldest_pending_seconds",
+        "tandem_index_indexed_last_minute",
     ] {
         metrics::gauge!(name).set(0.0);
     }

@@ -1054,6 +1054,18 @@ fn deferred_ingest_becomes_searchable_once_the_index_worker_drains_it() {
     let r = s.embedded(&["index-worker", "--until-idle", "--json"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert_eq!(r.json()["indexed"], 6);
+    // The rate the store counts, seen by another process: every record the
+    // worker switched in (the next command runs well within the minute).
+    let r = s.embedded(&["stats", "--json"]);
+    let v = r.json();
+    assert_eq!(v["pending"]["pending"], 0, "{v}");
+    assert_eq!(v["pending"]["indexed_last_minute"], 6, "{v}");
+    let r = s.embedded(&["stats"]);
+    assert!(
+        r.stdout.contains("indexed in the last minute") && r.stdout.contains("0.1 records/s"),
+        "{}",
+        r.stdout
+    );
     let r = s.embedded(&["search", "--vector", own, "-k", "1", "--json"]);
     assert_eq!(r.json()[0]["id"], id(3), "{}", r.stdout);
     let r = s.embedded(&["verify", "--json"]);

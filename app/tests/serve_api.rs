@@ -822,14 +822,21 @@ fn deferred_writes_over_http_become_searchable_through_the_services_worker() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["deferred"], true);
     assert!(r.json().get("wait").is_none());
-    let status = s.wait_for_status(Duration::from_secs(20), "the backlog drained", |st| {
+    // The panel, from the metadata store: nothing waiting, and every record
+    // the worker indexed counted (all within the last minute: the whole
+    // test). Before the writes, it showed nothing waiting and none indexed.
+    let indexing = |st: &serde_json::Value, key: &str| {
         st["sections"]
             .as_array()
             .and_then(|sections| sections.iter().find(|x| x["id"] == "indexing"))
             .and_then(|x| x["rows"].as_array())
-            .and_then(|rows| rows.iter().find(|r| r["key"] == "pending"))
-            .is_some_and(|r| r["value"] == 0)
+            .and_then(|rows| rows.iter().find(|r| r["key"] == key))
+            .map(|r| r["value"].clone())
+    };
+    let status = s.wait_for_status(Duration::from_secs(20), "the backlog drained", |st| {
+        indexing(st, "indexed_last_minute") == Some(json!(3))
     });
+    assert_eq!(indexing(&status, "pending"), Some(json!(0)), "{status}");
     let config = status["sections"]
         .as_array()
         .unwrap()
@@ -851,6 +858,11 @@ fn deferred_writes_over_http_become_searchable_through_the_services_worker() {
         "{text}"
     );
     assert_eq!(metric_value(&text, "tandem_index_pending"), Some(0.0));
+    assert_eq!(
+        metric_value(&text, "tandem_index_indexed_last_minute"),
+        Some(3.0),
+        "{text}"
+    );
 
     let r = s.post(
         &format!("{RECORDS}?mode=later"),

@@ -585,11 +585,15 @@ pub enum CommitPart {
     /// then the reserved one, never written, and nothing is left to delete)
     /// and remove the entry; otherwise the new point is garbage.
     /// The row's version does not change: indexing is not a write.
+    /// The switched records count towards the indexing rate
+    /// ([`PendingStats::indexed_last_minute`]) at `now_ms`.
     Index {
         /// The token the worker claimed the entries with.
         claim: OwnerToken,
         /// One switch per record.
         switches: Vec<IndexSwitch>,
+        /// When the worker switches (its clock's now).
+        now_ms: i64,
     },
 }
 
@@ -677,6 +681,35 @@ pub struct PendingStats {
     pub dead: u64,
     /// When the oldest waiting (not dead-lettered) entry was enqueued.
     pub oldest_enqueued_ms: Option<i64>,
+    /// Records index workers switched into the index in the last minute:
+    /// the [`CommitPart::Index`] commits whose `now_ms` falls in the 60
+    /// whole seconds ending with the second of `now_ms` (per-second
+    /// buckets). Divided by 60, the indexing rate in records per second.
+    #[serde(default)]
+    pub indexed_last_minute: u64,
+}
+
+impl PendingStats {
+    /// The window [`indexed_last_minute`](Self::indexed_last_minute) counts
+    /// over, in seconds.
+    pub const RATE_WINDOW_S: i64 = 60;
+
+    /// The second (since the epoch) a time in milliseconds falls in: the
+    /// bucket the indexing rate counts it under.
+    pub fn rate_bucket(ms: i64) -> i64 {
+        ms.div_euclid(1000)
+    }
+
+    /// Whether a bucket is inside the rate window at `now_ms`.
+    pub fn in_rate_window(bucket_s: i64, now_ms: i64) -> bool {
+        let now_s = Self::rate_bucket(now_ms);
+        bucket_s <= now_s && bucket_s > now_s - Self::RATE_WINDOW_S
+    }
+
+    /// The indexing rate over the last minute, in records per second.
+    pub fn indexing_rate(&self) -> f64 {
+        self.indexed_last_minute as f64 / Self::RATE_WINDOW_S as f64
+    }
 }
 
 /// Which pending entries a listing returns ([`MetadataRepo::list_pending`](crate::MetadataRepo::list_pending)).

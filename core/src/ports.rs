@@ -711,6 +711,10 @@ pub trait MetadataRepo: Send + Sync {
     /// Contract:
     /// - `pending_stats_counts`: counts waiting, claimed (at `now_ms`) and
     ///   dead entries, and the oldest waiting entry's enqueue time.
+    /// - `pending_stats_rate`: `indexed_last_minute` counts the records
+    ///   [`CommitPart::Index`](crate::CommitPart::Index) commits switched
+    ///   (not their fenced switches) at times in the 60 whole seconds ending
+    ///   with `now_ms`'s second.
     async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
         let _ = now_ms;
         Err(deferred_unsupported())

@@ -52,7 +52,7 @@ use tandem_tests::harness::{DIM, FaultyCoordinator, World, fault_config, rid, ve
 /// Every metric the coordinator records: name, kind, label keys. Kept equal to
 /// the macros in `core/src` and to `docs/metrics.md` by
 /// [`the_inventory_matches_the_core_sources_the_docs_and_the_exporter_descriptions`].
-const INVENTORY: [(&str, MetricKind, &[&str]); 19] = [
+const INVENTORY: [(&str, MetricKind, &[&str]); 20] = [
     ("tandem_commits_total", MetricKind::Counter, &["op"]),
     ("tandem_rollbacks_total", MetricKind::Counter, &["op"]),
     ("tandem_compensations_total", MetricKind::Counter, &[]),
@@ -92,6 +92,7 @@ const INVENTORY: [(&str, MetricKind, &[&str]); 19] = [
         MetricKind::Gauge,
         &[],
     ),
+    ("tandem_index_indexed_last_minute", MetricKind::Gauge, &[]),
 ];
 
 /// What moved since the last [`Meter::take`]: counter increments, the number

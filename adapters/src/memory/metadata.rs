@@ -46,6 +46,9 @@ struct State {
     sagas: HashMap<SagaId, (SagaRecord, u64)>,
     /// The caller's own tables ([`InMemoryTables`]).
     tables: InMemoryTables,
+    /// Records switched into the index per second (the indexing rate), the
+    /// last two minutes of switches kept.
+    indexed_per_s: BTreeMap<i64, u64>,
 }
 
 /// The memory store's equivalent of a caller's own SQL tables: named tables
@@ -100,6 +103,8 @@ struct Scratch<'s> {
     conflicts: Vec<RecordId>,
     /// The version each deferred row got.
     versions: Vec<(RecordId, u64)>,
+    /// Records an `Index` part switched, with its time.
+    indexed: Vec<(i64, u64)>,
 }
 
 impl<'s> Scratch<'s> {
@@ -114,6 +119,7 @@ impl<'s> Scratch<'s> {
             saved: Vec::new(),
             conflicts: Vec::new(),
             versions: Vec::new(),
+            indexed: Vec::new(),
         }
     }
 
@@ -368,7 +374,12 @@ impl<'s> Scratch<'s> {
         Ok(())
     }
 
-    fn index(&mut self, claim: OwnerToken, switches: &[IndexSwitch]) -> Result<(), MetadataError> {
+    fn index(
+        &mut self,
+        claim: OwnerToken,
+        switches: &[IndexSwitch],
+        now_ms: i64,
+    ) -> Result<(), MetadataError> {
         let mut points = HashSet::with_capacity(switches.len());
         for (index, s) in switches.iter().enumerate() {
             if !points.insert(s.point_id) || self.by_point.contains_key(&s.point_id) {
@@ -378,6 +389,7 @@ impl<'s> Scratch<'s> {
                 )));
             }
         }
+        let mut switched = 0;
         for s in switches {
             let current = self.rows.get(&s.record_id).map(|r| (r.version, r.point_id));
             let entry = self
@@ -399,10 +411,14 @@ impl<'s> Scratch<'s> {
                         row.point_id = s.point_id;
                     }
                     self.pending.remove(&s.record_id);
+                    switched += 1;
                 }
                 // Superseded, deleted, or taken over: the new point is garbage.
                 _ => self.garbage.push(s.point_id),
             }
+        }
+        if switched > 0 {
+            self.indexed.push((now_ms, switched));
         }
         Ok(())
     }
@@ -458,6 +474,15 @@ impl InMemoryMetadataRepo {
 }
 
 impl State {
+    /// Adds `n` switched records to the second of `at_ms`; forgets seconds
+    /// more than two rate windows older.
+    fn count_indexed(&mut self, at_ms: i64, n: u64) {
+        let bucket = PendingStats::rate_bucket(at_ms);
+        *self.indexed_per_s.entry(bucket).or_default() += n;
+        let keep_from = bucket - 2 * PendingStats::RATE_WINDOW_S;
+        self.indexed_per_s = self.indexed_per_s.split_off(&keep_from);
+    }
+
     /// Inserts `intent` as prepared, unless an intent of its id exists.
     fn insert_intent(&mut self, intent: &NewIntent) {
         if self.intents.contains_key(&intent.id) {
@@ -722,7 +747,11 @@ impl MetadataRepo for InMemoryMetadataRepo {
                 }
                 CommitPart::Restore(images) => scratch.restore(images),
                 CommitPart::Defer { rows, now_ms } => scratch.defer(rows, *now_ms),
-                CommitPart::Index { claim, switches } => scratch.index(*claim, switches),
+                CommitPart::Index {
+                    claim,
+                    switches,
+                    now_ms,
+                } => scratch.index(*claim, switches, *now_ms),
             };
             if let Err(e) = applied {
                 scratch.rollback();
@@ -738,7 +767,12 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .copied()
             .filter(|p| !referenced.contains(p) && seen.insert(*p))
             .collect();
-        let (summary, conflicts, versions) = (scratch.summary, scratch.conflicts, scratch.versions);
+        let (summary, conflicts, versions, indexed) = (
+            scratch.summary,
+            scratch.conflicts,
+            scratch.versions,
+            scratch.indexed,
+        );
         let held = if commit.hold {
             IntentState::Held
         } else {
@@ -746,6 +780,9 @@ impl MetadataRepo for InMemoryMetadataRepo {
         };
         if let Some(new) = created {
             state.insert_intent(new);
+        }
+        for (at_ms, n) in indexed {
+            state.count_indexed(at_ms, n);
         }
         state.mark(intent, garbage.clone(), summary, held);
         if let (Some(at), Some(stored)) = (commit.release_at_ms, state.intents.get_mut(&intent)) {
@@ -1251,6 +1288,12 @@ impl MetadataRepo for InMemoryMetadataRepo {
                     .map_or(e.enqueued_ms, |o| o.min(e.enqueued_ms)),
             );
         }
+        stats.indexed_last_minute = state
+            .indexed_per_s
+            .iter()
+            .filter(|(b, _)| PendingStats::in_rate_window(**b, now_ms))
+            .map(|(_, n)| n)
+            .sum();
         Ok(stats)
     }
 }

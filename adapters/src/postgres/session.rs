@@ -26,7 +26,7 @@ use crate::sql::codec::{
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
 use crate::sql::prepared::PreparedExt;
-use crate::sql::steps::TxOps;
+use crate::sql::steps::{ACTIVITY_KEEP_S, TxOps};
 
 /// Opens connections that record their server errors' SQLSTATEs
 /// ([`super::connect`]), through tokio-postgres directly (so connection
@@ -355,6 +355,8 @@ struct PgPendingStats {
     dead: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     oldest: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    indexed: i64,
 }
 
 /// Column arrays of pending entries for `UNNEST`.
@@ -847,6 +849,35 @@ impl TxOps for Session {
             .execute(self.c())
             .await
             .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn finish_index(
+        &mut self,
+        ids: &[RecordId],
+        shard: i32,
+        now_ms: i64,
+    ) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        let bucket = PendingStats::rate_bucket(now_ms);
+        // One round trip: the entries, the shard's old seconds, and the
+        // count added to the current second.
+        diesel::sql_query(
+            "WITH done AS (DELETE FROM pending_index WHERE record_id = ANY($1)), \
+                  old AS (DELETE FROM index_activity WHERE shard = $2 AND bucket_s < $4) \
+             INSERT INTO index_activity (bucket_s, shard, indexed) VALUES ($3, $2, $5) \
+             ON CONFLICT (shard, bucket_s) \
+             DO UPDATE SET indexed = index_activity.indexed + excluded.indexed",
+        )
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .bind::<Integer, _>(shard)
+        .bind::<BigInt, _>(bucket)
+        .bind::<BigInt, _>(bucket - ACTIVITY_KEEP_S)
+        .bind::<BigInt, _>(ids.len() as i64)
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
         Ok(())
     }
 
@@ -1583,10 +1614,14 @@ impl Session {
             "SELECT count(*) FILTER (WHERE NOT dead) AS pending, \
                  count(*) FILTER (WHERE NOT dead AND claim_until_ms >= $1) AS claimed, \
                  count(*) FILTER (WHERE dead) AS dead, \
-                 min(enqueued_ms) FILTER (WHERE NOT dead) AS oldest \
+                 min(enqueued_ms) FILTER (WHERE NOT dead) AS oldest, \
+                 (SELECT coalesce(sum(indexed), 0)::bigint FROM index_activity \
+                     WHERE bucket_s > $2 AND bucket_s <= $3) AS indexed \
              FROM pending_index",
         )
         .bind::<BigInt, _>(now_ms)
+        .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms) - PendingStats::RATE_WINDOW_S)
+        .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms))
         .prepared()
         .load(self.c())
         .await
@@ -1599,6 +1634,7 @@ impl Session {
             claimed: to_u64(r.claimed, "count")?,
             dead: to_u64(r.dead, "count")?,
             oldest_enqueued_ms: r.oldest,
+            indexed_last_minute: to_u64(r.indexed, "count")?,
         })
     }
 }

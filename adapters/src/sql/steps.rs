@@ -11,11 +11,24 @@ use async_trait::async_trait;
 use tandem_core::{
     CommitPart, CommitStep, CommitSummary, DeleteCommit, DeleteSelector, IdempotencyRecord,
     IndexSwitch, Intent, IntentId, IntentState, MetadataError, NewIntent, OwnerToken, PendingIndex,
-    PointId, RecordId, RowWrite, SagaId, SagaState, Settlement, StoredRecord, StoredRecordImage,
-    TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
+    PendingStats, PointId, RecordId, RowWrite, SagaId, SagaState, Settlement, StoredRecord,
+    StoredRecordImage, TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
 
 use super::codec::{invalid, validate_batch};
+
+/// Shards of the indexing activity table: concurrent switches (a worker's
+/// lanes, several workers) add to different rows of the same second, so
+/// they rarely wait on each other's row lock.
+pub(crate) const ACTIVITY_SHARDS: u128 = 16;
+
+/// Seconds of indexing activity a shard keeps: two rate windows.
+pub(crate) const ACTIVITY_KEEP_S: i64 = 2 * PendingStats::RATE_WINDOW_S;
+
+/// The activity shard a switch adds to, from its claim token (random).
+pub(crate) fn activity_shard(claim: OwnerToken) -> i32 {
+    (claim.0.as_u128() % ACTIVITY_SHARDS) as i32
+}
 
 /// The statements a backend runs inside a protocol step's transaction.
 ///
@@ -98,6 +111,17 @@ pub(crate) trait TxOps: Send {
 
     /// Removes the pending entries of `ids`.
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError>;
+
+    /// An index switch's end: removes the pending entries of the switched
+    /// `ids` and adds their count to the indexing activity of `now_ms`'s
+    /// second in `shard` ([`activity_shard`]), dropping that shard's
+    /// seconds older than [`ACTIVITY_KEEP_S`].
+    async fn finish_index(
+        &mut self,
+        ids: &[RecordId],
+        shard: i32,
+        now_ms: i64,
+    ) -> Result<(), MetadataError>;
 
     /// Enqueues a deferred write's entries (ascending id order), each with
     /// `indexed_version` = the row's previous version and `enqueued_ms` =
@@ -367,8 +391,14 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             CommitPart::Defer { rows, now_ms } => {
                 applied.defer(tx, rows, *now_ms, commit.hold).await?
             }
-            CommitPart::Index { claim, switches } => {
-                applied.index(tx, *claim, switches, commit.hold).await?
+            CommitPart::Index {
+                claim,
+                switches,
+                now_ms,
+            } => {
+                applied
+                    .index(tx, *claim, switches, *now_ms, commit.hold)
+                    .await?
             }
         }
     }
@@ -562,6 +592,7 @@ impl Applied {
         tx: &mut T,
         claim: OwnerToken,
         switches: &[IndexSwitch],
+        now_ms: i64,
         hold: bool,
     ) -> Result<(), MetadataError> {
         let mut points = HashSet::with_capacity(switches.len());
@@ -618,7 +649,7 @@ impl Applied {
         self.save_before(tx, &ids, hold).await?;
         let pairs: Vec<(RecordId, PointId)> = switched.into_iter().collect();
         tx.switch_points(&pairs).await?;
-        tx.delete_pending(&ids).await?;
+        tx.finish_index(&ids, activity_shard(claim), now_ms).await?;
         Ok(())
     }
 

@@ -28,7 +28,7 @@ use crate::sql::codec::{
 };
 use crate::sql::pool::Connector;
 use crate::sql::prepared::PreparedExt;
-use crate::sql::steps::TxOps;
+use crate::sql::steps::{ACTIVITY_KEEP_S, TxOps};
 
 /// The async connection the pool holds.
 pub(crate) type Conn = SyncConnectionWrapper<SqliteConnection>;
@@ -288,6 +288,8 @@ struct SqlPendingStats {
     dead: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     oldest: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    indexed: i64,
 }
 
 #[derive(QueryableByName)]
@@ -673,6 +675,34 @@ impl TxOps for SyncTx<'_> {
 
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
         delete_pending_of(self.c, ids)
+    }
+
+    async fn finish_index(
+        &mut self,
+        ids: &[RecordId],
+        shard: i32,
+        now_ms: i64,
+    ) -> Result<(), MetadataError> {
+        delete_pending_of(self.c, ids)?;
+        let bucket = PendingStats::rate_bucket(now_ms);
+        diesel::sql_query("DELETE FROM index_activity WHERE shard = ? AND bucket_s < ?")
+            .bind::<Integer, _>(shard)
+            .bind::<BigInt, _>(bucket - ACTIVITY_KEEP_S)
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        diesel::sql_query(
+            "INSERT INTO index_activity (bucket_s, shard, indexed) VALUES (?, ?, ?) \
+             ON CONFLICT (shard, bucket_s) \
+             DO UPDATE SET indexed = index_activity.indexed + excluded.indexed",
+        )
+        .bind::<BigInt, _>(bucket)
+        .bind::<Integer, _>(shard)
+        .bind::<BigInt, _>(ids.len() as i64)
+        .prepared()
+        .execute(self.c)
+        .map_err(stmt)?;
+        Ok(())
     }
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
@@ -1342,10 +1372,14 @@ pub(crate) fn pending_stats(
              COALESCE(SUM(dead = 0 AND claim_until_ms IS NOT NULL AND claim_until_ms >= ?), 0) \
                  AS claimed, \
              COALESCE(SUM(dead = 1), 0) AS dead, \
-             MIN(CASE WHEN dead = 0 THEN enqueued_ms END) AS oldest \
+             MIN(CASE WHEN dead = 0 THEN enqueued_ms END) AS oldest, \
+             (SELECT COALESCE(SUM(indexed), 0) FROM index_activity \
+                 WHERE bucket_s > ? AND bucket_s <= ?) AS indexed \
          FROM pending_index",
     )
     .bind::<BigInt, _>(now_ms)
+    .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms) - PendingStats::RATE_WINDOW_S)
+    .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms))
     .prepared()
     .load(c)
     .map_err(stmt)?;
@@ -1357,5 +1391,6 @@ pub(crate) fn pending_stats(
         claimed: to_u64(r.claimed, "count")?,
         dead: to_u64(r.dead, "count")?,
         oldest_enqueued_ms: r.oldest,
+        indexed_last_minute: to_u64(r.indexed, "count")?,
     })
 }

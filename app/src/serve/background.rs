@@ -314,8 +314,10 @@ async fn probe(ctx: &Context) {
 
 /// The dashboard's "Deferred indexing" panel: writes waiting for an index
 /// worker, the oldest one's age (the index's lag) and dead letters (an
-/// alert: an operator decides). The indexing rate is the activity series
-/// `indexed_records`; the gauges are set by `Coordinator::pending_stats`.
+/// alert: an operator decides), and how many records every worker indexed
+/// in the last minute (from the metadata store, so workers in other
+/// processes count too; this process's own rate is the activity series
+/// `indexed_records`). The gauges are set by `Coordinator::pending_stats`.
 pub fn indexing_section(p: &tandem_core::PendingStats, now_ms: i64) -> Section {
     let age = p
         .oldest_enqueued_ms
@@ -333,6 +335,12 @@ pub fn indexing_section(p: &tandem_core::PendingStats, now_ms: i64) -> Section {
             row("pending", "waiting for a worker", p.pending.into(), false),
             row("claimed", "of those being indexed", p.claimed.into(), false),
             row("lag_secs", "oldest waiting (s)", age.into(), false),
+            row(
+                "indexed_last_minute",
+                "indexed in the last minute (all workers)",
+                p.indexed_last_minute.into(),
+                false,
+            ),
             row(
                 "dead_letters",
                 "dead letters (tandem dlq)",

@@ -240,7 +240,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let unit = Unit {
             op: "index",
             kind: IntentKind::Index,
-            parts: vec![CommitPart::Index { claim, switches }],
+            parts: vec![CommitPart::Index {
+                claim,
+                switches,
+                now_ms: now,
+            }],
             points,
             step: None,
             hold: false,
@@ -466,10 +470,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
     }
 
-    /// The backlog: waiting, claimed and dead-lettered entries, and the
-    /// oldest waiting entry's enqueue time. Sets the backlog's gauges
-    /// (`tandem_index_pending`, `tandem_index_dead_letters`,
-    /// `tandem_index_oldest_pending_seconds`).
+    /// The backlog: waiting, claimed and dead-lettered entries, the oldest
+    /// waiting entry's enqueue time, and the records every worker indexed in
+    /// the last minute. Sets the backlog's gauges (`tandem_index_pending`,
+    /// `tandem_index_dead_letters`, `tandem_index_oldest_pending_seconds`,
+    /// `tandem_index_indexed_last_minute`).
     pub async fn pending_stats(&self) -> Result<PendingStats, CoordinatorError> {
         self.ensure_deferred()?;
         let now = self.clock.now_ms();
@@ -485,6 +490,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         metrics::gauge!("tandem_index_pending").set(stats.pending as f64);
         metrics::gauge!("tandem_index_dead_letters").set(stats.dead as f64);
         metrics::gauge!("tandem_index_oldest_pending_seconds").set(lag_ms as f64 / 1000.0);
+        metrics::gauge!("tandem_index_indexed_last_minute").set(stats.indexed_last_minute as f64);
         Ok(stats)
     }
 

@@ -288,6 +288,7 @@ macro_rules! metadata_repo_conformance {
                 pending_retry_dead,
                 pending_drop_dead,
                 pending_stats_counts,
+                pending_stats_rate,
                 commit_transaction_creates_intent,
                 settle_unprepared_fences_absent,
                 settle_unprepared_committed,

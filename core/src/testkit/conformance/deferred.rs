@@ -96,15 +96,30 @@ async fn claim_ours<M: MetadataRepo + ?Sized>(
     .collect()
 }
 
-/// An index switch of `entry` to a fresh point, committed with `claim`.
+/// An index switch of `entry` to a fresh point, committed with `claim`
+/// at [`NOW`].
 async fn switch<M: MetadataRepo + ?Sized>(
     repo: &M,
     claim: OwnerToken,
     switches: Vec<IndexSwitch>,
 ) -> TransactionCommitResult {
+    switch_at(repo, claim, switches, NOW).await
+}
+
+/// An index switch committed with `claim` at `now_ms`.
+async fn switch_at<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    claim: OwnerToken,
+    switches: Vec<IndexSwitch>,
+    now_ms: i64,
+) -> TransactionCommitResult {
     let points = switches.iter().map(|s| s.point_id).collect();
     let intent = prepared(repo, IntentKind::Index, points).await;
-    let parts = [CommitPart::Index { claim, switches }];
+    let parts = [CommitPart::Index {
+        claim,
+        switches,
+        now_ms,
+    }];
     ok(
         repo.commit_transaction(
             intent.id,
@@ -779,4 +794,51 @@ pub async fn pending_stats_counts<M: MetadataRepo + ?Sized>(repo: &M) {
         "claim_ours claims every claimable entry: {after:?}"
     );
     assert!(after.oldest_enqueued_ms.is_some_and(|t| t <= 7));
+}
+
+/// `pending_stats_rate`: `indexed_last_minute` counts the records index
+/// switches committed in the 60 whole seconds ending with `now_ms`'s second
+/// — switched records only, not a fenced switch's — and nothing older.
+pub async fn pending_stats_rate<M: MetadataRepo + ?Sized>(repo: &M) {
+    if skipped(repo, "pending_stats_rate") {
+        return;
+    }
+    // Seconds no other case switches at (they switch at NOW), far ahead of
+    // them. Counts are compared with the same queries before the switches,
+    // so that a store shared with earlier runs passes too.
+    const AT: i64 = 3_000_000_000_000;
+    let count =
+        |now| async move { ok(repo.pending_stats(now).await, "pending_stats").indexed_last_minute };
+    // (now, records of this case in the window at now, why)
+    let expected = [
+        (AT + 1_500, 3, "both switches, without the fenced record"),
+        (AT + 59_999, 3, "both still in the window"),
+        (AT + 60_000, 1, "the first switch's second left the window"),
+        (AT + 61_000, 0, "both left the window"),
+        (AT - 1, 0, "a switch after now is not counted"),
+    ];
+    let mut before = Vec::new();
+    for (now, _, _) in expected {
+        before.push(count(now).await);
+    }
+    let scope = fresh_scope("pending-rate");
+    let rows: Vec<RowWrite> = (0..4).map(|n| row(&scope, n)).collect();
+    defer(repo, &rows, T0).await;
+    let claim = OwnerToken::new_random();
+    let claimed = claim_ours(repo, claim, &ids(&rows), NOW).await;
+    assert_eq!(claimed.len(), 4);
+    // The last record is written again after the claim: its switch is
+    // fenced and does not count.
+    defer(repo, &[rewrite(&rows[3], &scope, 40)], T0 + 1).await;
+    // The fenced record's switch last: in the second commit.
+    let mut switches: Vec<IndexSwitch> = claimed.iter().map(to).collect();
+    switches.sort_by_key(|s| s.record_id == rows[3].id);
+    let (first, second) = switches.split_at(2);
+    switch_at(repo, claim, first.to_vec(), AT).await;
+    let result = switch_at(repo, claim, second.to_vec(), AT + 1_500).await;
+    assert_eq!(result.garbage.len(), 1, "the superseded switch is garbage");
+    for ((now, want, why), base) in expected.into_iter().zip(before) {
+        let after = count(now).await;
+        assert_eq!(after.checked_sub(base), Some(want), "at {now}: {why}");
+    }
 }
