@@ -1054,6 +1054,12 @@ fn deferred_ingest_becomes_searchable_once_the_index_worker_drains_it() {
     let r = s.embedded(&["index-worker", "--until-idle", "--json"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert_eq!(r.json()["indexed"], 6);
+    assert_eq!(
+        r.json()["pending"]["indexed_last_minute"],
+        6,
+        "{}",
+        r.stdout
+    );
     // The rate the store counts, seen by another process: every record the
     // worker switched in (the next command runs well within the minute).
     let r = s.embedded(&["stats", "--json"]);

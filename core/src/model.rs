@@ -568,8 +568,9 @@ pub enum CommitPart {
     /// **without** switching their points, and enqueue (or coalesce) one
     /// [`PendingIndex`] entry per record for the index workers (a claim
     /// returns each entry with its row's scope, metadata and vector; a store
-    /// that does not keep vectors keeps the vector in the entry). An existing row keeps the point it references (its previous
-    /// vector stays findable); a new row references its `point_id`, which is
+    /// that does not keep vectors keeps the vector in the entry). An
+    /// existing row keeps the point it references (its previous vector
+    /// stays findable); a new row references its `point_id`, which is
     /// reserved and not written: the record is found by no search until a
     /// worker indexes it.
     Defer {
@@ -700,10 +701,12 @@ impl PendingStats {
         ms.div_euclid(1000)
     }
 
-    /// Whether a bucket is inside the rate window at `now_ms`.
-    pub fn in_rate_window(bucket_s: i64, now_ms: i64) -> bool {
+    /// The buckets [`indexed_last_minute`](Self::indexed_last_minute) sums
+    /// at `now_ms`: the [`RATE_WINDOW_S`](Self::RATE_WINDOW_S) seconds
+    /// ending with `now_ms`'s own.
+    pub fn rate_window(now_ms: i64) -> std::ops::RangeInclusive<i64> {
         let now_s = Self::rate_bucket(now_ms);
-        bucket_s <= now_s && bucket_s > now_s - Self::RATE_WINDOW_S
+        now_s - Self::RATE_WINDOW_S + 1..=now_s
     }
 
     /// The indexing rate over the last minute, in records per second.
@@ -899,6 +902,20 @@ pub fn from_unix_ms(ms: i64) -> SystemTime {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn rate_window_is_the_60_seconds_ending_with_nows() {
+        assert_eq!(PendingStats::rate_window(60_999), 1..=60);
+        assert_eq!(PendingStats::rate_window(61_000), 2..=61);
+        // Before the epoch, a millisecond still falls in the second below it.
+        assert_eq!(PendingStats::rate_bucket(-1), -1);
+        assert_eq!(PendingStats::rate_window(-1), -60..=-1);
+        let stats = PendingStats {
+            indexed_last_minute: 90,
+            ..PendingStats::default()
+        };
+        assert_eq!(stats.indexing_rate(), 1.5);
+    }
 
     #[test]
     fn filter_matches_scope_and_metadata() {

@@ -1290,8 +1290,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         }
         stats.indexed_last_minute = state
             .indexed_per_s
-            .iter()
-            .filter(|(b, _)| PendingStats::in_rate_window(**b, now_ms))
+            .range(PendingStats::rate_window(now_ms))
             .map(|(_, n)| n)
             .sum();
         Ok(stats)

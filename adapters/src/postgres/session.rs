@@ -1610,18 +1610,19 @@ impl Session {
         &mut self,
         now_ms: i64,
     ) -> Result<PendingStats, MetadataError> {
+        let window = PendingStats::rate_window(now_ms);
         let rows: Vec<PgPendingStats> = diesel::sql_query(
             "SELECT count(*) FILTER (WHERE NOT dead) AS pending, \
                  count(*) FILTER (WHERE NOT dead AND claim_until_ms >= $1) AS claimed, \
                  count(*) FILTER (WHERE dead) AS dead, \
                  min(enqueued_ms) FILTER (WHERE NOT dead) AS oldest, \
                  (SELECT coalesce(sum(indexed), 0)::bigint FROM index_activity \
-                     WHERE bucket_s > $2 AND bucket_s <= $3) AS indexed \
+                     WHERE bucket_s BETWEEN $2 AND $3) AS indexed \
              FROM pending_index",
         )
         .bind::<BigInt, _>(now_ms)
-        .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms) - PendingStats::RATE_WINDOW_S)
-        .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms))
+        .bind::<BigInt, _>(*window.start())
+        .bind::<BigInt, _>(*window.end())
         .prepared()
         .load(self.c())
         .await

@@ -1367,6 +1367,7 @@ pub(crate) fn pending_stats(
     c: &mut SqliteConnection,
     now_ms: i64,
 ) -> Result<PendingStats, MetadataError> {
+    let window = PendingStats::rate_window(now_ms);
     let rows: Vec<SqlPendingStats> = diesel::sql_query(
         "SELECT COALESCE(SUM(dead = 0), 0) AS pending, \
              COALESCE(SUM(dead = 0 AND claim_until_ms IS NOT NULL AND claim_until_ms >= ?), 0) \
@@ -1374,12 +1375,12 @@ pub(crate) fn pending_stats(
              COALESCE(SUM(dead = 1), 0) AS dead, \
              MIN(CASE WHEN dead = 0 THEN enqueued_ms END) AS oldest, \
              (SELECT COALESCE(SUM(indexed), 0) FROM index_activity \
-                 WHERE bucket_s > ? AND bucket_s <= ?) AS indexed \
+                 WHERE bucket_s BETWEEN ? AND ?) AS indexed \
          FROM pending_index",
     )
     .bind::<BigInt, _>(now_ms)
-    .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms) - PendingStats::RATE_WINDOW_S)
-    .bind::<BigInt, _>(PendingStats::rate_bucket(now_ms))
+    .bind::<BigInt, _>(*window.start())
+    .bind::<BigInt, _>(*window.end())
     .prepared()
     .load(c)
     .map_err(stmt)?;
