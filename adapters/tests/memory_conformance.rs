@@ -2,8 +2,10 @@
 //! through the fault-injecting wrappers with an empty plan (which must be
 //! transparent).
 
-use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
-use tandem_core::testkit::faults::{FaultController, FaultyMetadataRepo, FaultyVectorIndex};
+use tandem_adapters::memory::{InMemoryCatalog, InMemoryMetadataRepo, InMemoryVectorIndex};
+use tandem_core::testkit::faults::{
+    FaultController, FaultyCatalog, FaultyMetadataRepo, FaultyVectorIndex,
+};
 
 tandem_core::metadata_repo_conformance!(memory_metadata, async { InMemoryMetadataRepo::new() });
 
@@ -26,4 +28,10 @@ tandem_core::vector_index_conformance!(faulty_memory_index, |dim, distance| asyn
         InMemoryVectorIndex::new(dim, distance),
         FaultController::new(0),
     )
+});
+
+tandem_core::index_catalog_conformance!(memory_catalog, async { InMemoryCatalog::new() });
+
+tandem_core::index_catalog_conformance!(faulty_memory_catalog, async {
+    FaultyCatalog::new(InMemoryCatalog::new(), FaultController::new(0))
 });

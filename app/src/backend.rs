@@ -6,8 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
-use tandem_core::{Coordinator, CoordinatorConfig, CoordinatorError, MetadataRepo, VectorIndex};
+use tandem_adapters::memory::{InMemoryCatalog, InMemoryMetadataRepo, InMemoryVectorIndex};
+use tandem_core::{
+    Coordinator, CoordinatorConfig, CoordinatorError, Distance, IndexCatalog, IndexError,
+    MetadataRepo, VectorIndex,
+};
 
 use crate::error::AppError;
 use crate::settings::{IndexTarget, MetadataTarget, Settings};
@@ -31,6 +34,67 @@ pub struct Stores {
     pub index_name: String,
     /// Runs qdrant-edge's optimizer (embedded index only).
     optimizer: Option<Optimizer>,
+    /// The index's collections by name, for re-indexing (`None`: the index
+    /// cannot create collections).
+    catalog: Option<Catalog>,
+    /// The configured collection's name.
+    collection: String,
+}
+
+/// The index's collections, whichever index it is.
+pub type Catalog = Arc<dyn IndexCatalog<Index = Index>>;
+
+/// A catalog over an adapter's own, whose indexes become [`Index`]es; the
+/// configured collection is the index already open (one handle per
+/// collection in a process).
+struct AppCatalog<C> {
+    inner: C,
+    configured: String,
+    configured_index: Index,
+}
+
+#[async_trait::async_trait]
+impl<C> IndexCatalog for AppCatalog<C>
+where
+    C: IndexCatalog,
+    C::Index: 'static,
+{
+    type Index = Index;
+
+    async fn open(&self, name: &str) -> Result<Index, IndexError> {
+        if name == self.configured {
+            return Ok(self.configured_index.clone());
+        }
+        Ok(Arc::new(self.inner.open(name).await?))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Index, IndexError> {
+        if name == self.configured {
+            let index = &self.configured_index;
+            if index.dimension() != dimension || index.distance() != distance {
+                return Err(IndexError::Config {
+                    message: format!(
+                        "collection {name:?} has dimension {} and distance {}, not {dimension} and {distance}",
+                        index.dimension(),
+                        index.distance()
+                    ),
+                });
+            }
+            return Ok(index.clone());
+        }
+        Ok(Arc::new(
+            self.inner.create(name, dimension, distance).await?,
+        ))
+    }
+
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
+        self.inner.drop_collection(name).await
+    }
 }
 
 type Optimizer =
@@ -98,12 +162,15 @@ impl Stores {
         let (index, optimizer) = open_index(settings)
             .await
             .map_err(|e| e.into_app_error(&index_name))?;
+        let catalog = open_catalog(settings, &index);
         Ok(Stores {
             repo,
             index,
             metadata_name,
             index_name,
             optimizer,
+            catalog,
+            collection: settings.collection.clone(),
         })
     }
 
@@ -114,6 +181,10 @@ impl Stores {
     pub fn coordinator(&self, config: CoordinatorConfig) -> Result<AppCoordinator, AppError> {
         let c = Coordinator::new(self.repo.clone(), self.index.clone(), config)
             .map_err(|e| AppError::Usage(format!("configuration: {e}")))?;
+        let c = match &self.catalog {
+            Some(catalog) => c.with_catalog(catalog.clone(), self.collection.clone()),
+            None => c,
+        };
         c.register_saga(crate::ingest::ingest_saga())
             .map_err(|e| AppError::Usage(format!("configuration: {e}")))?;
         Ok(c)
@@ -247,6 +318,26 @@ async fn open_metadata(settings: &Settings, mode: MigrateMode) -> Result<(Repo, 
             pool_size,
             connect_timeout,
         } => open_postgres(url, schema, *pool_size, *connect_timeout, mode).await,
+    }
+}
+
+/// The catalog of the configured index's kind, with the open index as the
+/// configured collection.
+fn open_catalog(settings: &Settings, index: &Index) -> Option<Catalog> {
+    fn wrap<C: IndexCatalog + 'static>(inner: C, settings: &Settings, index: &Index) -> Catalog
+    where
+        C::Index: 'static,
+    {
+        Arc::new(AppCatalog {
+            inner,
+            configured: settings.collection.clone(),
+            configured_index: index.clone(),
+        })
+    }
+    match &settings.index {
+        // One process's collections: a re-index within one run only.
+        IndexTarget::Memory => Some(wrap(InMemoryCatalog::new(), settings, index)),
+        IndexTarget::Edge { .. } | IndexTarget::Qdrant { .. } => None,
     }
 }
 

@@ -306,6 +306,11 @@ pub enum Command {
     /// The dead-letter list of deferred writes the index workers gave up on.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Build a new collection from the metadata store and switch every
+    /// process to it, while reads and writes go on (see docs/reindex.md):
+    /// a rebuild from the kept vectors, or a re-embedding with --embed.
+    /// Resumes a migration an interrupted run left open.
+    Reindex(ReindexArgs),
     /// Create or upgrade the schema and the collection.
     Migrate,
     /// Run the end-to-end demo in a fresh data directory: ingest, updates,
@@ -420,6 +425,54 @@ pub struct IndexWorkerArgs {
     /// (exit 1) [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = crate::ingest::parse_duration)]
     pub patience: Option<std::time::Duration>,
+}
+
+/// `tandem reindex`.
+#[derive(Debug, Args)]
+pub struct ReindexArgs {
+    /// The new collection (created by the re-index).
+    #[arg(long, value_name = "NAME", required_unless_present_any = ["abort", "drop_retired", "status"])]
+    pub to_collection: Option<String>,
+
+    /// Its dimension [default: the embedder's with --embed, else the
+    /// active collection's].
+    #[arg(long = "to-dim", value_name = "N")]
+    pub to_dim: Option<usize>,
+
+    /// Its distance [default: the active collection's].
+    #[arg(long = "to-distance", value_name = "cosine|dot|euclid", value_parser = parse_distance)]
+    pub to_distance: Option<tandem_core::Distance>,
+
+    /// Copy only: leave the migration open, without switching (a later run
+    /// catches up and switches).
+    #[arg(long)]
+    pub no_switch: bool,
+
+    /// Drop the old collection after the switch (no rollback to it then).
+    #[arg(long)]
+    pub drop_old: bool,
+
+    /// Abandon the open migration (the old collection stays active) and drop
+    /// its partial collection.
+    #[arg(long, conflicts_with_all = ["to_collection", "drop_retired", "status"])]
+    pub abort: bool,
+
+    /// Drop the collection the last switch retired.
+    #[arg(long, conflicts_with_all = ["to_collection", "status"])]
+    pub drop_retired: bool,
+
+    /// Show the active collection and any open migration.
+    #[arg(long, conflicts_with = "to_collection")]
+    pub status: bool,
+}
+
+fn parse_distance(value: &str) -> Result<tandem_core::Distance, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "cosine" => Ok(tandem_core::Distance::Cosine),
+        "dot" => Ok(tandem_core::Distance::Dot),
+        "euclid" | "euclidean" => Ok(tandem_core::Distance::Euclid),
+        other => Err(format!("unknown distance {other:?}: cosine, dot or euclid")),
+    }
 }
 
 /// `tandem dlq`.

@@ -1,20 +1,24 @@
 //! The commands other than `ingest` and `demo`: each calls the coordinator once
 //! (or twice) and prints the report.
 
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::Value;
 use std::time::Duration;
 
 use tandem_core::{
     CoordinatorError, DeleteSelector, Filter, IndexReport, PendingFilter, PendingStats, RecordId,
-    RecoveryReport, RepairReport, SagaId, SagaRecord, SagaState, Scope, SearchQuery, VerifyReport,
-    WriteOptions,
+    RecoveryReport, ReindexOptions, ReindexProgress, RepairReport, SagaId, SagaRecord, SagaState,
+    Scope, SearchQuery, VerifyReport, WriteOptions,
 };
 
 use crate::backend::{AppCoordinator, MigrateReport, Stores};
 use crate::cli::EmbedMode;
 use crate::cli::{
-    DeleteArgs, DlqCommand, DlqTargets, IndexWorkerArgs, SagaCommand, SearchArgs, VerifyArgs,
+    DeleteArgs, DlqCommand, DlqTargets, IndexWorkerArgs, ReindexArgs, SagaCommand, SearchArgs,
+    VerifyArgs,
 };
 use crate::error::{AppError, EXIT_FAILED, EXIT_OK};
 use crate::output::{self, Output};
@@ -858,6 +862,194 @@ pub async fn dlq(
             Ok(EXIT_OK)
         }
     }
+}
+
+/// `tandem reindex`: build a new collection and switch to it, resume an open
+/// migration, abort one, drop the retired collection, or show the state.
+pub async fn reindex(
+    args: ReindexArgs,
+    stores: &Stores,
+    c: &AppCoordinator,
+    settings: &crate::settings::Settings,
+    out: Output,
+) -> Result<u8, AppError> {
+    let fail = |e| stores.error("reindex", e);
+    if args.status {
+        let state = c.refresh_index().await.map_err(fail)?;
+        if out.json {
+            out.json(&state);
+        } else {
+            let migration = state.migration.as_ref();
+            out.text(&output::kv_table(vec![
+                ("generation", state.generation.to_string()),
+                (
+                    "active collection",
+                    state
+                        .active
+                        .clone()
+                        .unwrap_or_else(|| settings.collection.clone()),
+                ),
+                (
+                    "retired collection",
+                    state.retired.clone().unwrap_or_else(|| "-".into()),
+                ),
+                (
+                    "open migration",
+                    migration.map_or_else(
+                        || "-".into(),
+                        |m| format!("to {} ({} rows copied)", m.spec.target, m.copied),
+                    ),
+                ),
+            ]));
+        }
+        return Ok(EXIT_OK);
+    }
+    if args.abort {
+        let dropped = c.abort_reindex().await.map_err(fail)?;
+        if out.json {
+            out.json(&serde_json::json!({ "aborted": dropped }));
+        } else {
+            out.text(&match dropped {
+                Some(target) => {
+                    format!("aborted the migration to {target}; its collection is dropped")
+                }
+                None => "no migration was open".into(),
+            });
+        }
+        return Ok(EXIT_OK);
+    }
+    if args.drop_retired {
+        let dropped = c.drop_retired().await.map_err(fail)?;
+        if out.json {
+            out.json(&serde_json::json!({ "dropped": dropped }));
+        } else {
+            out.text(&match dropped {
+                Some(name) => format!("dropped the retired collection {name}"),
+                None => "no retired collection".into(),
+            });
+        }
+        return Ok(EXIT_OK);
+    }
+    let Some(target) = args.to_collection else {
+        return Err(AppError::Usage("--to-collection NAME is required".into()));
+    };
+    let embedder = match settings.embed.mode {
+        EmbedMode::None => None,
+        mode => {
+            let dim = args.to_dim.unwrap_or(settings.dimension);
+            let e = crate::embed::build(&settings.embed, mode, dim)?;
+            if let Some(e) = &e {
+                crate::embed::check_dimension(e.as_ref(), &settings.embed).await?;
+            }
+            e
+        }
+    };
+    let options = ReindexOptions {
+        target,
+        dimension: args.to_dim,
+        distance: args.to_distance,
+        embedder,
+        switch: !args.no_switch,
+        drop_old: args.drop_old,
+    };
+    let bar = (!out.quiet && !out.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} rows · {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let lines = !out.quiet && bar.is_none();
+    let last_line = std::sync::Mutex::new(None::<std::time::Instant>);
+    let progress = |p: &ReindexProgress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.total.max(p.copied));
+            bar.set_position(p.copied);
+            bar.set_message(format!(
+                "{} · {:.0} rows/s{}",
+                p.phase,
+                p.rate,
+                p.eta_s
+                    .map(|s| format!(" · ETA {s:.0}s"))
+                    .unwrap_or_default()
+            ));
+        } else if lines {
+            // Plain lines (or JSON lines with --json) on stderr, at most
+            // once a second, and every phase change.
+            let mut last = last_line.lock().unwrap_or_else(|e| e.into_inner());
+            let due =
+                last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || p.phase != "copying";
+            if due {
+                *last = Some(std::time::Instant::now());
+                let line = if out.json {
+                    serde_json::to_string(p).unwrap_or_default()
+                } else {
+                    format!(
+                        "reindex: {} {}/{} rows, {:.0} rows/s{}",
+                        p.phase,
+                        p.copied,
+                        p.total,
+                        p.rate,
+                        p.eta_s
+                            .map(|s| format!(", ETA {s:.0}s"))
+                            .unwrap_or_default()
+                    )
+                };
+                eprintln!("{line}");
+            }
+        }
+    };
+    let result = c.reindex(&options, &progress).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = result.map_err(fail)?;
+    if out.json {
+        out.json(&report);
+    } else {
+        let state = &report.state;
+        out.text(&output::kv_table(vec![
+            (
+                "active collection",
+                state
+                    .active
+                    .clone()
+                    .unwrap_or_else(|| settings.collection.clone()),
+            ),
+            ("switched", report.switched.to_string()),
+            ("resumed an earlier run", report.resumed.to_string()),
+            ("rows copied", output::count(report.copied)),
+            (
+                "deferred inserts left to the workers",
+                output::count(report.skipped),
+            ),
+            (
+                "stale points deleted from the target",
+                output::count(report.garbage_deleted),
+            ),
+            (
+                "in-flight writes fenced (retryable)",
+                output::count(report.fenced),
+            ),
+            ("switch rounds", report.switch_rounds.to_string()),
+            (
+                "retired collection",
+                report
+                    .dropped
+                    .as_ref()
+                    .map(|d| format!("{d} (dropped)"))
+                    .or_else(|| state.retired.clone())
+                    .unwrap_or_else(|| "-".into()),
+            ),
+            ("seconds", format!("{:.1}", report.elapsed_s)),
+        ]));
+    }
+    Ok(EXIT_OK)
 }
 
 #[cfg(test)]

@@ -213,6 +213,9 @@ async fn run(
                     commands::index_worker(args, &stores, &coordinator, out).await
                 }
                 Command::Dlq(args) => commands::dlq(args, &stores, &coordinator, out).await,
+                Command::Reindex(args) => {
+                    commands::reindex(args, &stores, &coordinator, &settings, out).await
+                }
                 Command::Demo(_)
                 | Command::Migrate
                 | Command::Bench(_)

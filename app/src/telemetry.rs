@@ -147,6 +147,10 @@ pub fn describe_metrics() {
         "Records of deferred writes that index workers made searchable"
     );
     describe_counter!(
+        "tandem_reindex_rows_total",
+        "Rows a re-index copied into its new collection (a row changed meanwhile is copied again)"
+    );
+    describe_counter!(
         "tandem_dead_lettered_total",
         "Pending-index entries moved to the dead-letter list"
     );
@@ -276,6 +280,7 @@ pub fn register_metrics() {
         "tandem_embed_retries_total",
         "tandem_indexed_records_total",
         "tandem_dead_lettered_total",
+        "tandem_reindex_rows_total",
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -203,6 +203,40 @@ pub struct CoordinatorConfig {
     pub write_mode: WriteMode,
     /// Index workers' settings (deferred writes).
     pub indexing: IndexingConfig,
+    /// Re-indexing's settings.
+    pub reindex: ReindexConfig,
+}
+
+/// Re-indexing's settings ([`Coordinator::reindex`](crate::Coordinator::reindex)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReindexConfig {
+    /// Rows copied per chunk (one scan, one index write, one progress commit).
+    pub chunk: usize,
+    /// How long a process may use its cached active collection for searches
+    /// before it reads the store's again (writes learn of a switch at once:
+    /// their prepare is refused).
+    pub state_ttl: Duration,
+    /// The longest a switch may refuse prepares (the final catch-up runs in
+    /// it); if the driver dies, prepares resume when it ends.
+    pub switch_freeze: Duration,
+    /// How many catch-up rounds a switch tries before it gives up (and
+    /// prepares resume).
+    pub switch_attempts: u32,
+    /// The driver's lease on its migration, renewed by every chunk: a re-run
+    /// after a crash takes the migration over once it ended.
+    pub lease: Duration,
+}
+
+impl Default for ReindexConfig {
+    fn default() -> Self {
+        Self {
+            chunk: 512,
+            state_ttl: Duration::from_secs(1),
+            switch_freeze: Duration::from_secs(10),
+            switch_attempts: 20,
+            lease: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -219,6 +253,7 @@ impl Default for CoordinatorConfig {
             overlap_index_write: true,
             write_mode: WriteMode::Sync,
             indexing: IndexingConfig::default(),
+            reindex: ReindexConfig::default(),
         }
     }
 }

@@ -85,6 +85,25 @@ pub enum MetadataError {
         /// The saga.
         saga: SagaId,
     },
+    /// The prepare was refused: the active vector collection is no longer
+    /// the one of the intent's generation (a re-index switched it), or a
+    /// switch is in progress. Nothing was written; refresh the index state
+    /// and retry.
+    #[error("the active vector collection moved (now generation {generation}{}): refresh and retry", if *.switching { ", switch in progress" } else { "" })]
+    IndexMoved {
+        /// The store's current generation.
+        generation: u64,
+        /// A switch is in progress (prepares resume when it ends).
+        switching: bool,
+    },
+    /// A migration call conflicts with the open migration: another target,
+    /// or a driver whose lease is still live holds it, or the caller no
+    /// longer holds it. Nothing was written.
+    #[error("re-index conflict: {message}")]
+    MigrationConflict {
+        /// What conflicts.
+        message: String,
+    },
     /// A permanent failure (schema missing, permission denied, misconfiguration).
     #[error("metadata store failure ({outcome:?}): {message}")]
     Permanent {
@@ -136,6 +155,8 @@ impl MetadataError {
             | Self::StepFailed { .. }
             | Self::Aborted { .. }
             | Self::IdempotencyKeyTaken { .. }
+            | Self::IndexMoved { .. }
+            | Self::MigrationConflict { .. }
             | Self::InvalidInput { .. } => Outcome::NotApplied,
         }
     }
@@ -242,6 +263,9 @@ impl IndexError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ValidationError {
+    /// A re-index request is invalid (its target, dimension or source).
+    #[error("re-index: {0}")]
+    Reindex(String),
     /// The batch has no records.
     #[error("the batch is empty")]
     EmptyBatch,
@@ -423,6 +447,15 @@ pub enum CoordinatorError {
     /// forward, it cannot be aborted.
     #[error("saga {0} cannot be aborted: {1}")]
     CannotAbort(SagaId, &'static str),
+    /// The embedder failed (a re-index's re-embedding); nothing of the
+    /// failed chunk was written to the target.
+    #[error("embedder: {0}")]
+    Embed(#[source] EmbedError),
+    /// A re-index could not switch now (saga steps hold commits, or the
+    /// writes outran every catch-up round); the old collection stays
+    /// active and a re-run continues.
+    #[error("re-index could not switch: {0}")]
+    ReindexBlocked(String),
 }
 
 impl CoordinatorError {
@@ -437,8 +470,11 @@ impl CoordinatorError {
     /// Can the caller retry the same call (with the same idempotency key)?
     pub fn is_retryable(&self) -> bool {
         match self {
+            Self::Metadata(MetadataError::IndexMoved { .. }) => true,
             Self::Metadata(e) => e.is_retryable(),
             Self::Index(e) => e.is_retryable(),
+            Self::Embed(e) => e.is_retryable(),
+            Self::ReindexBlocked(_) => true,
             Self::DeadlineExceeded(_) | Self::Fenced(_) | Self::OutcomeUnknown { .. } => true,
             // Recovery finishes it; starting it again would start another.
             Self::SagaUnfinished { .. } => false,

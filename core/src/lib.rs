@@ -18,15 +18,18 @@ pub mod embed;
 pub mod error;
 pub mod model;
 pub mod ports;
+pub mod reindex;
 pub mod saga;
 pub mod transaction;
 
 pub use clock::{Clock, SystemClock};
-pub use config::{CoordinatorConfig, IndexingConfig, Limits, RetryPolicy, WriteMode};
+pub use config::{
+    CoordinatorConfig, IndexingConfig, Limits, ReindexConfig, RetryPolicy, WriteMode,
+};
 pub use coordinator::{
-    Coordinator, DeleteReport, IndexReport, IndexToken, IndexWait, RecoveryReport, RepairReport,
-    SagaRun, ScopeCounts, SearchQuery, Stats, UpsertReport, VerifyCursor, VerifyPage, VerifyReport,
-    WriteOptions,
+    Coordinator, DeleteReport, IndexReport, IndexToken, IndexWait, RecoveryReport, ReindexOptions,
+    ReindexReport, RepairReport, SagaRun, ScopeCounts, SearchQuery, Stats, UpsertReport,
+    VerifyCursor, VerifyPage, VerifyReport, WriteOptions,
 };
 pub use embed::{BatchLimits, BatchingEmbedder, Embedder, RetryingEmbedder};
 pub use error::{
@@ -34,7 +37,12 @@ pub use error::{
     ValidationError,
 };
 pub use model::*;
-pub use ports::{GateOpener, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
+pub use ports::{
+    GateOpener, IndexCatalog, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex,
+};
+pub use reindex::{
+    ChangedRow, IndexState, Migration, MigrationSpec, ReindexProgress, ReindexSource, SwitchOutcome,
+};
 pub use saga::{
     ActionFn, Resume, SagaContext, SagaCounts, SagaDefinition, SagaOutcome, SagaRecord, SagaState,
     StepDefinition, StepKind, StepRecord, StepState, TandemStepFn,

@@ -500,6 +500,10 @@ pub struct NewIntent {
     pub point_ids: Vec<PointId>,
     /// Creation instant (ms since the Unix epoch).
     pub created_ms: i64,
+    /// The [`IndexState::generation`](crate::IndexState::generation) of the
+    /// collection its points are written to: a prepare under another
+    /// generation is refused.
+    pub generation: u64,
 }
 
 /// What a metadata commit decided; stored with the intent so that a caller who

@@ -19,6 +19,7 @@ use crate::model::{
     PointId, PointInfo, RecordId, RowWrite, SagaId, Scope, ScoredPoint, Settlement, StoredRecord,
     TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
+use crate::reindex::{ChangedRow, IndexState, Migration, MigrationSpec, SwitchOutcome};
 use crate::saga::{SagaCounts, SagaRecord, SagaState};
 use crate::transaction::ConnectionType;
 
@@ -124,6 +125,10 @@ pub trait MetadataRepo: Send + Sync {
     ///   kind and point ids, state `Prepared`, attempts 0.
     /// - `prepare_is_idempotent`: preparing the same intent again succeeds and
     ///   changes nothing.
+    /// - `prepare_fenced_by_generation`: on a store with
+    ///   [`reindexing`](Self::reindexing), an intent whose generation is
+    ///   not the store's, or created while a switch is in progress, fails
+    ///   with [`MetadataError::IndexMoved`] and writes nothing.
     async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError>;
 
     /// Commit of an upsert: in one transaction, fenced by `owner`, writes `rows`
@@ -719,6 +724,181 @@ pub trait MetadataRepo: Send + Sync {
         let _ = now_ms;
         Err(deferred_unsupported())
     }
+    /// Does this store record the active collection and run migrations
+    /// (the `reindex_*` methods)? A store that does not answers
+    /// [`index_state`](Self::index_state) with the default state and fails
+    /// the others.
+    fn reindexing(&self) -> bool {
+        false
+    }
+
+    /// The active collection and any open migration.
+    ///
+    /// Contract:
+    /// - `reindex_state_starts_empty`: a new store is at generation 0, with
+    ///   no active, retired or migration.
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        Ok(IndexState::default())
+    }
+
+    /// Opens a migration to `spec`, held by `owner` until `lease_until_ms`,
+    /// or takes over the open one to the same spec if its lease ended (or
+    /// `owner` already holds it), keeping its cursor. From then on, every
+    /// commit that stops referencing a point records it for
+    /// [`reindex_garbage`](Self::reindex_garbage). Opening a migration
+    /// fences every prepared intent (a new owner, the lease ended at
+    /// `now_ms`), so that no commit that began before it can land after it
+    /// without recording its garbage.
+    ///
+    /// Contract:
+    /// - `reindex_begin_opens`: the state lists the migration with the
+    ///   spec, owner, lease, cursor 0 and `started_ms = now_ms`; an intent
+    ///   prepared before it is fenced (its commit fails with
+    ///   [`MetadataError::Fenced`]).
+    /// - `reindex_begin_resumes`: the same spec after the lease ended is
+    ///   taken over by the new owner, cursor and count kept.
+    /// - `reindex_begin_conflicts`: another spec, or the same spec whose
+    ///   driver's lease is live, fails with
+    ///   [`MetadataError::MigrationConflict`] and changes nothing.
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let _ = (spec, owner, now_ms, lease_until_ms);
+        Err(reindex_unsupported())
+    }
+
+    /// Up to `limit` committed rows whose change sequence is above `after`,
+    /// in change-sequence order. A row's sequence is raised (to above every
+    /// other) when it is inserted and whenever its point changes; a write
+    /// that keeps the point (a deferred update) leaves it.
+    ///
+    /// Contract:
+    /// - `reindex_scan_orders_by_change`: inserted rows come in commit
+    ///   order; a row whose point changed moves after them; a deferred
+    ///   update does not move it; deleted rows are absent; paging by the
+    ///   last `seq` lists each row once.
+    /// - `reindex_scan_marks_reserved`: a deferred insert not yet indexed
+    ///   comes with `indexed: false`, and with `indexed: true` once a
+    ///   worker switched it in.
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        let _ = (after, limit);
+        Err(reindex_unsupported())
+    }
+
+    /// Up to `limit` points that commits stopped referencing while the
+    /// migration was open (and that were not yet reported done).
+    ///
+    /// Contract:
+    /// - `reindex_garbage_records_unreferenced`: with a migration open, the
+    ///   old point of an updated row, the point of a deleted row and the
+    ///   old point of a row a worker switched are listed; with none open,
+    ///   nothing is recorded.
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        let _ = limit;
+        Err(reindex_unsupported())
+    }
+
+    /// The driver's progress, fenced by `owner`: sets the cursor, adds
+    /// `copied`, forgets the `garbage` it deleted from the target, and
+    /// extends the lease.
+    ///
+    /// Contract:
+    /// - `reindex_progress_persists`: the state shows the cursor, count and
+    ///   lease; the garbage is no longer listed.
+    /// - `reindex_progress_fenced`: another owner (or no open migration)
+    ///   fails with [`MetadataError::MigrationConflict`] and changes nothing.
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let _ = (owner, cursor, copied, garbage, lease_until_ms);
+        Err(reindex_unsupported())
+    }
+
+    /// Starts the switch, fenced by `owner`: until `until_ms` (or the
+    /// switch), prepares are refused with [`MetadataError::IndexMoved`],
+    /// and every intent prepared now is fenced (its owner replaced, its
+    /// lease ended), so no commit of a point the target may lack can land.
+    /// Returns how many intents it fenced.
+    ///
+    /// Contract:
+    /// - `reindex_freeze_fences_prepared`: a prepared intent's commit then
+    ///   fails with [`MetadataError::Fenced`]; a prepare (at a time before
+    ///   `until_ms`) fails with `IndexMoved { switching: true }`; one after
+    ///   `until_ms` succeeds.
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        let _ = (owner, now_ms, until_ms);
+        Err(reindex_unsupported())
+    }
+
+    /// The switch, fenced by `owner`, in one transaction: fences every
+    /// prepared intent again; then, if no row changed after the cursor, no
+    /// recorded garbage is left and no intent is held, makes the target
+    /// active (the generation + 1, `current` retired, the migration
+    /// closed).
+    ///
+    /// Contract:
+    /// - `reindex_switch_when_caught_up`: the state names the target
+    ///   active, `current` retired, generation + 1, no migration; a prepare
+    ///   under the old generation fails with `IndexMoved`.
+    /// - `reindex_switch_behind`: a row changed after the cursor, or
+    ///   garbage left, answers `Behind` and changes nothing else; a held
+    ///   intent answers `Held`.
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        let _ = (owner, current, now_ms);
+        Err(reindex_unsupported())
+    }
+
+    /// Closes the open migration without a switch (fenced by `owner`, or
+    /// by nobody with `None`: an operator's abort), forgetting its garbage.
+    /// Returns it (`None` if none was open).
+    ///
+    /// Contract:
+    /// - `reindex_abort_closes`: the state has no migration; prepares
+    ///   succeed; a later begin starts at cursor 0.
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        let _ = owner;
+        Err(reindex_unsupported())
+    }
+
+    /// Forgets the retired collection if it is `name` (once dropped).
+    /// Returns whether it was.
+    ///
+    /// Contract: see `reindex_switch_when_caught_up`.
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        let _ = name;
+        Err(reindex_unsupported())
+    }
+}
+
+/// The error of a migration method on a store without re-indexing.
+fn reindex_unsupported() -> MetadataError {
+    MetadataError::permanent("this metadata store does not support re-indexing".to_owned())
 }
 
 /// The error of a pending-index method on a store without deferred indexing.
@@ -803,6 +983,45 @@ pub trait VectorIndex: Send + Sync {
         offset: Option<PointId>,
         limit: usize,
     ) -> Result<Page<PointInfo, PointId>, IndexError>;
+}
+
+/// The vector store's collections by name: what a re-index creates, opens
+/// and drops. Each [`VectorIndex`] is bound to one collection; the catalog
+/// makes more of them.
+#[async_trait]
+pub trait IndexCatalog: Send + Sync {
+    /// The index of one collection.
+    type Index: VectorIndex;
+
+    /// Opens an existing collection.
+    ///
+    /// Contract:
+    /// - `catalog_open_missing`: a collection that does not exist fails with
+    ///   [`IndexError::CollectionNotFound`].
+    async fn open(&self, name: &str) -> Result<Self::Index, IndexError>;
+
+    /// Creates an empty collection of this layout, or opens it if it exists
+    /// with the same layout.
+    ///
+    /// Contract:
+    /// - `catalog_create_then_open`: the created index has the dimension and
+    ///   distance asked for; points written through it are seen through a
+    ///   later [`open`](Self::open) of the same name.
+    /// - `catalog_create_conflicting_layout`: an existing collection of
+    ///   another dimension fails with [`IndexError::Config`].
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Self::Index, IndexError>;
+
+    /// Drops a collection and its points. Returns whether it existed.
+    ///
+    /// Contract:
+    /// - `catalog_drop`: afterwards `open` fails with `CollectionNotFound`;
+    ///   dropping again returns `false`.
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError>;
 }
 
 macro_rules! forward_metadata_repo {
@@ -1015,6 +1234,68 @@ macro_rules! forward_metadata_repo {
             async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
                 (**self).pending_stats(now_ms).await
             }
+            fn reindexing(&self) -> bool {
+                (**self).reindexing()
+            }
+            async fn index_state(&self) -> Result<IndexState, MetadataError> {
+                (**self).index_state().await
+            }
+            async fn reindex_begin(
+                &self,
+                spec: &MigrationSpec,
+                owner: OwnerToken,
+                now_ms: i64,
+                lease_until_ms: i64,
+            ) -> Result<IndexState, MetadataError> {
+                (**self).reindex_begin(spec, owner, now_ms, lease_until_ms).await
+            }
+            async fn reindex_scan(
+                &self,
+                after: u64,
+                limit: usize,
+            ) -> Result<Vec<ChangedRow>, MetadataError> {
+                (**self).reindex_scan(after, limit).await
+            }
+            async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+                (**self).reindex_garbage(limit).await
+            }
+            async fn reindex_progress(
+                &self,
+                owner: OwnerToken,
+                cursor: u64,
+                copied: u64,
+                garbage: &[PointId],
+                lease_until_ms: i64,
+            ) -> Result<IndexState, MetadataError> {
+                (**self)
+                    .reindex_progress(owner, cursor, copied, garbage, lease_until_ms)
+                    .await
+            }
+            async fn reindex_freeze(
+                &self,
+                owner: OwnerToken,
+                now_ms: i64,
+                until_ms: i64,
+            ) -> Result<u64, MetadataError> {
+                (**self).reindex_freeze(owner, now_ms, until_ms).await
+            }
+            async fn reindex_switch(
+                &self,
+                owner: OwnerToken,
+                current: &str,
+                now_ms: i64,
+            ) -> Result<SwitchOutcome, MetadataError> {
+                (**self).reindex_switch(owner, current, now_ms).await
+            }
+            async fn reindex_abort(
+                &self,
+                owner: Option<OwnerToken>,
+            ) -> Result<Option<Migration>, MetadataError> {
+                (**self).reindex_abort(owner).await
+            }
+            async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+                (**self).reindex_forget_retired(name).await
+            }
         }
     };
 }
@@ -1054,6 +1335,25 @@ macro_rules! forward_vector_index {
             }
         }
     };
+}
+
+#[async_trait]
+impl<T: IndexCatalog + ?Sized> IndexCatalog for std::sync::Arc<T> {
+    type Index = T::Index;
+    async fn open(&self, name: &str) -> Result<Self::Index, IndexError> {
+        (**self).open(name).await
+    }
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Self::Index, IndexError> {
+        (**self).create(name, dimension, distance).await
+    }
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
+        (**self).drop_collection(name).await
+    }
 }
 
 forward_metadata_repo!(std::sync::Arc);

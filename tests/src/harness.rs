@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::json;
+use tandem_adapters::memory::InMemoryCatalog;
 use tandem_core::testkit::clock::ManualClock;
 use tandem_core::testkit::faults::{
-    Call, Fault, FaultController, FaultyMetadataRepo, FaultyVectorIndex, Rule, run_until_crash,
+    Call, Fault, FaultController, FaultyCatalog, FaultyMetadataRepo, FaultyVectorIndex, Rule,
+    run_until_crash,
 };
 use tandem_core::{
     CommitStep, CommitSummary, Coordinator, CoordinatorConfig, CoordinatorError, DeleteSelector,
@@ -77,6 +79,11 @@ pub fn fault_config(deadline: Duration) -> CoordinatorConfig {
             // property suite's `IndexRace` runs workers side by side).
             lanes: 1,
         },
+        // Tiny chunks, so that a copy spans several rounds.
+        reindex: tandem_core::ReindexConfig {
+            chunk: 2,
+            ..tandem_core::ReindexConfig::default()
+        },
     }
 }
 
@@ -98,7 +105,13 @@ pub struct World<M, V> {
     pub ledger: Ledger,
     /// More saga definitions every coordinator of this world registers.
     pub sagas: Vec<SagaDefinition>,
+    /// The index's collections, for re-indexing ([`World::with_catalog`]):
+    /// the world's index is collection [`MAIN`].
+    pub catalog: Option<Arc<InMemoryCatalog<V>>>,
 }
+
+/// The name of a world's own collection in its catalog.
+pub const MAIN: &str = "main";
 
 /// What the harness saga's caller action published, by its step key: an
 /// external system, outside both stores, that the action makes idempotent
@@ -220,7 +233,20 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
             bug: None,
             ledger: Ledger::default(),
             sagas: Vec::new(),
+            catalog: None,
         }
+    }
+
+    /// Gives the world a catalog (its index is collection [`MAIN`]; `make`
+    /// creates the others), so that its coordinators can re-index.
+    pub fn with_catalog(
+        mut self,
+        make: impl Fn(usize, tandem_core::Distance) -> V + Send + Sync + 'static,
+    ) -> Self {
+        let catalog = InMemoryCatalog::with_factory(make);
+        catalog.insert(MAIN, self.index.clone());
+        self.catalog = Some(Arc::new(catalog));
+        self
     }
 
     fn with_sagas<R: MetadataRepo, X: VectorIndex>(
@@ -249,6 +275,13 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
         )
         .expect("valid config")
         .with_clock(Arc::new(self.clock.clone()));
+        let c = match &self.catalog {
+            Some(catalog) => c.with_catalog(
+                Arc::new(FaultyCatalog::new(catalog.clone(), self.ctl.clone())),
+                MAIN,
+            ),
+            None => c,
+        };
         self.with_sagas(c)
     }
 
@@ -257,6 +290,10 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
         let c = Coordinator::new(self.repo.clone(), self.index.clone(), self.config.clone())
             .expect("valid config")
             .with_clock(Arc::new(self.clock.clone()));
+        let c = match &self.catalog {
+            Some(catalog) => c.with_catalog(catalog.clone(), MAIN),
+            None => c,
+        };
         self.with_sagas(c)
     }
 
@@ -269,6 +306,25 @@ impl<M: MetadataRepo + 'static, V: VectorIndex + 'static> World<M, V> {
                 .upsert(&points)
                 .await
                 .expect("a late-landing write reaches the index");
+        }
+    }
+
+    /// The active collection's index: the one the store's state names (in
+    /// the catalog), or the world's own.
+    pub async fn active_index(&self) -> Result<Arc<V>, String> {
+        let (Some(catalog), true) = (&self.catalog, self.repo.reindexing()) else {
+            return Ok(self.index.clone());
+        };
+        let state = self
+            .repo
+            .index_state()
+            .await
+            .map_err(|e| format!("index_state: {e}"))?;
+        match state.active {
+            Some(name) => tandem_core::IndexCatalog::open(&**catalog, &name)
+                .await
+                .map_err(|e| format!("opening the active collection {name:?}: {e}")),
+            None => Ok(self.index.clone()),
         }
     }
 
@@ -334,6 +390,10 @@ pub enum Scenario {
     /// An index worker's pass over a backlog of deferred writes (see
     /// [`deferred_backlog`]): claim, write, switch, collect.
     IndexWorker,
+    /// A re-index of the seed into collection
+    /// [`NEXT`](crate::reindex::NEXT) (a world with a catalog; run by
+    /// [`exhaustive_reindex`](crate::reindex::exhaustive_reindex)).
+    Reindex,
 }
 
 impl Scenario {
@@ -503,6 +563,7 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
         lease_deadline_ms: now + 1_000,
         point_ids: vec![p1, p2],
         created_ms: now,
+        generation: 0,
     })
     .await
     .expect("prepare");
@@ -532,6 +593,7 @@ async fn stuck_state<M: MetadataRepo, V: VectorIndex>(world: &World<M, V>) {
         lease_deadline_ms: now + 1_000,
         point_ids: vec![p3],
         created_ms: now,
+        generation: 0,
     })
     .await
     .expect("prepare");
@@ -608,6 +670,16 @@ async fn run_scenario<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
             ran_of(run_until_crash(&world.ctl, c.delete_with(sel, &scenario.options())).await)
         }
         Scenario::Recovery => ran_of(run_until_crash(&world.ctl, c.recover()).await),
+        Scenario::Reindex => ran_of(
+            run_until_crash(
+                &world.ctl,
+                c.reindex(
+                    &tandem_core::ReindexOptions::to(crate::reindex::NEXT),
+                    &|_| {},
+                ),
+            )
+            .await,
+        ),
         Scenario::Transaction | Scenario::TransactionStep => {
             let mut tx = scenario.transaction();
             if scenario == Scenario::TransactionStep {
@@ -694,7 +766,10 @@ fn applied(
                 .collect();
             (ids, Box::new(move |id| !post.contains_key(id)))
         }
-        Scenario::Recovery | Scenario::IndexWorker => (Vec::new(), Box::new(|_| true)),
+        // A re-index changes no record: every record is an "other" one.
+        Scenario::Recovery | Scenario::IndexWorker | Scenario::Reindex => {
+            (Vec::new(), Box::new(|_| true))
+        }
         Scenario::Transaction => {
             // Records 1 and 3 are scope "a"'s item "x"; record 3 comes back.
             let targets = [1, 3, 0x2101, 6].map(rid).to_vec();
@@ -1143,6 +1218,7 @@ where
             lease_deadline_ms: now + 1_000,
             point_ids: Vec::new(),
             created_ms: now,
+            generation: 0,
         })
         .await
         .map_err(|e| format!("prepare: {e}"))?;

@@ -12,3 +12,4 @@ pub mod pg;
 pub mod property;
 pub mod qdrant_double;
 pub mod real_qdrant;
+pub mod reindex;

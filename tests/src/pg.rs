@@ -354,6 +354,7 @@ pub mod data {
             lease_deadline_ms: i64::MAX / 2,
             point_ids: rows.iter().map(|r| r.point_id).collect(),
             created_ms: 1,
+            generation: 0,
         };
         repo.prepare(&intent).await.expect("prepare");
         (intent.id, intent.owner)

@@ -43,6 +43,19 @@ pub struct Injected {
 /// One step of a history.
 #[derive(Clone, Debug)]
 pub enum Step {
+    /// A re-index to a new collection (or the resumption of the open
+    /// migration), maybe with a fault, while another process upserts `ids`
+    /// (the re-index's chunks are slowed, so the writes land between them,
+    /// at the begin, during the freeze or after the switch). On a world
+    /// without a catalog only the writes run.
+    Reindex {
+        /// Pool ids the other process upserts meanwhile.
+        ids: Vec<u8>,
+        /// Content tag.
+        tag: u8,
+        /// An injected fault.
+        fault: Option<Injected>,
+    },
     /// Upsert these pool ids (content tagged `tag`), maybe with a fault.
     Upsert {
         /// Pool ids.
@@ -415,7 +428,32 @@ pub fn step() -> impl Strategy<Value = Step> {
         3 => (1..5u8, maybe_index_fault()).prop_map(|(passes, fault)| Step::Index { passes, fault }),
         1 => (ids(), ids(), any::<u8>())
             .prop_map(|(ids, sync, tag)| Step::IndexRace { ids, sync, tag }),
+        2 => (ids(), any::<u8>(), maybe_reindex_fault())
+            .prop_map(|(ids, tag, fault)| Step::Reindex { ids, tag, fault }),
     ]
+}
+
+/// A fault in one of the calls a re-index makes.
+fn maybe_reindex_fault() -> impl Strategy<Value = Option<Injected>> {
+    let call = prop_oneof![
+        1 => Just(Call::ReindexBegin),
+        2 => Just(Call::ReindexScan),
+        2 => Just(Call::ReindexGarbage),
+        2 => Just(Call::ReindexProgress),
+        1 => Just(Call::ReindexFreeze),
+        1 => Just(Call::ReindexSwitch),
+        3 => Just(Call::IndexUpsert),
+        1 => Just(Call::IndexDelete),
+    ];
+    prop::option::weighted(
+        0.7,
+        (call, 0..4usize, fault_strategy()).prop_map(|(call, nth, fault)| Injected {
+            call,
+            nth,
+            fault,
+            every: false,
+        }),
+    )
 }
 
 /// `steps` without the deferred-indexing steps, for histories on a store
@@ -499,7 +537,8 @@ fn settle_model(
 async fn check_instant<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
     world: &World<M, V>,
 ) -> Result<(), String> {
-    let (repo, index) = (&*world.repo, &*world.index);
+    let active = world.active_index().await?;
+    let (repo, index) = (&*world.repo, &*active);
     invariants::no_dangling_rows(repo, index).await?;
     invariants::no_invisible_garbage(repo, index).await?;
     let queries: Vec<Vec<f32>> = (0..POOL)
@@ -529,9 +568,9 @@ async fn recover_and_check<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
                 .map_err(|e| format!("retrying dead letters: {e}"))?;
         }
         crate::harness::drain(world, &c).await?;
-        invariants::indexed_current(&*world.repo, &*world.index).await?;
+        invariants::indexed_current(&*world.repo, &*world.active_index().await?).await?;
     }
-    invariants::exact_equality(&*world.repo, &*world.index).await?;
+    invariants::exact_equality(&*world.repo, &*world.active_index().await?).await?;
     if converge {
         invariants::converged(&c).await?;
     }
@@ -549,7 +588,8 @@ fn install(ctl: &FaultController, fault: &Option<Injected>) {
     }
 }
 
-/// Runs one history against fresh stores from `make`.
+/// Runs one history against fresh stores from `make` (its
+/// [`Step::Reindex`] steps only write: the world has no catalog).
 pub async fn run_history<M, V, F, Fut>(
     make: F,
     config: CoordinatorConfig,
@@ -562,8 +602,29 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = (M, V)>,
 {
+    run_history_with(make, None, config, steps, bug).await
+}
+
+/// [`run_history`] on a world whose catalog creates collections with
+/// `new_collection`, so that [`Step::Reindex`] re-indexes.
+pub async fn run_history_with<M, V, F, Fut>(
+    make: F,
+    new_collection: Option<fn(usize, tandem_core::Distance) -> V>,
+    config: CoordinatorConfig,
+    steps: Vec<Step>,
+    bug: Option<tandem_core::PlantedBug>,
+) -> Result<(), String>
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = (M, V)>,
+{
     let (repo, index) = make().await;
     let mut world = World::new(repo, index, config, 3);
+    if let Some(make_index) = new_collection {
+        world = world.with_catalog(make_index);
+    }
     world.bug = bug;
     world.sagas.push(pool_saga());
     world.sagas.push(slow_pool_saga(world.config.lease));
@@ -650,6 +711,62 @@ where
                 for &id in sync {
                     model.insert(id, content(id, tag_sync));
                 }
+            }
+            Step::Reindex { ids, tag, fault } => {
+                let writer = world.clean();
+                let write = async {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    writer.upsert(batch(ids, *tag)).await
+                };
+                let written = if world.catalog.is_some() {
+                    let state = world
+                        .repo
+                        .index_state()
+                        .await
+                        .map_err(|e| format!("{what}: index_state: {e}"))?;
+                    let target = match &state.migration {
+                        Some(m) => m.spec.target.clone(),
+                        None => format!("c{}", state.generation + 1),
+                    };
+                    // Every chunk waits a little: the writes land in between.
+                    for call in [Call::ReindexScan, Call::ReindexSwitch] {
+                        world.ctl.add(Rule {
+                            call,
+                            nth: world.ctl.invocations(call),
+                            times: usize::MAX,
+                            fault: Fault::Delay(Duration::from_millis(2)),
+                        });
+                    }
+                    install(&world.ctl, fault);
+                    let driver = world.faulty();
+                    let options = tandem_core::ReindexOptions::to(target);
+                    let (reindexed, written) = tokio::join!(
+                        run_until_crash(&world.ctl, driver.reindex(&options, &|_| {})),
+                        write
+                    );
+                    if !matches!(reindexed, Some(Ok(_))) {
+                        // The driver died or gave up: time passes before the
+                        // next step, past its freeze and its lease (a dead
+                        // driver's freeze ends by itself).
+                        world.clock.advance(
+                            world
+                                .config
+                                .reindex
+                                .switch_freeze
+                                .max(world.config.reindex.lease)
+                                + Duration::from_millis(1),
+                        );
+                    }
+                    written
+                } else {
+                    write.await
+                };
+                let mut applied = model.clone();
+                for &id in ids {
+                    applied.insert(id, content(id, *tag));
+                }
+                let store = store_view(&*world.repo).await?;
+                settle_model(&mut model, applied, ended(Some(written)), &store, &what)?;
             }
             Step::Upsert { ids, tag, fault } => {
                 install(&world.ctl, fault);
@@ -907,7 +1024,40 @@ where
     }
     world.ctl.disable();
     land(&world, landing).await?;
+    finish_reindex(&world).await?;
     recover_and_check(&world, true, rejected).await
+}
+
+/// A migration a step left open is resumed to its switch by a restarted
+/// process (after the dead driver's lease): it must succeed, and the checks
+/// that follow run on the new collection.
+async fn finish_reindex<M: MetadataRepo + 'static, V: VectorIndex + 'static>(
+    world: &World<M, V>,
+) -> Result<(), String> {
+    if world.catalog.is_none() {
+        return Ok(());
+    }
+    let state = world
+        .repo
+        .index_state()
+        .await
+        .map_err(|e| format!("index_state: {e}"))?;
+    let Some(migration) = state.migration else {
+        return Ok(());
+    };
+    world.land_deferred().await;
+    world.after_leases();
+    let c = world.clean();
+    c.recover()
+        .await
+        .map_err(|e| format!("recovery failed: {e}"))?;
+    c.reindex(
+        &tandem_core::ReindexOptions::to(migration.spec.target),
+        &|_| {},
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("the resumed re-index failed: {e}"))
 }
 
 /// After a saga step: no saga is left live (a finished call ended it, an

@@ -139,3 +139,41 @@ async fn a_point_the_index_rejects_is_dead_lettered_alone() {
     .await
     .unwrap();
 }
+
+/// Re-indexing: every port call of a re-index (the metadata store's and
+/// both collections') × every fault × crash, with another process writing
+/// during the migration, then a restarted process resumes it; the new
+/// collection ends active and exact, the records untouched.
+#[tokio::test(start_paused = true)]
+async fn every_single_fault_of_a_reindex_keeps_every_invariant() {
+    let summary = tandem_tests::reindex::exhaustive_reindex(
+        || async {
+            (
+                InMemoryMetadataRepo::new(),
+                InMemoryVectorIndex::new(DIM, Distance::Cosine),
+            )
+        },
+        InMemoryVectorIndex::new,
+        fault_config(Duration::from_secs(5)),
+    )
+    .await;
+    println!(
+        "exhaustive single faults, re-index (in-memory): {} cases, outcomes {:?}",
+        summary.cases, summary.outcomes
+    );
+    for f in &summary.failures {
+        println!("FAILED: {f:?}");
+    }
+    assert!(
+        summary.failures.is_empty(),
+        "{} cases broke an invariant",
+        summary.failures.len()
+    );
+    assert!(summary.cases > 20 * 11, "too few cases: {}", summary.cases);
+    for kind in ["ok", "not_applied", "crashed"] {
+        assert!(
+            summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
+            "no case ended {kind}"
+        );
+    }
+}

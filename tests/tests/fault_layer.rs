@@ -65,6 +65,7 @@ fn intent(id: IntentId, owner: OwnerToken, points: &[PointId]) -> NewIntent {
         lease_deadline_ms: LEASE_END_MS,
         point_ids: points.to_vec(),
         created_ms: 1_000,
+        generation: 0,
     }
 }
 

@@ -52,7 +52,7 @@ use tandem_tests::harness::{DIM, FaultyCoordinator, World, fault_config, rid, ve
 /// Every metric the coordinator records: name, kind, label keys. Kept equal to
 /// the macros in `core/src` and to `docs/metrics.md` by
 /// [`the_inventory_matches_the_core_sources_the_docs_and_the_exporter_descriptions`].
-const INVENTORY: [(&str, MetricKind, &[&str]); 20] = [
+const INVENTORY: [(&str, MetricKind, &[&str]); 21] = [
     ("tandem_commits_total", MetricKind::Counter, &["op"]),
     ("tandem_rollbacks_total", MetricKind::Counter, &["op"]),
     ("tandem_compensations_total", MetricKind::Counter, &[]),
@@ -93,6 +93,7 @@ const INVENTORY: [(&str, MetricKind, &[&str]); 20] = [
         &[],
     ),
     ("tandem_index_indexed_last_minute", MetricKind::Gauge, &[]),
+    ("tandem_reindex_rows_total", MetricKind::Counter, &[]),
 ];
 
 /// What moved since the last [`Meter::take`]: counter increments, the number
@@ -209,7 +210,8 @@ fn metered(body: impl AsyncFnOnce(&MemWorld, &Meter)) {
         InMemoryVectorIndex::new(DIM, Distance::Cosine),
         fault_config(Duration::from_secs(30)),
         7,
-    );
+    )
+    .with_catalog(InMemoryVectorIndex::new);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -386,6 +388,21 @@ fn a_deferred_upsert_counts_its_commit_and_the_workers_batch_counts_the_records_
                 ],
             ),
         );
+    });
+}
+
+#[test]
+fn a_reindex_counts_the_rows_it_copies() {
+    metered(async |w, m| {
+        let report = w
+            .clean()
+            .reindex(&tandem_core::ReindexOptions::to("next"), &|_| {})
+            .await
+            .expect("reindex");
+        assert!(report.switched);
+        assert_eq!(report.copied, 6, "the six seeded rows, once each");
+        let moved = m.take();
+        assert_eq!(moved.counters.get("tandem_reindex_rows_total"), Some(&6));
     });
 }
 

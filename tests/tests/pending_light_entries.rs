@@ -89,6 +89,7 @@ async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         lease_deadline_ms: i64::MAX / 2,
         point_ids: Vec::new(),
         created_ms: 1,
+        generation: 0,
     };
     repo.prepare(&intent).await.expect("prepare");
     let parts = [CommitPart::Defer {

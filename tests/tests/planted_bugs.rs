@@ -13,7 +13,8 @@ use tandem_tests::harness::{
     late_write_lands_after_a_supersede, recovery_races_a_live_call, saga_races_recovery,
     slow_action_keeps_its_lease,
 };
-use tandem_tests::property::{property_config, run_history, step};
+use tandem_tests::property::{property_config, run_history_with, step};
+use tandem_tests::reindex::exhaustive_reindex_with_bug;
 
 fn stores() -> (InMemoryMetadataRepo, InMemoryVectorIndex) {
     (
@@ -64,9 +65,16 @@ async fn caught_by_fault_suites(bug: PlantedBug) -> Vec<String> {
         found.push(format!("slow saga action: {e}"));
     }
     let (repo, index) = stores();
-    if let Err(e) = index_outage_keeps_the_backlog(repo, index, config, Some(bug)).await {
+    if let Err(e) = index_outage_keeps_the_backlog(repo, index, config.clone(), Some(bug)).await {
         found.push(format!("index outage: {e}"));
     }
+    found.extend(
+        exhaustive_reindex_with_bug(|| async { stores() }, InMemoryVectorIndex::new, config, bug)
+            .await
+            .failures
+            .into_iter()
+            .filter_map(|f| f.violation.map(|v| format!("Reindex {:?}: {v}", f.rule))),
+    );
     found
 }
 
@@ -86,8 +94,9 @@ fn caught_by_property_suite(bug: PlantedBug) -> Option<String> {
                 .start_paused(true)
                 .build()
                 .expect("runtime");
-            rt.block_on(run_history(
+            rt.block_on(run_history_with(
                 || async { stores() },
+                Some(InMemoryVectorIndex::new),
                 property_config(),
                 steps,
                 Some(bug),

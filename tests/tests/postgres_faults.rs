@@ -428,6 +428,7 @@ async fn prepare<M: MetadataRepo>(
         lease_deadline_ms,
         point_ids: points.to_vec(),
         created_ms: lease_deadline_ms,
+        generation: 0,
     };
     repo.prepare(&intent).await.unwrap();
     (intent.id, intent.owner)

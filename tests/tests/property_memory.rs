@@ -7,7 +7,7 @@ use proptest::test_runner::Config;
 use tandem_adapters::memory::{InMemoryMetadataRepo, InMemoryVectorIndex};
 use tandem_core::Distance;
 use tandem_tests::harness::DIM;
-use tandem_tests::property::{property_config, run_history, step};
+use tandem_tests::property::{property_config, run_history_with, step};
 
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
@@ -26,8 +26,9 @@ proptest! {
             .start_paused(true)
             .build()
             .expect("runtime");
-        let result = rt.block_on(run_history(
+        let result = rt.block_on(run_history_with(
             || async { (InMemoryMetadataRepo::new(), InMemoryVectorIndex::new(DIM, Distance::Cosine)) },
+            Some(InMemoryVectorIndex::new),
             property_config(),
             steps,
             None,

@@ -95,6 +95,7 @@ async fn claims_from_two_pools_are_exclusive() {
             lease_deadline_ms: 10,
             point_ids: rows.iter().map(|r| r.point_id).collect(),
             created_ms: 1,
+            generation: 0,
         };
         a.prepare(&intent).await.unwrap();
     }

@@ -171,6 +171,7 @@ async fn a_point_named_by_a_live_intent_is_not_an_orphan() {
             lease_deadline_ms: i64::MAX,
             point_ids: vec![point],
             created_ms: 1,
+            generation: 0,
         })
         .await
         .expect("prepare");

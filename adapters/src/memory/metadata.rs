@@ -1,18 +1,19 @@
 //! [`InMemoryMetadataRepo`]: the metadata store in process memory.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use serde_json::Value;
 use tandem_core::{
-    CommitPart, CommitSummary, ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord,
-    IndexFailure, IndexGate, IndexSwitch, Intent, IntentId, IntentState, MetadataError,
-    MetadataRepo, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, PointId,
-    RecordId, RowRef, RowWrite, SagaCounts, SagaFence, SagaId, SagaRecord, SagaState, Scope,
-    Settlement, StoredRecord, StoredRecordImage, TransactionCommit, TransactionCommitResult,
-    UndoImage, UpsertCommit,
+    ChangedRow, CommitPart, CommitSummary, ConnectionType, DeleteCommit, DeleteSelector,
+    IdempotencyRecord, IndexFailure, IndexGate, IndexSwitch, Intent, IntentId, IntentState,
+    MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PendingFilter, PendingIndex,
+    PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts, SagaFence, SagaId, SagaRecord,
+    SagaState, Scope, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
+    TransactionCommitResult, UndoImage, UpsertCommit,
 };
+use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
 
 /// A [`MetadataRepo`] that keeps rows, intents and idempotency keys in memory.
 ///
@@ -49,6 +50,16 @@ struct State {
     /// Records switched into the index per second (the indexing rate), the
     /// last two minutes of switches kept.
     indexed_per_s: BTreeMap<i64, u64>,
+    /// The active collection and any open migration.
+    index_state: IndexState,
+    /// The last change sequence given out.
+    change_seq: u64,
+    /// Each row's change sequence and the point it had then.
+    seq_of: HashMap<RecordId, (u64, PointId)>,
+    /// Rows by change sequence.
+    by_seq: BTreeMap<u64, RecordId>,
+    /// Points unreferenced while a migration is open, not yet reported done.
+    migration_garbage: BTreeSet<PointId>,
 }
 
 /// The memory store's equivalent of a caller's own SQL tables: named tables
@@ -131,6 +142,11 @@ impl<'s> Scratch<'s> {
                 self.pending.get(&id).cloned(),
             ));
         }
+    }
+
+    /// Every record a part touched.
+    fn touched(&self) -> Vec<RecordId> {
+        self.saved.iter().map(|(id, _, _)| *id).collect()
     }
 
     fn unreference(&mut self, point: PointId) {
@@ -474,6 +490,60 @@ impl InMemoryMetadataRepo {
 }
 
 impl State {
+    /// After a commit: raises the change sequence of each touched row whose
+    /// point changed (or that is new), forgets deleted rows, and records the
+    /// unreferenced points while a migration is open.
+    fn note_changes(&mut self, touched: &[RecordId], garbage: &[PointId]) {
+        for id in touched {
+            let now = self.rows.get(id).map(|r| r.point_id);
+            let before = self.seq_of.get(id).copied();
+            if now == before.map(|(_, p)| p) {
+                continue;
+            }
+            if let Some((seq, _)) = before {
+                self.by_seq.remove(&seq);
+                self.seq_of.remove(id);
+            }
+            if let Some(point) = now {
+                self.change_seq += 1;
+                self.seq_of.insert(*id, (self.change_seq, point));
+                self.by_seq.insert(self.change_seq, *id);
+            }
+        }
+        if self.index_state.migration.is_some() {
+            self.migration_garbage.extend(
+                garbage
+                    .iter()
+                    .filter(|p| !self.by_point.contains_key(p))
+                    .copied(),
+            );
+        }
+    }
+
+    /// The open migration, if `owner` holds it.
+    fn owned_migration(&mut self, owner: OwnerToken) -> Result<&mut Migration, MetadataError> {
+        match self.index_state.migration.as_mut() {
+            Some(m) if m.owner == owner => Ok(m),
+            Some(_) => Err(conflict(
+                "the migration is held by another driver".to_owned(),
+            )),
+            None => Err(conflict("no migration is open".to_owned())),
+        }
+    }
+
+    /// Fences every prepared intent: a new owner, the lease ended.
+    fn fence_prepared(&mut self, now_ms: i64) -> u64 {
+        let mut fenced = 0;
+        for stored in self.intents.values_mut() {
+            if stored.intent.state == IntentState::Prepared {
+                stored.intent.owner = OwnerToken::new_random();
+                stored.intent.lease_deadline_ms = stored.intent.lease_deadline_ms.min(now_ms);
+                fenced += 1;
+            }
+        }
+        fenced
+    }
+
     /// Adds `n` switched records to the second of `at_ms`; forgets seconds
     /// more than two rate windows older.
     fn count_indexed(&mut self, at_ms: i64, n: u64) {
@@ -612,6 +682,10 @@ fn validate_rows(
     Ok(())
 }
 
+fn conflict(message: String) -> MetadataError {
+    MetadataError::MigrationConflict { message }
+}
+
 fn invalid(message: String) -> MetadataError {
     MetadataError::InvalidInput {
         message,
@@ -624,7 +698,16 @@ impl MetadataRepo for InMemoryMetadataRepo {
     async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
         // A repeated prepare (a retry, a duplicated request) changes nothing,
         // even when the intent has moved on since.
-        self.lock().insert_intent(intent);
+        let mut state = self.lock();
+        let index = &state.index_state;
+        let switching = index.switching_at(intent.created_ms);
+        if intent.generation != index.generation || switching {
+            return Err(MetadataError::IndexMoved {
+                generation: index.generation,
+                switching,
+            });
+        }
+        state.insert_intent(intent);
         Ok(())
     }
 
@@ -649,7 +732,9 @@ impl MetadataRepo for InMemoryMetadataRepo {
         // Validated before anything changes: the commit applies whole or not at all.
         let mut scratch = Scratch::new(state, self.keep_vectors);
         scratch.upsert(rows)?;
+        let touched = scratch.touched();
         let (summary, old_point_ids) = (scratch.summary, scratch.garbage);
+        state.note_changes(&touched, &old_point_ids);
         state.mark_committed(intent, old_point_ids.clone(), summary);
         state.record_key(idempotency, summary);
         Ok(UpsertCommit {
@@ -677,7 +762,9 @@ impl MetadataRepo for InMemoryMetadataRepo {
         state.check_key_free(idempotency)?;
         let mut scratch = Scratch::new(state, self.keep_vectors);
         scratch.delete(selector);
+        let touched = scratch.touched();
         let (summary, point_ids) = (scratch.summary, scratch.garbage);
+        state.note_changes(&touched, &point_ids);
         state.mark_committed(intent, point_ids.clone(), summary);
         state.record_key(idempotency, summary);
         Ok(DeleteCommit { summary, point_ids })
@@ -759,6 +846,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
             }
         }
         let undo = commit.hold.then(|| scratch.undo_images());
+        let touched = scratch.touched();
         let referenced: HashSet<PointId> = scratch.by_point.keys().copied().collect();
         let mut seen = HashSet::new();
         let garbage: Vec<PointId> = scratch
@@ -781,6 +869,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         if let Some(new) = created {
             state.insert_intent(new);
         }
+        state.note_changes(&touched, &garbage);
         for (at_ms, n) in indexed {
             state.count_indexed(at_ms, n);
         }
@@ -1294,5 +1383,173 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .map(|(_, n)| n)
             .sum();
         Ok(stats)
+    }
+
+    fn reindexing(&self) -> bool {
+        true
+    }
+
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        Ok(self.lock().index_state.clone())
+    }
+
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let mut state = self.lock();
+        match state.index_state.migration.as_mut() {
+            Some(open) if open.spec != *spec => {
+                return Err(conflict(format!(
+                    "a migration to collection {:?} is open",
+                    open.spec.target
+                )));
+            }
+            Some(open) if open.owner != owner && open.lease_until_ms >= now_ms => {
+                return Err(conflict(format!(
+                    "the migration to {:?} is held by a live driver",
+                    open.spec.target
+                )));
+            }
+            Some(open) => {
+                open.owner = owner;
+                open.lease_until_ms = lease_until_ms;
+            }
+            None => {
+                state.migration_garbage.clear();
+                state.fence_prepared(now_ms);
+                state.index_state.migration = Some(Migration {
+                    spec: spec.clone(),
+                    owner,
+                    lease_until_ms,
+                    cursor: 0,
+                    copied: 0,
+                    started_ms: now_ms,
+                    frozen_until_ms: None,
+                });
+            }
+        }
+        Ok(state.index_state.clone())
+    }
+
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        let state = self.lock();
+        Ok(state
+            .by_seq
+            .range(after.saturating_add(1)..)
+            .take(limit)
+            .filter_map(|(seq, id)| {
+                let row = state.rows.get(id)?;
+                // A deferred insert references a reserved point until a
+                // worker switches it in.
+                let reserved = state
+                    .pending
+                    .get(id)
+                    .is_some_and(|p| p.indexed_version == 0);
+                Some(ChangedRow {
+                    seq: *seq,
+                    row: row.clone(),
+                    indexed: !reserved,
+                })
+            })
+            .collect())
+    }
+
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        Ok(self
+            .lock()
+            .migration_garbage
+            .iter()
+            .take(limit)
+            .copied()
+            .collect())
+    }
+
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let mut state = self.lock();
+        let migration = state.owned_migration(owner)?;
+        migration.cursor = cursor;
+        migration.copied += copied;
+        migration.lease_until_ms = lease_until_ms;
+        for point in garbage {
+            state.migration_garbage.remove(point);
+        }
+        Ok(state.index_state.clone())
+    }
+
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        let mut state = self.lock();
+        state.owned_migration(owner)?.frozen_until_ms = Some(until_ms);
+        Ok(state.fence_prepared(now_ms))
+    }
+
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        let mut state = self.lock();
+        let cursor = state.owned_migration(owner)?.cursor;
+        state.fence_prepared(now_ms);
+        let rows = state.by_seq.range(cursor.saturating_add(1)..).count() as u64;
+        let garbage = state.migration_garbage.len() as u64;
+        if rows > 0 || garbage > 0 {
+            return Ok(SwitchOutcome::Behind { rows, garbage });
+        }
+        let held = state
+            .intents
+            .values()
+            .filter(|s| s.intent.state == IntentState::Held)
+            .count() as u64;
+        if held > 0 {
+            return Ok(SwitchOutcome::Held { intents: held });
+        }
+        let index = &mut state.index_state;
+        let migration = index.migration.take();
+        index.generation += 1;
+        index.retired = Some(current.to_owned());
+        index.active = migration.map(|m| m.spec.target);
+        Ok(SwitchOutcome::Switched(index.clone()))
+    }
+
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        let mut state = self.lock();
+        if let Some(owner) = owner {
+            state.owned_migration(owner)?;
+        }
+        state.migration_garbage.clear();
+        Ok(state.index_state.migration.take())
+    }
+
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        let mut state = self.lock();
+        if state.index_state.retired.as_deref() == Some(name) {
+            state.index_state.retired = None;
+            return Ok(true);
+        }
+        Ok(false)
     }
 }

@@ -16,9 +16,11 @@
 //! assert_eq!(index.dimension(), 384);
 //! ```
 
+mod catalog;
 mod metadata;
 mod vector;
 
+pub use catalog::InMemoryCatalog;
 pub use metadata::{InMemoryMetadataRepo, InMemoryTables};
 pub use vector::InMemoryVectorIndex;
 

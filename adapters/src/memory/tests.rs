@@ -37,6 +37,7 @@ fn intent(points: Vec<PointId>, lease: i64, created: i64) -> NewIntent {
         lease_deadline_ms: lease,
         point_ids: points,
         created_ms: created,
+        generation: 0,
     }
 }
 

@@ -701,6 +701,7 @@ async fn make_backlog(env: &Env, plan: &Plan, dim: usize, rep: u64) -> Result<()
             lease_deadline_ms: now - 60_000,
             point_ids: ids,
             created_ms: now - 120_000,
+            generation: 0,
         })
         .await
         .map_err(|e| failed("preparing the backlog", e))?;

@@ -6,12 +6,14 @@ mod index;
 mod read;
 mod reconcile;
 mod recovery;
+mod reindex;
 mod retry;
 mod saga;
 mod validate;
 mod write;
 
 pub use index::{IndexReport, IndexToken, IndexWait};
+pub use reindex::{ReindexOptions, ReindexReport};
 pub use saga::SagaRun;
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,7 +25,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{CoordinatorConfig, WriteMode};
 use crate::error::CoordinatorError;
 use crate::model::{Filter, IntentId, PendingStats, PointId, PointInfo, RecordId, Scope};
-use crate::ports::{MetadataRepo, RowRef, VectorIndex};
+use crate::ports::{IndexCatalog, MetadataRepo, RowRef, VectorIndex};
+use crate::reindex::IndexState;
 
 /// Deliberate protocol bugs, compiled in only with the `planted-bugs` feature, to
 /// prove that the fault and property suites catch each one.
@@ -77,12 +80,16 @@ pub enum PlantedBug {
     /// Index workers count transient failures (the index down, slow) as
     /// the entries' own attempts, so an outage dead-letters the backlog.
     DeadLetterTransient,
+    /// A re-index commits a chunk's cursor before it writes the chunk into
+    /// the target: a crash in between leaves rows behind the cursor that
+    /// the target lacks, and the switch then breaks I1.
+    ReindexCursorBeforeWrite,
 }
 
 #[cfg(feature = "planted-bugs")]
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 16] = [
+    pub const ALL: [PlantedBug; 17] = [
         PlantedBug::CompensateOnUnknown,
         PlantedBug::RecoverIgnoringLeases,
         PlantedBug::DeleteOldPointsBeforeCommit,
@@ -99,6 +106,7 @@ impl PlantedBug {
         PlantedBug::ActionWithoutHeartbeat,
         PlantedBug::DeferredDeleteBeforeCommit,
         PlantedBug::DeadLetterTransient,
+        PlantedBug::ReindexCursorBeforeWrite,
     ];
 }
 
@@ -358,13 +366,27 @@ pub struct Stats {
 /// a doctest of `tandem-adapters`).
 pub struct Coordinator<M, V> {
     repo: M,
-    index: V,
+    /// The active collection's index, as this process last read it.
+    active: std::sync::RwLock<ActiveIndex<V>>,
+    /// Opens the collections a re-index names (none: the configured one only).
+    catalog: Option<Arc<dyn IndexCatalog<Index = V>>>,
     config: CoordinatorConfig,
     clock: Arc<dyn Clock>,
     /// Saga definitions by name ([`Coordinator::register_saga`]).
     sagas: std::sync::RwLock<HashMap<String, Arc<crate::saga::SagaDefinition>>>,
     #[cfg(feature = "planted-bugs")]
     bug: Option<PlantedBug>,
+}
+
+/// The collection this process writes and searches, with the generation of
+/// the store's [`IndexState`] it belongs to.
+struct ActiveIndex<V> {
+    generation: u64,
+    /// Its name, once a switch named it (`None`: the configured collection).
+    name: Option<String>,
+    index: Arc<V>,
+    /// When the store's state was last read (`None`: never).
+    checked: Option<std::time::Instant>,
 }
 
 impl<M, V> std::fmt::Debug for Coordinator<M, V> {
@@ -383,7 +405,13 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         config.validate()?;
         Ok(Self {
             repo,
-            index,
+            active: std::sync::RwLock::new(ActiveIndex {
+                generation: 0,
+                name: None,
+                index: Arc::new(index),
+                checked: None,
+            }),
+            catalog: None,
             config,
             clock: Arc::new(SystemClock),
             sagas: std::sync::RwLock::new(HashMap::new()),
@@ -410,9 +438,111 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         &self.repo
     }
 
-    /// The vector index.
-    pub fn index(&self) -> &V {
-        &self.index
+    /// Opens the collections a re-index creates and switches to through
+    /// `catalog` (see [`reindex`](Self::reindex)). Without one, a coordinator
+    /// can only use the collection it was given, and fails once the store
+    /// names another active.
+    ///
+    /// `configured` names the collection this coordinator was given: the
+    /// active one until a switch names another.
+    pub fn with_catalog(
+        mut self,
+        catalog: Arc<dyn IndexCatalog<Index = V>>,
+        configured: impl Into<String>,
+    ) -> Self {
+        self.catalog = Some(catalog);
+        self.active
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .name = Some(configured.into());
+        self
+    }
+
+    /// The active collection's index, as this process last read it.
+    pub fn index(&self) -> Arc<V> {
+        Arc::clone(&self.read_active().index)
+    }
+
+    /// The generation of the active collection this process uses.
+    pub fn generation(&self) -> u64 {
+        self.read_active().generation
+    }
+
+    fn read_active(&self) -> std::sync::RwLockReadGuard<'_, ActiveIndex<V>> {
+        self.active
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the store's [`IndexState`] and, if a switch named another
+    /// collection active, opens it (through the catalog) and uses it from
+    /// now on. Returns the state.
+    pub async fn refresh_index(&self) -> Result<IndexState, CoordinatorError> {
+        let deadline = tokio::time::Instant::now() + self.config.call_deadline;
+        let state = self
+            .metadata_call("metadata.index_state", deadline, || self.repo.index_state())
+            .await?;
+        let (generation, name) = {
+            let active = self.read_active();
+            (active.generation, active.name.clone())
+        };
+        let moved = state
+            .active
+            .as_ref()
+            .filter(|target| state.generation > generation && name.as_ref() != Some(*target));
+        if let Some(target) = moved {
+            let Some(catalog) = &self.catalog else {
+                return Err(CoordinatorError::Config(format!(
+                    "the store names collection {target:?} active (a re-index switched \
+                     to it), but this coordinator has no index catalog to open it"
+                )));
+            };
+            let opened = self
+                .index_call("index.open", deadline, || catalog.open(target))
+                .await?;
+            let mut active = self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if active.generation < state.generation {
+                active.index = Arc::new(opened);
+                active.name = Some(target.clone());
+            }
+        }
+        let mut active = self
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        active.generation = active.generation.max(state.generation);
+        active.checked = Some(std::time::Instant::now());
+        Ok(state)
+    }
+
+    /// Reads the active collection now (on a store with re-indexing): what
+    /// recovery, `verify`, `repair` and `stats` work on must be the active
+    /// collection, not a cached one.
+    async fn refresh_now(&self) -> Result<(), CoordinatorError> {
+        if self.repo.reindexing() {
+            self.refresh_index().await?;
+        }
+        Ok(())
+    }
+
+    /// Refreshes the active collection if it was last read longer than
+    /// [`ReindexConfig::state_ttl`](crate::ReindexConfig::state_ttl) ago
+    /// (reads follow a switch within that time).
+    async fn refresh_if_stale(&self) -> Result<(), CoordinatorError> {
+        if !self.repo.reindexing() {
+            return Ok(());
+        }
+        let stale = self
+            .read_active()
+            .checked
+            .is_none_or(|at| at.elapsed() >= self.config.reindex.state_ttl);
+        if stale {
+            self.refresh_index().await?;
+        }
+        Ok(())
     }
 
     /// The configuration.
@@ -456,6 +586,7 @@ pub(crate) enum PlantedBugMarker {
     ActionWithoutHeartbeat,
     DeferredDeleteBeforeCommit,
     DeadLetterTransient,
+    ReindexCursorBeforeWrite,
 }
 
 #[cfg(feature = "planted-bugs")]

@@ -26,11 +26,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if query.k == 0 {
             return Err(ValidationError::Invalid("k must be at least 1".into()).into());
         }
+        self.refresh_if_stale().await?;
         check_vector(
             &query.vector,
             0,
-            self.index.dimension(),
-            self.index.distance(),
+            self.index().dimension(),
+            self.index().distance(),
         )?;
         check_filter(&query.filter, &self.config.limits)?;
         let span = info_span!("tandem.search", k = query.k);
@@ -99,6 +100,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .saturating_mul(self.config.search_overfetch)
             .min(MAX_FETCH)
             .max(query.k);
+        let index = self.index();
         loop {
             let started = Instant::now();
             let index_query = IndexQuery {
@@ -108,7 +110,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 score_threshold: query.score_threshold,
             };
             let hits = self
-                .index_call("index.search", deadline, || self.index.search(&index_query))
+                .index_call("index.search", deadline, || index.search(&index_query))
                 .await?;
             metrics::histogram!("tandem_phase_seconds", "op" => "search", "phase" => "index")
                 .record(started.elapsed().as_secs_f64());

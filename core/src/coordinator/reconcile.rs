@@ -29,6 +29,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if let Some(s) = scope {
             check_scope(s, 0, &self.config.limits)?;
         }
+        self.refresh_now().await?;
         self.verify_inner(scope)
             .instrument(info_span!("tandem.verify"))
             .await
@@ -113,6 +114,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if limit == 0 {
             return Err(ValidationError::Invalid("the page size must be at least 1".into()).into());
         }
+        self.refresh_now().await?;
         self.verify_page_inner(scope, cursor, limit.min(PAGE))
             .instrument(info_span!("tandem.verify_page"))
             .await
@@ -130,9 +132,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         };
         if !cursor.points_done {
             let deadline = Instant::now() + self.config.call_deadline;
+            let index = self.index();
             let points = self
                 .index_call("index.scroll", deadline, || {
-                    self.index.scroll(scope, cursor.points_offset, limit)
+                    index.scroll(scope, cursor.points_offset, limit)
                 })
                 .await?;
             for p in &points.items {
@@ -168,9 +171,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             }
             let ids: Vec<PointId> = rows.items.iter().map(|r| r.point_id).collect();
             let mut present = HashSet::with_capacity(ids.len());
+            let index = self.index();
             for chunk in ids.chunks(PAGE) {
                 let found = self
-                    .index_call("index.retrieve", deadline, || self.index.retrieve(chunk))
+                    .index_call("index.retrieve", deadline, || index.retrieve(chunk))
                     .await?;
                 present.extend(found.into_iter().map(|p| p.id));
             }
@@ -196,11 +200,12 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     ) -> Result<HashMap<PointId, PointInfo>, CoordinatorError> {
         let mut out = HashMap::new();
         let mut offset = None;
+        let index = self.index();
         loop {
             let deadline = Instant::now() + self.config.call_deadline;
             let page = self
                 .index_call("index.scroll", deadline, || {
-                    self.index.scroll(scope, offset, PAGE)
+                    index.scroll(scope, offset, PAGE)
                 })
                 .await?;
             for p in page.items {
@@ -265,9 +270,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let deadline = Instant::now() + self.config.call_deadline;
         let ids: Vec<PointId> = candidates.iter().map(|r| r.point_id).collect();
         let mut present = HashSet::new();
+        let index = self.index();
         for chunk in ids.chunks(PAGE) {
             let found = self
-                .index_call("index.retrieve", deadline, || self.index.retrieve(chunk))
+                .index_call("index.retrieve", deadline, || index.retrieve(chunk))
                 .await?;
             present.extend(found.into_iter().map(|p| p.id));
         }
@@ -404,12 +410,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             lease_deadline_ms: now.saturating_add(self.lease_ms()),
             point_ids: points.iter().map(|p| p.id).collect(),
             created_ms: now,
+            generation: self.generation(),
         };
         self.metadata_call("metadata.prepare", deadline, || self.repo.prepare(&intent))
             .await?;
         let chunk = self.config.limits.index_chunk;
+        let index = self.index();
         for c in points.chunks(chunk) {
-            self.index_call("index.upsert", deadline, || self.index.upsert(c))
+            self.index_call("index.upsert", deadline, || index.upsert(c))
                 .await?;
         }
         // The garbage rule, at once: a row may have moved on meanwhile.
@@ -434,14 +442,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
 
     /// Counts in both stores and the intent backlog.
     pub async fn stats(&self) -> Result<Stats, CoordinatorError> {
+        self.refresh_now().await?;
         let deadline = Instant::now() + self.config.call_deadline;
         let rows_by_scope = self
             .metadata_call("metadata.count_by_scope", deadline, || {
                 self.repo.count_by_scope()
             })
             .await?;
+        let index = self.index();
         let points = self
-            .index_call("index.count", deadline, || self.index.count(None))
+            .index_call("index.count", deadline, || index.count(None))
             .await?;
         let intents = self
             .metadata_call("metadata.list_intents", deadline, || {

@@ -29,6 +29,9 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     async fn recover_inner(&self) -> Result<RecoveryReport, CoordinatorError> {
+        // Sagas and intents left by a process that knew of a later switch
+        // than this one has garbage in the collection it names.
+        self.refresh_now().await?;
         let mut report = RecoveryReport::default();
         let batch = self.config.recovery_batch;
         loop {
@@ -55,6 +58,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             if claimed.is_empty() {
                 break;
             }
+            // Read the active collection after the claim: an intent claimed
+            // here may have committed under a switch this process has not
+            // seen, and its garbage is in the collection that switch named.
+            self.refresh_now().await?;
             let n = claimed.len();
             report.claimed += n;
             if self.bug(Bug::RecoverIgnoringLeases) {
@@ -185,6 +192,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         ids: &[PointId],
         deadline: Instant,
     ) -> (HashSet<PointId>, Option<CoordinatorError>) {
+        let index = self.index();
+        let index = &index;
         let calls: Vec<_> = ids
             .chunks(self.config.limits.index_chunk)
             .map(|c| async move {
@@ -193,7 +202,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     deadline,
                     "index.delete",
                     Idempotence::Idempotent,
-                    || self.index.delete(c),
+                    || index.delete(c),
                 )
                 .await;
                 (c, result)

@@ -79,8 +79,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     ) -> Result<UpsertReport, CoordinatorError> {
         check_batch(
             &records,
-            self.index.dimension(),
-            self.index.distance(),
+            self.index().dimension(),
+            self.index().distance(),
             &self.config.limits,
         )?;
         let deadline = Instant::now() + self.config.call_deadline;
@@ -330,8 +330,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let (parts, step) = tx.into_parts();
         check_transaction(
             &parts,
-            self.index.dimension(),
-            self.index.distance(),
+            self.index().dimension(),
+            self.index().distance(),
             &self.config.limits,
         )?;
         if let Some(step) = &step {
@@ -545,6 +545,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             lease_deadline_ms: now.saturating_add(self.lease_ms()),
             point_ids: new_points.clone(),
             created_ms: now,
+            generation: self.generation(),
         };
         let writes_index = !unit.points.is_empty();
         let early_bug = writes_index
@@ -816,14 +817,36 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         op: &'static str,
     ) -> Result<(), CoordinatorError> {
         let started = Instant::now();
-        let result = with_retry(
-            &self.config.retry,
-            deadline,
-            "metadata.prepare",
-            Idempotence::Idempotent,
-            || self.repo.prepare(intent),
-        )
-        .await;
+        let mut moved = intent.clone();
+        let result = loop {
+            let result = with_retry(
+                &self.config.retry,
+                deadline,
+                "metadata.prepare",
+                Idempotence::Idempotent,
+                || self.repo.prepare(&moved),
+            )
+            .await;
+            // A re-index switched the active collection (or is switching):
+            // nothing was written. Learn the new one and prepare under it
+            // (the index writes that follow use it), waiting out a switch.
+            let Err(Failed::Port(MetadataError::IndexMoved { switching, .. })) = &result else {
+                break result;
+            };
+            if *switching {
+                let pause = std::time::Duration::from_millis(20);
+                if Instant::now() + pause >= deadline {
+                    break result;
+                }
+                tokio::time::sleep(pause).await;
+            }
+            if let Err(e) = self.refresh_index().await {
+                warn!(error = %e, "could not read the active collection after a switch");
+                break result;
+            }
+            moved.generation = self.generation();
+            moved.created_ms = self.clock.now_ms();
+        };
         record_phase(op, "prepare", started);
         if let Err(failure) = result {
             // No point was written. The intent may exist (lost reply): it names
@@ -1098,6 +1121,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     ) -> (Result<(), Failed<IndexError>>, Landing) {
         let doubt = AtomicBool::new(false);
         let doubt_ref = &doubt;
+        let index = self.index();
+        let index = &index;
         // The futures are built eagerly (not in a stream's closure) so that the
         // operation's future stays `Send` for every lifetime.
         let calls: Vec<_> = points
@@ -1109,7 +1134,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     "index.upsert",
                     Idempotence::Idempotent,
                     move || {
-                        let attempt = self.index.upsert(c);
+                        let attempt = index.upsert(c);
                         async move {
                             let result = attempt.await;
                             if result
@@ -1170,6 +1195,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             lease_deadline_ms: now.saturating_add(self.lease_ms()),
             point_ids: new_points.to_vec(),
             created_ms: now,
+            generation: self.generation(),
         };
         warn!(guard = %guard.id, "an index write request may still land; guarding its points until the lease ends");
         metrics::counter!("tandem_late_write_guards_total").increment(1);
@@ -1192,6 +1218,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         if ids.is_empty() {
             return Ok(());
         }
+        let index = self.index();
+        let index = &index;
         let calls: Vec<_> = ids
             .chunks(self.config.limits.index_chunk)
             .map(|c| {
@@ -1200,7 +1228,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     deadline,
                     "index.delete",
                     Idempotence::Idempotent,
-                    move || self.index.delete(c),
+                    move || index.delete(c),
                 )
             })
             .collect();

@@ -47,17 +47,21 @@
 //! The functions can also be called directly, e.g. from a hand-written test:
 //! `conformance::prepare_then_read(&repo).await`. They panic on a violation.
 
+mod catalog;
 mod deferred;
 mod embed;
 mod journal;
 mod metadata;
+mod reindex;
 mod unprepared;
 mod vector;
 
+pub use catalog::*;
 pub use deferred::*;
 pub use embed::*;
 pub use journal::*;
 pub use metadata::*;
+pub use reindex::*;
 pub use unprepared::*;
 pub use vector::*;
 
@@ -292,6 +296,20 @@ macro_rules! metadata_repo_conformance {
                 commit_transaction_creates_intent,
                 settle_unprepared_fences_absent,
                 settle_unprepared_committed,
+                reindex_state_starts_empty,
+                reindex_begin_opens,
+                reindex_begin_resumes,
+                reindex_begin_conflicts,
+                reindex_scan_orders_by_change,
+                reindex_scan_marks_reserved,
+                reindex_garbage_records_unreferenced,
+                reindex_progress_persists,
+                reindex_progress_fenced,
+                reindex_freeze_fences_prepared,
+                reindex_switch_when_caught_up,
+                reindex_switch_behind,
+                reindex_abort_closes,
+                prepare_fenced_by_generation,
             );
 
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,6 +422,45 @@ macro_rules! __vector_conformance_cases {
                     |$dim: usize, $distance: $crate::Distance| $factory,
                 )
                 .await;
+            }
+        )*
+    };
+}
+
+/// Instantiates the [`IndexCatalog`](crate::IndexCatalog) conformance suite:
+/// a module `$name` with one `#[tokio::test]` per case.
+///
+/// Input: `index_catalog_conformance!(module_name, factory)`. `factory` is an
+/// expression of a future, evaluated anew in every test, whose output is the
+/// catalog (with no collections of the cases' names: each case creates and
+/// drops its own).
+#[macro_export]
+macro_rules! index_catalog_conformance {
+    ($name:ident, $factory:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::__catalog_conformance_cases!(
+                $factory;
+                catalog_open_missing,
+                catalog_create_then_open,
+                catalog_create_conflicting_layout,
+                catalog_drop,
+            );
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __catalog_conformance_cases {
+    ($factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let catalog = $factory.await;
+                $crate::testkit::conformance::$case(&catalog).await;
             }
         )*
     };

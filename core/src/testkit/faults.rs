@@ -46,7 +46,8 @@ use crate::model::{
     PointInfo, RecordId, RowWrite, Scope, ScoredPoint, Settlement, StoredRecord, UpsertCommit,
 };
 use crate::model::{SagaId, TransactionCommit, TransactionCommitResult, UndoImage};
-use crate::ports::{IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
+use crate::ports::{IndexCatalog, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
+use crate::reindex::{ChangedRow, IndexState, Migration, MigrationSpec, SwitchOutcome};
 use crate::saga::{SagaCounts, SagaRecord, SagaState};
 use crate::transaction::ConnectionType;
 
@@ -115,6 +116,24 @@ pub enum Call {
     DropDead,
     /// [`MetadataRepo::pending_stats`].
     PendingStats,
+    /// [`MetadataRepo::index_state`].
+    IndexState,
+    /// [`MetadataRepo::reindex_begin`].
+    ReindexBegin,
+    /// [`MetadataRepo::reindex_scan`].
+    ReindexScan,
+    /// [`MetadataRepo::reindex_garbage`].
+    ReindexGarbage,
+    /// [`MetadataRepo::reindex_progress`].
+    ReindexProgress,
+    /// [`MetadataRepo::reindex_freeze`].
+    ReindexFreeze,
+    /// [`MetadataRepo::reindex_switch`].
+    ReindexSwitch,
+    /// [`MetadataRepo::reindex_abort`].
+    ReindexAbort,
+    /// [`MetadataRepo::reindex_forget_retired`].
+    ReindexForgetRetired,
     /// [`VectorIndex::upsert`].
     IndexUpsert,
     /// [`VectorIndex::delete`].
@@ -130,7 +149,7 @@ pub enum Call {
 }
 
 impl Call {
-    const ALL: [Call; 37] = [
+    const ALL: [Call; 46] = [
         Call::Prepare,
         Call::CommitUpsert,
         Call::CommitDelete,
@@ -162,6 +181,15 @@ impl Call {
         Call::RetryDead,
         Call::DropDead,
         Call::PendingStats,
+        Call::IndexState,
+        Call::ReindexBegin,
+        Call::ReindexScan,
+        Call::ReindexGarbage,
+        Call::ReindexProgress,
+        Call::ReindexFreeze,
+        Call::ReindexSwitch,
+        Call::ReindexAbort,
+        Call::ReindexForgetRetired,
         Call::IndexUpsert,
         Call::IndexDelete,
         Call::IndexRetrieve,
@@ -191,6 +219,12 @@ impl Call {
                 | Call::RecordIndexFailure
                 | Call::RetryDead
                 | Call::DropDead
+                | Call::ReindexBegin
+                | Call::ReindexProgress
+                | Call::ReindexFreeze
+                | Call::ReindexSwitch
+                | Call::ReindexAbort
+                | Call::ReindexForgetRetired
                 | Call::IndexUpsert
                 | Call::IndexDelete
         )
@@ -1128,6 +1162,142 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
         })
         .await
     }
+
+    fn reindexing(&self) -> bool {
+        self.inner.reindexing()
+    }
+
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        intercept(&self.ctl, Call::IndexState, || self.inner.index_state()).await
+    }
+
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        intercept(&self.ctl, Call::ReindexBegin, || {
+            self.inner
+                .reindex_begin(spec, owner, now_ms, lease_until_ms)
+        })
+        .await
+    }
+
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        intercept(&self.ctl, Call::ReindexScan, || {
+            self.inner.reindex_scan(after, limit)
+        })
+        .await
+    }
+
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        intercept(&self.ctl, Call::ReindexGarbage, || {
+            self.inner.reindex_garbage(limit)
+        })
+        .await
+    }
+
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        intercept(&self.ctl, Call::ReindexProgress, || {
+            self.inner
+                .reindex_progress(owner, cursor, copied, garbage, lease_until_ms)
+        })
+        .await
+    }
+
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        intercept(&self.ctl, Call::ReindexFreeze, || {
+            self.inner.reindex_freeze(owner, now_ms, until_ms)
+        })
+        .await
+    }
+
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        intercept(&self.ctl, Call::ReindexSwitch, || {
+            self.inner.reindex_switch(owner, current, now_ms)
+        })
+        .await
+    }
+
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        intercept(&self.ctl, Call::ReindexAbort, || {
+            self.inner.reindex_abort(owner)
+        })
+        .await
+    }
+
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        intercept(&self.ctl, Call::ReindexForgetRetired, || {
+            self.inner.reindex_forget_retired(name)
+        })
+        .await
+    }
+}
+
+/// An [`IndexCatalog`] whose indexes inject the faults its
+/// [`FaultController`] decides (each opened or created collection is a
+/// [`FaultyVectorIndex`] sharing the controller). The catalog's own calls
+/// pass through.
+pub struct FaultyCatalog<C> {
+    inner: C,
+    ctl: FaultController,
+}
+
+impl<C> FaultyCatalog<C> {
+    /// Wraps `inner`; `ctl` decides the faults of its indexes.
+    pub fn new(inner: C, ctl: FaultController) -> Self {
+        Self { inner, ctl }
+    }
+}
+
+#[async_trait]
+impl<C: IndexCatalog> IndexCatalog for FaultyCatalog<C> {
+    type Index = FaultyVectorIndex<C::Index>;
+
+    async fn open(&self, name: &str) -> Result<Self::Index, IndexError> {
+        let index = self.inner.open(name).await?;
+        Ok(FaultyVectorIndex::new(index, self.ctl.clone()))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: crate::model::Distance,
+    ) -> Result<Self::Index, IndexError> {
+        let index = self.inner.create(name, dimension, distance).await?;
+        Ok(FaultyVectorIndex::new(index, self.ctl.clone()))
+    }
+
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
+        self.inner.drop_collection(name).await
+    }
 }
 
 /// A [`VectorIndex`] that injects the faults its [`FaultController`] decides.
@@ -1321,11 +1491,13 @@ mod tests {
 
     #[test]
     fn call_classification() {
-        assert_eq!(Call::all().len(), 37);
+        assert_eq!(Call::all().len(), 46);
         let distinct: HashSet<Call> = Call::all().iter().copied().collect();
-        assert_eq!(distinct.len(), 37);
+        assert_eq!(distinct.len(), 46);
         let writes: Vec<Call> = Call::all().iter().copied().filter(Call::is_write).collect();
-        assert_eq!(writes.len(), 19);
+        assert_eq!(writes.len(), 25);
+        assert!(Call::ReindexSwitch.is_write() && Call::ReindexSwitch.is_metadata());
+        assert!(!Call::ReindexScan.is_write() && !Call::IndexState.is_write());
         assert!(Call::ClaimPending.is_write() && !Call::PendingFor.is_write());
         assert!(Call::CommitTransaction.is_write() && Call::CommitTransaction.is_metadata());
         assert!(Call::SagaClaim.is_write() && !Call::SagaGet.is_write());

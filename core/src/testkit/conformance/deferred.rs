@@ -60,7 +60,7 @@ async fn apply<M: MetadataRepo + ?Sized>(
 }
 
 /// A deferred write of `rows`, enqueued at `now_ms`.
-async fn defer<M: MetadataRepo + ?Sized>(
+pub(super) async fn defer<M: MetadataRepo + ?Sized>(
     repo: &M,
     rows: &[RowWrite],
     now_ms: i64,
@@ -81,7 +81,7 @@ async fn entry<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<Pendi
     found.pop()
 }
 
-async fn claim_ours<M: MetadataRepo + ?Sized>(
+pub(super) async fn claim_ours<M: MetadataRepo + ?Sized>(
     repo: &M,
     claim: OwnerToken,
     ours: &[RecordId],
@@ -98,7 +98,7 @@ async fn claim_ours<M: MetadataRepo + ?Sized>(
 
 /// An index switch of `entry` to a fresh point, committed with `claim`
 /// at [`NOW`].
-async fn switch<M: MetadataRepo + ?Sized>(
+pub(super) async fn switch<M: MetadataRepo + ?Sized>(
     repo: &M,
     claim: OwnerToken,
     switches: Vec<IndexSwitch>,
@@ -133,7 +133,7 @@ async fn switch_at<M: MetadataRepo + ?Sized>(
     )
 }
 
-fn to(e: &PendingIndex) -> IndexSwitch {
+pub(super) fn to(e: &PendingIndex) -> IndexSwitch {
     IndexSwitch {
         record_id: e.record_id,
         version: e.version,

@@ -83,6 +83,7 @@ pub(super) fn new_intent(
         lease_deadline_ms,
         point_ids,
         created_ms: now_ms(),
+        generation: 0,
     }
 }
 

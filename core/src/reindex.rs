@@ -1,0 +1,148 @@
+//! Re-indexing: which vector collection is active, and the migration that
+//! builds a new one from the metadata store while writes go on.
+//!
+//! The metadata store records the active collection and any open migration
+//! ([`IndexState`]), so every process agrees on them without a coordinator.
+//! See `docs/reindex.md` for the mechanism and why it keeps the invariants.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Distance, OwnerToken, StoredRecord};
+
+/// The active vector collection and any open migration, as the metadata
+/// store records them.
+///
+/// Generation 0 with no `active` name is a store that was never re-indexed:
+/// every process uses the collection it was configured with. Each switch
+/// increments the generation; an intent prepared under another generation is
+/// refused ([`MetadataError::IndexMoved`](crate::MetadataError::IndexMoved)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexState {
+    /// Incremented by every switch.
+    pub generation: u64,
+    /// The active collection, once a switch named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<String>,
+    /// The collection a switch retired, until it is dropped (or forgotten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<String>,
+    /// The open migration, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+impl IndexState {
+    /// Is a switch in progress at `now_ms` (prepares are refused until it
+    /// ends or its lease runs out)?
+    pub fn switching_at(&self, now_ms: i64) -> bool {
+        self.migration
+            .as_ref()
+            .and_then(|m| m.frozen_until_ms)
+            .is_some_and(|until| now_ms < until)
+    }
+}
+
+/// A migration to a new collection: the target, how its vectors are made,
+/// and how far the copy got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// What it builds.
+    pub spec: MigrationSpec,
+    /// The driver that holds it (a re-run takes it over once the lease ended).
+    pub owner: OwnerToken,
+    /// The driver's lease.
+    pub lease_until_ms: i64,
+    /// Every row whose change sequence is at most this is in the target.
+    pub cursor: u64,
+    /// Rows copied so far (a row copied twice counts twice).
+    pub copied: u64,
+    /// When it started (ms since the Unix epoch).
+    pub started_ms: i64,
+    /// While set and in the future, a switch is in progress: prepares are
+    /// refused and every prepared intent was fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_until_ms: Option<i64>,
+}
+
+/// What a migration builds: the target collection's name and layout, and
+/// where its vectors come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSpec {
+    /// The target collection (created by the migration).
+    pub target: String,
+    /// Its vector dimension.
+    pub dimension: usize,
+    /// Its distance function.
+    pub distance: Distance,
+    /// Where the vectors come from.
+    pub source: ReindexSource,
+}
+
+/// Where a migration's vectors come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ReindexSource {
+    /// The vectors the metadata store keeps with each row (same model: a
+    /// rebuild, with new collection settings).
+    KeptVectors,
+    /// A re-embedding of each row's content (a new model); the description
+    /// names the model, for the record.
+    Embedder {
+        /// The model, as the embedder names it.
+        model: String,
+    },
+}
+
+/// A committed row whose point changed (or that was inserted) after a
+/// migration's cursor, as [`MetadataRepo::reindex_scan`](crate::MetadataRepo::reindex_scan)
+/// returns it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChangedRow {
+    /// The row's change sequence: raised whenever its point changes.
+    pub seq: u64,
+    /// The row.
+    pub row: StoredRecord,
+    /// Does its point exist in the index? `false` for a deferred insert not
+    /// yet indexed (the row references a reserved point, never written).
+    pub indexed: bool,
+}
+
+/// What a switch attempt found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SwitchOutcome {
+    /// The target is active now.
+    Switched(IndexState),
+    /// The target is not caught up: rows changed after the cursor, or
+    /// points were unreferenced that the target may still hold. Copy again.
+    Behind {
+        /// Rows changed after the cursor.
+        rows: u64,
+        /// Unreferenced points not yet deleted from the target.
+        garbage: u64,
+    },
+    /// Saga steps hold commits whose undo images reference points the
+    /// target may lack: the switch waits for them to end.
+    Held {
+        /// How many held intents.
+        intents: u64,
+    },
+}
+
+/// A re-index's progress, as the driver reports it after each chunk.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ReindexProgress {
+    /// The phase: `copying`, `catching_up`, `switching`, `switched`, `dropped`.
+    pub phase: &'static str,
+    /// Rows copied so far (also by an earlier, interrupted run).
+    pub copied: u64,
+    /// Committed rows in the store (the copy's total, approximately: writes
+    /// go on).
+    pub total: u64,
+    /// Points deleted from the target because their rows moved on.
+    pub garbage_deleted: u64,
+    /// Rows per second in this run.
+    pub rate: f64,
+    /// Seconds left at this rate, if it can be told.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+}
