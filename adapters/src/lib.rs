@@ -5,11 +5,11 @@
 //!
 //! | module | port | backend |
 //! |---|---|---|
-//! | [`memory`] | both | in-process maps; exact search |
+//! | [`memory`] | both, `IndexCatalog` | in-process maps; exact search |
 //! | `postgres` | `MetadataRepo` | PostgreSQL through diesel-async |
 //! | `sqlite` | `MetadataRepo` | SQLite through diesel-async (embedded default) |
-//! | `qdrant` | `VectorIndex` | Qdrant over gRPC through qdrant-client |
-//! | `edge` | `VectorIndex` | qdrant-edge, Qdrant's in-process engine (embedded default) |
+//! | `qdrant` | `VectorIndex`, `IndexCatalog` | Qdrant over gRPC through qdrant-client (`QdrantCatalog`: the server's collections) |
+//! | `edge` | `VectorIndex`, `IndexCatalog` | qdrant-edge, Qdrant's in-process engine (embedded default; `EdgeCatalog`: one directory per collection) |
 //! | `openai` | `Embedder` | any OpenAI-compatible `/embeddings` server, over HTTP (reqwest) |
 //! | [`hash`] | `Embedder` | the lexical hash embedding, local and deterministic |
 //!

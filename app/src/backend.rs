@@ -51,7 +51,13 @@ struct AppCatalog<C> {
     inner: C,
     configured: String,
     configured_index: Index,
+    /// Drops the configured collection when it does not live in `inner`
+    /// (the embedded index's own directory).
+    drop_configured: Option<DropFn>,
 }
+
+type DropFn =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<bool, IndexError>> + Send + Sync>;
 
 #[async_trait::async_trait]
 impl<C> IndexCatalog for AppCatalog<C>
@@ -93,7 +99,10 @@ where
     }
 
     async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
-        self.inner.drop_collection(name).await
+        match &self.drop_configured {
+            Some(drop) if name == self.configured => drop().await,
+            _ => self.inner.drop_collection(name).await,
+        }
     }
 }
 
@@ -159,10 +168,10 @@ impl Stores {
             .await
             .map_err(|e| e.into_app_error(&metadata_name))?
             .0;
-        let (index, optimizer) = open_index(settings)
+        let (index, optimizer, catalog) = open_index(settings)
             .await
             .map_err(|e| e.into_app_error(&index_name))?;
-        let catalog = open_catalog(settings, &index);
+        let catalog = open_catalog(settings, &index, catalog);
         Ok(Stores {
             repo,
             index,
@@ -321,33 +330,43 @@ async fn open_metadata(settings: &Settings, mode: MigrateMode) -> Result<(Repo, 
     }
 }
 
-/// The catalog of the configured index's kind, with the open index as the
-/// configured collection.
-fn open_catalog(settings: &Settings, index: &Index) -> Option<Catalog> {
-    fn wrap<C: IndexCatalog + 'static>(inner: C, settings: &Settings, index: &Index) -> Catalog
-    where
-        C::Index: 'static,
-    {
-        Arc::new(AppCatalog {
-            inner,
-            configured: settings.collection.clone(),
-            configured_index: index.clone(),
-        })
-    }
+/// A catalog over `inner`, with the open index as the configured collection.
+fn app_catalog<C: IndexCatalog + 'static>(
+    inner: C,
+    settings: &Settings,
+    index: &Index,
+    drop_configured: Option<DropFn>,
+) -> Catalog
+where
+    C::Index: 'static,
+{
+    Arc::new(AppCatalog {
+        inner,
+        configured: settings.collection.clone(),
+        configured_index: index.clone(),
+        drop_configured,
+    })
+}
+
+/// The catalog of the configured index's kind (the in-memory one: one
+/// process's collections, a re-index within one run only).
+fn open_catalog(settings: &Settings, index: &Index, own: Option<Catalog>) -> Option<Catalog> {
     match &settings.index {
-        // One process's collections: a re-index within one run only.
-        IndexTarget::Memory => Some(wrap(InMemoryCatalog::new(), settings, index)),
-        IndexTarget::Edge { .. } | IndexTarget::Qdrant { .. } => None,
+        IndexTarget::Memory => Some(app_catalog(InMemoryCatalog::new(), settings, index, None)),
+        IndexTarget::Edge { .. } | IndexTarget::Qdrant { .. } => own,
     }
 }
 
-async fn open_index(settings: &Settings) -> Result<(Index, Option<Optimizer>), OpenError> {
+async fn open_index(
+    settings: &Settings,
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     match &settings.index {
         IndexTarget::Memory => Ok((
             Arc::new(InMemoryVectorIndex::new(
                 settings.dimension,
                 settings.distance,
             )),
+            None,
             None,
         )),
         IndexTarget::Edge { path } => open_edge(path, settings).await,
@@ -444,8 +463,8 @@ async fn open_postgres(
 async fn open_edge(
     path: &std::path::Path,
     settings: &Settings,
-) -> Result<(Index, Option<Optimizer>), OpenError> {
-    use tandem_adapters::edge::EdgeVectorIndex;
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
+    use tandem_adapters::edge::{EdgeCatalog, EdgeVectorIndex, SharedShard};
     let index = EdgeVectorIndex::open(path, settings.dimension, settings.distance)
         .await
         .map_err(OpenError::Index)?;
@@ -460,14 +479,31 @@ async fn open_edge(
                 .map_err(|e| e.to_string())
         })
     });
-    Ok((Arc::new(index), Some(optimizer)))
+    let index: Index = Arc::new(index);
+    // New collections live beside the configured one, one directory each.
+    let root = path.parent().map_or_else(
+        || std::path::PathBuf::from("collections"),
+        |p| p.join("collections"),
+    );
+    let dir = path.to_path_buf();
+    let drop_configured: DropFn = Arc::new(move || {
+        let dir = dir.clone();
+        Box::pin(async move { SharedShard::destroy(&dir).await.map_err(IndexError::from) })
+    });
+    let catalog = app_catalog(
+        EdgeCatalog::new(root),
+        settings,
+        &index,
+        Some(drop_configured),
+    );
+    Ok((index, Some(optimizer), Some(catalog)))
 }
 
 #[cfg(not(feature = "edge"))]
 async fn open_edge(
     _path: &std::path::Path,
     _settings: &Settings,
-) -> Result<(Index, Option<Optimizer>), OpenError> {
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     Err(OpenError::Unavailable("edge"))
 }
 
@@ -480,8 +516,8 @@ async fn open_qdrant(
     connect_timeout: Option<Duration>,
     require_tls: bool,
     collection_settings: &tandem_adapters::qdrant::CollectionSettings,
-) -> Result<(Index, Option<Optimizer>), OpenError> {
-    use tandem_adapters::qdrant::{QdrantConfig, QdrantVectorIndex};
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
+    use tandem_adapters::qdrant::{QdrantCatalog, QdrantConfig, QdrantVectorIndex};
     let mut config = QdrantConfig::new(
         url,
         settings.collection.clone(),
@@ -515,7 +551,10 @@ async fn open_qdrant(
         }
         Err(e) => return Err(OpenError::Index(e)),
     };
-    Ok((Arc::new(index), None))
+    let catalog = QdrantCatalog::from_index(&index);
+    let index: Index = Arc::new(index);
+    let catalog = app_catalog(catalog, settings, &index, None);
+    Ok((index, None, Some(catalog)))
 }
 
 #[cfg(not(feature = "qdrant"))]
@@ -527,6 +566,6 @@ async fn open_qdrant(
     _connect_timeout: Option<Duration>,
     _require_tls: bool,
     _collection_settings: &tandem_adapters::qdrant::CollectionSettings,
-) -> Result<(Index, Option<Optimizer>), OpenError> {
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     Err(OpenError::Unavailable("qdrant"))
 }

@@ -122,6 +122,13 @@ pub fn coordinator_exit_code(error: &CoordinatorError) -> u8 {
         }
         CoordinatorError::DeadlineExceeded(_) => EXIT_UNAVAILABLE,
         CoordinatorError::Metadata(MetadataError::InvalidInput { .. }) => EXIT_USAGE,
+        // Another re-index holds the migration, or a switch is in progress:
+        // try again later.
+        CoordinatorError::Metadata(
+            MetadataError::MigrationConflict { .. } | MetadataError::IndexMoved { .. },
+        )
+        | CoordinatorError::ReindexBlocked(_) => EXIT_UNAVAILABLE,
+        CoordinatorError::Embed(e) => embed_exit_code(e),
         CoordinatorError::Metadata(e) if e.is_retryable() => EXIT_UNAVAILABLE,
         CoordinatorError::Index(IndexError::InvalidInput { .. }) => EXIT_USAGE,
         CoordinatorError::Index(e) if e.is_retryable() => EXIT_UNAVAILABLE,

@@ -16,6 +16,13 @@ pub enum EdgeError {
     /// (qdrant-edge panics when a flush fails).
     #[error("qdrant-edge worker failed: {0}")]
     Worker(#[source] tokio::task::JoinError),
+    /// The shard was closed because its collection was dropped
+    /// ([`SharedShard::destroy`](super::SharedShard::destroy)).
+    #[error("the qdrant-edge shard in {} was dropped", path.display())]
+    Closed {
+        /// The shard's directory.
+        path: PathBuf,
+    },
     /// The data directory could not be prepared.
     #[error("data directory {}: {source}", path.display())]
     Io {
@@ -59,6 +66,9 @@ impl From<EdgeError> for IndexError {
             };
         }
         match &err {
+            EdgeError::Closed { path } => IndexError::CollectionNotFound {
+                collection: path.display().to_string(),
+            },
             // Resource pressure and interruptions may pass; a write may have
             // been partly applied before it hit them.
             EdgeError::Operation(

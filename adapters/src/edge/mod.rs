@@ -66,13 +66,20 @@
 //! open shard only (its WAL is locked), so every [`EdgeVectorIndex`] of the same
 //! directory in a process shares one shard ([`SharedShard`]).
 //!
+//! [`EdgeCatalog`] keeps collections by name, one shard directory each under a
+//! root directory (what a re-index creates, opens and drops); dropping one
+//! closes its shard for every handle in the process (later calls fail with
+//! [`IndexError::CollectionNotFound`]) and deletes the directory.
+//!
 //! Without [`EdgeVectorIndex::optimize`] search is exhaustive over the appendable
 //! segment; `optimize` builds the HNSW index (for segments above qdrant-edge's
 //! indexing threshold) and vacuums deleted points. Writes wait while it runs.
 
+mod catalog;
 mod error;
 mod shard;
 
+pub use catalog::EdgeCatalog;
 pub use error::EdgeError;
 pub use shard::{SharedShard, WriteTicket};
 
@@ -129,30 +136,44 @@ impl EdgeVectorIndex {
             )
             .build();
         let shard = SharedShard::open(dir, config).await?;
-        let stored = shard.config();
-        match stored.vectors.get("") {
-            Some(params)
-                if params.size == dimension && params.distance == edge_distance(distance) => {}
-            Some(params) => {
-                return Err(IndexError::Config {
-                    message: format!(
-                        "the index in {} has dimension {} and distance {:?}; \
-                         the configuration asks for dimension {dimension} and distance {distance}",
-                        dir.display(),
-                        params.size,
-                        params.distance,
-                    ),
-                });
-            }
-            None => {
-                return Err(IndexError::Config {
-                    message: format!(
-                        "{} holds a qdrant-edge shard without an unnamed dense vector",
-                        dir.display()
-                    ),
-                });
-            }
+        let (stored_dimension, stored_distance) = stored_layout(&shard)?;
+        if (stored_dimension, stored_distance) != (dimension, distance) {
+            return Err(IndexError::Config {
+                message: format!(
+                    "the index in {} has dimension {stored_dimension} and distance \
+                     {stored_distance}; the configuration asks for dimension {dimension} and \
+                     distance {distance}",
+                    dir.display(),
+                ),
+            });
         }
+        Self::with_shard(shard, dimension, distance).await
+    }
+
+    /// Opens the index stored in `dir`, with the dimension and distance the
+    /// shard was created with; never creates one.
+    ///
+    /// Errors: [`IndexError::CollectionNotFound`] (naming the directory) when
+    /// `dir` holds no index; [`IndexError::Config`] when it holds a shard
+    /// Tandem cannot use (no unnamed dense vector, or the Manhattan
+    /// distance).
+    pub async fn open_existing(dir: impl AsRef<Path>) -> Result<Self, IndexError> {
+        let dir = dir.as_ref();
+        let Some(shard) = SharedShard::open_existing(dir).await? else {
+            return Err(IndexError::CollectionNotFound {
+                collection: dir.display().to_string(),
+            });
+        };
+        let (dimension, distance) = stored_layout(&shard)?;
+        Self::with_shard(shard, dimension, distance).await
+    }
+
+    /// The index on an open shard of this layout (checked by the caller).
+    async fn with_shard(
+        shard: SharedShard,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Self, IndexError> {
         let index = Self {
             shard,
             dimension,
@@ -389,6 +410,33 @@ impl VectorIndex for EdgeVectorIndex {
             next: next.map(point_id).transpose()?,
         })
     }
+}
+
+/// The dimension and distance of the shard's unnamed dense vector.
+fn stored_layout(shard: &SharedShard) -> Result<(usize, Distance), IndexError> {
+    let config = shard.config();
+    let Some(params) = config.vectors.get("") else {
+        return Err(IndexError::Config {
+            message: format!(
+                "{} holds a qdrant-edge shard without an unnamed dense vector",
+                shard.dir().display()
+            ),
+        });
+    };
+    let distance = match params.distance {
+        qdrant_edge::Distance::Cosine => Distance::Cosine,
+        qdrant_edge::Distance::Dot => Distance::Dot,
+        qdrant_edge::Distance::Euclid => Distance::Euclid,
+        other => {
+            return Err(IndexError::Config {
+                message: format!(
+                    "the index in {} uses the {other:?} distance, which Tandem does not support",
+                    shard.dir().display()
+                ),
+            });
+        }
+    };
+    Ok((params.size, distance))
 }
 
 fn edge_distance(distance: Distance) -> qdrant_edge::Distance {

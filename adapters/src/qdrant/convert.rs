@@ -250,6 +250,17 @@ pub fn distance(d: Distance) -> qdrant::Distance {
     }
 }
 
+/// Tandem's distance for Qdrant's (as the `i32` of its gRPC messages);
+/// `None` for one Tandem does not support (Manhattan, unknown values).
+pub fn from_distance(d: i32) -> Option<Distance> {
+    match qdrant::Distance::try_from(d).ok()? {
+        qdrant::Distance::Cosine => Some(Distance::Cosine),
+        qdrant::Distance::Dot => Some(Distance::Dot),
+        qdrant::Distance::Euclid => Some(Distance::Euclid),
+        _ => None,
+    }
+}
+
 /// Tandem's score for Qdrant's: euclid distances are negated so that higher is
 /// better for every distance.
 pub fn score(d: Distance, qdrant_score: f32) -> f32 {
@@ -658,6 +669,11 @@ mod tests {
         assert_eq!(distance(Distance::Cosine), qdrant::Distance::Cosine);
         assert_eq!(distance(Distance::Dot), qdrant::Distance::Dot);
         assert_eq!(distance(Distance::Euclid), qdrant::Distance::Euclid);
+        for d in [Distance::Cosine, Distance::Dot, Distance::Euclid] {
+            assert_eq!(from_distance(distance(d) as i32), Some(d));
+        }
+        assert_eq!(from_distance(qdrant::Distance::Manhattan as i32), None);
+        assert_eq!(from_distance(-1), None);
     }
 
     #[allow(deprecated)] // on_disk, on_disk_payload, always_ram: see FoundSettings::of

@@ -20,6 +20,7 @@
 //! points request once on some errors, which the idempotent protocol absorbs).
 //! See `docs/qdrant.md`.
 
+mod catalog;
 pub mod config;
 pub mod convert;
 pub mod error;
@@ -43,11 +44,15 @@ use tandem_core::{
     VectorIndex,
 };
 
+pub use catalog::QdrantCatalog;
 pub use config::{
     CollectionSettings, PayloadFieldType, QdrantConfig, Quantization, Secret, WriteOrdering,
 };
 use convert::{METADATA, RECORD_ID, SCOPE};
 use error::{Op, check_update, classify, partially_applied};
+
+/// The server version of an index built without reaching the server.
+const NOT_REACHED: &str = "unknown (not reached yet)";
 
 /// The Qdrant-backed [`VectorIndex`]. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
@@ -126,7 +131,7 @@ impl QdrantVectorIndex {
         Ok(Self {
             client,
             config,
-            server_version: "unknown (not reached yet)".to_owned(),
+            server_version: NOT_REACHED.to_owned(),
         })
     }
 
@@ -181,8 +186,14 @@ impl QdrantVectorIndex {
                 }
             }
         }
-        let info = self
-            .client
+        let info = self.collection_info().await?;
+        self.adopt(&info).await
+    }
+
+    /// The collection's description, as the server reports it.
+    async fn collection_info(&self) -> Result<qdrant::CollectionInfo, IndexError> {
+        let name = self.collection();
+        self.client
             .collection_info(GetCollectionInfoRequest {
                 collection_name: name.to_owned(),
             })
@@ -191,9 +202,17 @@ impl QdrantVectorIndex {
             .result
             .ok_or_else(|| IndexError::Config {
                 message: format!("Qdrant returned no information on collection `{name}`"),
-            })?;
-        self.check_layout(&info)?;
-        self.check_settings(&info)?;
+            })
+    }
+
+    /// Checks an existing collection against the configuration (layout and
+    /// settings) and creates the payload indexes it lacks: the part of
+    /// [`ensure_collection`](Self::ensure_collection) after the collection
+    /// exists.
+    async fn adopt(&self, info: &qdrant::CollectionInfo) -> Result<(), IndexError> {
+        let name = self.collection();
+        self.check_layout(info)?;
+        self.check_settings(info)?;
         for (field, kind) in self.wanted_payload_indexes()? {
             match info.payload_schema.get(&field) {
                 Some(schema) if schema.data_type == convert::schema_type(kind) as i32 => {}
@@ -292,30 +311,7 @@ impl QdrantVectorIndex {
 
     fn check_layout(&self, info: &qdrant::CollectionInfo) -> Result<(), IndexError> {
         let name = self.collection();
-        let vectors = info
-            .config
-            .as_ref()
-            .and_then(|c| c.params.as_ref())
-            .and_then(|p| p.vectors_config.as_ref())
-            .and_then(|v| v.config.as_ref());
-        let params = match vectors {
-            Some(vectors_config::Config::Params(p)) => p,
-            Some(vectors_config::Config::ParamsMap(_)) => {
-                return Err(IndexError::Config {
-                    message: format!(
-                        "Qdrant collection `{name}` uses named vectors; Tandem needs a collection \
-                         with one unnamed vector"
-                    ),
-                });
-            }
-            None => {
-                return Err(IndexError::Config {
-                    message: format!(
-                        "Qdrant collection `{name}` has no dense vector configuration"
-                    ),
-                });
-            }
-        };
+        let params = vector_params(info, name)?;
         let want_distance = convert::distance(self.config.distance);
         let got_distance = qdrant::Distance::try_from(params.distance)
             .map(|d| d.as_str_name().to_owned())
@@ -468,6 +464,32 @@ impl QdrantVectorIndex {
         check_update(&reply, &format!("delete of {} points", ids.len()))?;
         tracing::debug!(collection = %name, points = ids.len(), "deleted chunk");
         Ok(())
+    }
+}
+
+/// The parameters of the collection's one unnamed dense vector; an
+/// [`IndexError::Config`] for a collection with named vectors or none.
+fn vector_params<'a>(
+    info: &'a qdrant::CollectionInfo,
+    name: &str,
+) -> Result<&'a qdrant::VectorParams, IndexError> {
+    let vectors = info
+        .config
+        .as_ref()
+        .and_then(|c| c.params.as_ref())
+        .and_then(|p| p.vectors_config.as_ref())
+        .and_then(|v| v.config.as_ref());
+    match vectors {
+        Some(vectors_config::Config::Params(p)) => Ok(p),
+        Some(vectors_config::Config::ParamsMap(_)) => Err(IndexError::Config {
+            message: format!(
+                "Qdrant collection `{name}` uses named vectors; Tandem needs a collection \
+                 with one unnamed vector"
+            ),
+        }),
+        None => Err(IndexError::Config {
+            message: format!("Qdrant collection `{name}` has no dense vector configuration"),
+        }),
     }
 }
 

@@ -182,6 +182,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             owner,
             cursor: migration.cursor,
             copied_before: migration.copied,
+            total: 0,
             started,
         };
         self.copy_until_caught_up(&target, options, &mut run, &mut report, "copying", progress)
@@ -211,7 +212,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             self.drop_retired().await?;
             report.dropped = Some(current);
             report.state = self.repo_state().await?;
-            emit(progress, "dropped", &run, &report, 0);
+            emit(progress, "dropped", &run, &report);
         }
         report.elapsed_s = started.elapsed().as_secs_f64();
         Ok(report)
@@ -401,8 +402,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             report.copied += copied;
             report.garbage_deleted += dead.len() as u64;
             metrics::counter!("tandem_reindex_rows_total").increment(copied);
-            let total = self.total_rows().await.unwrap_or(0);
-            emit(progress, phase, run, report, total);
+            if let Ok(total) = self.total_rows().await {
+                run.total = total;
+            }
+            emit(progress, phase, run, report);
             if rows.is_empty() && garbage.is_empty() {
                 return Ok(());
             }
@@ -442,7 +445,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 .await?;
             match outcome {
                 SwitchOutcome::Switched(state) => {
-                    emit(progress, "switched", run, report, 0);
+                    emit(progress, "switched", run, report);
                     return Ok(state);
                 }
                 SwitchOutcome::Behind { rows, garbage } => {
@@ -557,16 +560,13 @@ struct CopyRun {
     cursor: u64,
     /// Rows an earlier run copied.
     copied_before: u64,
+    /// Committed rows, as last counted.
+    total: u64,
     started: std::time::Instant,
 }
 
-fn emit(
-    progress: ProgressFn<'_>,
-    phase: &'static str,
-    run: &CopyRun,
-    report: &ReindexReport,
-    total: u64,
-) {
+fn emit(progress: ProgressFn<'_>, phase: &'static str, run: &CopyRun, report: &ReindexReport) {
+    let total = run.total;
     let secs = run.started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 {
         report.copied as f64 / secs
