@@ -1178,3 +1178,83 @@ fn deferred_ingest_works_while_the_index_is_unreachable() {
         "a synchronous write needs the index"
     );
 }
+
+// ---------------------------------------------------------------- reindex
+
+/// `tandem reindex` on the embedded default: a rebuild into a new
+/// collection, switched to; later processes (search, ingest, verify) follow
+/// the switch; the retired collection is dropped; bad requests are typed
+/// usage errors that write nothing.
+#[test]
+fn reindex_rebuilds_switches_and_every_later_process_follows() {
+    let s = Sandbox::new();
+    let input = s.write("in.jsonl", &lines(1..=30, "docs"));
+    let r = s.embedded(&["ingest", input.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "ingest: {}", r.stderr);
+
+    // A new dimension without an embedder is refused before anything.
+    let r = s.embedded(&["reindex", "--to-collection", "v2", "--to-dim", "8"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("re-embed"), "{}", r.stderr);
+    let r = s.embedded(&["reindex", "--status", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.json()["generation"],
+        0,
+        "a refused re-index changed the state"
+    );
+
+    let r = s.embedded(&["--json", "reindex", "--to-collection", "v2"]);
+    assert_eq!(r.code, 0, "reindex: {}", r.stderr);
+    let report = r.json();
+    assert_eq!(report["switched"], true);
+    assert_eq!(report["copied"], 30);
+    assert_eq!(report["state"]["active"], "v2");
+    assert_eq!(report["state"]["retired"], "tandem");
+    // Progress went to stderr as JSON lines, ending with the switch.
+    let phases: Vec<String> = r
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["phase"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        phases.last().map(String::as_str),
+        Some("switched"),
+        "{}",
+        r.stderr
+    );
+    assert!(phases.iter().any(|p| p == "copying"), "{phases:?}");
+
+    // Another process: the same records, found through the new collection.
+    assert_eq!(counts(&s), (30, 30, 0));
+    let hits = s.embedded(&[
+        "--json",
+        "search",
+        "--vector",
+        "[1.0, 7.0, 0.5, 1.0]",
+        "-k",
+        "1",
+    ]);
+    assert_eq!(hits.code, 0, "{}", hits.stderr);
+    assert_eq!(hits.json()[0]["id"], id(7), "{}", hits.stdout);
+    // A write after the switch goes to the new collection.
+    let more = s.write("more.jsonl", &lines(31..=35, "docs"));
+    let r = s.embedded(&["ingest", more.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = s.embedded(&["verify", "--json"]);
+    assert_eq!(v.code, 0, "verify after the switch: {}", v.stdout);
+    assert_eq!(counts(&s), (35, 35, 0));
+
+    // Re-indexing into the active collection is refused.
+    let r = s.embedded(&["reindex", "--to-collection", "v2"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = s.embedded(&["--json", "reindex", "--drop-retired"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["dropped"], "tandem");
+    let r = s.embedded(&["reindex", "--status", "--json"]);
+    assert_eq!(r.json()["retired"], serde_json::Value::Null, "{}", r.stdout);
+    assert!(s.data_dir().join("collections").join("v2").is_dir());
+    let v = s.embedded(&["verify", "--json"]);
+    assert_eq!(v.code, 0, "verify after the drop: {}", v.stdout);
+}

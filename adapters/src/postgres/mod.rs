@@ -22,6 +22,7 @@ mod connect;
 pub mod error;
 mod journal;
 mod migrate;
+mod reindex;
 mod session;
 mod wire;
 
@@ -31,18 +32,20 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tandem_core::{
-    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure, IndexGate,
-    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page, PendingFilter,
-    PendingIndex, PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts, SagaId,
-    SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
+    ChangedRow, ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure,
+    IndexGate, Intent, IntentId, MetadataError, MetadataRepo, NewIntent, OwnerToken, Page,
+    PendingFilter, PendingIndex, PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts,
+    SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
+use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
 
 pub use self::connect::Connection;
 use self::error::classify_connect;
 use self::session::{PgConnector, PgPool, Session};
 pub use crate::sql::SecretUrl;
 use crate::sql::codec::validate_identifier;
+use crate::sql::reindex as reindex_steps;
 use crate::sql::steps;
 
 /// How to reach and use the PostgreSQL metadata store.
@@ -575,6 +578,107 @@ impl MetadataRepo for PostgresMetadataRepo {
         let mut s = self.session().await?;
         let r = s.pending_stats(now_ms).await;
         s.done(r)
+    }
+
+    fn reindexing(&self) -> bool {
+        true
+    }
+
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.index_state().await;
+        s.done(r)
+    }
+
+    /// One transaction: the state `FOR UPDATE` (so a concurrent prepare
+    /// either lands first, and is fenced, or sees the migration), the
+    /// garbage cleared and the prepared intents fenced.
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = reindex_steps::begin(&mut s, spec, owner, now_ms, lease_until_ms).await;
+        s.finish(r).await
+    }
+
+    /// Three statements: the last change sequence handed out, a wait for the
+    /// commits that may still hold one below it, then the rows up to it (see
+    /// `docs/postgres.md`, *Re-indexing*).
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.reindex_scan(after, limit).await;
+        s.done(r)
+    }
+
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        let mut s = self.session().await?;
+        let r = s.reindex_garbage(limit).await;
+        s.done(r)
+    }
+
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r =
+            reindex_steps::progress(&mut s, owner, cursor, copied, garbage, lease_until_ms).await;
+        s.finish(r).await
+    }
+
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = reindex_steps::freeze(&mut s, owner, now_ms, until_ms).await;
+        s.finish(r).await
+    }
+
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = reindex_steps::switch(&mut s, owner, current, now_ms).await;
+        s.finish(r).await
+    }
+
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = reindex_steps::abort(&mut s, owner).await;
+        s.finish(r).await
+    }
+
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        let mut s = self.session().await?;
+        s.begin();
+        let r = reindex_steps::forget_retired(&mut s, name).await;
+        s.finish(r).await
     }
 }
 

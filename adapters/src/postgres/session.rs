@@ -26,6 +26,7 @@ use crate::sql::codec::{
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
 use crate::sql::prepared::PreparedExt;
+use crate::sql::reindex::check_generation;
 use crate::sql::steps::{ACTIVITY_KEEP_S, TxOps};
 
 /// Opens connections that record their server errors' SQLSTATEs
@@ -174,7 +175,7 @@ impl Session {
 }
 
 #[derive(QueryableByName)]
-struct PgRecord {
+pub(super) struct PgRecord {
     #[diesel(sql_type = SqlUuid)]
     id: Uuid,
     #[diesel(sql_type = Text)]
@@ -192,7 +193,7 @@ struct PgRecord {
 }
 
 impl PgRecord {
-    fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
+    pub(super) fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
         RecordRow {
             id: self.id,
             scope: self.scope,
@@ -337,6 +338,14 @@ struct PgNewVersion {
     id: Uuid,
     #[diesel(sql_type = BigInt)]
     version: i64,
+}
+
+#[derive(QueryableByName)]
+struct PgGeneration {
+    #[diesel(sql_type = BigInt)]
+    generation: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    frozen_until_ms: Option<i64>,
 }
 
 #[derive(QueryableByName)]
@@ -492,10 +501,10 @@ pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_
                               updated, deleted, attempts, last_error, created_ms";
 
 /// The record columns; `$1` says whether to return the vector.
-const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
+pub(super) const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
                               CASE WHEN $1 THEN vector END AS vector";
 
-fn uuids<T: Copy>(items: &[T], f: impl Fn(T) -> Uuid) -> Vec<Uuid> {
+pub(super) fn uuids<T: Copy>(items: &[T], f: impl Fn(T) -> Uuid) -> Vec<Uuid> {
     items.iter().map(|x| f(*x)).collect()
 }
 
@@ -527,6 +536,12 @@ impl RowColumns {
         }
     }
 }
+
+/// An `UPDATE records AS r … FROM … AS t` assignment: a row whose point
+/// changes takes a new change sequence, above every other row's (see
+/// `reindex_scan`); one that keeps its point keeps its sequence.
+const RAISE_CHANGE_SEQ: &str = "change_seq = CASE WHEN r.point_id = t.point_id \
+                                THEN r.change_seq ELSE nextval('records_change_seq') END";
 
 const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], \
                            $6::bytea[]) AS t(id, scope, content, metadata, point_id, vector)";
@@ -649,7 +664,7 @@ impl TxOps for Session {
         let n = diesel::sql_query(format!(
             "UPDATE records AS r SET scope = t.scope, content = t.content, \
              metadata = t.metadata, point_id = t.point_id, vector = t.vector, \
-             version = r.version + 1, updated_at = now() \
+             version = r.version + 1, updated_at = now(), {RAISE_CHANGE_SEQ} \
              FROM {UNNEST_ROWS} WHERE r.id = t.id"
         ))
         .bind::<Array<SqlUuid>, _>(cols.ids)
@@ -812,10 +827,11 @@ impl TxOps for Session {
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
         // The rows are locked already (lock_versions).
-        diesel::sql_query(
-            "UPDATE records AS r SET point_id = t.point_id, updated_at = now() \
-             FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, point_id) WHERE r.id = t.id",
-        )
+        diesel::sql_query(format!(
+            "UPDATE records AS r SET point_id = t.point_id, updated_at = now(), \
+             {RAISE_CHANGE_SEQ} \
+             FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, point_id) WHERE r.id = t.id"
+        ))
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(_, p)| p.0).collect::<Vec<_>>())
         .prepared()
@@ -1053,7 +1069,9 @@ impl TxOps for Session {
                  $6::bigint[], $7::bytea[]) \
              ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, content = excluded.content, \
                  metadata = excluded.metadata, point_id = excluded.point_id, \
-                 version = excluded.version, vector = excluded.vector, updated_at = now()",
+                 version = excluded.version, vector = excluded.vector, updated_at = now(), \
+                 change_seq = CASE WHEN records.point_id = excluded.point_id \
+                     THEN records.change_seq ELSE excluded.change_seq END",
         )
         .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.id.0).collect::<Vec<_>>())
         .bind::<Array<Text>, _>(
@@ -1197,12 +1215,24 @@ impl TxOps for Session {
 
 /// Single-statement writes (outside a transaction) and reads.
 impl Session {
+    /// `prepare`: one statement. It reads the index state with a shared
+    /// lock (`FOR KEY SHARE`: prepares do not wait for each other, nor for a
+    /// migration's progress, only for a begin, a freeze or a switch, which
+    /// lock it `FOR UPDATE`; after waiting, it reads what they wrote) and
+    /// inserts the intent only if its generation is the store's and no
+    /// switch is in progress at its creation time.
     pub(crate) async fn insert_intent(&mut self, intent: &NewIntent) -> Result<(), MetadataError> {
+        let generation = to_i64(intent.generation, "generation")?;
         // A repeated prepare changes nothing, even if the intent moved on since.
-        diesel::sql_query(
-            "INSERT INTO intents (id, kind, state, owner, lease_deadline_ms, point_ids, \
-             attempts, created_ms) VALUES ($1, $2, 'prepared', $3, $4, $5, 0, $6) \
-             ON CONFLICT (id) DO NOTHING",
+        let rows: Vec<PgGeneration> = diesel::sql_query(
+            "WITH s AS (SELECT generation, frozen_until_ms FROM index_state FOR KEY SHARE), \
+                  i AS (INSERT INTO intents (id, kind, state, owner, lease_deadline_ms, \
+                            point_ids, attempts, created_ms) \
+                        SELECT $1, $2, 'prepared', $3, $4, $5, 0, $6 FROM s \
+                        WHERE s.generation = $7 \
+                            AND (s.frozen_until_ms IS NULL OR $6 >= s.frozen_until_ms) \
+                        ON CONFLICT (id) DO NOTHING) \
+             SELECT generation, frozen_until_ms FROM s",
         )
         .bind::<SqlUuid, _>(intent.id.0)
         .bind::<Text, _>(intent.kind.as_str())
@@ -1210,11 +1240,16 @@ impl Session {
         .bind::<BigInt, _>(intent.lease_deadline_ms)
         .bind::<Array<SqlUuid>, _>(uuids(&intent.point_ids, |p| p.0))
         .bind::<BigInt, _>(intent.created_ms)
+        .bind::<BigInt, _>(generation)
         .prepared()
-        .execute(self.c())
+        .load(self.c())
         .await
         .map_err(|e| self.autocommit(e))?;
-        Ok(())
+        let state = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| corrupt("the index_state row is missing".to_owned()))?;
+        check_generation(intent, state.generation, state.frozen_until_ms)
     }
 
     pub(crate) async fn delete_intent(

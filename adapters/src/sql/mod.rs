@@ -6,6 +6,7 @@
 pub(crate) mod codec;
 pub(crate) mod pool;
 pub(crate) mod prepared;
+pub(crate) mod reindex;
 #[cfg(feature = "postgres")]
 mod secret;
 pub(crate) mod steps;

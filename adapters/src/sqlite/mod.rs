@@ -13,6 +13,7 @@
 
 pub mod error;
 mod journal;
+mod reindex;
 mod session;
 
 use std::collections::{BTreeMap, HashSet};
@@ -24,16 +25,18 @@ use async_trait::async_trait;
 use diesel::SqliteConnection;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tandem_core::{
-    ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure, IndexGate,
-    Intent, IntentId, MetadataError, MetadataRepo, NewIntent, Outcome, OwnerToken, Page,
+    ChangedRow, ConnectionType, DeleteCommit, DeleteSelector, IdempotencyRecord, IndexFailure,
+    IndexGate, Intent, IntentId, MetadataError, MetadataRepo, NewIntent, Outcome, OwnerToken, Page,
     PendingFilter, PendingIndex, PendingStats, PointId, RecordId, RowRef, RowWrite, SagaCounts,
     SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
+use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
 
 use self::error::{Phase, classify, classify_checkout, task_lost};
 use self::session::{SqliteConnector, SyncTx, immediate};
 use crate::sql::pool::Pool;
+use crate::sql::reindex as reindex_steps;
 use crate::sql::steps;
 
 /// The migrations under `adapters/migrations/sqlite`, compiled in.
@@ -216,9 +219,11 @@ impl SqliteMetadataRepo {
 
 #[async_trait]
 impl MetadataRepo for SqliteMetadataRepo {
+    /// Inside an immediate transaction: the generation check and the insert
+    /// see the same index state.
     async fn prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
         let intent = intent.clone();
-        self.simple(move |c, _| session::insert_intent(c, &intent))
+        self.run(move |c, _| immediate(c, |c| reindex::prepare(c, &intent)))
             .await
     }
 
@@ -588,5 +593,129 @@ impl MetadataRepo for SqliteMetadataRepo {
     async fn pending_stats(&self, now_ms: i64) -> Result<PendingStats, MetadataError> {
         self.simple(move |c, _| session::pending_stats(c, now_ms))
             .await
+    }
+
+    fn reindexing(&self) -> bool {
+        true
+    }
+
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        self.simple(|c, _| reindex::index_state(c)).await
+    }
+
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let spec = spec.clone();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::begin(
+                    &mut tx,
+                    &spec,
+                    owner,
+                    now_ms,
+                    lease_until_ms,
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        self.simple(move |c, keep| reindex::scan(c, after, limit, keep))
+            .await
+    }
+
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        self.simple(move |c, _| reindex::garbage(c, limit)).await
+    }
+
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let garbage = garbage.to_vec();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::progress(
+                    &mut tx,
+                    owner,
+                    cursor,
+                    copied,
+                    &garbage,
+                    lease_until_ms,
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::freeze(&mut tx, owner, now_ms, until_ms))
+            })
+        })
+        .await
+    }
+
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        let current = current.to_owned();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::switch(&mut tx, owner, &current, now_ms))
+            })
+        })
+        .await
+    }
+
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::abort(&mut tx, owner))
+            })
+        })
+        .await
+    }
+
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        let name = name.to_owned();
+        self.run(move |c, keep_vectors| {
+            immediate(c, |c| {
+                let mut tx = SyncTx { c, keep_vectors };
+                futures::executor::block_on(reindex_steps::forget_retired(&mut tx, &name))
+            })
+        })
+        .await
     }
 }

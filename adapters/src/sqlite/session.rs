@@ -114,7 +114,7 @@ pub(crate) struct SyncTx<'c> {
 }
 
 #[derive(QueryableByName)]
-struct SqlRecord {
+pub(super) struct SqlRecord {
     #[diesel(sql_type = Text)]
     id: String,
     #[diesel(sql_type = Text)]
@@ -132,7 +132,7 @@ struct SqlRecord {
 }
 
 impl SqlRecord {
-    fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
+    pub(super) fn into_record(self, keep_vectors: bool) -> Result<StoredRecord, MetadataError> {
         RecordRow {
             id: parse_uuid(&self.id)?,
             scope: self.scope,
@@ -373,7 +373,7 @@ pub(super) const INTENT_COLUMNS: &str = "id, kind, state, owner, lease_deadline_
                               updated, deleted, attempts, last_error, created_ms";
 
 /// The record columns; the first bind says whether to return the vector.
-const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
+pub(super) const RECORD_COLUMNS: &str = "id, scope, content, metadata, point_id, version, \
                               CASE WHEN ? THEN vector END AS vector";
 
 /// The `pending_index` columns, qualified by `p`, each entry's content
@@ -951,6 +951,7 @@ impl TxOps for SyncTx<'_> {
     }
 }
 
+/// Inside [`immediate`] (a prepare, or a commit that creates its intent).
 pub(crate) fn insert_intent(
     c: &mut SqliteConnection,
     intent: &NewIntent,
@@ -968,7 +969,7 @@ pub(crate) fn insert_intent(
     .bind::<BigInt, _>(intent.created_ms)
     .prepared()
     .execute(c)
-    .map_err(autocommit)?;
+    .map_err(stmt)?;
     Ok(())
 }
 
