@@ -7,7 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Distance, OwnerToken, StoredRecord};
+use crate::error::MetadataError;
+use crate::model::{Distance, NewIntent, OwnerToken, StoredRecord};
 
 /// The active vector collection and any open migration, as the metadata
 /// store records them.
@@ -31,6 +32,10 @@ pub struct IndexState {
     pub migration: Option<Migration>,
 }
 
+/// The transitions of the state, written once for every store: a store
+/// reads the state under its lock, applies one of these, and writes the
+/// state back in the same transaction (with the statements the method's
+/// contract adds: fencing, garbage).
 impl IndexState {
     /// Is a switch in progress at `now_ms` (prepares are refused until it
     /// ends or its lease runs out)?
@@ -40,6 +45,121 @@ impl IndexState {
             .and_then(|m| m.frozen_until_ms)
             .is_some_and(|until| now_ms < until)
     }
+
+    /// `prepare`'s fence: [`MetadataError::IndexMoved`] if `intent` was made
+    /// under another generation, or while a switch is in progress.
+    pub fn check_prepare(&self, intent: &NewIntent) -> Result<(), MetadataError> {
+        let frozen_until_ms = self.migration.as_ref().and_then(|m| m.frozen_until_ms);
+        Self::fence_prepare(self.generation, frozen_until_ms, intent)
+    }
+
+    /// [`check_prepare`](Self::check_prepare) on the two fields it reads,
+    /// for a store that reads only those.
+    pub fn fence_prepare(
+        generation: u64,
+        frozen_until_ms: Option<i64>,
+        intent: &NewIntent,
+    ) -> Result<(), MetadataError> {
+        let switching = frozen_until_ms.is_some_and(|until| intent.created_ms < until);
+        if intent.generation != generation || switching {
+            return Err(MetadataError::IndexMoved {
+                generation,
+                switching,
+            });
+        }
+        Ok(())
+    }
+
+    /// The open migration, if `owner` holds it.
+    pub fn owned(&mut self, owner: OwnerToken) -> Result<&mut Migration, MetadataError> {
+        match self.migration.as_mut() {
+            Some(m) if m.owner == owner => Ok(m),
+            Some(_) => Err(conflict(
+                "the migration is held by another driver".to_owned(),
+            )),
+            None => Err(conflict("no migration is open".to_owned())),
+        }
+    }
+
+    /// [`reindex_begin`](crate::MetadataRepo::reindex_begin)'s decision:
+    /// opens a migration (returns `true`: the store must then forget old
+    /// garbage and fence prepared intents), takes one over (`false`), or
+    /// conflicts.
+    pub fn begin(
+        &mut self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<bool, MetadataError> {
+        match self.migration.as_mut() {
+            Some(open) if open.spec != *spec => Err(conflict(format!(
+                "a migration to collection {:?} is open",
+                open.spec.target
+            ))),
+            Some(open) if open.owner != owner && open.lease_until_ms >= now_ms => {
+                Err(conflict(format!(
+                    "the migration to {:?} is held by a live driver",
+                    open.spec.target
+                )))
+            }
+            Some(open) => {
+                open.owner = owner;
+                open.lease_until_ms = lease_until_ms;
+                Ok(false)
+            }
+            None => {
+                self.migration = Some(Migration {
+                    spec: spec.clone(),
+                    owner,
+                    lease_until_ms,
+                    cursor: 0,
+                    copied: 0,
+                    started_ms: now_ms,
+                    frozen_until_ms: None,
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// [`reindex_progress`](crate::MetadataRepo::reindex_progress) on the
+    /// state (the store forgets the reported garbage).
+    pub fn progress(
+        &mut self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        lease_until_ms: i64,
+    ) -> Result<(), MetadataError> {
+        let migration = self.owned(owner)?;
+        migration.cursor = cursor;
+        migration.copied = migration.copied.saturating_add(copied);
+        migration.lease_until_ms = lease_until_ms;
+        Ok(())
+    }
+
+    /// The switch itself, once the store found nothing behind: the target
+    /// active, `current` retired, the generation + 1, the migration closed.
+    pub fn switch_to_target(&mut self, current: &str) {
+        let migration = self.migration.take();
+        self.generation += 1;
+        self.retired = Some(current.to_owned());
+        self.active = migration.map(|m| m.spec.target);
+    }
+
+    /// Forgets the retired collection if it is `name`; returns whether it was.
+    pub fn forget_retired(&mut self, name: &str) -> bool {
+        if self.retired.as_deref() != Some(name) {
+            return false;
+        }
+        self.retired = None;
+        true
+    }
+}
+
+fn conflict(message: String) -> MetadataError {
+    MetadataError::MigrationConflict { message }
 }
 
 /// A migration to a new collection: the target, how its vectors are made,

@@ -1336,6 +1336,28 @@ pub struct ExhaustiveSummary {
     pub failures: Vec<CaseResult>,
 }
 
+impl ExhaustiveSummary {
+    /// Counts one case (by its scenario and how it ended), keeping it if it
+    /// broke an invariant.
+    pub fn record(&mut self, result: CaseResult) {
+        self.cases += 1;
+        *self
+            .per_scenario
+            .entry(format!("{:?}", result.scenario))
+            .or_default() += 1;
+        let kind = match &result.ran {
+            Ran::Ok => "ok",
+            Ran::NotApplied(_) => "not_applied",
+            Ran::Unknown(_) => "unknown",
+            Ran::Crashed => "crashed",
+        };
+        *self.outcomes.entry(kind.into()).or_default() += 1;
+        if result.violation.is_some() {
+            self.failures.push(result);
+        }
+    }
+}
+
 /// Enumerates every single fault: for each scenario, a fault-free run lists the
 /// port calls it makes; then each (call, occurrence) × fault is a case, plus
 /// "fails every attempt" for each call, refused or landing later.
@@ -1387,29 +1409,12 @@ where
                 "{scenario:?} without faults: {base:?}"
             );
         }
-        let record = |summary: &mut ExhaustiveSummary, result: CaseResult| {
-            summary.cases += 1;
-            *summary
-                .per_scenario
-                .entry(format!("{scenario:?}"))
-                .or_default() += 1;
-            let kind = match &result.ran {
-                Ran::Ok => "ok",
-                Ran::NotApplied(_) => "not_applied",
-                Ran::Unknown(_) => "unknown",
-                Ran::Crashed => "crashed",
-            };
-            *summary.outcomes.entry(kind.into()).or_default() += 1;
-            if result.violation.is_some() {
-                summary.failures.push(result);
-            }
-        };
-        record(&mut summary, base);
+        summary.record(base);
         for &(call, occurrence) in &calls {
             for fault in single_faults() {
                 let rule = Rule::once(call, occurrence, fault);
                 let (result, _) = run_case(&make, &config, scenario, Some(rule), bug, caller).await;
-                record(&mut summary, result);
+                summary.record(result);
             }
             // The call fails on every attempt from this one on: refused, or
             // answered with an error while every request still lands later.
@@ -1421,7 +1426,7 @@ where
                     fault,
                 };
                 let (result, _) = run_case(&make, &config, scenario, Some(rule), bug, caller).await;
-                record(&mut summary, result);
+                summary.record(result);
             }
         }
     }

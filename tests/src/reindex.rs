@@ -1,7 +1,7 @@
 //! Re-indexing under single faults: the exhaustive suite's reindex case.
 //!
 //! Each case: a seeded world with a catalog (its index is collection
-//! [`MAIN`]), a deferred insert still waiting for the workers, then a
+//! [`MAIN`](crate::harness::MAIN)), a deferred insert still waiting for the workers, then a
 //! re-index to collection `next` by a faulty coordinator, with one fault at
 //! one port call (or a crash). Then another process writes while the
 //! migration is open (or after the switch, or after nothing happened), the
@@ -22,7 +22,7 @@ use tandem_core::{
 };
 
 use crate::harness::{
-    CaseResult, ExhaustiveSummary, MAIN, Ran, Scenario, World, rid, single_faults, vector_for,
+    CaseResult, ExhaustiveSummary, Ran, Scenario, World, rid, single_faults, vector_for,
 };
 use crate::invariants;
 
@@ -143,10 +143,7 @@ where
     }
     // Never a mix: whatever collection is active holds every committed
     // row's point, at the instant the call returned.
-    let active = catalog
-        .open(state.active.as_deref().unwrap_or(MAIN))
-        .await
-        .map_err(|e| e.to_string())?;
+    let active = world.active_index().await?;
     invariants::no_dangling_rows(repo, &*active).await?;
 
     // Another process writes (after a crash mid-switch, once the freeze
@@ -246,25 +243,11 @@ where
             "a re-index without faults: {base:?}"
         );
     }
-    let mut record = |result: CaseResult| {
-        summary.cases += 1;
-        *summary.per_scenario.entry("Reindex".into()).or_default() += 1;
-        let kind = match &result.ran {
-            Ran::Ok => "ok",
-            Ran::NotApplied(_) => "not_applied",
-            Ran::Unknown(_) => "unknown",
-            Ran::Crashed => "crashed",
-        };
-        *summary.outcomes.entry(kind.into()).or_default() += 1;
-        if result.violation.is_some() {
-            summary.failures.push(result);
-        }
-    };
-    record(base);
+    summary.record(base);
     for &(call, occurrence) in &calls {
         for fault in single_faults() {
             let rule = Rule::once(call, occurrence, fault);
-            record(
+            summary.record(
                 run_reindex_case(&make, new_collection, &config, Some(rule), bug)
                     .await
                     .0,
@@ -277,7 +260,7 @@ where
                 times: usize::MAX,
                 fault,
             };
-            record(
+            summary.record(
                 run_reindex_case(&make, new_collection, &config, Some(rule), bug)
                     .await
                     .0,

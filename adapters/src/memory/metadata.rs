@@ -520,17 +520,6 @@ impl State {
         }
     }
 
-    /// The open migration, if `owner` holds it.
-    fn owned_migration(&mut self, owner: OwnerToken) -> Result<&mut Migration, MetadataError> {
-        match self.index_state.migration.as_mut() {
-            Some(m) if m.owner == owner => Ok(m),
-            Some(_) => Err(conflict(
-                "the migration is held by another driver".to_owned(),
-            )),
-            None => Err(conflict("no migration is open".to_owned())),
-        }
-    }
-
     /// Fences every prepared intent: a new owner, the lease ended.
     fn fence_prepared(&mut self, now_ms: i64) -> u64 {
         let mut fenced = 0;
@@ -682,10 +671,6 @@ fn validate_rows(
     Ok(())
 }
 
-fn conflict(message: String) -> MetadataError {
-    MetadataError::MigrationConflict { message }
-}
-
 fn invalid(message: String) -> MetadataError {
     MetadataError::InvalidInput {
         message,
@@ -699,14 +684,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         // A repeated prepare (a retry, a duplicated request) changes nothing,
         // even when the intent has moved on since.
         let mut state = self.lock();
-        let index = &state.index_state;
-        let switching = index.switching_at(intent.created_ms);
-        if intent.generation != index.generation || switching {
-            return Err(MetadataError::IndexMoved {
-                generation: index.generation,
-                switching,
-            });
-        }
+        state.index_state.check_prepare(intent)?;
         state.insert_intent(intent);
         Ok(())
     }
@@ -1401,36 +1379,12 @@ impl MetadataRepo for InMemoryMetadataRepo {
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         let mut state = self.lock();
-        match state.index_state.migration.as_mut() {
-            Some(open) if open.spec != *spec => {
-                return Err(conflict(format!(
-                    "a migration to collection {:?} is open",
-                    open.spec.target
-                )));
-            }
-            Some(open) if open.owner != owner && open.lease_until_ms >= now_ms => {
-                return Err(conflict(format!(
-                    "the migration to {:?} is held by a live driver",
-                    open.spec.target
-                )));
-            }
-            Some(open) => {
-                open.owner = owner;
-                open.lease_until_ms = lease_until_ms;
-            }
-            None => {
-                state.migration_garbage.clear();
-                state.fence_prepared(now_ms);
-                state.index_state.migration = Some(Migration {
-                    spec: spec.clone(),
-                    owner,
-                    lease_until_ms,
-                    cursor: 0,
-                    copied: 0,
-                    started_ms: now_ms,
-                    frozen_until_ms: None,
-                });
-            }
+        if state
+            .index_state
+            .begin(spec, owner, now_ms, lease_until_ms)?
+        {
+            state.migration_garbage.clear();
+            state.fence_prepared(now_ms);
         }
         Ok(state.index_state.clone())
     }
@@ -1481,10 +1435,9 @@ impl MetadataRepo for InMemoryMetadataRepo {
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         let mut state = self.lock();
-        let migration = state.owned_migration(owner)?;
-        migration.cursor = cursor;
-        migration.copied += copied;
-        migration.lease_until_ms = lease_until_ms;
+        state
+            .index_state
+            .progress(owner, cursor, copied, lease_until_ms)?;
         for point in garbage {
             state.migration_garbage.remove(point);
         }
@@ -1498,7 +1451,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         until_ms: i64,
     ) -> Result<u64, MetadataError> {
         let mut state = self.lock();
-        state.owned_migration(owner)?.frozen_until_ms = Some(until_ms);
+        state.index_state.owned(owner)?.frozen_until_ms = Some(until_ms);
         Ok(state.fence_prepared(now_ms))
     }
 
@@ -1509,7 +1462,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         now_ms: i64,
     ) -> Result<SwitchOutcome, MetadataError> {
         let mut state = self.lock();
-        let cursor = state.owned_migration(owner)?.cursor;
+        let cursor = state.index_state.owned(owner)?.cursor;
         state.fence_prepared(now_ms);
         let rows = state.by_seq.range(cursor.saturating_add(1)..).count() as u64;
         let garbage = state.migration_garbage.len() as u64;
@@ -1524,12 +1477,8 @@ impl MetadataRepo for InMemoryMetadataRepo {
         if held > 0 {
             return Ok(SwitchOutcome::Held { intents: held });
         }
-        let index = &mut state.index_state;
-        let migration = index.migration.take();
-        index.generation += 1;
-        index.retired = Some(current.to_owned());
-        index.active = migration.map(|m| m.spec.target);
-        Ok(SwitchOutcome::Switched(index.clone()))
+        state.index_state.switch_to_target(current);
+        Ok(SwitchOutcome::Switched(state.index_state.clone()))
     }
 
     async fn reindex_abort(
@@ -1538,18 +1487,13 @@ impl MetadataRepo for InMemoryMetadataRepo {
     ) -> Result<Option<Migration>, MetadataError> {
         let mut state = self.lock();
         if let Some(owner) = owner {
-            state.owned_migration(owner)?;
+            state.index_state.owned(owner)?;
         }
         state.migration_garbage.clear();
         Ok(state.index_state.migration.take())
     }
 
     async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
-        let mut state = self.lock();
-        if state.index_state.retired.as_deref() == Some(name) {
-            state.index_state.retired = None;
-            return Ok(true);
-        }
-        Ok(false)
+        Ok(self.lock().index_state.forget_retired(name))
     }
 }

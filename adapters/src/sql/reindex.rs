@@ -84,22 +84,14 @@ impl IndexStateRow {
     }
 }
 
-/// `prepare`'s fence: `Err(IndexMoved)` if `intent` was made under another
-/// generation than the store's, or while a switch is in progress.
+/// `prepare`'s fence on the state row's columns
+/// ([`IndexState::fence_prepare`]).
 pub(crate) fn check_generation(
     intent: &NewIntent,
     generation: i64,
     frozen_until_ms: Option<i64>,
 ) -> Result<(), MetadataError> {
-    let generation = to_u64(generation, "generation")?;
-    let switching = frozen_until_ms.is_some_and(|until| intent.created_ms < until);
-    if intent.generation != generation || switching {
-        return Err(MetadataError::IndexMoved {
-            generation,
-            switching,
-        });
-    }
-    Ok(())
+    IndexState::fence_prepare(to_u64(generation, "generation")?, frozen_until_ms, intent)
 }
 
 /// The statements a backend runs inside a migration call's transaction.
@@ -130,21 +122,6 @@ pub(crate) trait ReindexOps: Send {
     async fn switch_counts(&mut self, cursor: u64) -> Result<(u64, u64, u64), MetadataError>;
 }
 
-fn conflict(message: String) -> MetadataError {
-    MetadataError::MigrationConflict { message }
-}
-
-/// The open migration, if `owner` holds it.
-fn owned(state: &mut IndexState, owner: OwnerToken) -> Result<&mut Migration, MetadataError> {
-    match state.migration.as_mut() {
-        Some(m) if m.owner == owner => Ok(m),
-        Some(_) => Err(conflict(
-            "the migration is held by another driver".to_owned(),
-        )),
-        None => Err(conflict("no migration is open".to_owned())),
-    }
-}
-
 /// [`MetadataRepo::reindex_begin`](tandem_core::MetadataRepo::reindex_begin).
 pub(crate) async fn begin<T: ReindexOps + ?Sized>(
     tx: &mut T,
@@ -154,36 +131,9 @@ pub(crate) async fn begin<T: ReindexOps + ?Sized>(
     lease_until_ms: i64,
 ) -> Result<IndexState, MetadataError> {
     let mut state = tx.lock_state(true).await?;
-    match state.migration.as_mut() {
-        Some(open) if open.spec != *spec => {
-            return Err(conflict(format!(
-                "a migration to collection {:?} is open",
-                open.spec.target
-            )));
-        }
-        Some(open) if open.owner != owner && open.lease_until_ms >= now_ms => {
-            return Err(conflict(format!(
-                "the migration to {:?} is held by a live driver",
-                open.spec.target
-            )));
-        }
-        Some(open) => {
-            open.owner = owner;
-            open.lease_until_ms = lease_until_ms;
-        }
-        None => {
-            tx.clear_garbage().await?;
-            tx.fence_prepared(now_ms).await?;
-            state.migration = Some(Migration {
-                spec: spec.clone(),
-                owner,
-                lease_until_ms,
-                cursor: 0,
-                copied: 0,
-                started_ms: now_ms,
-                frozen_until_ms: None,
-            });
-        }
+    if state.begin(spec, owner, now_ms, lease_until_ms)? {
+        tx.clear_garbage().await?;
+        tx.fence_prepared(now_ms).await?;
     }
     tx.save_state(&state).await?;
     Ok(state)
@@ -199,10 +149,7 @@ pub(crate) async fn progress<T: ReindexOps + ?Sized>(
     lease_until_ms: i64,
 ) -> Result<IndexState, MetadataError> {
     let mut state = tx.lock_state(false).await?;
-    let migration = owned(&mut state, owner)?;
-    migration.cursor = cursor;
-    migration.copied = migration.copied.saturating_add(copied);
-    migration.lease_until_ms = lease_until_ms;
+    state.progress(owner, cursor, copied, lease_until_ms)?;
     tx.save_state(&state).await?;
     if !garbage.is_empty() {
         tx.forget_garbage(garbage).await?;
@@ -218,7 +165,7 @@ pub(crate) async fn freeze<T: ReindexOps + ?Sized>(
     until_ms: i64,
 ) -> Result<u64, MetadataError> {
     let mut state = tx.lock_state(true).await?;
-    owned(&mut state, owner)?.frozen_until_ms = Some(until_ms);
+    state.owned(owner)?.frozen_until_ms = Some(until_ms);
     tx.save_state(&state).await?;
     tx.fence_prepared(now_ms).await
 }
@@ -232,7 +179,7 @@ pub(crate) async fn switch<T: ReindexOps + ?Sized>(
     now_ms: i64,
 ) -> Result<SwitchOutcome, MetadataError> {
     let mut state = tx.lock_state(true).await?;
-    let cursor = owned(&mut state, owner)?.cursor;
+    let cursor = state.owned(owner)?.cursor;
     // Waits for every commit still holding a prepared intent: the counts
     // below see all of them.
     tx.fence_prepared(now_ms).await?;
@@ -243,10 +190,7 @@ pub(crate) async fn switch<T: ReindexOps + ?Sized>(
     if held > 0 {
         return Ok(SwitchOutcome::Held { intents: held });
     }
-    let migration = state.migration.take();
-    state.generation += 1;
-    state.retired = Some(current.to_owned());
-    state.active = migration.map(|m| m.spec.target);
+    state.switch_to_target(current);
     tx.save_state(&state).await?;
     Ok(SwitchOutcome::Switched(state))
 }
@@ -258,7 +202,7 @@ pub(crate) async fn abort<T: ReindexOps + ?Sized>(
 ) -> Result<Option<Migration>, MetadataError> {
     let mut state = tx.lock_state(false).await?;
     if let Some(owner) = owner {
-        owned(&mut state, owner)?;
+        state.owned(owner)?;
     }
     let closed = state.migration.take();
     if closed.is_some() {
@@ -274,10 +218,9 @@ pub(crate) async fn forget_retired<T: ReindexOps + ?Sized>(
     name: &str,
 ) -> Result<bool, MetadataError> {
     let mut state = tx.lock_state(false).await?;
-    if state.retired.as_deref() != Some(name) {
+    if !state.forget_retired(name) {
         return Ok(false);
     }
-    state.retired = None;
     tx.save_state(&state).await?;
     Ok(true)
 }

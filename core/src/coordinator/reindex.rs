@@ -338,6 +338,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         phase: &'static str,
         progress: ProgressFn<'_>,
     ) -> Result<(), CoordinatorError> {
+        // The total, for progress only: counted once per phase, not per
+        // chunk (a count is a scan of the table on a server).
+        if let Ok(total) = self.total_rows().await {
+            run.total = total;
+        }
         let chunk = self.config.reindex.chunk.max(1);
         loop {
             let deadline = Instant::now() + self.config.call_deadline;
@@ -402,9 +407,6 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             report.copied += copied;
             report.garbage_deleted += dead.len() as u64;
             metrics::counter!("tandem_reindex_rows_total").increment(copied);
-            if let Ok(total) = self.total_rows().await {
-                run.total = total;
-            }
             emit(progress, phase, run, report);
             if rows.is_empty() && garbage.is_empty() {
                 return Ok(());
