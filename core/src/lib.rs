@@ -41,7 +41,8 @@ pub use ports::{
     GateOpener, IndexCatalog, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex,
 };
 pub use reindex::{
-    ChangedRow, IndexState, Migration, MigrationSpec, ReindexProgress, ReindexSource, SwitchOutcome,
+    ChangedRow, IndexState, Migration, MigrationSpec, ReindexProgress, ReindexSource, StagedVector,
+    SwitchCounts, SwitchOutcome,
 };
 pub use saga::{
     ActionFn, Resume, SagaContext, SagaCounts, SagaDefinition, SagaOutcome, SagaRecord, SagaState,

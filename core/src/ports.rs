@@ -19,7 +19,9 @@ use crate::model::{
     PointId, PointInfo, RecordId, RowWrite, SagaId, Scope, ScoredPoint, Settlement, StoredRecord,
     TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
 };
-use crate::reindex::{ChangedRow, IndexState, Migration, MigrationSpec, SwitchOutcome};
+use crate::reindex::{
+    ChangedRow, IndexState, Migration, MigrationSpec, StagedVector, SwitchOutcome,
+};
 use crate::saga::{SagaCounts, SagaRecord, SagaState};
 use crate::transaction::ConnectionType;
 
@@ -807,23 +809,36 @@ pub trait MetadataRepo: Send + Sync {
     }
 
     /// The driver's progress, fenced by `owner`: sets the cursor, adds
-    /// `copied`, forgets the `garbage` it deleted from the target, and
-    /// extends the lease.
+    /// `copied`, forgets the `garbage` it deleted from the target, stages
+    /// the re-embedded `vectors` of the chunk's rows (replacing any staged
+    /// earlier for the same row), and extends the lease.
+    ///
+    /// A store that keeps vectors makes each staged vector its row's kept
+    /// vector at the switch (in the switch's commit), if the row's change
+    /// sequence is still the one it was staged for; a store that keeps none
+    /// ignores them.
     ///
     /// Contract:
     /// - `reindex_progress_persists`: the state shows the cursor, count and
     ///   lease; the garbage is no longer listed.
     /// - `reindex_progress_fenced`: another owner (or no open migration)
     ///   fails with [`MetadataError::MigrationConflict`] and changes nothing.
+    /// - `reindex_staged_vectors_apply_at_switch`: before the switch the
+    ///   rows keep their vectors; the switch makes each staged vector its
+    ///   row's kept vector (the last one staged for the row wins), except
+    ///   for a row whose point changed since it was staged.
+    /// - `reindex_abort_forgets_staged_vectors`: a migration opened after an
+    ///   abort applies none of the aborted one's staged vectors.
     async fn reindex_progress(
         &self,
         owner: OwnerToken,
         cursor: u64,
         copied: u64,
         garbage: &[PointId],
+        vectors: &[StagedVector],
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
-        let _ = (owner, cursor, copied, garbage, lease_until_ms);
+        let _ = (owner, cursor, copied, garbage, vectors, lease_until_ms);
         Err(reindex_unsupported())
     }
 
@@ -861,6 +876,13 @@ pub trait MetadataRepo: Send + Sync {
     /// - `reindex_switch_behind`: a row changed after the cursor, or
     ///   garbage left, answers `Behind` and changes nothing else; a held
     ///   intent answers `Held`.
+    /// - `reindex_switch_waits_for_deferred_when_re_embedding`: a
+    ///   re-embedding migration ([`ReindexSource::Embedder`](crate::ReindexSource))
+    ///   answers `Deferred` while deferred-index entries exist (their vectors
+    ///   are the old model's); a rebuild from kept vectors switches anyway.
+    ///
+    /// The decision, on what the store counts, is
+    /// [`IndexState::switch_blocker`].
     async fn reindex_switch(
         &self,
         owner: OwnerToken,
@@ -1265,10 +1287,11 @@ macro_rules! forward_metadata_repo {
                 cursor: u64,
                 copied: u64,
                 garbage: &[PointId],
+                vectors: &[StagedVector],
                 lease_until_ms: i64,
             ) -> Result<IndexState, MetadataError> {
                 (**self)
-                    .reindex_progress(owner, cursor, copied, garbage, lease_until_ms)
+                    .reindex_progress(owner, cursor, copied, garbage, vectors, lease_until_ms)
                     .await
             }
             async fn reindex_freeze(

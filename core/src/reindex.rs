@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::MetadataError;
-use crate::model::{Distance, NewIntent, OwnerToken, StoredRecord};
+use crate::model::{Distance, NewIntent, OwnerToken, RecordId, StoredRecord};
 
 /// The active vector collection and any open migration, as the metadata
 /// store records them.
@@ -139,6 +139,36 @@ impl IndexState {
         Ok(())
     }
 
+    /// The switch's decision on what the store counted (under the switch's
+    /// lock): `Some` outcome that refuses, or `None` to switch. Rows past
+    /// the cursor or garbage left mean the target is behind; a held intent
+    /// holds it; with a re-embedding, so do deferred entries, whose vectors
+    /// are the old model's (a worker would index them into the new
+    /// collection).
+    pub fn switch_blocker(&self, counts: SwitchCounts) -> Option<SwitchOutcome> {
+        if counts.rows > 0 || counts.garbage > 0 {
+            return Some(SwitchOutcome::Behind {
+                rows: counts.rows,
+                garbage: counts.garbage,
+            });
+        }
+        if counts.held > 0 {
+            return Some(SwitchOutcome::Held {
+                intents: counts.held,
+            });
+        }
+        let re_embeds = self
+            .migration
+            .as_ref()
+            .is_some_and(|m| matches!(m.spec.source, ReindexSource::Embedder { .. }));
+        if re_embeds && counts.deferred > 0 {
+            return Some(SwitchOutcome::Deferred {
+                entries: counts.deferred,
+            });
+        }
+        None
+    }
+
     /// The switch itself, once the store found nothing behind: the target
     /// active, `current` retired, the generation + 1, the migration closed.
     pub fn switch_to_target(&mut self, current: &str) {
@@ -227,6 +257,35 @@ pub struct ChangedRow {
     pub indexed: bool,
 }
 
+/// A row's vector from a re-embedding, staged by
+/// [`MetadataRepo::reindex_progress`](crate::MetadataRepo::reindex_progress)
+/// until the switch makes it the row's kept vector (so that repairs after
+/// the switch write the new model's vectors, and those before it the old
+/// model's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StagedVector {
+    /// The row.
+    pub record_id: RecordId,
+    /// The row's change sequence when its content was embedded: the switch
+    /// applies the vector only if the row is still at it.
+    pub seq: u64,
+    /// The new model's vector.
+    pub vector: Vec<f32>,
+}
+
+/// What a store counts for [`IndexState::switch_blocker`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwitchCounts {
+    /// Rows whose change sequence is past the cursor.
+    pub rows: u64,
+    /// Recorded garbage points.
+    pub garbage: u64,
+    /// Held intents (saga steps).
+    pub held: u64,
+    /// Deferred-index entries, waiting or dead-lettered.
+    pub deferred: u64,
+}
+
 /// What a switch attempt found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SwitchOutcome {
@@ -245,6 +304,14 @@ pub enum SwitchOutcome {
     Held {
         /// How many held intents.
         intents: u64,
+    },
+    /// A re-embedding migration, and deferred writes (waiting or
+    /// dead-lettered) carry vectors of the old model: the switch waits for
+    /// the workers to index them (into the old collection; the copy then
+    /// re-embeds them) or for an operator to drop them.
+    Deferred {
+        /// Deferred-index entries.
+        entries: u64,
     },
 }
 

@@ -13,7 +13,9 @@ use tandem_core::{
     SagaState, Scope, Settlement, StoredRecord, StoredRecordImage, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
-use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
+use tandem_core::{
+    IndexState, Migration, MigrationSpec, StagedVector, SwitchCounts, SwitchOutcome,
+};
 
 /// A [`MetadataRepo`] that keeps rows, intents and idempotency keys in memory.
 ///
@@ -60,6 +62,9 @@ struct State {
     by_seq: BTreeMap<u64, RecordId>,
     /// Points unreferenced while a migration is open, not yet reported done.
     migration_garbage: BTreeSet<PointId>,
+    /// Re-embedded vectors staged by the open migration, with the change
+    /// sequence each was staged for (applied at its switch).
+    staged_vectors: HashMap<RecordId, (u64, Vec<f32>)>,
 }
 
 /// The memory store's equivalent of a caller's own SQL tables: named tables
@@ -517,6 +522,21 @@ impl State {
                     .filter(|p| !self.by_point.contains_key(p))
                     .copied(),
             );
+        }
+    }
+
+    /// At a switch: each staged vector becomes its row's kept vector if the
+    /// row is still at the change sequence it was staged for.
+    fn apply_staged_vectors(&mut self) {
+        for (id, (seq, vector)) in std::mem::take(&mut self.staged_vectors) {
+            if self.seq_of.get(&id).map(|(s, _)| *s) != Some(seq) {
+                continue;
+            }
+            if let Some(row) = self.rows.get_mut(&id)
+                && row.vector.is_some()
+            {
+                row.vector = Some(vector);
+            }
         }
     }
 
@@ -1384,6 +1404,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .begin(spec, owner, now_ms, lease_until_ms)?
         {
             state.migration_garbage.clear();
+            state.staged_vectors.clear();
             state.fence_prepared(now_ms);
         }
         Ok(state.index_state.clone())
@@ -1432,6 +1453,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
         cursor: u64,
         copied: u64,
         garbage: &[PointId],
+        vectors: &[StagedVector],
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         let mut state = self.lock();
@@ -1440,6 +1462,13 @@ impl MetadataRepo for InMemoryMetadataRepo {
             .progress(owner, cursor, copied, lease_until_ms)?;
         for point in garbage {
             state.migration_garbage.remove(point);
+        }
+        if self.keep_vectors {
+            for v in vectors {
+                state
+                    .staged_vectors
+                    .insert(v.record_id, (v.seq, v.vector.clone()));
+            }
         }
         Ok(state.index_state.clone())
     }
@@ -1464,19 +1493,20 @@ impl MetadataRepo for InMemoryMetadataRepo {
         let mut state = self.lock();
         let cursor = state.index_state.owned(owner)?.cursor;
         state.fence_prepared(now_ms);
-        let rows = state.by_seq.range(cursor.saturating_add(1)..).count() as u64;
-        let garbage = state.migration_garbage.len() as u64;
-        if rows > 0 || garbage > 0 {
-            return Ok(SwitchOutcome::Behind { rows, garbage });
+        let counts = SwitchCounts {
+            rows: state.by_seq.range(cursor.saturating_add(1)..).count() as u64,
+            garbage: state.migration_garbage.len() as u64,
+            held: state
+                .intents
+                .values()
+                .filter(|s| s.intent.state == IntentState::Held)
+                .count() as u64,
+            deferred: state.pending.len() as u64,
+        };
+        if let Some(refused) = state.index_state.switch_blocker(counts) {
+            return Ok(refused);
         }
-        let held = state
-            .intents
-            .values()
-            .filter(|s| s.intent.state == IntentState::Held)
-            .count() as u64;
-        if held > 0 {
-            return Ok(SwitchOutcome::Held { intents: held });
-        }
+        state.apply_staged_vectors();
         state.index_state.switch_to_target(current);
         Ok(SwitchOutcome::Switched(state.index_state.clone()))
     }
@@ -1490,6 +1520,7 @@ impl MetadataRepo for InMemoryMetadataRepo {
             state.index_state.owned(owner)?;
         }
         state.migration_garbage.clear();
+        state.staged_vectors.clear();
         Ok(state.index_state.migration.take())
     }
 

@@ -38,7 +38,7 @@ use tandem_core::{
     SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
-use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
+use tandem_core::{IndexState, Migration, MigrationSpec, StagedVector, SwitchOutcome};
 
 pub use self::connect::Connection;
 use self::error::classify_connect;
@@ -631,12 +631,21 @@ impl MetadataRepo for PostgresMetadataRepo {
         cursor: u64,
         copied: u64,
         garbage: &[PointId],
+        vectors: &[StagedVector],
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         let mut s = self.session().await?;
         s.begin();
-        let r =
-            reindex_steps::progress(&mut s, owner, cursor, copied, garbage, lease_until_ms).await;
+        let r = reindex_steps::progress(
+            &mut s,
+            owner,
+            cursor,
+            copied,
+            garbage,
+            vectors,
+            lease_until_ms,
+        )
+        .await;
         s.finish(r).await
     }
 

@@ -4,14 +4,14 @@
 
 use async_trait::async_trait;
 use diesel::QueryableByName;
-use diesel::sql_types::{Array, BigInt, Bool, Jsonb, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Binary, Bool, Jsonb, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
-use tandem_core::{ChangedRow, IndexState, MetadataError, PointId};
+use tandem_core::{ChangedRow, IndexState, MetadataError, PointId, StagedVector, SwitchCounts};
 use uuid::Uuid;
 
 use super::session::{PgRecord, RECORD_COLUMNS, Session, uuids};
-use crate::sql::codec::{corrupt, to_u64};
+use crate::sql::codec::{corrupt, encode_vector, to_i64, to_u64};
 use crate::sql::prepared::PreparedExt;
 use crate::sql::reindex::{IndexStateRow, ReindexOps};
 
@@ -91,6 +91,8 @@ struct PgSwitchCounts {
     garbage: i64,
     #[diesel(sql_type = BigInt)]
     held: i64,
+    #[diesel(sql_type = BigInt)]
+    deferred: i64,
 }
 
 #[derive(QueryableByName)]
@@ -164,6 +166,54 @@ impl ReindexOps for Session {
         Ok(())
     }
 
+    async fn stage_vectors(&mut self, vectors: &[StagedVector]) -> Result<(), MetadataError> {
+        if !self.keep_vectors {
+            return Ok(());
+        }
+        self.in_tx().await?;
+        let ids: Vec<Uuid> = vectors.iter().map(|v| v.record_id.0).collect();
+        let seqs = vectors
+            .iter()
+            .map(|v| to_i64(v.seq, "change_seq"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let blobs: Vec<Vec<u8>> = vectors.iter().map(|v| encode_vector(&v.vector)).collect();
+        diesel::sql_query(
+            "INSERT INTO migration_vectors (record_id, seq, vector)              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bytea[])              ON CONFLICT (record_id) DO UPDATE SET seq = excluded.seq, vector = excluded.vector",
+        )
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<BigInt>, _>(seqs)
+        .bind::<Array<Binary>, _>(blobs)
+        .prepared()
+        .execute(self.c())
+        .await
+        .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
+    async fn apply_staged_vectors(&mut self) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        if self.keep_vectors {
+            diesel::sql_query(
+                "UPDATE records AS r SET vector = s.vector FROM migration_vectors AS s                  WHERE r.id = s.record_id AND r.change_seq = s.seq AND r.vector IS NOT NULL",
+            )
+            .prepared()
+            .execute(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?;
+        }
+        self.clear_staged_vectors().await
+    }
+
+    async fn clear_staged_vectors(&mut self) -> Result<(), MetadataError> {
+        self.in_tx().await?;
+        diesel::sql_query("DELETE FROM migration_vectors")
+            .prepared()
+            .execute(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?;
+        Ok(())
+    }
+
     async fn fence_prepared(&mut self, now_ms: i64) -> Result<u64, MetadataError> {
         self.in_tx().await?;
         // Waits for every commit that holds a prepared intent's lock; one
@@ -181,13 +231,14 @@ impl ReindexOps for Session {
         Ok(n as u64)
     }
 
-    async fn switch_counts(&mut self, cursor: u64) -> Result<(u64, u64, u64), MetadataError> {
+    async fn switch_counts(&mut self, cursor: u64) -> Result<SwitchCounts, MetadataError> {
         self.in_tx().await?;
         let cursor = i64::try_from(cursor).unwrap_or(i64::MAX);
         let rows: Vec<PgSwitchCounts> = diesel::sql_query(
             "SELECT (SELECT count(*) FROM records WHERE change_seq > $1) AS changed, \
                     (SELECT count(*) FROM migration_garbage) AS garbage, \
-                    (SELECT count(*) FROM intents WHERE state = 'held') AS held",
+                    (SELECT count(*) FROM intents WHERE state = 'held') AS held, \
+                    (SELECT count(*) FROM pending_index) AS deferred",
         )
         .bind::<BigInt, _>(cursor)
         .prepared()
@@ -198,11 +249,12 @@ impl ReindexOps for Session {
             .into_iter()
             .next()
             .ok_or_else(|| corrupt("no counts".to_owned()))?;
-        Ok((
-            to_u64(r.changed, "count")?,
-            to_u64(r.garbage, "count")?,
-            to_u64(r.held, "count")?,
-        ))
+        Ok(SwitchCounts {
+            rows: to_u64(r.changed, "count")?,
+            garbage: to_u64(r.garbage, "count")?,
+            held: to_u64(r.held, "count")?,
+            deferred: to_u64(r.deferred, "count")?,
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tandem_core::{
     IndexState, MetadataError, Migration, MigrationSpec, NewIntent, OwnerToken, PointId,
-    SwitchOutcome,
+    StagedVector, SwitchCounts, SwitchOutcome,
 };
 use uuid::Uuid;
 
@@ -112,14 +112,25 @@ pub(crate) trait ReindexOps: Send {
     /// Forgets these garbage points.
     async fn forget_garbage(&mut self, points: &[PointId]) -> Result<(), MetadataError>;
 
+    /// Stages re-embedded vectors (replacing those staged for the same
+    /// rows), if rows keep vectors; otherwise does nothing.
+    async fn stage_vectors(&mut self, vectors: &[StagedVector]) -> Result<(), MetadataError>;
+
+    /// Makes each staged vector its row's kept vector where the row is still
+    /// at the change sequence it was staged for, then forgets them all.
+    async fn apply_staged_vectors(&mut self) -> Result<(), MetadataError>;
+
+    /// Forgets every staged vector.
+    async fn clear_staged_vectors(&mut self) -> Result<(), MetadataError>;
+
     /// Fences every prepared intent (a new random owner, the lease ended at
     /// `now_ms` at the latest), waiting for commits that hold one; returns
     /// how many.
     async fn fence_prepared(&mut self, now_ms: i64) -> Result<u64, MetadataError>;
 
     /// Rows whose change sequence is above `cursor`, recorded garbage points,
-    /// and held intents.
-    async fn switch_counts(&mut self, cursor: u64) -> Result<(u64, u64, u64), MetadataError>;
+    /// held intents and deferred-index entries.
+    async fn switch_counts(&mut self, cursor: u64) -> Result<SwitchCounts, MetadataError>;
 }
 
 /// [`MetadataRepo::reindex_begin`](tandem_core::MetadataRepo::reindex_begin).
@@ -133,6 +144,7 @@ pub(crate) async fn begin<T: ReindexOps + ?Sized>(
     let mut state = tx.lock_state(true).await?;
     if state.begin(spec, owner, now_ms, lease_until_ms)? {
         tx.clear_garbage().await?;
+        tx.clear_staged_vectors().await?;
         tx.fence_prepared(now_ms).await?;
     }
     tx.save_state(&state).await?;
@@ -146,6 +158,7 @@ pub(crate) async fn progress<T: ReindexOps + ?Sized>(
     cursor: u64,
     copied: u64,
     garbage: &[PointId],
+    vectors: &[StagedVector],
     lease_until_ms: i64,
 ) -> Result<IndexState, MetadataError> {
     let mut state = tx.lock_state(false).await?;
@@ -153,6 +166,9 @@ pub(crate) async fn progress<T: ReindexOps + ?Sized>(
     tx.save_state(&state).await?;
     if !garbage.is_empty() {
         tx.forget_garbage(garbage).await?;
+    }
+    if !vectors.is_empty() {
+        tx.stage_vectors(vectors).await?;
     }
     Ok(state)
 }
@@ -183,13 +199,11 @@ pub(crate) async fn switch<T: ReindexOps + ?Sized>(
     // Waits for every commit still holding a prepared intent: the counts
     // below see all of them.
     tx.fence_prepared(now_ms).await?;
-    let (rows, garbage, held) = tx.switch_counts(cursor).await?;
-    if rows > 0 || garbage > 0 {
-        return Ok(SwitchOutcome::Behind { rows, garbage });
+    let counts = tx.switch_counts(cursor).await?;
+    if let Some(refused) = state.switch_blocker(counts) {
+        return Ok(refused);
     }
-    if held > 0 {
-        return Ok(SwitchOutcome::Held { intents: held });
-    }
+    tx.apply_staged_vectors().await?;
     state.switch_to_target(current);
     tx.save_state(&state).await?;
     Ok(SwitchOutcome::Switched(state))
@@ -208,6 +222,7 @@ pub(crate) async fn abort<T: ReindexOps + ?Sized>(
     if closed.is_some() {
         tx.save_state(&state).await?;
         tx.clear_garbage().await?;
+        tx.clear_staged_vectors().await?;
     }
     Ok(closed)
 }

@@ -31,7 +31,7 @@ use tandem_core::{
     SagaId, SagaRecord, SagaState, Scope, Settlement, StoredRecord, TransactionCommit,
     TransactionCommitResult, UndoImage, UpsertCommit,
 };
-use tandem_core::{IndexState, Migration, MigrationSpec, SwitchOutcome};
+use tandem_core::{IndexState, Migration, MigrationSpec, StagedVector, SwitchOutcome};
 
 use self::error::{Phase, classify, classify_checkout, task_lost};
 use self::session::{SqliteConnector, SyncTx, immediate};
@@ -645,9 +645,11 @@ impl MetadataRepo for SqliteMetadataRepo {
         cursor: u64,
         copied: u64,
         garbage: &[PointId],
+        vectors: &[StagedVector],
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         let garbage = garbage.to_vec();
+        let vectors = vectors.to_vec();
         self.run(move |c, keep_vectors| {
             immediate(c, |c| {
                 let mut tx = SyncTx { c, keep_vectors };
@@ -657,6 +659,7 @@ impl MetadataRepo for SqliteMetadataRepo {
                     cursor,
                     copied,
                     &garbage,
+                    &vectors,
                     lease_until_ms,
                 ))
             })

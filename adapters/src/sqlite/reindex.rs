@@ -6,15 +6,18 @@
 //! them with every commit, so change sequences follow commit order.
 
 use async_trait::async_trait;
-use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::sql_types::{BigInt, Binary, Bool, Nullable, Text};
 use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
-use tandem_core::{ChangedRow, IndexState, MetadataError, NewIntent, OwnerToken, PointId};
+use tandem_core::{
+    ChangedRow, IndexState, MetadataError, NewIntent, OwnerToken, PointId, StagedVector,
+    SwitchCounts,
+};
 
 use super::session::{
     IN_JSON, RECORD_COLUMNS, SqlRecord, SyncTx, insert_intent, json_ids, json_text, parse_json,
     parse_uuid, stmt,
 };
-use crate::sql::codec::{corrupt, to_u64};
+use crate::sql::codec::{corrupt, encode_vector, to_i64, to_u64};
 use crate::sql::prepared::PreparedExt;
 use crate::sql::reindex::{IndexStateRow, ReindexOps, check_generation};
 
@@ -89,6 +92,8 @@ struct SqlSwitchCounts {
     garbage: i64,
     #[diesel(sql_type = BigInt)]
     held: i64,
+    #[diesel(sql_type = BigInt)]
+    deferred: i64,
 }
 
 #[derive(QueryableByName)]
@@ -228,6 +233,46 @@ impl ReindexOps for SyncTx<'_> {
         Ok(())
     }
 
+    async fn stage_vectors(&mut self, vectors: &[StagedVector]) -> Result<(), MetadataError> {
+        if !self.keep_vectors {
+            return Ok(());
+        }
+        // One statement per row: inside the immediate transaction, SQLite's
+        // per-statement cost is small next to the embedding that made them.
+        for v in vectors {
+            diesel::sql_query(
+                "INSERT INTO migration_vectors (record_id, seq, vector) VALUES (?, ?, ?)                  ON CONFLICT (record_id) DO UPDATE SET seq = excluded.seq, vector = excluded.vector",
+            )
+            .bind::<Text, _>(v.record_id.0.to_string())
+            .bind::<BigInt, _>(to_i64(v.seq, "change_seq")?)
+            .bind::<Binary, _>(encode_vector(&v.vector))
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        Ok(())
+    }
+
+    async fn apply_staged_vectors(&mut self) -> Result<(), MetadataError> {
+        if self.keep_vectors {
+            diesel::sql_query(
+                "UPDATE records SET vector = (SELECT s.vector FROM migration_vectors AS s                      WHERE s.record_id = records.id)                  WHERE vector IS NOT NULL AND EXISTS (SELECT 1 FROM migration_vectors AS s                      WHERE s.record_id = records.id AND s.seq = records.change_seq)",
+            )
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        }
+        self.clear_staged_vectors().await
+    }
+
+    async fn clear_staged_vectors(&mut self) -> Result<(), MetadataError> {
+        diesel::sql_query("DELETE FROM migration_vectors")
+            .prepared()
+            .execute(self.c)
+            .map_err(stmt)?;
+        Ok(())
+    }
+
     async fn fence_prepared(&mut self, now_ms: i64) -> Result<u64, MetadataError> {
         // One owner nobody holds, for all of them.
         let n = diesel::sql_query(
@@ -242,11 +287,12 @@ impl ReindexOps for SyncTx<'_> {
         Ok(n as u64)
     }
 
-    async fn switch_counts(&mut self, cursor: u64) -> Result<(u64, u64, u64), MetadataError> {
+    async fn switch_counts(&mut self, cursor: u64) -> Result<SwitchCounts, MetadataError> {
         let rows: Vec<SqlSwitchCounts> = diesel::sql_query(
             "SELECT (SELECT count(*) FROM records WHERE change_seq > ?) AS changed, \
                     (SELECT count(*) FROM migration_garbage) AS garbage, \
-                    (SELECT count(*) FROM intents WHERE state = 'held') AS held",
+                    (SELECT count(*) FROM intents WHERE state = 'held') AS held, \
+                    (SELECT count(*) FROM pending_index) AS deferred",
         )
         .bind::<BigInt, _>(i64::try_from(cursor).unwrap_or(i64::MAX))
         .prepared()
@@ -256,10 +302,11 @@ impl ReindexOps for SyncTx<'_> {
             .into_iter()
             .next()
             .ok_or_else(|| corrupt("no counts".to_owned()))?;
-        Ok((
-            to_u64(r.changed, "count")?,
-            to_u64(r.garbage, "count")?,
-            to_u64(r.held, "count")?,
-        ))
+        Ok(SwitchCounts {
+            rows: to_u64(r.changed, "count")?,
+            garbage: to_u64(r.garbage, "count")?,
+            held: to_u64(r.held, "count")?,
+            deferred: to_u64(r.deferred, "count")?,
+        })
     }
 }

@@ -24,11 +24,14 @@ use tracing::{info, warn};
 
 use super::{Bug, Coordinator};
 use crate::embed::Embedder;
-use crate::error::{CoordinatorError, MetadataError, ValidationError};
+use crate::error::{
+    CoordinatorError, EmbedError, MetadataError, ProtocolViolation, ValidationError,
+};
 use crate::model::{Distance, OwnerToken, Point};
 use crate::ports::{MetadataRepo, VectorIndex};
 use crate::reindex::{
-    ChangedRow, IndexState, MigrationSpec, ReindexProgress, ReindexSource, SwitchOutcome,
+    ChangedRow, IndexState, MigrationSpec, ReindexProgress, ReindexSource, StagedVector,
+    SwitchOutcome,
 };
 
 /// What to build, and how.
@@ -352,13 +355,18 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                     self.repo.reindex_scan(cursor, chunk)
                 })
                 .await?;
-            let (points, skipped) = self.points_of(&rows, options).await?;
+            let Chunk {
+                points,
+                staged,
+                skipped,
+            } = self.points_of(&rows, options).await?;
             report.skipped += skipped;
             let next = rows.last().map_or(cursor, |r| r.seq);
             if self.bug(Bug::ReindexCursorBeforeWrite) {
                 let lease = self.clock.now_ms() + self.reindex_lease_ms();
                 self.metadata_call("metadata.reindex_progress", deadline, || {
-                    self.repo.reindex_progress(run.owner, next, 0, &[], lease)
+                    self.repo
+                        .reindex_progress(run.owner, next, 0, &[], &[], lease)
                 })
                 .await?;
             }
@@ -400,7 +408,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             let lease = self.clock.now_ms() + self.reindex_lease_ms();
             self.metadata_call("metadata.reindex_progress", deadline, || {
                 self.repo
-                    .reindex_progress(run.owner, next, copied, &garbage, lease)
+                    .reindex_progress(run.owner, next, copied, &garbage, &staged, lease)
             })
             .await?;
             run.cursor = next;
@@ -456,6 +464,15 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                         rows, garbage, "re-index switch found changes; catching up again"
                     );
                 }
+                SwitchOutcome::Deferred { entries } => {
+                    self.thaw(run.owner).await;
+                    return Err(CoordinatorError::ReindexBlocked(format!(
+                        "{entries} deferred write(s) (waiting or dead-lettered) carry vectors of \
+                         the old model; index them (tandem index-worker --until-idle) or drop \
+                         the dead letters, move deferred writers to the new model, and re-run \
+                         the re-index (the copy is kept)"
+                    )));
+                }
                 SwitchOutcome::Held { intents } => {
                     self.thaw(run.owner).await;
                     return Err(CoordinatorError::ReindexBlocked(format!(
@@ -486,13 +503,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         }
     }
 
-    /// The points to write for a chunk of changed rows (and how many rows
-    /// were skipped: deferred inserts not indexed yet).
+    /// The points to write for a chunk of changed rows, the re-embedded
+    /// vectors to stage for the rows that keep one, and how many rows were
+    /// skipped (deferred inserts not indexed yet).
     async fn points_of(
         &self,
         rows: &[ChangedRow],
         options: &ReindexOptions,
-    ) -> Result<(Vec<Point>, u64), CoordinatorError> {
+    ) -> Result<Chunk, CoordinatorError> {
         let indexed: Vec<&ChangedRow> = rows.iter().filter(|r| r.indexed).collect();
         let skipped = (rows.len() - indexed.len()) as u64;
         let vectors: Vec<Vec<f32>> = match &options.embedder {
@@ -501,10 +519,21 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 if texts.is_empty() {
                     Vec::new()
                 } else {
-                    embedder
+                    let vectors = embedder
                         .embed(&texts)
                         .await
-                        .map_err(CoordinatorError::Embed)?
+                        .map_err(CoordinatorError::Embed)?;
+                    // The port's contract, checked: a short answer would
+                    // leave rows out of the target without a word.
+                    if vectors.len() != texts.len() {
+                        return Err(CoordinatorError::Embed(EmbedError::Protocol(
+                            ProtocolViolation::WrongCount {
+                                expected: texts.len(),
+                                got: vectors.len(),
+                            },
+                        )));
+                    }
+                    vectors
                 }
             }
             None => indexed
@@ -520,6 +549,22 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        // A re-embedding's vectors replace the kept ones at the switch (a
+        // store that keeps none hides them: `row.vector` is `None`).
+        let staged = if options.embedder.is_some() {
+            indexed
+                .iter()
+                .zip(&vectors)
+                .filter(|(r, _)| r.row.vector.is_some())
+                .map(|(r, vector)| StagedVector {
+                    record_id: r.row.id,
+                    seq: r.seq,
+                    vector: vector.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let now = self.clock.now_ms();
         let points = indexed
             .iter()
@@ -533,7 +578,11 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 written_at_ms: now,
             })
             .collect();
-        Ok((points, skipped))
+        Ok(Chunk {
+            points,
+            staged,
+            skipped,
+        })
     }
 
     async fn total_rows(&self) -> Result<u64, CoordinatorError> {
@@ -554,6 +603,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             )
         })
     }
+}
+
+/// What one chunk of changed rows writes.
+struct Chunk {
+    /// The rows' current points, for the target.
+    points: Vec<Point>,
+    /// Re-embedded vectors of rows that keep one, for the switch.
+    staged: Vec<StagedVector>,
+    /// Rows skipped: deferred inserts not indexed yet.
+    skipped: u64,
 }
 
 /// One run's copy state.
@@ -577,6 +636,10 @@ fn emit(progress: ProgressFn<'_>, phase: &'static str, run: &CopyRun, report: &R
     };
     let copied = run.copied_before + report.copied;
     let eta_s = (rate > 0.0 && total > copied).then(|| (total - copied) as f64 / rate);
+    metrics::gauge!("tandem_reindex_copied_rows").set(copied as f64);
+    metrics::gauge!("tandem_reindex_total_rows").set(total as f64);
+    metrics::gauge!("tandem_reindex_rows_per_second").set(rate);
+    metrics::gauge!("tandem_reindex_eta_seconds").set(eta_s.unwrap_or(0.0));
     progress(&ReindexProgress {
         phase,
         copied,

@@ -308,6 +308,7 @@ macro_rules! metadata_repo_conformance {
                 reindex_freeze_fences_prepared,
                 reindex_switch_when_caught_up,
                 reindex_switch_behind,
+                reindex_switch_waits_for_deferred_when_re_embedding,
                 reindex_abort_closes,
                 prepare_fenced_by_generation,
             );
@@ -316,6 +317,26 @@ macro_rules! metadata_repo_conformance {
             async fn commit_transaction_holds() {
                 let fixture = $factory.await;
                 $crate::testkit::conformance::commit_transaction_holds(
+                    $crate::testkit::conformance::MetadataFixture::repo(&fixture),
+                    $keeps,
+                )
+                .await;
+            }
+
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reindex_staged_vectors_apply_at_switch() {
+                let fixture = $factory.await;
+                $crate::testkit::conformance::reindex_staged_vectors_apply_at_switch(
+                    $crate::testkit::conformance::MetadataFixture::repo(&fixture),
+                    $keeps,
+                )
+                .await;
+            }
+
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reindex_abort_forgets_staged_vectors() {
+                let fixture = $factory.await;
+                $crate::testkit::conformance::reindex_abort_forgets_staged_vectors(
                     $crate::testkit::conformance::MetadataFixture::repo(&fixture),
                     $keeps,
                 )

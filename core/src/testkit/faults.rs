@@ -47,7 +47,9 @@ use crate::model::{
 };
 use crate::model::{SagaId, TransactionCommit, TransactionCommitResult, UndoImage};
 use crate::ports::{IndexCatalog, IndexGate, IndexQuery, MetadataRepo, RowRef, VectorIndex};
-use crate::reindex::{ChangedRow, IndexState, Migration, MigrationSpec, SwitchOutcome};
+use crate::reindex::{
+    ChangedRow, IndexState, Migration, MigrationSpec, StagedVector, SwitchOutcome,
+};
 use crate::saga::{SagaCounts, SagaRecord, SagaState};
 use crate::transaction::ConnectionType;
 
@@ -1209,11 +1211,12 @@ impl<M: MetadataRepo> MetadataRepo for FaultyMetadataRepo<M> {
         cursor: u64,
         copied: u64,
         garbage: &[PointId],
+        vectors: &[StagedVector],
         lease_until_ms: i64,
     ) -> Result<IndexState, MetadataError> {
         intercept(&self.ctl, Call::ReindexProgress, || {
             self.inner
-                .reindex_progress(owner, cursor, copied, garbage, lease_until_ms)
+                .reindex_progress(owner, cursor, copied, garbage, vectors, lease_until_ms)
         })
         .await
     }

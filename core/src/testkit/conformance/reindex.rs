@@ -12,10 +12,11 @@ use super::metadata::{FAR_FUTURE_MS, assert_fenced};
 use super::metadata::{committed, fresh_scope, get_one, new_intent, ok, points_of, rewrite, row};
 use crate::error::MetadataError;
 use crate::model::{
-    DeleteSelector, Distance, IndexSwitch, IntentKind, NewIntent, OwnerToken, PointId, RowWrite,
+    DeleteSelector, Distance, IndexSwitch, IntentKind, NewIntent, OwnerToken, PointId, RecordId,
+    RowWrite,
 };
 use crate::ports::MetadataRepo;
-use crate::reindex::{IndexState, MigrationSpec, ReindexSource, SwitchOutcome};
+use crate::reindex::{IndexState, MigrationSpec, ReindexSource, StagedVector, SwitchOutcome};
 
 /// "Now" of the migration calls.
 const NOW: i64 = 2_000_000_000_000;
@@ -151,7 +152,7 @@ pub async fn reindex_begin_resumes<M: MetadataRepo + ?Sized>(repo: &M) {
     let first = OwnerToken::new_random();
     begin(repo, "next", first).await;
     ok(
-        repo.reindex_progress(first, 7, 5, &[], LEASE).await,
+        repo.reindex_progress(first, 7, 5, &[], &[], LEASE).await,
         "reindex_progress",
     );
     let second = OwnerToken::new_random();
@@ -169,7 +170,7 @@ pub async fn reindex_begin_resumes<M: MetadataRepo + ?Sized>(repo: &M) {
         "progress lost"
     );
     assert_conflict(
-        repo.reindex_progress(first, 8, 1, &[], LEASE).await,
+        repo.reindex_progress(first, 8, 1, &[], &[], LEASE).await,
         "progress of the displaced driver",
     );
 }
@@ -343,14 +344,15 @@ pub async fn reindex_progress_persists<M: MetadataRepo + ?Sized>(repo: &M) {
     begin(repo, "next", owner).await;
     committed(repo, &[rewrite(&a, &scope, 3), rewrite(&b, &scope, 4)]).await;
     let s = ok(
-        repo.reindex_progress(owner, 11, 3, &[a.point_id], LEASE + 5)
+        repo.reindex_progress(owner, 11, 3, &[a.point_id], &[], LEASE + 5)
             .await,
         "reindex_progress",
     );
     let m = s.migration.clone().expect("open");
     assert_eq!((m.cursor, m.copied, m.lease_until_ms), (11, 3, LEASE + 5));
     ok(
-        repo.reindex_progress(owner, 12, 2, &[], LEASE + 6).await,
+        repo.reindex_progress(owner, 12, 2, &[], &[], LEASE + 6)
+            .await,
         "reindex_progress",
     );
     let m = state(repo).await.migration.expect("open");
@@ -368,14 +370,14 @@ pub async fn reindex_progress_fenced<M: MetadataRepo + ?Sized>(repo: &M) {
         return;
     }
     assert_conflict(
-        repo.reindex_progress(OwnerToken::new_random(), 1, 1, &[], LEASE)
+        repo.reindex_progress(OwnerToken::new_random(), 1, 1, &[], &[], LEASE)
             .await,
         "progress without a migration",
     );
     let owner = OwnerToken::new_random();
     let opened = begin(repo, "next", owner).await;
     assert_conflict(
-        repo.reindex_progress(OwnerToken::new_random(), 9, 9, &[], LEASE)
+        repo.reindex_progress(OwnerToken::new_random(), 9, 9, &[], &[], LEASE)
             .await,
         "progress of another owner",
     );
@@ -455,7 +457,7 @@ pub async fn reindex_switch_when_caught_up<M: MetadataRepo + ?Sized>(repo: &M) {
     let rows = scan_all(repo, 0, 10).await;
     let cursor = rows.last().expect("rows").seq;
     ok(
-        repo.reindex_progress(owner, cursor, rows.len() as u64, &[], LEASE)
+        repo.reindex_progress(owner, cursor, rows.len() as u64, &[], &[], LEASE)
             .await,
         "reindex_progress",
     );
@@ -510,7 +512,8 @@ pub async fn reindex_switch_behind<M: MetadataRepo + ?Sized>(repo: &M) {
     );
     let cursor = scan_all(repo, 0, 10).await.last().expect("row").seq;
     ok(
-        repo.reindex_progress(owner, cursor, 1, &[], LEASE).await,
+        repo.reindex_progress(owner, cursor, 1, &[], &[], LEASE)
+            .await,
         "progress",
     );
     // An update: its new point is behind, its old one is garbage.
@@ -524,7 +527,7 @@ pub async fn reindex_switch_behind<M: MetadataRepo + ?Sized>(repo: &M) {
     );
     let cursor = scan_all(repo, 0, 10).await.last().expect("row").seq;
     ok(
-        repo.reindex_progress(owner, cursor, 1, &[a.point_id], LEASE)
+        repo.reindex_progress(owner, cursor, 1, &[a.point_id], &[], LEASE)
             .await,
         "progress",
     );
@@ -552,7 +555,8 @@ pub async fn reindex_switch_behind<M: MetadataRepo + ?Sized>(repo: &M) {
     );
     let cursor = scan_all(repo, 0, 10).await.last().expect("row").seq;
     ok(
-        repo.reindex_progress(owner, cursor, 1, &[], LEASE).await,
+        repo.reindex_progress(owner, cursor, 1, &[], &[], LEASE)
+            .await,
         "progress",
     );
     assert_eq!(
@@ -580,7 +584,7 @@ pub async fn reindex_abort_closes<M: MetadataRepo + ?Sized>(repo: &M) {
     let owner = OwnerToken::new_random();
     begin(repo, "next", owner).await;
     ok(
-        repo.reindex_progress(owner, 5, 5, &[], LEASE).await,
+        repo.reindex_progress(owner, 5, 5, &[], &[], LEASE).await,
         "progress",
     );
     ok(
@@ -624,5 +628,178 @@ pub async fn prepare_fenced_by_generation<M: MetadataRepo + ?Sized>(repo: &M) {
     assert!(
         listed.iter().all(|i| i.id != intent.id),
         "a refused prepare wrote its intent"
+    );
+}
+
+/// Stages `vector` for each of `rows` (at the change sequence the scan shows
+/// for it) and moves the cursor past every row.
+async fn stage_all<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    owner: OwnerToken,
+    staged: &[(RecordId, Vec<f32>)],
+) {
+    let rows = scan_all(repo, 0, 100).await;
+    let cursor = rows.last().map_or(0, |r| r.seq);
+    let vectors: Vec<StagedVector> = staged
+        .iter()
+        .map(|(id, vector)| StagedVector {
+            record_id: *id,
+            seq: rows
+                .iter()
+                .find(|r| r.row.id == *id)
+                .expect("the staged row is in the scan")
+                .seq,
+            vector: vector.clone(),
+        })
+        .collect();
+    ok(
+        repo.reindex_progress(owner, cursor, rows.len() as u64, &[], &vectors, LEASE)
+            .await,
+        "reindex_progress with staged vectors",
+    );
+}
+
+async fn kept_vector<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<Vec<f32>> {
+    get_one(repo, id).await.expect("the row").vector
+}
+
+/// `reindex_staged_vectors_apply_at_switch`: staged vectors wait for the
+/// switch, then become the rows' kept vectors (the last staged wins), but
+/// not for a row whose point changed since; a store that keeps no vectors
+/// keeps none.
+pub async fn reindex_staged_vectors_apply_at_switch<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    keeps_vectors: bool,
+) {
+    if skipped(repo, "reindex_staged_vectors_apply_at_switch") {
+        return;
+    }
+    let scope = fresh_scope("reindex-staged");
+    let (a, b) = (row(&scope, 1), row(&scope, 2));
+    committed(repo, &[a.clone(), b.clone()]).await;
+    let owner = OwnerToken::new_random();
+    begin(repo, "next", owner).await;
+    let (new_a, newer_a, new_b) = (vec![9.0; 5], vec![7.0; 5], vec![8.0; 5]);
+    stage_all(repo, owner, &[(a.id, new_a), (b.id, new_b.clone())]).await;
+    stage_all(repo, owner, &[(a.id, newer_a.clone())]).await;
+    let kept = |w: &RowWrite| keeps_vectors.then(|| w.vector.clone());
+    assert_eq!(
+        kept_vector(repo, a.id).await,
+        kept(&a),
+        "a staged vector is not kept before the switch"
+    );
+    // b moves on (a new point): its staged vector is for an older version.
+    let b2 = rewrite(&b, &scope, 3);
+    committed(repo, std::slice::from_ref(&b2)).await;
+    let rows = scan_all(repo, 0, 100).await;
+    let cursor = rows.last().expect("rows").seq;
+    ok(
+        repo.reindex_progress(owner, cursor, 1, &[b.point_id], &[], LEASE)
+            .await,
+        "reindex_progress",
+    );
+    let outcome = ok(
+        repo.reindex_switch(owner, "old", NOW).await,
+        "reindex_switch",
+    );
+    assert!(
+        matches!(outcome, SwitchOutcome::Switched(_)),
+        "caught up: {outcome:?}"
+    );
+    assert_eq!(
+        kept_vector(repo, a.id).await,
+        keeps_vectors.then_some(newer_a),
+        "the last vector staged for a row is kept after the switch"
+    );
+    assert_eq!(
+        kept_vector(repo, b.id).await,
+        kept(&b2),
+        "a row changed after its vector was staged keeps its own"
+    );
+    assert_ne!(kept_vector(repo, b.id).await, Some(new_b));
+}
+
+/// `reindex_abort_forgets_staged_vectors`: vectors staged by an aborted
+/// migration are not applied by the next one's switch.
+pub async fn reindex_abort_forgets_staged_vectors<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    keeps_vectors: bool,
+) {
+    if skipped(repo, "reindex_abort_forgets_staged_vectors") {
+        return;
+    }
+    let scope = fresh_scope("reindex-staged-abort");
+    let a = row(&scope, 1);
+    committed(repo, std::slice::from_ref(&a)).await;
+    let owner = OwnerToken::new_random();
+    begin(repo, "next", owner).await;
+    stage_all(repo, owner, &[(a.id, vec![5.0; 4])]).await;
+    ok(repo.reindex_abort(Some(owner)).await, "reindex_abort");
+    let again = OwnerToken::new_random();
+    begin(repo, "other", again).await;
+    stage_all(repo, again, &[]).await;
+    let outcome = ok(
+        repo.reindex_switch(again, "old", NOW).await,
+        "reindex_switch",
+    );
+    assert!(
+        matches!(outcome, SwitchOutcome::Switched(_)),
+        "caught up: {outcome:?}"
+    );
+    assert_eq!(
+        kept_vector(repo, a.id).await,
+        keeps_vectors.then(|| a.vector.clone()),
+        "the aborted migration's staged vector was applied"
+    );
+}
+
+/// `reindex_switch_waits_for_deferred_when_re_embedding`: deferred entries
+/// (old-model vectors) block a re-embedding's switch, not a rebuild's.
+pub async fn reindex_switch_waits_for_deferred_when_re_embedding<M: MetadataRepo + ?Sized>(
+    repo: &M,
+) {
+    if skipped(repo, "reindex_switch_waits_for_deferred_when_re_embedding")
+        || !repo.deferred_indexing()
+    {
+        println!("reindex_switch_waits_for_deferred_when_re_embedding: skipped");
+        return;
+    }
+    let scope = fresh_scope("reindex-deferred");
+    let a = row(&scope, 1);
+    committed(repo, std::slice::from_ref(&a)).await;
+    defer(repo, &[rewrite(&a, &scope, 2)], CLAIM_NOW).await;
+    let re_embed = MigrationSpec {
+        dimension: 4,
+        source: ReindexSource::Embedder {
+            model: "m2".to_owned(),
+        },
+        ..spec("next")
+    };
+    let owner = OwnerToken::new_random();
+    ok(
+        repo.reindex_begin(&re_embed, owner, NOW, LEASE).await,
+        "reindex_begin",
+    );
+    stage_all(repo, owner, &[]).await;
+    assert_eq!(
+        ok(
+            repo.reindex_switch(owner, "old", NOW).await,
+            "reindex_switch"
+        ),
+        SwitchOutcome::Deferred { entries: 1 },
+        "a re-embedding switched over a deferred entry of the old model"
+    );
+    assert!(state(repo).await.migration.is_some(), "nothing switched");
+    ok(repo.reindex_abort(Some(owner)).await, "reindex_abort");
+    let rebuild = OwnerToken::new_random();
+    begin(repo, "rebuilt", rebuild).await;
+    stage_all(repo, rebuild, &[]).await;
+    let outcome = ok(
+        repo.reindex_switch(rebuild, "old", NOW).await,
+        "reindex_switch",
+    );
+    assert!(
+        matches!(outcome, SwitchOutcome::Switched(_)),
+        "a rebuild waits for nothing deferred: {outcome:?}"
     );
 }
