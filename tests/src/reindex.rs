@@ -6,15 +6,25 @@
 //! one port call (or a crash). Then another process writes while the
 //! migration is open (or after the switch, or after nothing happened), the
 //! leases end, a restarted process recovers and re-runs the re-index to its
-//! end, and the workers drain. Checked: `next` is active, every committed
-//! row's point is in it (I1), it holds no other point (exact), the records
-//! are exactly the seed plus the other process's writes (the re-index never
+//! end (dropping the old collection, `drop_old`, or finishing an interrupted
+//! drop with `drop_retired`), and the workers drain. Checked: `next` is
+//! active, every committed row's point is in it (I1), it holds no other
+//! point (exact), the old collection is gone and forgotten, the records are
+//! exactly the seed plus the other process's writes (the re-index never
 //! changes a record), reads are guarded, and `verify` is clean.
+//!
+//! The cases run either a rebuild from the kept vectors or a re-embedding
+//! ([`Source`]). A re-embedding's cases first index the deferred insert (a
+//! re-embedding's switch waits for deferred entries of the old model) and
+//! also check that every row's kept vector is the new model's — unless the
+//! row was written after the switch — and what its point in `next` holds.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use tandem_core::PlantedBug;
+use tandem_core::testkit::embed::{TextVectorEmbedder, text_vector};
 use tandem_core::testkit::faults::{Call, Fault, Rule, run_until_crash};
 use tandem_core::{
     CoordinatorConfig, DeleteSelector, Distance, IndexCatalog, MetadataRepo, NewRecord, RecordId,
@@ -22,12 +32,40 @@ use tandem_core::{
 };
 
 use crate::harness::{
-    CaseResult, ExhaustiveSummary, Ran, Scenario, World, rid, single_faults, vector_for,
+    CaseResult, ExhaustiveSummary, MAIN, Ran, Scenario, World, rid, single_faults, vector_for,
 };
 use crate::invariants;
 
 /// The target collection of the cases.
 pub const NEXT: &str = "next";
+
+/// Where a case's re-index takes its vectors from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The vectors the metadata store keeps (a rebuild).
+    KeptVectors,
+    /// A re-embedding of every row's content with [`TextVectorEmbedder`] (a
+    /// new model, in the collection's dimension so that the other process's
+    /// writes stay valid).
+    ReEmbed,
+}
+
+/// The re-index of every case: to [`NEXT`], from `source`, dropping the old
+/// collection after the switch.
+fn options(source: Source, dimension: usize) -> ReindexOptions {
+    ReindexOptions {
+        drop_old: true,
+        embedder: (source == Source::ReEmbed).then(|| {
+            Arc::new(TextVectorEmbedder::new(dimension)) as Arc<dyn tandem_core::Embedder>
+        }),
+        ..ReindexOptions::to(NEXT)
+    }
+}
+
+/// The records the other process writes (their vectors are its own model's).
+fn written_by_other() -> [RecordId; 3] {
+    [rid(1), rid(2), rid(0x4002)]
+}
 
 /// The deferred insert left waiting when the re-index starts.
 fn waiting() -> NewRecord {
@@ -40,8 +78,8 @@ async fn other_process_writes<R: MetadataRepo, X: VectorIndex>(
     c: &tandem_core::Coordinator<R, X>,
 ) -> Result<(), String> {
     c.upsert(vec![
-        NewRecord::new("a", "updated during the re-index", vector_for(1, 5)).with_id(rid(1)),
-        NewRecord::new("a", "updated during the re-index", vector_for(2, 5)).with_id(rid(2)),
+        NewRecord::new("a", "updated during the re-index (1)", vector_for(1, 5)).with_id(rid(1)),
+        NewRecord::new("a", "updated during the re-index (2)", vector_for(2, 5)).with_id(rid(2)),
         NewRecord::new("b", "new during the re-index", vector_for(0x4002, 0)).with_id(rid(0x4002)),
     ])
     .await
@@ -68,6 +106,7 @@ pub async fn run_reindex_case<M, V, F, Fut>(
     config: &CoordinatorConfig,
     rule: Option<Rule>,
     bug: Option<PlantedBug>,
+    source: Source,
 ) -> (CaseResult, Vec<(Call, usize)>)
 where
     M: MetadataRepo + 'static,
@@ -86,7 +125,13 @@ where
             .upsert_with(vec![waiting()], &WriteOptions::deferred())
             .await
             .expect("deferred insert");
+        if source == Source::ReEmbed {
+            crate::harness::drain(&world, &world.clean())
+                .await
+                .expect("the deferred insert is indexed");
+        }
     }
+    let dimension = world.index.dimension();
     let rule_desc = rule.as_ref().map(|r| (r.call, r.nth, r.fault.clone()));
     if let Some(rule) = rule {
         world.ctl.add(rule);
@@ -95,7 +140,7 @@ where
     let faulty = world.faulty();
     let outcome = run_until_crash(
         &world.ctl,
-        faulty.reindex(&ReindexOptions::to(NEXT), &|_| {}),
+        faulty.reindex(&options(source, dimension), &|_| {}),
     )
     .await;
     let calls: Vec<(Call, usize)> = world.ctl.log()[log_start..]
@@ -110,7 +155,7 @@ where
         Some(Ok(_)) => Ran::Ok,
         Some(Err(e)) => Ran::NotApplied(e.to_string()),
     };
-    let violation = check_reindex_case(&world, deferred, matches!(outcome, Some(Ok(_))))
+    let violation = check_reindex_case(&world, deferred, matches!(outcome, Some(Ok(_))), source)
         .await
         .err();
     (
@@ -128,6 +173,7 @@ async fn check_reindex_case<M, V>(
     world: &World<M, V>,
     deferred: bool,
     reported_ok: bool,
+    source: Source,
 ) -> Result<(), String>
 where
     M: MetadataRepo + 'static,
@@ -149,6 +195,13 @@ where
     // Another process writes (after a crash mid-switch, once the freeze
     // ended: the clock moves past every lease first).
     world.after_leases();
+    let switched_first = repo
+        .index_state()
+        .await
+        .map_err(|e| e.to_string())?
+        .active
+        .as_deref()
+        == Some(NEXT);
     let other = world.clean();
     other_process_writes(&other).await?;
     let expected = contents(&invariants::rows(repo).await?);
@@ -163,9 +216,23 @@ where
     let state = repo.index_state().await.map_err(|e| e.to_string())?;
     if state.active.as_deref() != Some(NEXT) {
         restarted
-            .reindex(&ReindexOptions::to(NEXT), &|_| {})
+            .reindex(&options(source, world.index.dimension()), &|_| {})
             .await
             .map_err(|e| format!("the resumed re-index failed: {e}"))?;
+    }
+    // A run that switched but died before (or while) dropping the old
+    // collection left it retired: the operator's `drop_retired` finishes.
+    if repo
+        .index_state()
+        .await
+        .map_err(|e| e.to_string())?
+        .retired
+        .is_some()
+    {
+        restarted
+            .drop_retired()
+            .await
+            .map_err(|e| format!("drop_retired failed: {e}"))?;
     }
     if deferred {
         crate::harness::drain(world, &restarted).await?;
@@ -177,8 +244,12 @@ where
         .map_err(|e| format!("recovery failed: {e}"))?;
 
     let state = repo.index_state().await.map_err(|e| e.to_string())?;
-    if state.active.as_deref() != Some(NEXT) || state.migration.is_some() {
+    if state.active.as_deref() != Some(NEXT) || state.migration.is_some() || state.retired.is_some()
+    {
         return Err(format!("after the resumed re-index the state is {state:?}"));
+    }
+    if catalog.open(MAIN).await.is_ok() {
+        return Err("the old collection was not dropped".into());
     }
     let next = catalog.open(NEXT).await.map_err(|e| e.to_string())?;
     let now = contents(&invariants::rows(repo).await?);
@@ -191,6 +262,9 @@ where
     }
     invariants::exact_equality(repo, &*next).await?;
     invariants::indexed_current(repo, &*next).await?;
+    if source == Source::ReEmbed {
+        new_model_kept(repo, next.dimension(), switched_first).await?;
+    }
     let fresh = world.clean();
     let queries: Vec<Vec<f32>> = (1..=6u128)
         .chain([0x4001, 0x4002])
@@ -200,6 +274,29 @@ where
     invariants::converged(&fresh).await?;
     if fresh.index().dimension() != next.dimension() || fresh.generation() != state.generation {
         return Err("a restarted process did not follow the switch".into());
+    }
+    Ok(())
+}
+
+/// After a re-embedding: every kept vector is the new model's, but for the
+/// other process's writes if they came after the switch (written with their
+/// own vectors, as a writer of the new model would).
+async fn new_model_kept<M: MetadataRepo>(
+    repo: &M,
+    dimension: usize,
+    switched_first: bool,
+) -> Result<(), String> {
+    for r in invariants::rows(repo).await?.values() {
+        let Some(kept) = &r.vector else { continue };
+        if switched_first && written_by_other().contains(&r.id) {
+            continue;
+        }
+        if *kept != text_vector(&r.content, dimension) {
+            return Err(format!(
+                "record {} keeps a vector of the old model after the re-embedding's switch",
+                r.id
+            ));
+        }
     }
     Ok(())
 }
@@ -220,6 +317,21 @@ where
     exhaustive_reindex_with_bug(make, new_collection, config, None).await
 }
 
+/// [`exhaustive_reindex`] of a re-embedding ([`Source::ReEmbed`]).
+pub async fn exhaustive_reembed<M, V, F, Fut>(
+    make: F,
+    new_collection: fn(usize, Distance) -> V,
+    config: CoordinatorConfig,
+) -> ExhaustiveSummary
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (M, V)>,
+{
+    exhaustive_reindex_from(make, new_collection, config, None, Source::ReEmbed).await
+}
+
 /// [`exhaustive_reindex`] with a planted bug (`None`: none; then the
 /// fault-free run must succeed).
 pub async fn exhaustive_reindex_with_bug<M, V, F, Fut>(
@@ -234,9 +346,31 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = (M, V)>,
 {
-    let bug = bug.into();
+    exhaustive_reindex_from(
+        make,
+        new_collection,
+        config,
+        bug.into(),
+        Source::KeptVectors,
+    )
+    .await
+}
+
+async fn exhaustive_reindex_from<M, V, F, Fut>(
+    make: F,
+    new_collection: fn(usize, Distance) -> V,
+    config: CoordinatorConfig,
+    bug: Option<PlantedBug>,
+    source: Source,
+) -> ExhaustiveSummary
+where
+    M: MetadataRepo + 'static,
+    V: VectorIndex + 'static,
+    F: Fn() -> Fut,
+    Fut: Future<Output = (M, V)>,
+{
     let mut summary = ExhaustiveSummary::default();
-    let (base, calls) = run_reindex_case(&make, new_collection, &config, None, bug).await;
+    let (base, calls) = run_reindex_case(&make, new_collection, &config, None, bug, source).await;
     if bug.is_none() {
         assert!(
             base.ran == Ran::Ok && base.violation.is_none(),
@@ -248,7 +382,7 @@ where
         for fault in single_faults() {
             let rule = Rule::once(call, occurrence, fault);
             summary.record(
-                run_reindex_case(&make, new_collection, &config, Some(rule), bug)
+                run_reindex_case(&make, new_collection, &config, Some(rule), bug, source)
                     .await
                     .0,
             );
@@ -261,7 +395,7 @@ where
                 fault,
             };
             summary.record(
-                run_reindex_case(&make, new_collection, &config, Some(rule), bug)
+                run_reindex_case(&make, new_collection, &config, Some(rule), bug, source)
                     .await
                     .0,
             );

@@ -177,3 +177,41 @@ async fn every_single_fault_of_a_reindex_keeps_every_invariant() {
         );
     }
 }
+
+/// Re-embedding: the same cases with a new model's vectors. Also checked:
+/// after the switch every record keeps the new model's vector (so that a
+/// later repair or rebuild uses it), and its point in the new collection
+/// holds it.
+#[tokio::test(start_paused = true)]
+async fn every_single_fault_of_a_re_embedding_keeps_every_invariant() {
+    let summary = tandem_tests::reindex::exhaustive_reembed(
+        || async {
+            (
+                InMemoryMetadataRepo::new(),
+                InMemoryVectorIndex::new(DIM, Distance::Cosine),
+            )
+        },
+        InMemoryVectorIndex::new,
+        fault_config(Duration::from_secs(5)),
+    )
+    .await;
+    println!(
+        "exhaustive single faults, re-embedding (in-memory): {} cases, outcomes {:?}",
+        summary.cases, summary.outcomes
+    );
+    for f in &summary.failures {
+        println!("FAILED: {f:?}");
+    }
+    assert!(
+        summary.failures.is_empty(),
+        "{} cases broke an invariant",
+        summary.failures.len()
+    );
+    assert!(summary.cases > 20 * 11, "too few cases: {}", summary.cases);
+    for kind in ["ok", "not_applied", "crashed"] {
+        assert!(
+            summary.outcomes.get(kind).copied().unwrap_or(0) > 0,
+            "no case ended {kind}"
+        );
+    }
+}
