@@ -150,6 +150,22 @@ pub fn describe_metrics() {
         "tandem_reindex_rows_total",
         "Rows a re-index copied into its new collection (a row changed meanwhile is copied again)"
     );
+    describe_gauge!(
+        "tandem_reindex_copied_rows",
+        "Rows the open (or last) re-index copied so far, earlier interrupted runs included"
+    );
+    describe_gauge!(
+        "tandem_reindex_total_rows",
+        "Committed rows when the re-index's copy phase began (its approximate total)"
+    );
+    describe_gauge!(
+        "tandem_reindex_rows_per_second",
+        "The running re-index's copy rate"
+    );
+    describe_gauge!(
+        "tandem_reindex_eta_seconds",
+        "Seconds the running re-index's copy has left at its rate (0: unknown or done)"
+    );
     describe_counter!(
         "tandem_dead_lettered_total",
         "Pending-index entries moved to the dead-letter list"

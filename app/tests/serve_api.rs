@@ -872,3 +872,77 @@ fn deferred_writes_over_http_become_searchable_through_the_services_worker() {
     let (code, stderr) = s.terminate();
     assert_eq!(code, 0, "a clean exit on SIGTERM:\n{stderr}");
 }
+
+/// A re-index run by another process while the service serves: the
+/// service's "Vector collection" panel names the new collection once it
+/// switched, and the service writes to and searches the new one.
+#[test]
+fn the_service_follows_a_reindex_by_another_process_and_shows_it() {
+    let stores = Stores::servers();
+    let s = Server::start(&stores, &[], &[]);
+    let r = s.post(
+        RECORDS,
+        &json!({ "records": [record(&id(1), "books", "a", 1), record(&id(2), "books", "b", 2)] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let collection = |st: &Value, key: &str| {
+        st["sections"]
+            .as_array()
+            .and_then(|sections| sections.iter().find(|x| x["id"] == "collection"))
+            .and_then(|x| x["rows"].as_array())
+            .and_then(|rows| rows.iter().find(|r| r["key"] == key))
+            .map(|r| r["value"].clone())
+    };
+    let before = s.wait_for_status(Duration::from_secs(20), "the collection panel", |st| {
+        collection(st, "generation").is_some()
+    });
+    assert_eq!(
+        collection(&before, "generation"),
+        Some(json!(0)),
+        "{before}"
+    );
+
+    let (code, out, err) = stores.cli(&[], &["reindex", "--to-collection", "rebuilt"]);
+    assert_eq!(code, 0, "reindex: {out}\n{err}");
+    let after = s.wait_for_status(Duration::from_secs(20), "the switch shown", |st| {
+        collection(st, "active") == Some(json!("rebuilt"))
+    });
+    assert_eq!(collection(&after, "generation"), Some(json!(1)), "{after}");
+    assert_eq!(
+        collection(&after, "retired"),
+        Some(json!(stores_collection(&stores))),
+        "{after}"
+    );
+
+    // The service writes into the new collection and finds the records.
+    let r = s.post(
+        RECORDS,
+        &json!({ "records": [record(&id(3), "books", "c", 3)] }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(present(&s, &[id(1), id(2), id(3)]), 3);
+    let r = s.post(SEARCH, &json!({ "vector": [1.0, 1.0, 1.0, 1.0], "k": 3 }));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut found: Vec<String> = r.json()["hits"]
+        .as_array()
+        .expect("hits")
+        .iter()
+        .map(|h| h["record"]["id"].as_str().expect("an id").to_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, vec![id(1), id(2), id(3)], "{}", r.body);
+    let (code, out, err) = stores.cli(&[], &["verify", "--json"]);
+    assert_eq!(code, 0, "verify after the switch: {out}\n{err}");
+    let (code, err) = s.terminate();
+    assert_eq!(code, 0, "a clean exit on SIGTERM:\n{err}");
+}
+
+/// The collection the servers' stores were configured with.
+fn stores_collection(stores: &Stores) -> String {
+    let args = stores.args();
+    let at = args
+        .iter()
+        .position(|a| a == "--collection")
+        .expect("servers name their collection");
+    args[at + 1].clone()
+}

@@ -52,7 +52,7 @@ use tandem_tests::harness::{DIM, FaultyCoordinator, World, fault_config, rid, ve
 /// Every metric the coordinator records: name, kind, label keys. Kept equal to
 /// the macros in `core/src` and to `docs/metrics.md` by
 /// [`the_inventory_matches_the_core_sources_the_docs_and_the_exporter_descriptions`].
-const INVENTORY: [(&str, MetricKind, &[&str]); 21] = [
+const INVENTORY: [(&str, MetricKind, &[&str]); 25] = [
     ("tandem_commits_total", MetricKind::Counter, &["op"]),
     ("tandem_rollbacks_total", MetricKind::Counter, &["op"]),
     ("tandem_compensations_total", MetricKind::Counter, &[]),
@@ -94,6 +94,10 @@ const INVENTORY: [(&str, MetricKind, &[&str]); 21] = [
     ),
     ("tandem_index_indexed_last_minute", MetricKind::Gauge, &[]),
     ("tandem_reindex_rows_total", MetricKind::Counter, &[]),
+    ("tandem_reindex_copied_rows", MetricKind::Gauge, &[]),
+    ("tandem_reindex_total_rows", MetricKind::Gauge, &[]),
+    ("tandem_reindex_rows_per_second", MetricKind::Gauge, &[]),
+    ("tandem_reindex_eta_seconds", MetricKind::Gauge, &[]),
 ];
 
 /// What moved since the last [`Meter::take`]: counter increments, the number
@@ -403,6 +407,16 @@ fn a_reindex_counts_the_rows_it_copies() {
         assert_eq!(report.copied, 6, "the six seeded rows, once each");
         let moved = m.take();
         assert_eq!(moved.counters.get("tandem_reindex_rows_total"), Some(&6));
+        assert_eq!(moved.gauges.get("tandem_reindex_copied_rows"), Some(&6.0));
+        assert_eq!(moved.gauges.get("tandem_reindex_total_rows"), Some(&6.0));
+        assert!(
+            moved
+                .gauges
+                .get("tandem_reindex_rows_per_second")
+                .is_some_and(|r| *r > 0.0),
+            "the rate: {:?}",
+            moved.gauges
+        );
     });
 }
 

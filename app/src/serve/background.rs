@@ -289,6 +289,16 @@ async fn probe(ctx: &Context) {
     } else {
         None
     };
+    // The active collection and any open re-index, likewise (reading it
+    // also makes this process follow a switch at once).
+    let collection = if metadata.is_ok() && c.repo().reindexing() {
+        match tokio::time::timeout(PROBE_TIMEOUT, c.refresh_index()).await {
+            Ok(Ok(state)) => Some(collection_section(&state, now_ms())),
+            _ => None,
+        }
+    } else {
+        None
+    };
     // The deferred-indexing backlog, likewise.
     let indexing = if metadata.is_ok() && c.repo().deferred_indexing() {
         match tokio::time::timeout(PROBE_TIMEOUT, c.pending_stats()).await {
@@ -308,6 +318,9 @@ async fn probe(ctx: &Context) {
         }
         if indexing.is_some() {
             l.indexing = indexing;
+        }
+        if collection.is_some() {
+            l.collection = collection;
         }
     });
 }
@@ -348,6 +361,71 @@ pub fn indexing_section(p: &tandem_core::PendingStats, now_ms: i64) -> Section {
                 p.dead > 0,
             ),
         ],
+    }
+}
+
+/// The dashboard's "Vector collection" panel: the active collection and
+/// generation, the retired one (a rollback target until dropped), and an
+/// open re-index's target and progress (its driver's lease ended: an alert,
+/// the re-index must be re-run to finish).
+pub fn collection_section(state: &tandem_core::IndexState, now_ms: i64) -> Section {
+    let row = |key: &str, label: &str, value: serde_json::Value, alert: bool| SectionRow {
+        key: key.to_owned(),
+        label: label.to_owned(),
+        value,
+        alert,
+    };
+    let mut rows = vec![
+        row(
+            "active",
+            "active collection",
+            state
+                .active
+                .clone()
+                .unwrap_or_else(|| "(as configured)".to_owned())
+                .into(),
+            false,
+        ),
+        row("generation", "generation", state.generation.into(), false),
+        row(
+            "retired",
+            "retired (drop with tandem reindex --drop-retired)",
+            state.retired.clone().into(),
+            false,
+        ),
+    ];
+    if let Some(m) = &state.migration {
+        let source = match &m.spec.source {
+            tandem_core::ReindexSource::KeptVectors => "kept vectors".to_owned(),
+            tandem_core::ReindexSource::Embedder { model } => format!("re-embedding ({model})"),
+        };
+        let stalled = m.lease_until_ms < now_ms;
+        rows.extend([
+            row(
+                "migration_target",
+                "re-indexing into",
+                format!("{} (dim {}, {source})", m.spec.target, m.spec.dimension).into(),
+                false,
+            ),
+            row("migration_copied", "rows copied", m.copied.into(), false),
+            row(
+                "migration_switching",
+                "switching",
+                m.frozen_until_ms.is_some_and(|t| t > now_ms).into(),
+                false,
+            ),
+            row(
+                "migration_stalled",
+                "driver gone (re-run tandem reindex)",
+                stalled.into(),
+                stalled,
+            ),
+        ]);
+    }
+    Section {
+        id: "collection".to_owned(),
+        title: "Vector collection".to_owned(),
+        rows,
     }
 }
 
@@ -621,16 +699,18 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     series.sample(&ctx.tap, now);
     ctx.prometheus.run_upkeep();
-    let (stores, backlog, recovery, verification, sagas, indexing) = ctx.live.with(|l| {
-        (
-            l.stores.clone(),
-            l.backlog.clone(),
-            l.recovery.clone(),
-            l.verification.clone(),
-            l.sagas.clone(),
-            l.indexing.clone(),
-        )
-    });
+    let (stores, backlog, recovery, verification, sagas, indexing, collection) =
+        ctx.live.with(|l| {
+            (
+                l.stores.clone(),
+                l.backlog.clone(),
+                l.recovery.clone(),
+                l.verification.clone(),
+                l.sagas.clone(),
+                l.indexing.clone(),
+                l.collection.clone(),
+            )
+        });
     let seq = ctx.snapshots.next_seq();
     let status = Status {
         seq,
@@ -658,6 +738,7 @@ fn sample(ctx: &Context, series: &std::sync::Mutex<Series>, shutting_down: bool)
         sections: std::iter::once(ctx.config_section.clone())
             .chain(sagas)
             .chain(indexing)
+            .chain(collection)
             .collect(),
     };
     ctx.snapshots.publish(&status);

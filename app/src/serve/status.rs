@@ -268,6 +268,9 @@ pub struct LiveInner {
     /// The last deferred-indexing backlog (`None` until one succeeded, or
     /// without deferred indexing).
     pub indexing: Option<Section>,
+    /// The active collection and any open re-index (`None` until read, or
+    /// on a store without re-indexing).
+    pub collection: Option<Section>,
 }
 
 impl Live {
