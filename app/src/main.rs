@@ -48,8 +48,15 @@ fn main() -> ExitCode {
         quiet: cli.global.quiet,
     };
 
+    // The embedder's vectors go to the active collection, or to a
+    // re-index's new one.
+    let reindex_to_dim = match &cli.command {
+        Command::Reindex(args) => args.to_dim,
+        _ => None,
+    };
     let settings = FileConfig::load(cli.global.config.as_deref())
-        .and_then(|file| Settings::resolve(&cli.global, file));
+        .and_then(|file| Settings::resolve(&cli.global, file))
+        .and_then(|s| s.check_embed_dimensions(reindex_to_dim).map(|()| s));
     let settings = match settings {
         Ok(s) => s,
         Err(e) => return fail(&e, &Redactor::default(), out),

@@ -311,6 +311,26 @@ fn secs(field: &str, v: Option<f64>) -> Result<Option<Duration>, AppError> {
 }
 
 impl Settings {
+    /// Checks `--embed-dimensions` against the dimension the embedder's
+    /// vectors go to: the collection's (`--dim`), or with `reindex_to_dim`
+    /// the new collection of a re-index (`--to-dim`).
+    pub fn check_embed_dimensions(&self, reindex_to_dim: Option<usize>) -> Result<(), AppError> {
+        let (dimension, what) = match reindex_to_dim {
+            Some(d) => (d, format!("the new collection's dimension ({d}, --to-dim)")),
+            None => (
+                self.dimension,
+                format!("the collection's dimension ({}, --dim)", self.dimension),
+            ),
+        };
+        match self.embed.dimensions {
+            Some(n) if n != dimension => Err(AppError::Usage(format!(
+                "the embedding dimensions ({n}, --embed-dimensions) differ from {what}: \
+                 vectors of {n} dimensions cannot be stored in it"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Lays flags/environment over the file over the defaults.
     pub fn resolve(args: &GlobalArgs, file: FileConfig) -> Result<Self, AppError> {
         let data_dir = args
@@ -392,14 +412,6 @@ impl Settings {
             .unwrap_or(DEFAULT_DIMENSION);
         if dimension == 0 {
             return Err(AppError::Usage("the dimension must be positive".into()));
-        }
-        if let Some(n) = embed.dimensions
-            && n != dimension
-        {
-            return Err(AppError::Usage(format!(
-                "the embedding dimensions ({n}, --embed-dimensions) differ from the collection's \
-                 dimension ({dimension}, --dim): vectors of {n} dimensions cannot be stored in it"
-            )));
         }
         let batch_size = file.ingest.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
 
@@ -768,7 +780,9 @@ mod tests {
             crate::cli::Cli::try_parse_from(argv).map_err(|e| AppError::Usage(e.to_string()))?;
         let file: FileConfig =
             toml::from_str(toml_text).map_err(|e| AppError::Usage(e.message().to_owned()))?;
-        Settings::resolve(&cli.global, file)
+        let settings = Settings::resolve(&cli.global, file)?;
+        settings.check_embed_dimensions(None)?;
+        Ok(settings)
     }
 
     fn qdrant(flags: &[&str], toml_text: &str) -> CollectionSettings {
@@ -864,6 +878,25 @@ mod tests {
             m.contains("(512, --embed-dimensions)") && m.contains("(384, --dim)"),
             "{m}"
         );
+        // A re-index's embedder writes the new collection: --to-dim counts.
+        let cli_settings = |flags: &[&str]| {
+            let mut argv = vec!["tandem", "--qdrant-url", "http://127.0.0.1:6334"];
+            argv.extend_from_slice(flags);
+            argv.push("stats");
+            let cli = crate::cli::Cli::try_parse_from(argv).expect("flags parse");
+            Settings::resolve(&cli.global, FileConfig::default()).expect("settings")
+        };
+        let s = cli_settings(&["--dim", "8", "--embed-dimensions", "12"]);
+        assert!(s.check_embed_dimensions(Some(12)).is_ok());
+        match s.check_embed_dimensions(Some(16)) {
+            Err(AppError::Usage(m)) => {
+                assert!(
+                    m.contains("(12, --embed-dimensions)") && m.contains("(16, --to-dim)"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected a usage error, got {other:?}"),
+        }
         let m = usage(&["--embed-concurrency", "0"], "");
         assert!(m.contains("positive"), "{m}");
         let m = usage(&[], "[embed]\ntimeout_secs = -1");
