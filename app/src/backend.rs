@@ -3,7 +3,7 @@
 //! Each side is chosen on its own (embedded or server), so any mix works; the
 //! coordinator sees two trait objects.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_adapters::memory::{InMemoryCatalog, InMemoryMetadataRepo, InMemoryVectorIndex};
@@ -39,25 +39,88 @@ pub struct Stores {
     catalog: Option<Catalog>,
     /// The configured collection's name.
     collection: String,
+    /// Where the vector index is (to name another collection of it).
+    index_target: IndexTarget,
+    /// The collection last opened through the catalog: the active one,
+    /// once this process followed a re-index's switch.
+    followed: Followed,
+}
+
+/// The collection a process followed a switch to (see [`Following`]).
+type Followed = Arc<Mutex<Option<String>>>;
+
+/// A catalog that remembers the last collection it opened. A process
+/// follows a re-index's switch by opening the new active collection through
+/// its catalog; from then on its index errors concern that collection, and
+/// its messages must name it, not the configured one (a writer still
+/// configured with the old collection is refused by the new one's dimension
+/// check: naming the old collection there would send the operator to the
+/// wrong place).
+struct Following {
+    inner: Catalog,
+    opened: Followed,
+}
+
+#[async_trait::async_trait]
+impl IndexCatalog for Following {
+    type Index = Index;
+
+    async fn open(&self, name: &str) -> Result<Index, IndexError> {
+        let index = self.inner.open(name).await?;
+        *self.opened.lock().unwrap_or_else(PoisonError::into_inner) = Some(name.to_owned());
+        Ok(index)
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Index, IndexError> {
+        self.inner.create(name, dimension, distance).await
+    }
+
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
+        self.inner.drop_collection(name).await
+    }
 }
 
 /// The index's collections, whichever index it is.
 pub type Catalog = Arc<dyn IndexCatalog<Index = Index>>;
 
-/// A catalog over an adapter's own, whose indexes become [`Index`]es; the
-/// configured collection is the index already open (one handle per
-/// collection in a process).
+/// A catalog over an adapter's own, whose indexes become [`Index`]es. The
+/// collection this process opened at start is the index already open (one
+/// handle per collection in a process); the configured collection of the
+/// embedded index lives in its own directory, outside the adapter's
+/// catalog, and is opened and dropped there.
 struct AppCatalog<C> {
     inner: C,
-    configured: String,
-    configured_index: Index,
-    /// Drops the configured collection when it does not live in `inner`
-    /// (the embedded index's own directory).
-    drop_configured: Option<DropFn>,
+    /// The collection opened at start: the configured one, or the one a
+    /// re-index had made active before this process started.
+    opened: String,
+    opened_index: Index,
+    /// The configured collection, when it does not live in `inner`.
+    outside: Option<Outside>,
 }
 
+/// A collection outside the adapter's catalog (the embedded index's own
+/// directory): its name, and how to open and drop it.
+struct Outside {
+    name: String,
+    open: OpenFn,
+    drop: DropFn,
+}
+
+type OpenFn =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Index, IndexError>> + Send + Sync>;
 type DropFn =
     Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<bool, IndexError>> + Send + Sync>;
+
+impl<C> AppCatalog<C> {
+    fn outside(&self, name: &str) -> Option<&Outside> {
+        self.outside.as_ref().filter(|o| o.name == name)
+    }
+}
 
 #[async_trait::async_trait]
 impl<C> IndexCatalog for AppCatalog<C>
@@ -68,8 +131,11 @@ where
     type Index = Index;
 
     async fn open(&self, name: &str) -> Result<Index, IndexError> {
-        if name == self.configured {
-            return Ok(self.configured_index.clone());
+        if name == self.opened {
+            return Ok(self.opened_index.clone());
+        }
+        if let Some(outside) = self.outside(name) {
+            return (outside.open)().await;
         }
         Ok(Arc::new(self.inner.open(name).await?))
     }
@@ -80,8 +146,8 @@ where
         dimension: usize,
         distance: Distance,
     ) -> Result<Index, IndexError> {
-        if name == self.configured {
-            let index = &self.configured_index;
+        if name == self.opened {
+            let index = &self.opened_index;
             if index.dimension() != dimension || index.distance() != distance {
                 return Err(IndexError::Config {
                     message: format!(
@@ -93,15 +159,23 @@ where
             }
             return Ok(index.clone());
         }
+        if self.outside(name).is_some() {
+            return Err(IndexError::Config {
+                message: format!(
+                    "collection {name:?} is the configured collection's own directory; \
+                     a re-index builds a new collection under another name"
+                ),
+            });
+        }
         Ok(Arc::new(
             self.inner.create(name, dimension, distance).await?,
         ))
     }
 
     async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
-        match &self.drop_configured {
-            Some(drop) if name == self.configured => drop().await,
-            _ => self.inner.drop_collection(name).await,
+        match self.outside(name) {
+            Some(outside) => (outside.drop)().await,
+            None => self.inner.drop_collection(name).await,
         }
     }
 }
@@ -146,11 +220,54 @@ pub fn index_name(target: &IndexTarget, collection: &str) -> String {
     }
 }
 
+/// The collection a re-index made active, if it is not the configured one
+/// (`None` before any switch, on a store without re-indexing, and for the
+/// in-memory index, whose collections live only as long as the process).
+async fn followed(repo: &Repo, settings: &Settings) -> Result<Option<String>, OpenError> {
+    if !repo.reindexing() || matches!(settings.index, IndexTarget::Memory) {
+        return Ok(None);
+    }
+    let state = repo.index_state().await.map_err(OpenError::Metadata)?;
+    Ok(state.active.filter(|active| *active != settings.collection))
+}
+
+/// [`index_name`] of the collection a process opens: the configured one, or
+/// `follow`.
+fn opened_index_name(target: &IndexTarget, configured: &str, follow: Option<&str>) -> String {
+    match (target, follow) {
+        (IndexTarget::Edge { path }, Some(name)) => format!(
+            "qdrant-edge vector index at {}",
+            edge_collections(path).join(name).display()
+        ),
+        (_, Some(name)) => index_name(target, name),
+        (_, None) => index_name(target, configured),
+    }
+}
+
+/// [`Stores::index_name_now`]: `opened_name` (the name of `opened`, the
+/// collection opened at start) unless the process followed a switch to
+/// another collection since.
+fn current_index_name(
+    target: &IndexTarget,
+    opened: &str,
+    opened_name: &str,
+    followed: Option<&str>,
+) -> String {
+    match followed {
+        Some(name) if name != opened => opened_index_name(target, opened, Some(name)),
+        _ => opened_name.to_owned(),
+    }
+}
+
 impl Stores {
     /// Opens (and, with `auto_migrate`, creates or upgrades) both stores.
+    ///
+    /// The vector index is the collection the metadata store names active
+    /// when a re-index switched to another than the configured one: a process
+    /// started after the switch opens it directly, never the configured one
+    /// (which may be retired, dropped, or of the old model's dimension).
     pub async fn open(settings: &Settings) -> Result<Self, AppError> {
         let metadata_name = metadata_name(&settings.metadata);
-        let index_name = index_name(&settings.index, &settings.collection);
         if settings.uses_data_dir() {
             std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
                 AppError::Usage(format!(
@@ -168,10 +285,21 @@ impl Stores {
             .await
             .map_err(|e| e.into_app_error(&metadata_name))?
             .0;
-        let (index, optimizer, catalog) = open_index(settings)
+        let follow = followed(&repo, settings)
+            .await
+            .map_err(|e| e.into_app_error(&metadata_name))?;
+        let index_name =
+            opened_index_name(&settings.index, &settings.collection, follow.as_deref());
+        let (index, optimizer, catalog) = open_index(settings, follow.as_deref())
             .await
             .map_err(|e| e.into_app_error(&index_name))?;
-        let catalog = open_catalog(settings, &index, catalog);
+        let followed = Followed::default();
+        let catalog = open_catalog(settings, &index, catalog).map(|inner| {
+            Arc::new(Following {
+                inner,
+                opened: followed.clone(),
+            }) as Catalog
+        });
         Ok(Stores {
             repo,
             index,
@@ -179,7 +307,9 @@ impl Stores {
             index_name,
             optimizer,
             catalog,
-            collection: settings.collection.clone(),
+            collection: follow.unwrap_or_else(|| settings.collection.clone()),
+            index_target: settings.index.clone(),
+            followed,
         })
     }
 
@@ -210,12 +340,29 @@ impl Stores {
         }
     }
 
+    /// The vector index's name for messages, naming the collection this
+    /// process uses now: the configured one, or the one it followed a
+    /// re-index's switch to.
+    pub fn index_name_now(&self) -> String {
+        let followed = self
+            .followed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        current_index_name(
+            &self.index_target,
+            &self.collection,
+            &self.index_name,
+            followed.as_deref(),
+        )
+    }
+
     /// Wraps a coordinator error with what was being done and which stores
     /// were involved, for a one-line message.
     pub fn error(&self, what: &str, error: CoordinatorError) -> AppError {
         let store = match &error {
             CoordinatorError::Metadata(_) => format!(" ({})", self.metadata_name),
-            CoordinatorError::Index(_) => format!(" ({})", self.index_name),
+            CoordinatorError::Index(_) => format!(" ({})", self.index_name_now()),
             _ => String::new(),
         };
         AppError::Coordinator {
@@ -228,7 +375,6 @@ impl Stores {
 /// `tandem migrate`: schema and collection, reported.
 pub async fn migrate(settings: &Settings) -> Result<MigrateReport, AppError> {
     let metadata = metadata_name(&settings.metadata);
-    let index = index_name(&settings.index, &settings.collection);
     if settings.uses_data_dir() {
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
             AppError::Usage(format!(
@@ -238,10 +384,16 @@ pub async fn migrate(settings: &Settings) -> Result<MigrateReport, AppError> {
         })?;
     }
     // Open without migrating on start, then migrate explicitly to count.
-    let (_, applied) = open_metadata(settings, MigrateMode::Explicit)
+    let (repo, applied) = open_metadata(settings, MigrateMode::Explicit)
         .await
         .map_err(|e| e.into_app_error(&metadata))?;
-    open_index(settings)
+    // After a re-index's switch the active collection is checked, and the
+    // configured one is not created again.
+    let follow = followed(&repo, settings)
+        .await
+        .map_err(|e| e.into_app_error(&metadata))?;
+    let index = opened_index_name(&settings.index, &settings.collection, follow.as_deref());
+    open_index(settings, follow.as_deref())
         .await
         .map_err(|e| e.into_app_error(&index))?;
     Ok(MigrateReport {
@@ -330,21 +482,21 @@ async fn open_metadata(settings: &Settings, mode: MigrateMode) -> Result<(Repo, 
     }
 }
 
-/// A catalog over `inner`, with the open index as the configured collection.
+/// A catalog over `inner`, with `index` as collection `opened`.
 fn app_catalog<C: IndexCatalog + 'static>(
     inner: C,
-    settings: &Settings,
+    opened: &str,
     index: &Index,
-    drop_configured: Option<DropFn>,
+    outside: Option<Outside>,
 ) -> Catalog
 where
     C::Index: 'static,
 {
     Arc::new(AppCatalog {
         inner,
-        configured: settings.collection.clone(),
-        configured_index: index.clone(),
-        drop_configured,
+        opened: opened.to_owned(),
+        opened_index: index.clone(),
+        outside,
     })
 }
 
@@ -352,13 +504,21 @@ where
 /// process's collections, a re-index within one run only).
 fn open_catalog(settings: &Settings, index: &Index, own: Option<Catalog>) -> Option<Catalog> {
     match &settings.index {
-        IndexTarget::Memory => Some(app_catalog(InMemoryCatalog::new(), settings, index, None)),
+        IndexTarget::Memory => Some(app_catalog(
+            InMemoryCatalog::new(),
+            &settings.collection,
+            index,
+            None,
+        )),
         IndexTarget::Edge { .. } | IndexTarget::Qdrant { .. } => own,
     }
 }
 
+/// Opens the vector index: the configured collection, or `follow`, the one
+/// a re-index made active (read from the metadata store).
 async fn open_index(
     settings: &Settings,
+    follow: Option<&str>,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     match &settings.index {
         IndexTarget::Memory => Ok((
@@ -369,26 +529,8 @@ async fn open_index(
             None,
             None,
         )),
-        IndexTarget::Edge { path } => open_edge(path, settings).await,
-        IndexTarget::Qdrant {
-            url,
-            api_key,
-            timeout,
-            connect_timeout,
-            require_tls,
-            collection_settings,
-        } => {
-            open_qdrant(
-                settings,
-                url,
-                api_key.as_deref(),
-                *timeout,
-                *connect_timeout,
-                *require_tls,
-                collection_settings,
-            )
-            .await
-        }
+        IndexTarget::Edge { path } => open_edge(path, settings, follow).await,
+        IndexTarget::Qdrant { .. } => open_qdrant(settings, follow).await,
     }
 }
 
@@ -463,11 +605,28 @@ async fn open_postgres(
 async fn open_edge(
     path: &std::path::Path,
     settings: &Settings,
+    follow: Option<&str>,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     use tandem_adapters::edge::{EdgeCatalog, EdgeVectorIndex, SharedShard};
-    let index = EdgeVectorIndex::open(path, settings.dimension, settings.distance)
-        .await
-        .map_err(OpenError::Index)?;
+    // New collections live beside the configured one, one directory each.
+    let root = edge_collections(path);
+    let (index, opened) = match follow {
+        // A re-index made another collection active: open it, not the
+        // configured one (retired, perhaps dropped, or of the old model).
+        Some(name) => (
+            EdgeCatalog::new(root.clone())
+                .open(name)
+                .await
+                .map_err(OpenError::Index)?,
+            name.to_owned(),
+        ),
+        None => (
+            EdgeVectorIndex::open(path, settings.dimension, settings.distance)
+                .await
+                .map_err(OpenError::Index)?,
+            settings.collection.clone(),
+        ),
+    };
     let for_optimizer = index.clone();
     let optimizer: Optimizer = Arc::new(move || {
         let index = for_optimizer.clone();
@@ -480,29 +639,39 @@ async fn open_edge(
         })
     });
     let index: Index = Arc::new(index);
-    // New collections live beside the configured one, one directory each.
-    let root = path.parent().map_or_else(
+    let (open_dir, drop_dir) = (path.to_path_buf(), path.to_path_buf());
+    let configured = Outside {
+        name: settings.collection.clone(),
+        open: Arc::new(move || {
+            let dir = open_dir.clone();
+            Box::pin(async move {
+                let index = EdgeVectorIndex::open_existing(&dir).await?;
+                Ok(Arc::new(index) as Index)
+            })
+        }),
+        drop: Arc::new(move || {
+            let dir = drop_dir.clone();
+            Box::pin(async move { SharedShard::destroy(&dir).await.map_err(IndexError::from) })
+        }),
+    };
+    let catalog = app_catalog(EdgeCatalog::new(root), &opened, &index, Some(configured));
+    Ok((index, Some(optimizer), Some(catalog)))
+}
+
+/// Where the embedded index's other collections live: beside the
+/// configured one's directory.
+fn edge_collections(path: &std::path::Path) -> std::path::PathBuf {
+    path.parent().map_or_else(
         || std::path::PathBuf::from("collections"),
         |p| p.join("collections"),
-    );
-    let dir = path.to_path_buf();
-    let drop_configured: DropFn = Arc::new(move || {
-        let dir = dir.clone();
-        Box::pin(async move { SharedShard::destroy(&dir).await.map_err(IndexError::from) })
-    });
-    let catalog = app_catalog(
-        EdgeCatalog::new(root),
-        settings,
-        &index,
-        Some(drop_configured),
-    );
-    Ok((index, Some(optimizer), Some(catalog)))
+    )
 }
 
 #[cfg(not(feature = "edge"))]
 async fn open_edge(
     _path: &std::path::Path,
     _settings: &Settings,
+    _follow: Option<&str>,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     Err(OpenError::Unavailable("edge"))
 }
@@ -510,14 +679,22 @@ async fn open_edge(
 #[cfg(feature = "qdrant")]
 async fn open_qdrant(
     settings: &Settings,
-    url: &str,
-    api_key: Option<&str>,
-    timeout: Option<Duration>,
-    connect_timeout: Option<Duration>,
-    require_tls: bool,
-    collection_settings: &tandem_adapters::qdrant::CollectionSettings,
+    follow: Option<&str>,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     use tandem_adapters::qdrant::{QdrantCatalog, QdrantConfig, QdrantVectorIndex};
+    let IndexTarget::Qdrant {
+        url,
+        api_key,
+        timeout,
+        connect_timeout,
+        require_tls,
+        collection_settings,
+    } = &settings.index
+    else {
+        unreachable!("open_qdrant is called for a Qdrant target only");
+    };
+    let (api_key, timeout, connect_timeout, require_tls) =
+        (api_key.as_deref(), *timeout, *connect_timeout, *require_tls);
     let mut config = QdrantConfig::new(
         url,
         settings.collection.clone(),
@@ -535,6 +712,9 @@ async fn open_qdrant(
     }
     config.require_tls = require_tls;
     config = config.with_collection_settings(collection_settings.clone());
+    if let Some(name) = follow {
+        return follow_qdrant(settings, config, name).await;
+    }
     let index = match QdrantVectorIndex::connect(config.clone()).await {
         Ok(index) => index,
         // Deferred writes need no index: a process that writes in deferred
@@ -553,19 +733,115 @@ async fn open_qdrant(
     };
     let catalog = QdrantCatalog::from_index(&index);
     let index: Index = Arc::new(index);
-    let catalog = app_catalog(catalog, settings, &index, None);
+    let catalog = app_catalog(catalog, &settings.collection, &index, None);
+    Ok((index, None, Some(catalog)))
+}
+
+/// Opens collection `name`, which a re-index made active, with its own
+/// layout (a process still configured with the old model opens it too: its
+/// writes of the old dimension are refused, its reads and checks work).
+#[cfg(feature = "qdrant")]
+async fn follow_qdrant(
+    settings: &Settings,
+    config: tandem_adapters::qdrant::QdrantConfig,
+    name: &str,
+) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
+    use tandem_adapters::qdrant::{QdrantCatalog, QdrantVectorIndex};
+    let catalog = QdrantCatalog::new(config.clone()).map_err(OpenError::Index)?;
+    let index = match catalog.open(name).await {
+        Ok(index) => index,
+        Err(e)
+            if settings.coordinator.write_mode == tandem_core::WriteMode::Deferred
+                && e.is_retryable() =>
+        {
+            tracing::warn!(
+                error = %e,
+                "the index is unreachable; deferred writes go on, index workers wait for it"
+            );
+            let mut lazy = config;
+            lazy.collection = name.to_owned();
+            QdrantVectorIndex::connect_lazy(lazy).map_err(OpenError::Index)?
+        }
+        Err(e) => return Err(OpenError::Index(e)),
+    };
+    let index: Index = Arc::new(index);
+    let catalog = app_catalog(catalog, name, &index, None);
     Ok((index, None, Some(catalog)))
 }
 
 #[cfg(not(feature = "qdrant"))]
 async fn open_qdrant(
     _settings: &Settings,
-    _url: &str,
-    _api_key: Option<&str>,
-    _timeout: Option<Duration>,
-    _connect_timeout: Option<Duration>,
-    _require_tls: bool,
-    _collection_settings: &tandem_adapters::qdrant::CollectionSettings,
+    _follow: Option<&str>,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
     Err(OpenError::Unavailable("qdrant"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_adapters::qdrant::CollectionSettings;
+
+    fn qdrant() -> IndexTarget {
+        IndexTarget::Qdrant {
+            url: "http://q.example:6334".into(),
+            api_key: None,
+            timeout: None,
+            connect_timeout: None,
+            require_tls: false,
+            collection_settings: CollectionSettings::new(),
+        }
+    }
+
+    /// After a process followed a re-index's switch, messages name the
+    /// collection it writes to, not the configured one.
+    #[test]
+    fn messages_name_the_collection_a_switch_was_followed_to() {
+        let target = qdrant();
+        let configured = index_name(&target, "docs");
+        assert_eq!(
+            configured,
+            "Qdrant vector index at http://q.example:6334 (collection docs)"
+        );
+        assert_eq!(
+            current_index_name(&target, "docs", &configured, None),
+            configured
+        );
+        assert_eq!(
+            current_index_name(&target, "docs", &configured, Some("docs")),
+            configured
+        );
+        assert_eq!(
+            current_index_name(&target, "docs", &configured, Some("docs_v2")),
+            "Qdrant vector index at http://q.example:6334 (collection docs_v2)"
+        );
+    }
+
+    /// The catalog records what it opened (a switch followed), not what a
+    /// re-index creates (its target, not yet active), nor failed opens.
+    #[test]
+    fn the_catalog_remembers_the_collection_it_opened() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let opened = Followed::default();
+        let inner = AppCatalog {
+            inner: InMemoryCatalog::new(),
+            opened: "docs".to_owned(),
+            opened_index: Arc::new(InMemoryVectorIndex::new(4, Distance::Cosine)),
+            outside: None,
+        };
+        let catalog = Following {
+            inner: Arc::new(inner),
+            opened: opened.clone(),
+        };
+        let seen = || opened.lock().unwrap().clone();
+        rt.block_on(catalog.create("v2", 4, Distance::Cosine))
+            .expect("create");
+        assert_eq!(seen(), None, "creating a target follows nothing");
+        assert!(rt.block_on(catalog.open("missing")).is_err());
+        assert_eq!(seen(), None, "a failed open follows nothing");
+        rt.block_on(catalog.open("v2")).expect("open");
+        assert_eq!(seen().as_deref(), Some("v2"));
+    }
 }

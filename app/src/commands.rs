@@ -456,13 +456,13 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
         }
         out.json(&StatsOutput {
             metadata_store: &stores.metadata_name,
-            vector_index: &stores.index_name,
+            vector_index: &stores.index_name_now(),
             rows: s.rows_by_scope.values().sum(),
             stats: &s,
         });
     } else {
         out.text(&format!("metadata: {}", stores.metadata_name));
-        out.text(&format!("index:    {}", stores.index_name));
+        out.text(&format!("index:    {}", stores.index_name_now()));
         let mut rows: Vec<Vec<String>> = s
             .rows_by_scope
             .iter()

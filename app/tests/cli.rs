@@ -1257,4 +1257,19 @@ fn reindex_rebuilds_switches_and_every_later_process_follows() {
     assert!(s.data_dir().join("collections").join("v2").is_dir());
     let v = s.embedded(&["verify", "--json"]);
     assert_eq!(v.code, 0, "verify after the drop: {}", v.stdout);
+    // Later processes open the active collection directly: the dropped
+    // configured one is not created again.
+    assert!(
+        !s.data_dir().join("index").exists(),
+        "a process after the drop re-created the configured collection"
+    );
+    let r = s.embedded(&[
+        "ingest",
+        s.write("last.jsonl", &lines(36..=36, "docs"))
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(counts(&s), (36, 36, 0));
+    assert!(!s.data_dir().join("index").exists());
 }

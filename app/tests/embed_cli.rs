@@ -61,6 +61,11 @@ impl Sandbox {
     /// `tandem` on the embedded stores (dimension 8), with `env` set and no
     /// other configuration leaking in.
     fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        self.run_dim(DIM, args, env)
+    }
+
+    /// [`run_env`](Self::run_env) with another `--dim`.
+    fn run_dim(&self, dim: usize, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
         for var in [
             "DATABASE_URL",
@@ -81,7 +86,7 @@ impl Sandbox {
         }
         c.envs(env.iter().copied());
         let data = self.path().join("data");
-        let dim = DIM.to_string();
+        let dim = dim.to_string();
         c.current_dir(self.path())
             .args(["--data-dir", data.to_str().unwrap(), "--dim", &dim])
             .args(args)
@@ -402,4 +407,62 @@ fn openai_without_a_url_or_model_is_a_usage_error() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("--embed-model"), "{}", r.stderr);
     assert!(s.server.requests().is_empty());
+}
+
+/// `tandem reindex --embed openai` re-embeds every record with a new model
+/// into a collection of a new dimension and switches; later processes
+/// configured for the new model find records by their new vectors, and the
+/// stores agree exactly.
+#[test]
+fn reindex_re_embeds_into_a_new_dimension_and_later_processes_search_it() {
+    const NEW_DIM: usize = 12;
+    let s = Sandbox::new(None);
+    let f = s.write("in.jsonl", &records(7, None));
+    let r = s.ingest(&f, &["--batch-size", "3"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let before = s.server.requests().len();
+
+    let url = s.server.base_url();
+    let new_dim = NEW_DIM.to_string();
+    let embed_new = [
+        "--embed",
+        "openai",
+        "--embed-url",
+        url.as_str(),
+        "--embed-model",
+        "new-model",
+        "--embed-dimensions",
+        new_dim.as_str(),
+    ];
+    let mut args = vec!["reindex", "--to-collection", "v2", "--to-dim", &new_dim];
+    args.extend(embed_new);
+    args.push("--json");
+    let r = s.run(&args);
+    assert_eq!(r.code, 0, "reindex: {}\n{}", r.stdout, r.stderr);
+    let report = r.json();
+    assert_eq!(report["switched"], true, "{report}");
+    assert_eq!(report["state"]["active"], "v2", "{report}");
+    // Every record's content went to the new model, in the new dimension.
+    let embedded: Vec<String> = s.server.requests()[before..]
+        .iter()
+        .filter(|q| q.model == "new-model")
+        .flat_map(|q| q.texts.clone())
+        .collect();
+    for n in 1..=7 {
+        assert!(embedded.contains(&content(n)), "{n} not re-embedded");
+    }
+
+    // A later process of the new model finds record 4 by its new vector.
+    let mut args = vec!["search", "--text"];
+    let text = content(4);
+    args.push(&text);
+    args.extend(embed_new);
+    args.extend(["-k", "1", "--json"]);
+    let r = s.run_dim(NEW_DIM, &args, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let hits = r.json();
+    assert_eq!(hits[0]["content"], content(4), "{hits}");
+    assert!(hits[0]["score"].as_f64().unwrap() > 0.9999, "{hits}");
+    let r = s.run_dim(NEW_DIM, &["verify", "--json"], &[]);
+    assert_eq!(r.code, 0, "verify: {}{}", r.stdout, r.stderr);
 }
