@@ -50,6 +50,8 @@ pub struct FileConfig {
     #[serde(default)]
     indexing: IndexingSection,
     #[serde(default)]
+    reindex: ReindexSection,
+    #[serde(default)]
     ingest: IngestSection,
     #[serde(default)]
     embed: EmbedSection,
@@ -108,6 +110,21 @@ struct IndexingSection {
     max_retry_backoff_secs: Option<f64>,
     idle_poll_secs: Option<f64>,
     lanes: Option<usize>,
+}
+
+/// `[reindex]`: the re-index driver's timings (docs/reindex.md). The lease
+/// is what a re-run after a crash waits for before it takes the migration
+/// over, so an operator (or a crash test) may want it shorter than 10 s; it
+/// must still comfortably exceed one chunk's copy, or a re-run could take
+/// over from a driver that is only slow.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReindexSection {
+    chunk: Option<usize>,
+    lease_secs: Option<f64>,
+    switch_freeze_secs: Option<f64>,
+    switch_attempts: Option<u32>,
+    state_ttl_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -463,6 +480,7 @@ impl Settings {
         if let Some(n) = ix.lanes {
             coordinator.indexing.lanes = n;
         }
+        reindex_settings(&file.reindex, &mut coordinator.reindex)?;
         coordinator
             .validate()
             .map_err(|e| AppError::Usage(format!("configuration: {e}")))?;
@@ -493,6 +511,46 @@ impl Settings {
         matches!(self.metadata, MetadataTarget::Sqlite { .. })
             || matches!(self.index, IndexTarget::Edge { .. })
     }
+}
+
+/// Lays the `[reindex]` section over the defaults. Zero is refused for each
+/// value: a zero lease would let a re-run take over from a live driver at
+/// once, a zero freeze would make every switch find stragglers, and the core
+/// would silently read a zero chunk or attempt count as one.
+fn reindex_settings(
+    file: &ReindexSection,
+    reindex: &mut tandem_core::ReindexConfig,
+) -> Result<(), AppError> {
+    let positive =
+        |field: &str| AppError::Usage(format!("configuration: reindex.{field} must be positive"));
+    if let Some(n) = file.chunk {
+        reindex.chunk = n;
+    }
+    if let Some(d) = secs("reindex.lease_secs", file.lease_secs)? {
+        reindex.lease = d;
+    }
+    if let Some(d) = secs("reindex.switch_freeze_secs", file.switch_freeze_secs)? {
+        reindex.switch_freeze = d;
+    }
+    if let Some(n) = file.switch_attempts {
+        reindex.switch_attempts = n;
+    }
+    if let Some(d) = secs("reindex.state_ttl_secs", file.state_ttl_secs)? {
+        reindex.state_ttl = d;
+    }
+    if reindex.chunk == 0 {
+        return Err(positive("chunk"));
+    }
+    if reindex.lease.is_zero() {
+        return Err(positive("lease_secs"));
+    }
+    if reindex.switch_freeze.is_zero() {
+        return Err(positive("switch_freeze_secs"));
+    }
+    if reindex.switch_attempts == 0 {
+        return Err(positive("switch_attempts"));
+    }
+    Ok(())
 }
 
 /// The embedder's settings: each from the flag (or its environment
@@ -903,6 +961,68 @@ mod tests {
         assert!(m.contains("embed.timeout_secs"), "{m}");
         let err = toml::from_str::<FileConfig>("[embed]\napi_key = \"sk-x\"").unwrap_err();
         assert!(err.message().contains("api_key"), "{}", err.message());
+    }
+
+    fn coordinator(toml_text: &str) -> CoordinatorConfig {
+        match resolve(&[], toml_text) {
+            Ok(s) => s.coordinator,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_reindex_section_sets_the_drivers_timings() {
+        let r = coordinator(
+            "[reindex]\nchunk = 2000\nlease_secs = 1.5\nswitch_freeze_secs = 4\n\
+             switch_attempts = 3\nstate_ttl_secs = 0.25\n",
+        )
+        .reindex;
+        assert_eq!(r.chunk, 2000);
+        assert_eq!(r.lease, Duration::from_millis(1500));
+        assert_eq!(r.switch_freeze, Duration::from_secs(4));
+        assert_eq!(r.switch_attempts, 3);
+        assert_eq!(r.state_ttl, Duration::from_millis(250));
+        // Unset: the core's defaults; `[coordinator] lease_secs` is the
+        // intents' lease, not the re-index driver's.
+        let c = coordinator("[coordinator]\nlease_secs = 60\n[reindex]\nchunk = 64\n");
+        let defaults = tandem_core::ReindexConfig::default();
+        assert_eq!(c.lease, Duration::from_secs(60));
+        assert_eq!(c.reindex.chunk, 64);
+        assert_eq!(c.reindex.lease, defaults.lease);
+        assert_eq!(c.reindex.switch_freeze, defaults.switch_freeze);
+        assert_eq!(c.reindex.switch_attempts, defaults.switch_attempts);
+        assert_eq!(c.reindex.state_ttl, defaults.state_ttl);
+        // A zero TTL is allowed: every search reads the state.
+        assert_eq!(
+            coordinator("[reindex]\nstate_ttl_secs = 0")
+                .reindex
+                .state_ttl,
+            Duration::ZERO
+        );
+        for (toml_text, needle) in [
+            ("[reindex]\nchunk = 0", "reindex.chunk must be positive"),
+            (
+                "[reindex]\nlease_secs = 0",
+                "reindex.lease_secs must be positive",
+            ),
+            (
+                "[reindex]\nlease_secs = -1",
+                "reindex.lease_secs must be a non-negative",
+            ),
+            (
+                "[reindex]\nswitch_freeze_secs = 0",
+                "reindex.switch_freeze_secs must be positive",
+            ),
+            (
+                "[reindex]\nswitch_attempts = 0",
+                "reindex.switch_attempts must be positive",
+            ),
+        ] {
+            let m = usage(&[], toml_text);
+            assert!(m.contains(needle), "{toml_text}: {m}");
+        }
+        let err = toml::from_str::<FileConfig>("[reindex]\nlease = 3").unwrap_err();
+        assert!(err.message().contains("lease"), "{}", err.message());
     }
 
     const EVERY_SETTING: &str = r#"

@@ -350,6 +350,24 @@ impl Spawned {
         std::fs::read_to_string(&self.err_path).unwrap_or_default()
     }
 
+    /// Sends SIGKILL now, unless it already exited, and reaps it. Returns
+    /// its end and whether the signal ended it (`false`: it had exited on
+    /// its own first, with the status given).
+    pub fn kill(mut self) -> (Finished, bool) {
+        // std's kill() is SIGKILL on Unix; it fails only if the child was
+        // already reaped, which wait() below reports either way.
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("reap the killed child");
+        let killed = status.signal() == Some(9);
+        let finished = Finished {
+            status,
+            stdout: std::fs::read_to_string(&self.out_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.err_path).unwrap_or_default(),
+            elapsed: self.started.elapsed(),
+        };
+        (finished, killed)
+    }
+
     /// Waits for its end.
     pub fn wait(mut self) -> Finished {
         let status = self.child.wait().expect("wait for the command");
@@ -451,6 +469,23 @@ impl StoreReader {
         crate::invariants::rows(&self.repo)
             .await
             .unwrap_or_else(|e| panic!("reading the metadata store: {e}"))
+    }
+
+    /// The store's index state: the active collection and any open
+    /// migration (its cursor, rows copied, lease and freeze).
+    pub async fn index_state(&self) -> tandem_core::IndexState {
+        self.repo
+            .index_state()
+            .await
+            .unwrap_or_else(|e| panic!("reading the index state: {e}"))
+    }
+
+    /// The committed rows among `ids` (missing ids are absent).
+    pub async fn get(&self, ids: &[RecordId]) -> Vec<StoredRecord> {
+        self.repo
+            .get(ids)
+            .await
+            .unwrap_or_else(|e| panic!("reading {} record(s): {e}", ids.len()))
     }
 
     /// How many rows are committed (one query).

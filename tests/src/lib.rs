@@ -13,3 +13,4 @@ pub mod property;
 pub mod qdrant_double;
 pub mod real_qdrant;
 pub mod reindex;
+pub mod reindex_campaign;

@@ -54,6 +54,21 @@
 //! `tandem verify` is exact. Without a real server that test is reported as
 //! ignored, with the reason.
 //!
+//! A fourth campaign kills **`tandem reindex`** (issue 14; support code in
+//! `tandem_tests::reindex_campaign`): on PostgreSQL + the Qdrant test server,
+//! 50,000 records are re-indexed into a collection of a new dimension,
+//! re-embedded through the embedding test server with a new model, while two
+//! writers (`tandem ingest` and `tandem delete` processes) write on; the
+//! re-index is SIGKILLed at random moments spread over the copy and once in
+//! the switch's catch-up, and re-run after each kill. After every kill the
+//! old collection is active with the migration open and never behind, or the
+//! new one is active: never a mix; re-runs continue the copy. Writers still
+//! on the old model are refused after the switch and move to the new one;
+//! afterwards `verify` is exact, the new collection holds one point of the
+//! new dimension per record, and every write a writer saw committed is there.
+//! `CRASH_CAMPAIGN_REINDEX_RECORDS=N` (default 50,000) and
+//! `CRASH_CAMPAIGN_REINDEX_KILLS=N` (default 10) size it.
+//!
 //! The seed is printed; `CRASH_CAMPAIGN_SEED=N` replays the same data, delays
 //! and choices (the outcomes still depend on timing).
 //! `CRASH_CAMPAIGN_KILLS=N` sets the kills per backend (default 50: 26
@@ -77,8 +92,12 @@ use tandem_tests::campaign::{
     Finished, InputFile, InputLine, Inputs, KillOutcome, QdrantProcess, StoreReader, Tandem,
     check_exact, check_no_missing_no_orphans, tandem_binary,
 };
+use tandem_tests::embed_server::EmbedServer;
 use tandem_tests::pg::TestSchema;
 use tandem_tests::real_qdrant::{Launcher, QdrantCluster};
+use tandem_tests::reindex_campaign::{
+    NEW_DIM, NEW_MODEL, OLD_MODEL, Phase, ReindexCampaign, Setup, Sizes,
+};
 
 /// Vector dimension of the campaign's collections.
 const DIM: usize = 16;
@@ -1486,6 +1505,138 @@ fn kill_9_campaign_on_postgres_and_the_qdrant_server() {
         "the Qdrant test server died during the campaign"
     );
     assert_enough(&c);
+}
+
+/// The re-index campaign (see `tandem_tests::reindex_campaign`): SIGKILLs of
+/// `tandem reindex` while two writers write, on PostgreSQL + the Qdrant test
+/// server, with the embedding test server as both models.
+#[test]
+fn kill_9_campaign_of_a_reindex_on_postgres_and_the_qdrant_server() {
+    let sizes = Sizes::from_env();
+    let rt = runtime();
+    // Panics, saying so, if the server at DATABASE_URL (or the local
+    // default) is unreachable: this suite never skips.
+    let schema = rt.block_on(TestSchema::new());
+    let bin = tandem_binary();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let mut qdrant = QdrantProcess::start(
+        Path::new(env!("CARGO_BIN_EXE_qdrant-double")),
+        &tmp.path().join("qdrant"),
+    );
+    // The server's own dimension is neither model's: every request must ask
+    // for its model's (`--embed-dimensions`; checked at the end).
+    let embed = Arc::new(
+        EmbedServer::start_in_background(4 * NEW_DIM, None).expect("start the embedding server"),
+    );
+    let store = Arc::new(StoreReader::new(Arc::new(rt.block_on(schema.repo()))));
+    let setup = Setup {
+        bin,
+        dir: tmp.path().to_path_buf(),
+        schema: schema.name().to_owned(),
+        database_url: schema.url().to_owned(),
+        qdrant_url: qdrant.url().to_owned(),
+        embed,
+        store,
+        rt: rt.clone(),
+    };
+    let summary = ReindexCampaign::new(setup, sizes).run();
+    summary.print(sizes.records);
+    assert!(
+        qdrant.is_running(),
+        "the Qdrant test server died during the campaign"
+    );
+
+    // Enough kills, spread over the copy (a run killed past a threshold
+    // dies mid-copy, or while starting if an earlier run already copied
+    // past it), up to its last stretch, and one in (or, by a hair, after)
+    // the switch's catch-up.
+    let phases = summary.kills_by_phase();
+    assert!(
+        summary.kills() >= sizes.kills,
+        "{} kills, {} planned: {phases:?}",
+        summary.kills(),
+        sizes.kills
+    );
+    let in_copy = [
+        Phase::BeforeTakeover,
+        Phase::BeforeFirstChunk,
+        Phase::Copying,
+    ]
+    .iter()
+    .map(|p| phases.get(p).copied().unwrap_or(0))
+    .sum::<usize>();
+    assert!(
+        in_copy >= sizes.kills - 2 && phases.contains_key(&Phase::Copying),
+        "too few kills during the copy: {phases:?}"
+    );
+    let last_copy_kill = summary
+        .runs
+        .iter()
+        .filter(|r| {
+            r.killed
+                .is_some_and(|p| p != Phase::CatchingUp && p != Phase::AfterSwitch)
+        })
+        .map(|r| r.copied_after)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        last_copy_kill >= sizes.records as u64 / 2,
+        "no kill in the second half of the copy (the last at {last_copy_kill} rows copied)"
+    );
+    assert!(
+        phases.contains_key(&Phase::CatchingUp) || phases.contains_key(&Phase::AfterSwitch),
+        "no kill reached the switch's catch-up: {phases:?}"
+    );
+    // The runs continued the copy: together they copied each row about
+    // once (plus the rows the writers changed meanwhile), far from a copy
+    // per run.
+    let written: u64 = summary
+        .writers
+        .iter()
+        .map(|w| w.records_written as u64)
+        .sum();
+    let inserted_after: u64 = summary
+        .writers
+        .iter()
+        .map(|w| w.inserted_after_switch as u64)
+        .sum();
+    let records = sizes.records as u64;
+    assert!(
+        summary.total_copied <= records + written,
+        "rows copied by all runs ({}) exceed the seed ({records}) plus the writers' writes ({written}): \
+         a run restarted the copy",
+        summary.total_copied
+    );
+    assert!(
+        summary.total_copied + inserted_after >= summary.rows as u64,
+        "rows copied ({}) do not cover the rows at the switch ({} now, {inserted_after} inserted since)",
+        summary.total_copied,
+        summary.rows
+    );
+    if summary.report != serde_json::Value::Null {
+        assert_eq!(summary.report["resumed"], true, "{:#}", summary.report);
+    }
+    assert!(
+        summary.verified_mid_migration,
+        "verify never ran with the migration open"
+    );
+    // Every writer wrote with both models, was refused once the switch
+    // happened, and was never refused before it (checked as it ran).
+    for w in &summary.writers {
+        assert!(
+            w.batches_old >= 1 && w.batches_new >= 2 && !w.refusals.is_empty(),
+            "writer {}: {} old-model batches, {} new-model batches, {} refusals",
+            w.index,
+            w.batches_old,
+            w.batches_new,
+            w.refusals.len()
+        );
+    }
+    // The embedding server embedded the seed with the old model and every
+    // record again with the new one.
+    let texts = |model: &str| summary.texts_by_model.get(model).copied().unwrap_or(0) as u64;
+    assert!(texts(OLD_MODEL) >= records, "{:?}", summary.texts_by_model);
+    assert!(texts(NEW_MODEL) >= records, "{:?}", summary.texts_by_model);
 }
 
 /// Timings of the Qdrant-kill campaign: calls short enough that a batch in
