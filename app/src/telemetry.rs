@@ -323,6 +323,10 @@ pub fn register_metrics() {
         "tandem_index_dead_letters",
         "tandem_index_oldest_pending_seconds",
         "tandem_index_indexed_last_minute",
+        "tandem_reindex_copied_rows",
+        "tandem_reindex_total_rows",
+        "tandem_reindex_rows_per_second",
+        "tandem_reindex_eta_seconds",
     ] {
         metrics::gauge!(name).set(0.0);
     }

@@ -293,7 +293,13 @@ async fn probe(ctx: &Context) {
     // also makes this process follow a switch at once).
     let collection = if metadata.is_ok() && c.repo().reindexing() {
         match tokio::time::timeout(PROBE_TIMEOUT, c.refresh_index()).await {
-            Ok(Ok(state)) => Some(collection_section(&state, now_ms())),
+            Ok(Ok(state)) => {
+                // The driver runs elsewhere (tandem reindex): its progress,
+                // as the store records it.
+                metrics::gauge!("tandem_reindex_copied_rows")
+                    .set(state.migration.as_ref().map_or(0, |m| m.copied) as f64);
+                Some(collection_section(&state, now_ms()))
+            }
             _ => None,
         }
     } else {
