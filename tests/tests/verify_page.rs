@@ -269,3 +269,63 @@ async fn get_returns_committed_records_and_omits_unknown_ids() {
         "{too_many:?}"
     );
 }
+
+/// A point that an update supersedes after verify's scan listed it is
+/// unreferenced once the update committed, and unnamed once its cleanup
+/// deleted the point and resolved the intent — but it is gone, not an
+/// orphan. (The kill -9 campaign of the re-index saw hundreds of such false
+/// orphans while writers updated records.) The intent listing is delayed so
+/// that another process's update lands between the scan and the checks.
+#[tokio::test(start_paused = true)]
+async fn a_point_superseded_while_verify_runs_is_not_an_orphan() {
+    use std::time::Duration;
+    use tandem_core::testkit::faults::{Call, Fault, Rule};
+    use tandem_tests::harness::{DIM as HDIM, World, fault_config, rid, vector_for};
+
+    let world = World::new(
+        InMemoryMetadataRepo::new(),
+        InMemoryVectorIndex::new(HDIM, Distance::Cosine),
+        fault_config(Duration::from_secs(5)),
+        7,
+    );
+    world.seed().await;
+    world.ctl.add(Rule {
+        call: Call::ListIntents,
+        nth: 0,
+        times: usize::MAX,
+        fault: Fault::Delay(Duration::from_secs(1)),
+    });
+    let (verifier, writer) = (world.faulty(), world.clean());
+    let before = world.repo.get(&[rid(1)]).await.expect("get")[0].point_id;
+    let (report, ()) = tokio::join!(verifier.verify(None), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer
+            .upsert(vec![
+                NewRecord::new("a", "superseded during verify", vector_for(1, 9)).with_id(rid(1)),
+            ])
+            .await
+            .expect("the update commits");
+    });
+    let after = world.repo.get(&[rid(1)]).await.expect("get")[0].point_id;
+    assert_ne!(before, after, "the update superseded the point");
+    let report = report.expect("verify runs");
+    assert!(
+        report.orphan_points.is_empty(),
+        "false orphans: {:?}",
+        report.orphan_points
+    );
+    assert!(
+        report.missing_points.is_empty(),
+        "{:?}",
+        report.missing_points
+    );
+    // The superseded point is gone indeed.
+    assert!(
+        world
+            .index
+            .retrieve(&[before])
+            .await
+            .expect("retrieve")
+            .is_empty()
+    );
+}

@@ -23,8 +23,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// Compares both stores (one scope, or all): per-scope counts, committed
     /// rows whose point is missing, orphan points (referenced by no row and
     /// named by no live intent), and live intents. Findings are re-checked once
-    /// before being reported, so a write landing during the scan is not
-    /// reported; on a quiet system the report is exact.
+    /// before being reported — a missing point must still be missing while its
+    /// row references it, an orphan still unreferenced, unnamed and present —
+    /// so a write landing during the scan (which may supersede and delete a
+    /// listed point) is not reported; on a quiet system the report is exact.
     pub async fn verify(&self, scope: Option<&Scope>) -> Result<VerifyReport, CoordinatorError> {
         if let Some(s) = scope {
             check_scope(s, 0, &self.config.limits)?;
@@ -68,7 +70,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .collect();
 
         // Re-check the findings: a missing point must still be missing, an
-        // orphan must still be unreferenced and unnamed.
+        // orphan must still be unreferenced, unnamed and present.
         let (missing, unindexed) = self.confirm_missing(missing).await?;
         report.missing_points = missing;
         for r in &unindexed {
@@ -99,7 +101,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     /// over time instead of in one scan. Each page's findings are confirmed as
     /// [`verify`](Self::verify) confirms them: a missing point must still be
     /// missing while its row still references it, an orphan must be referenced
-    /// by no row and named by no live intent. The counts are taken page by
+    /// by no row, named by no live intent, and still present. The counts are taken page by
     /// page while writes go on, so over a whole pass they can differ by the
     /// writes made meanwhile; on a quiet store they are exact.
     pub async fn verify_page(
@@ -311,9 +313,30 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         let ids: Vec<PointId> = candidates.iter().map(|p| p.id).collect();
         let referenced = self.referenced(&ids).await?;
         let named = self.intent_points().await?.named;
-        Ok(candidates
+        let unowned: Vec<PointInfo> = candidates
             .into_iter()
             .filter(|p| !referenced.contains(&p.id) && !named.contains(&p.id))
+            .collect();
+        if unowned.is_empty() {
+            return Ok(unowned);
+        }
+        // Still there? A point an update superseded after the scan listed it
+        // is unreferenced and, once its write's cleanup ended, unnamed too —
+        // but deleted: not an orphan. Read after the metadata, so that a
+        // point found here was unowned while it existed.
+        let deadline = Instant::now() + self.config.call_deadline;
+        let ids: Vec<PointId> = unowned.iter().map(|p| p.id).collect();
+        let index = self.index();
+        let mut present = HashSet::new();
+        for chunk in ids.chunks(PAGE) {
+            let found = self
+                .index_call("index.retrieve", deadline, || index.retrieve(chunk))
+                .await?;
+            present.extend(found.into_iter().map(|p| p.id));
+        }
+        Ok(unowned
+            .into_iter()
+            .filter(|p| present.contains(&p.id))
             .collect())
     }
 
