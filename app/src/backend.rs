@@ -715,22 +715,8 @@ async fn open_qdrant(
     if let Some(name) = follow {
         return follow_qdrant(settings, config, name).await;
     }
-    let index = match QdrantVectorIndex::connect(config.clone()).await {
-        Ok(index) => index,
-        // Deferred writes need no index: a process that writes in deferred
-        // mode starts while Qdrant is unreachable, and reaches it later.
-        Err(e)
-            if settings.coordinator.write_mode == tandem_core::WriteMode::Deferred
-                && e.is_retryable() =>
-        {
-            tracing::warn!(
-                error = %e,
-                "the index is unreachable; deferred writes go on, index workers wait for it"
-            );
-            QdrantVectorIndex::connect_lazy(config).map_err(OpenError::Index)?
-        }
-        Err(e) => return Err(OpenError::Index(e)),
-    };
+    let connected = QdrantVectorIndex::connect(config.clone()).await;
+    let index = or_lazy(settings, connected, config)?;
     let catalog = QdrantCatalog::from_index(&index);
     let index: Index = Arc::new(index);
     let catalog = app_catalog(catalog, &settings.collection, &index, None);
@@ -746,10 +732,27 @@ async fn follow_qdrant(
     config: tandem_adapters::qdrant::QdrantConfig,
     name: &str,
 ) -> Result<(Index, Option<Optimizer>, Option<Catalog>), OpenError> {
-    use tandem_adapters::qdrant::{QdrantCatalog, QdrantVectorIndex};
+    use tandem_adapters::qdrant::QdrantCatalog;
     let catalog = QdrantCatalog::new(config.clone()).map_err(OpenError::Index)?;
-    let index = match catalog.open(name).await {
-        Ok(index) => index,
+    let opened = catalog.open(name).await;
+    let mut lazy = config;
+    lazy.collection = name.to_owned();
+    let index: Index = Arc::new(or_lazy(settings, opened, lazy)?);
+    let catalog = app_catalog(catalog, name, &index, None);
+    Ok((index, None, Some(catalog)))
+}
+
+/// `opened`, or — deferred writes need no index: a process that writes in
+/// deferred mode starts while Qdrant is unreachable, and reaches it later —
+/// an index of `config` that connects on first use.
+#[cfg(feature = "qdrant")]
+fn or_lazy(
+    settings: &Settings,
+    opened: Result<tandem_adapters::qdrant::QdrantVectorIndex, IndexError>,
+    config: tandem_adapters::qdrant::QdrantConfig,
+) -> Result<tandem_adapters::qdrant::QdrantVectorIndex, OpenError> {
+    match opened {
+        Ok(index) => Ok(index),
         Err(e)
             if settings.coordinator.write_mode == tandem_core::WriteMode::Deferred
                 && e.is_retryable() =>
@@ -758,15 +761,11 @@ async fn follow_qdrant(
                 error = %e,
                 "the index is unreachable; deferred writes go on, index workers wait for it"
             );
-            let mut lazy = config;
-            lazy.collection = name.to_owned();
-            QdrantVectorIndex::connect_lazy(lazy).map_err(OpenError::Index)?
+            tandem_adapters::qdrant::QdrantVectorIndex::connect_lazy(config)
+                .map_err(OpenError::Index)
         }
-        Err(e) => return Err(OpenError::Index(e)),
-    };
-    let index: Index = Arc::new(index);
-    let catalog = app_catalog(catalog, name, &index, None);
-    Ok((index, None, Some(catalog)))
+        Err(e) => Err(OpenError::Index(e)),
+    }
 }
 
 #[cfg(not(feature = "qdrant"))]

@@ -1356,6 +1356,23 @@ impl ExhaustiveSummary {
             self.failures.push(result);
         }
     }
+
+    /// Prints the summary under `label` (and every failed case), then
+    /// panics if a case broke an invariant.
+    pub fn assert_no_failures(&self, label: &str) {
+        println!(
+            "exhaustive single faults, {label}: {} cases, per scenario {:?}, outcomes {:?}",
+            self.cases, self.per_scenario, self.outcomes
+        );
+        for f in &self.failures {
+            println!("FAILED: {f:?}");
+        }
+        assert!(
+            self.failures.is_empty(),
+            "{label}: {} cases broke an invariant",
+            self.failures.len()
+        );
+    }
 }
 
 /// Enumerates every single fault: for each scenario, a fault-free run lists the

@@ -28,18 +28,7 @@ async fn every_single_fault_of(scenarios: &[Scenario], what: &str) {
         Some(memory_caller_step()),
     )
     .await;
-    println!(
-        "exhaustive single faults{what} (in-memory): {} cases, per scenario {:?}, outcomes {:?}",
-        summary.cases, summary.per_scenario, summary.outcomes
-    );
-    for f in &summary.failures {
-        println!("FAILED: {f:?}");
-    }
-    assert!(
-        summary.failures.is_empty(),
-        "{} cases broke an invariant",
-        summary.failures.len()
-    );
+    summary.assert_no_failures(&format!("in-memory{what}"));
     for scenario in scenarios {
         assert!(
             summary.per_scenario[&format!("{scenario:?}")] > scenario.least_cases(),
@@ -157,18 +146,7 @@ async fn every_single_fault_of_a_reindex_keeps_every_invariant() {
         fault_config(Duration::from_secs(5)),
     )
     .await;
-    println!(
-        "exhaustive single faults, re-index (in-memory): {} cases, outcomes {:?}",
-        summary.cases, summary.outcomes
-    );
-    for f in &summary.failures {
-        println!("FAILED: {f:?}");
-    }
-    assert!(
-        summary.failures.is_empty(),
-        "{} cases broke an invariant",
-        summary.failures.len()
-    );
+    summary.assert_no_failures("re-index (in-memory)");
     assert!(summary.cases > 20 * 11, "too few cases: {}", summary.cases);
     for kind in ["ok", "not_applied", "crashed"] {
         assert!(
@@ -195,18 +173,7 @@ async fn every_single_fault_of_a_re_embedding_keeps_every_invariant() {
         fault_config(Duration::from_secs(5)),
     )
     .await;
-    println!(
-        "exhaustive single faults, re-embedding (in-memory): {} cases, outcomes {:?}",
-        summary.cases, summary.outcomes
-    );
-    for f in &summary.failures {
-        println!("FAILED: {f:?}");
-    }
-    assert!(
-        summary.failures.is_empty(),
-        "{} cases broke an invariant",
-        summary.failures.len()
-    );
+    summary.assert_no_failures("re-embedding (in-memory)");
     assert!(summary.cases > 20 * 11, "too few cases: {}", summary.cases);
     for kind in ["ok", "not_applied", "crashed"] {
         assert!(

@@ -56,18 +56,7 @@ async fn every_single_fault(scenario: Scenario) {
         Some(caller_step(admin.clone(), schema.name().to_owned())),
     )
     .await;
-    println!(
-        "exhaustive single faults (PostgreSQL) {scenario:?}: {} cases, outcomes {:?}",
-        summary.cases, summary.outcomes
-    );
-    for f in &summary.failures {
-        println!("FAILED: {f:?}");
-    }
-    assert!(
-        summary.failures.is_empty(),
-        "{} cases broke an invariant",
-        summary.failures.len()
-    );
+    summary.assert_no_failures(&format!("PostgreSQL {scenario:?}"));
     // Several port calls, each tried with every fault.
     assert!(
         summary.cases > scenario.least_cases(),

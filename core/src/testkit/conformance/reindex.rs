@@ -631,6 +631,18 @@ pub async fn prepare_fenced_by_generation<M: MetadataRepo + ?Sized>(repo: &M) {
     );
 }
 
+/// Switches `owner`'s migration, which must be caught up (`why`).
+async fn switched<M: MetadataRepo + ?Sized>(repo: &M, owner: OwnerToken, why: &str) {
+    let outcome = ok(
+        repo.reindex_switch(owner, "old", NOW).await,
+        "reindex_switch",
+    );
+    assert!(
+        matches!(outcome, SwitchOutcome::Switched(_)),
+        "{why}: {outcome:?}"
+    );
+}
+
 /// Stages `vector` for each of `rows` (at the change sequence the scan shows
 /// for it) and moves the cursor past every row.
 async fn stage_all<M: MetadataRepo + ?Sized>(
@@ -698,14 +710,7 @@ pub async fn reindex_staged_vectors_apply_at_switch<M: MetadataRepo + ?Sized>(
             .await,
         "reindex_progress",
     );
-    let outcome = ok(
-        repo.reindex_switch(owner, "old", NOW).await,
-        "reindex_switch",
-    );
-    assert!(
-        matches!(outcome, SwitchOutcome::Switched(_)),
-        "caught up: {outcome:?}"
-    );
+    switched(repo, owner, "caught up").await;
     assert_eq!(
         kept_vector(repo, a.id).await,
         keeps_vectors.then_some(newer_a),
@@ -738,14 +743,7 @@ pub async fn reindex_abort_forgets_staged_vectors<M: MetadataRepo + ?Sized>(
     let again = OwnerToken::new_random();
     begin(repo, "other", again).await;
     stage_all(repo, again, &[]).await;
-    let outcome = ok(
-        repo.reindex_switch(again, "old", NOW).await,
-        "reindex_switch",
-    );
-    assert!(
-        matches!(outcome, SwitchOutcome::Switched(_)),
-        "caught up: {outcome:?}"
-    );
+    switched(repo, again, "caught up").await;
     assert_eq!(
         kept_vector(repo, a.id).await,
         keeps_vectors.then(|| a.vector.clone()),
@@ -794,12 +792,5 @@ pub async fn reindex_switch_waits_for_deferred_when_re_embedding<M: MetadataRepo
     let rebuild = OwnerToken::new_random();
     begin(repo, "rebuilt", rebuild).await;
     stage_all(repo, rebuild, &[]).await;
-    let outcome = ok(
-        repo.reindex_switch(rebuild, "old", NOW).await,
-        "reindex_switch",
-    );
-    assert!(
-        matches!(outcome, SwitchOutcome::Switched(_)),
-        "a rebuild waits for nothing deferred: {outcome:?}"
-    );
+    switched(repo, rebuild, "a rebuild waits for nothing deferred").await;
 }
