@@ -1,7 +1,9 @@
 //! A tiny run of `tandem bench` with every protocol and case: it must run and
 //! its JSON report (stdout and `--out`) must be well formed. No timing is
 //! asserted, only what the protocols are: Tandem's round trips per batch are
-//! constant, the naive protocol's grow with the batch.
+//! constant, the naive protocol's grow with the batch; a rebuild copies every
+//! record into a new collection that then holds them all, and an open
+//! migration records one garbage point per update.
 //!
 //! The embedded backend always runs. The servers backend (PostgreSQL +
 //! the Qdrant-compatible test server, in this process) runs when
@@ -14,6 +16,9 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 const BATCHES: [u64; 2] = [1, 10];
+/// Records ingested before each rebuild, and rows per copy chunk.
+const REINDEX_RECORDS: u64 = 30;
+const REINDEX_CHUNK: u64 = 8;
 
 fn bench(args: &[&str], out_dir: &Path, database_url: Option<&str>) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
@@ -46,6 +51,10 @@ fn bench(args: &[&str], out_dir: &Path, database_url: Option<&str>) -> Output {
             "4",
             "--scopes",
             "4",
+            "--reindex-records",
+            "30",
+            "--reindex-chunk",
+            "8",
             "--json",
             "--out",
         ])
@@ -170,7 +179,87 @@ fn check_run(run: &Value, backend: &str, latency_ms: f64) -> usize {
         "2 repetitions × 4 expired intents"
     );
     assert!(!run["targets"].as_array().expect("targets").is_empty());
+    check_reindex(run);
     run["cases"].as_array().map_or(0, Vec::len)
+}
+
+/// The re-indexing cases of a run (2 repetitions, 20 records per write pass).
+fn check_reindex(run: &Value) {
+    let reps = 2.0;
+    let n = REINDEX_RECORDS as f64;
+    // The ingest (one batch: fewer records than 1000) and the rebuild wrote
+    // the same records; the rebuild's batch is its copy chunk.
+    let ingest = case(run, "reindex_ingest", "tandem", Some(REINDEX_RECORDS));
+    let rebuild = case(run, "reindex_rebuild", "kept-vectors", Some(REINDEX_CHUNK));
+    assert_eq!(num(ingest, "items"), reps * n, "{ingest:#}");
+    assert_eq!(num(rebuild, "items"), reps * n, "{rebuild:#}");
+    assert_eq!(num(rebuild, "calls"), reps, "one rebuild per repetition");
+    // 30 rows in chunks of 8: at least 4 target writes and 4 progress
+    // commits per rebuild.
+    assert!(num(rebuild, "index_calls_per_batch") >= 4.0, "{rebuild:#}");
+    assert!(
+        num(rebuild, "metadata_calls_per_batch") >= 8.0,
+        "{rebuild:#}"
+    );
+    let r = &run["reindex"];
+    assert_eq!(r["records"], REINDEX_RECORDS, "{r:#}");
+    assert_eq!(r["chunk"], REINDEX_CHUNK, "{r:#}");
+    assert_eq!(r["ingest_batch"], REINDEX_RECORDS, "{r:#}");
+    assert!(num(&r["rebuild_records_per_s"], "median") > 0.0, "{r:#}");
+    assert!(num(&r["ingest_records_per_s"], "median") > 0.0, "{r:#}");
+    assert!(num(&r["rebuild_vs_ingest"], "median") > 0.0, "{r:#}");
+    assert_eq!(r["consistent"], true, "{r:#}");
+    // After every rebuild the new collection is active and holds every
+    // record's point, and nothing else.
+    let rebuilds = r["rebuilds"].as_array().expect("rebuilds");
+    assert_eq!(rebuilds.len(), 2, "{r:#}");
+    for b in rebuilds {
+        assert_eq!(b["switched"], true, "{b:#}");
+        assert_eq!(b["copied"], REINDEX_RECORDS, "{b:#}");
+        assert_eq!(b["points_in_new_collection"], REINDEX_RECORDS, "{b:#}");
+        assert_eq!(b["rows"], REINDEX_RECORDS, "{b:#}");
+        assert_eq!(b["missing_points"], 0, "{b:#}");
+        assert_eq!(b["orphan_points"], 0, "{b:#}");
+    }
+    // The writes with and without a migration open: the same records, the
+    // same port calls (prepare, commit, resolve: the open migration's work
+    // is inside the commit).
+    let writes = r["writes"].as_array().expect("writes");
+    assert_eq!(writes.len(), 2 * BATCHES.len(), "{r:#}");
+    for write in ["update", "insert"] {
+        for b in BATCHES {
+            let op = format!("write_{write}");
+            let none = case(run, &op, "no-migration", Some(b));
+            let open = case(run, &op, "migration-open", Some(b));
+            assert_eq!(num(none, "items"), reps * 20.0, "{none:#}");
+            assert_eq!(none["items"], open["items"]);
+            for c in [none, open] {
+                assert_eq!(num(c, "metadata_calls_per_batch"), 3.0, "{c:#}");
+            }
+            let w = writes
+                .iter()
+                .find(|w| w["write"] == write && w["batch_size"] == b)
+                .unwrap_or_else(|| panic!("no {write} overhead at batch {b}: {r:#}"));
+            for ratio in ["p50_ratio", "p99_ratio", "throughput_ratio"] {
+                assert!(num(&w[ratio], "median") > 0.0, "{w:#}");
+            }
+            assert!(num(&w["migration_open_ms"], "p50") > 0.0, "{w:#}");
+        }
+    }
+    // The migration the writes ran beside: its copy wrote every row of the
+    // stores into its target; every period it was open recorded the old
+    // point of every record updated meanwhile (20 at each of the 2 batch
+    // sizes per repetition).
+    let copies = r["migration_copies"].as_array().expect("migration_copies");
+    assert_eq!(copies.len(), 2, "{r:#}");
+    assert!(copies.iter().all(|c| c.as_f64() >= Some(n)), "{r:#}");
+    let garbage = r["garbage"].as_array().expect("garbage");
+    assert!(!garbage.is_empty(), "{r:#}");
+    for g in garbage {
+        assert_eq!(g["garbage_recorded"], g["updated_while_open"], "{g:#}");
+    }
+    let updated: f64 = garbage.iter().map(|g| num(g, "updated_while_open")).sum();
+    assert_eq!(updated, reps * 40.0, "{r:#}");
 }
 
 fn check_report(output: &Output, out_dir: &Path) -> Value {
@@ -186,6 +275,10 @@ fn check_report(output: &Output, out_dir: &Path) -> Value {
     let md = std::fs::read_to_string(out_dir.join("results.md")).expect("results.md");
     assert!(
         md.contains("| upsert | tandem |") && md.contains("throughput.svg"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| reindex_rebuild | kept-vectors |") && md.contains("| rebuild ÷ ingest"),
         "{md}"
     );
     let svg = std::fs::read_to_string(out_dir.join("throughput.svg")).expect("throughput.svg");
@@ -219,8 +312,9 @@ fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
     let cases = check_run(&runs[0], "embedded", 0.0);
     // 6 protocols × 2 batch sizes and the index workers' drain of each
     // deferred pass, the lag under load at the largest batch, 2 × 2
-    // searches, verify, 2 deletes by ids, delete by scope, recover.
-    assert_eq!(cases, 12 + 2 + 1 + 4 + 1 + 2 + 1 + 1);
+    // searches, verify, 2 deletes by ids, delete by scope, recover; the
+    // ingest and the rebuild, 2 writes × 2 batch sizes × 2 states.
+    assert_eq!(cases, 12 + 2 + 1 + 4 + 1 + 2 + 1 + 1 + 2 + 8);
     // The embedded stores lived in the work dir and are gone.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -228,6 +322,46 @@ fn embedded_bench_runs_every_case_and_reports_well_formed_json() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("tandem-bench-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn cases_selects_groups_and_reindex_runs_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("results");
+    let work = dir.path().to_str().unwrap();
+    // search, verify and delete use the upserts' records.
+    let refused = bench(
+        &["--cases", "search,reindex", "--work-dir", work],
+        &out_dir,
+        None,
+    );
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let output = bench(&["--cases", "reindex", "--work-dir", work], &out_dir, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "tandem bench failed:\n{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["consistent"], true);
+    assert_eq!(report["params"]["cases"], serde_json::json!(["reindex"]));
+    let run = &report["runs"][0];
+    let ops: std::collections::BTreeSet<&str> = run["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .filter_map(|c| c["operation"].as_str())
+        .collect();
+    assert_eq!(
+        ops.into_iter().collect::<Vec<_>>(),
+        [
+            "reindex_ingest",
+            "reindex_rebuild",
+            "write_insert",
+            "write_update"
+        ]
+    );
+    check_reindex(run);
+    // No upserts, no chart.
+    assert!(out_dir.join("results.md").exists());
+    assert!(!out_dir.join("throughput.svg").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

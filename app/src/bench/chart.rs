@@ -163,6 +163,7 @@ mod tests {
             dim: 8,
             cases,
             targets: Vec::new(),
+            reindex: None,
             consistent_after: true,
             seconds: 1.0,
         };

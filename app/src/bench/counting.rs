@@ -9,12 +9,13 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use tandem_core::{
-    ConnectionType, DeleteCommit, DeleteSelector, Distance, IdempotencyRecord, IndexError,
-    IndexFailure, IndexGate, IndexQuery, Intent, IntentId, MetadataError, MetadataRepo, NewIntent,
-    OwnerToken, Page, PendingFilter, PendingIndex, PendingStats, Point, PointId, PointInfo,
-    RecordId, RowRef, RowWrite, SagaCounts, SagaId, SagaRecord, SagaState, Scope, ScoredPoint,
-    Settlement, StoredRecord, TransactionCommit, TransactionCommitResult, UndoImage, UpsertCommit,
-    VectorIndex,
+    ChangedRow, ConnectionType, DeleteCommit, DeleteSelector, Distance, IdempotencyRecord,
+    IndexCatalog, IndexError, IndexFailure, IndexGate, IndexQuery, IndexState, Intent, IntentId,
+    MetadataError, MetadataRepo, Migration, MigrationSpec, NewIntent, OwnerToken, Page,
+    PendingFilter, PendingIndex, PendingStats, Point, PointId, PointInfo, RecordId, RowRef,
+    RowWrite, SagaCounts, SagaId, SagaRecord, SagaState, Scope, ScoredPoint, Settlement,
+    StoredRecord, SwitchOutcome, TransactionCommit, TransactionCommitResult, UndoImage,
+    UpsertCommit, VectorIndex,
 };
 
 /// Calls counted so far. Cheap to read at any time; the runner takes the
@@ -124,12 +125,32 @@ impl Counters {
 pub struct CountingRepo<M> {
     inner: M,
     counters: Arc<Counters>,
+    /// Whether it reports the inner store's re-indexing
+    /// ([`MetadataRepo::reindexing`]).
+    reindexing: bool,
 }
 
 impl<M> CountingRepo<M> {
-    /// Counts `inner`'s calls into `counters`.
+    /// Counts `inner`'s calls into `counters`. It reports no re-indexing, so
+    /// the coordinator over it never reads the index state (the cases
+    /// measure the protocol's calls alone, as before re-indexing existed).
     pub fn new(inner: M, counters: Arc<Counters>) -> Self {
-        Self { inner, counters }
+        Self {
+            inner,
+            counters,
+            reindexing: false,
+        }
+    }
+
+    /// Counts `inner`'s calls into `counters` and reports its re-indexing,
+    /// as the coordinator sees the store in an application (the re-indexing
+    /// cases).
+    pub fn with_reindexing(inner: M, counters: Arc<Counters>) -> Self {
+        Self {
+            inner,
+            counters,
+            reindexing: true,
+        }
     }
 }
 
@@ -395,6 +416,132 @@ impl<M: MetadataRepo> MetadataRepo for CountingRepo<M> {
         let _t = self.counters.metadata_call("metadata.pending_stats");
         self.inner.pending_stats(now_ms).await
     }
+    fn reindexing(&self) -> bool {
+        self.reindexing && self.inner.reindexing()
+    }
+    async fn index_state(&self) -> Result<IndexState, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.index_state");
+        self.inner.index_state().await
+    }
+    async fn reindex_begin(
+        &self,
+        spec: &MigrationSpec,
+        owner: OwnerToken,
+        now_ms: i64,
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_begin");
+        self.inner
+            .reindex_begin(spec, owner, now_ms, lease_until_ms)
+            .await
+    }
+    async fn reindex_scan(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangedRow>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_scan");
+        self.inner.reindex_scan(after, limit).await
+    }
+    async fn reindex_garbage(&self, limit: usize) -> Result<Vec<PointId>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_garbage");
+        self.inner.reindex_garbage(limit).await
+    }
+    async fn reindex_progress(
+        &self,
+        owner: OwnerToken,
+        cursor: u64,
+        copied: u64,
+        garbage: &[PointId],
+        vectors: &[tandem_core::StagedVector],
+        lease_until_ms: i64,
+    ) -> Result<IndexState, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_progress");
+        self.inner
+            .reindex_progress(owner, cursor, copied, garbage, vectors, lease_until_ms)
+            .await
+    }
+    async fn reindex_freeze(
+        &self,
+        owner: OwnerToken,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<u64, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_freeze");
+        self.inner.reindex_freeze(owner, now_ms, until_ms).await
+    }
+    async fn reindex_switch(
+        &self,
+        owner: OwnerToken,
+        current: &str,
+        now_ms: i64,
+    ) -> Result<SwitchOutcome, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_switch");
+        self.inner.reindex_switch(owner, current, now_ms).await
+    }
+    async fn reindex_abort(
+        &self,
+        owner: Option<OwnerToken>,
+    ) -> Result<Option<Migration>, MetadataError> {
+        let _t = self.counters.metadata_call("metadata.reindex_abort");
+        self.inner.reindex_abort(owner).await
+    }
+    async fn reindex_forget_retired(&self, name: &str) -> Result<bool, MetadataError> {
+        let _t = self
+            .counters
+            .metadata_call("metadata.reindex_forget_retired");
+        self.inner.reindex_forget_retired(name).await
+    }
+}
+
+/// An [`IndexCatalog`] whose collections count their calls: every index it
+/// opens or creates is a [`CountingIndex`] over the adapter's, counted into
+/// the same counters (the re-indexing cases' target collections).
+pub struct CountingCatalog<C> {
+    inner: C,
+    counters: Arc<Counters>,
+}
+
+impl<C> CountingCatalog<C> {
+    /// Counts the calls of `inner`'s collections into `counters`.
+    pub fn new(inner: C, counters: Arc<Counters>) -> Self {
+        Self { inner, counters }
+    }
+}
+
+#[async_trait]
+impl<C> IndexCatalog for CountingCatalog<C>
+where
+    C: IndexCatalog,
+    C::Index: 'static,
+{
+    type Index = CountingIndex<Arc<dyn VectorIndex>>;
+
+    async fn open(&self, name: &str) -> Result<Self::Index, IndexError> {
+        let index = {
+            let _t = self.counters.index_call("index.open");
+            self.inner.open(name).await?
+        };
+        Ok(CountingIndex::new(Arc::new(index), self.counters.clone()))
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        dimension: usize,
+        distance: Distance,
+    ) -> Result<Self::Index, IndexError> {
+        let index = {
+            let _t = self.counters.index_call("index.create");
+            self.inner.create(name, dimension, distance).await?
+        };
+        Ok(CountingIndex::new(Arc::new(index), self.counters.clone()))
+    }
+
+    async fn drop_collection(&self, name: &str) -> Result<bool, IndexError> {
+        let _t = self.counters.index_call("index.drop");
+        self.inner.drop_collection(name).await
+    }
 }
 
 #[async_trait]
@@ -471,5 +618,58 @@ mod tests {
                 "batch of {n}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_through_the_counting_wrappers_copies_every_row() {
+        use tandem_adapters::memory::InMemoryCatalog;
+        use tandem_core::{IndexCatalog, ReindexOptions};
+
+        let counters = Arc::new(Counters::default());
+        let catalog: Arc<dyn IndexCatalog<Index = CountingIndex<Arc<dyn VectorIndex>>>> = Arc::new(
+            CountingCatalog::new(InMemoryCatalog::new(), counters.clone()),
+        );
+        let first = catalog.create("a", 3, Distance::Cosine).await.unwrap();
+        let c = Coordinator::new(
+            CountingRepo::with_reindexing(InMemoryMetadataRepo::new(), counters.clone()),
+            first,
+            CoordinatorConfig::default(),
+        )
+        .unwrap()
+        .with_catalog(catalog.clone(), "a");
+        let batch = (0..25)
+            .map(|i| NewRecord::new("s", format!("r{i}"), vec![1.0, i as f32, 0.5]))
+            .collect();
+        c.upsert(batch).await.unwrap();
+        let before = counters.read();
+        let report = c.reindex(&ReindexOptions::to("b"), &|_| {}).await.unwrap();
+        assert!(report.switched);
+        assert_eq!(report.copied, 25);
+        let calls = counters.read().since(before);
+        assert!(calls.metadata > 0 && calls.index > 0, "{calls:?}");
+        let profile = counters.profile();
+        assert!(
+            profile.contains_key("metadata.reindex_switch"),
+            "{profile:?}"
+        );
+        assert!(profile.contains_key("index.create"), "{profile:?}");
+        assert_eq!(
+            catalog.open("b").await.unwrap().count(None).await.unwrap(),
+            25
+        );
+        // Without re-indexing reported, the coordinator cannot re-index.
+        let plain = Coordinator::new(
+            CountingRepo::new(InMemoryMetadataRepo::new(), counters.clone()),
+            catalog.create("c", 3, Distance::Cosine).await.unwrap(),
+            CoordinatorConfig::default(),
+        )
+        .unwrap()
+        .with_catalog(catalog, "c");
+        assert!(
+            plain
+                .reindex(&ReindexOptions::to("d"), &|_| {})
+                .await
+                .is_err()
+        );
     }
 }

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_core::{Coordinator, CoordinatorConfig, Distance, MetadataRepo, VectorIndex};
+use tandem_core::{
+    Coordinator, CoordinatorConfig, Distance, IndexCatalog, MetadataRepo, VectorIndex,
+};
 use tokio::sync::Mutex;
 
-use super::counting::{Counters, CountingIndex, CountingRepo};
+use super::counting::{Counters, CountingCatalog, CountingIndex, CountingRepo};
 use super::proxy::{LatencyProxy, ProxyStats};
 use super::sql::{self, Ident, RawTable, SqlSession};
 use crate::error::AppError;
@@ -87,9 +89,128 @@ pub struct Env {
     pub metadata_store: String,
     /// "Qdrant-compatible test server", "qdrant-edge".
     pub vector_index: String,
+    /// Tandem's coordinator configuration (the re-indexing cases' too).
+    pub config: CoordinatorConfig,
+    /// Where the re-indexing cases make their stores.
+    reindex: ReindexSite,
     cleanup: Option<Cleanup>,
     _proxies: Vec<LatencyProxy>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// Where the re-indexing cases make their stores, fresh for every
+/// repetition: their own SQLite file and qdrant-edge collections in a new
+/// directory of the run's, or their own schema and collections on the
+/// servers, reached through the run's proxies.
+enum ReindexSite {
+    Embedded {
+        root: PathBuf,
+        dim: usize,
+        concurrency: usize,
+    },
+    Servers {
+        /// PostgreSQL, through the proxy when latency is added.
+        pg_url: String,
+        /// Qdrant, likewise.
+        q_url: String,
+        /// Direct URLs, to drop what a repetition made.
+        servers: Servers,
+        names: ReindexNames,
+        dim: usize,
+        concurrency: usize,
+    },
+}
+
+/// The schema and collections of the re-indexing cases on servers.
+#[derive(Clone)]
+struct ReindexNames {
+    schema: Ident,
+    /// Prefix of the collections (`PREFIX_v0`, `PREFIX_v1`, `PREFIX_open`).
+    prefix: String,
+}
+
+impl ReindexNames {
+    fn new(namespace: &Ident, dim: usize) -> Result<Self, AppError> {
+        let ns = namespace.as_str();
+        Ok(Self {
+            schema: Ident::new(&format!("{ns}_reindex"))?,
+            prefix: format!("{ns}_reindex_d{dim}"),
+        })
+    }
+
+    fn collections(&self) -> Vec<String> {
+        ReindexStores::ROLES
+            .iter()
+            .map(|r| format!("{}_{r}", self.prefix))
+            .collect()
+    }
+}
+
+/// Tandem alone on fresh stores of its own, with an index catalog whose
+/// collections count their calls into [`ReindexStores::counters`]: one
+/// repetition of the re-indexing cases. Its stores always keep vectors (a
+/// rebuild copies them).
+pub struct ReindexStores {
+    /// The coordinator (over the counting wrappers, re-indexing on).
+    pub tandem: BenchCoordinator,
+    /// Its calls, and those of every collection its catalog opens.
+    pub counters: Arc<Counters>,
+    catalog: Arc<dyn IndexCatalog<Index = CountingIndex<Index>>>,
+    prefix: String,
+    cleanup: Option<(Servers, ReindexNames)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl ReindexStores {
+    /// The collections' roles: the one the stores start with, the rebuild's
+    /// target, and the open migration's target.
+    const ROLES: [&'static str; 3] = ["v0", "v1", "open"];
+
+    /// The name of the collection of `role` (one of [`Self::ROLES`]).
+    pub fn collection(&self, role: &str) -> String {
+        format!("{}_{role}", self.prefix)
+    }
+
+    /// Drops a collection through the catalog; whether it existed.
+    pub async fn drop_collection(&self, name: &str) -> Result<bool, AppError> {
+        self.catalog
+            .drop_collection(name)
+            .await
+            .map_err(|e| failed("dropping a re-index collection", e))
+    }
+
+    /// Drops what the repetition made on the servers (the embedded stores go
+    /// with their directory).
+    pub async fn cleanup(&self) -> Result<(), AppError> {
+        if let Some((servers, names)) = &self.cleanup {
+            drop_reindex_names(servers, names).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Drops the re-indexing cases' schema and collections (direct, not
+/// through the proxy).
+async fn drop_reindex_names(servers: &Servers, names: &ReindexNames) -> Result<(), AppError> {
+    use tandem_adapters::qdrant::{QdrantCatalog, QdrantConfig};
+    sql::pg_drop_schema(&servers.postgres_url, &names.schema).await?;
+    let mut config = QdrantConfig::new(
+        servers.qdrant_url.clone(),
+        format!("{}_v0", names.prefix),
+        1,
+        Distance::Cosine,
+    );
+    if let Some(key) = &servers.qdrant_api_key {
+        config = config.with_api_key(key.as_str());
+    }
+    let catalog = QdrantCatalog::new(config).map_err(|e| failed("configuring Qdrant", e))?;
+    for name in names.collections() {
+        catalog
+            .drop_collection(&name)
+            .await
+            .map_err(|e| failed("dropping a re-index collection", e))?;
+    }
+    Ok(())
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> AppError {
@@ -155,6 +276,44 @@ fn coordinator(
         config.clone(),
     )
     .map_err(|e| failed("configuration", e))
+}
+
+/// A re-indexing coordinator over `repo` and the collection `PREFIX_v0`,
+/// created through `catalog` (wrapped so that every collection counts).
+async fn reindex_coordinator<C>(
+    repo: Repo,
+    catalog: C,
+    prefix: &str,
+    dim: usize,
+    counters: &Arc<Counters>,
+    config: &CoordinatorConfig,
+) -> Result<ReindexStores, AppError>
+where
+    C: IndexCatalog + 'static,
+    C::Index: 'static,
+{
+    let catalog: Arc<dyn IndexCatalog<Index = CountingIndex<Index>>> =
+        Arc::new(CountingCatalog::new(catalog, counters.clone()));
+    let first = format!("{prefix}_{}", ReindexStores::ROLES[0]);
+    let index = catalog
+        .create(&first, dim, Distance::Cosine)
+        .await
+        .map_err(|e| failed("creating the re-index collection", e))?;
+    let tandem = Coordinator::new(
+        CountingRepo::with_reindexing(repo, counters.clone()),
+        index,
+        config.clone(),
+    )
+    .map_err(|e| failed("configuration", e))?
+    .with_catalog(catalog.clone(), first);
+    Ok(ReindexStores {
+        tandem,
+        counters: counters.clone(),
+        catalog,
+        prefix: prefix.to_owned(),
+        cleanup: None,
+        _dir: None,
+    })
 }
 
 impl Env {
@@ -226,6 +385,12 @@ impl Env {
             cleanup: None,
             metadata_store: "SQLite (WAL, synchronous=NORMAL)".into(),
             vector_index: "qdrant-edge 0.7 (flushed before each write returns)".into(),
+            config: spec.config.clone(),
+            reindex: ReindexSite::Embedded {
+                root: dir.path().to_path_buf(),
+                dim: spec.dim,
+                concurrency: spec.concurrency,
+            },
             _proxies: Vec::new(),
             _dir: Some(dir),
         })
@@ -238,6 +403,7 @@ impl Env {
         // Fresh tables and collections, set up directly (not through the proxy).
         let names = ServerNames::new(spec.namespace, spec.dim)?;
         sql::pg_drop_schema(&servers.postgres_url, &names.tandem_schema).await?;
+        drop_reindex_names(servers, &names.reindex).await?;
         sql::pg_reset(&servers.postgres_url, &names.base_schema).await?;
         let version = sql::pg_version(&servers.postgres_url).await?;
         let qdrant = |url: String, collection: String, single_request: bool| {
@@ -344,6 +510,15 @@ impl Env {
             round_trip_ms,
             metadata_store: format!("PostgreSQL {version}"),
             vector_index: servers.qdrant_name.clone(),
+            config: spec.config.clone(),
+            reindex: ReindexSite::Servers {
+                pg_url: pg_url.clone(),
+                q_url: q_url.clone(),
+                servers: servers.clone(),
+                names: names.reindex.clone(),
+                dim: spec.dim,
+                concurrency: spec.concurrency,
+            },
             cleanup: Some(Cleanup {
                 servers: servers.clone(),
                 names,
@@ -352,6 +527,85 @@ impl Env {
             _proxies: proxies,
             _dir: None,
         })
+    }
+
+    /// Fresh stores for one repetition of the re-indexing cases: an empty
+    /// metadata store (vectors kept) and one empty collection (role `v0`),
+    /// with a catalog for the collections a re-index creates.
+    pub async fn reindex_stores(&self) -> Result<ReindexStores, AppError> {
+        let counters = Arc::new(Counters::default());
+        match &self.reindex {
+            ReindexSite::Embedded {
+                root,
+                dim,
+                concurrency,
+            } => {
+                use tandem_adapters::edge::EdgeCatalog;
+                use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
+                let dir = tempfile::Builder::new()
+                    .prefix("reindex-")
+                    .tempdir_in(root)
+                    .map_err(|e| failed("creating the re-index directory", e))?;
+                let mut config = SqliteConfig::new(dir.path().join("tandem.sqlite3"));
+                config.keep_vectors = true;
+                config.pool_size = config.pool_size.max(*concurrency as u32 + 1);
+                let repo: Repo = Arc::new(
+                    SqliteMetadataRepo::open(config)
+                        .await
+                        .map_err(|e| failed("opening SQLite", e))?,
+                );
+                let catalog = EdgeCatalog::new(dir.path().join("collections"));
+                let mut stores =
+                    reindex_coordinator(repo, catalog, "reindex", *dim, &counters, &self.config)
+                        .await?;
+                stores._dir = Some(dir);
+                Ok(stores)
+            }
+            ReindexSite::Servers {
+                pg_url,
+                q_url,
+                servers,
+                names,
+                dim,
+                concurrency,
+            } => {
+                use tandem_adapters::postgres::{PostgresConfig, PostgresMetadataRepo};
+                use tandem_adapters::qdrant::{QdrantCatalog, QdrantConfig};
+                drop_reindex_names(servers, names).await?;
+                let mut config =
+                    PostgresConfig::new(pg_url.as_str()).with_schema(names.schema.as_str());
+                config.keep_vectors = true;
+                config.migrate_on_start = true;
+                config.pool_size = config.pool_size.max(*concurrency as u32 + 2);
+                let repo: Repo = Arc::new(
+                    PostgresMetadataRepo::connect(config)
+                        .await
+                        .map_err(|e| failed("connecting to PostgreSQL", e))?,
+                );
+                let mut qconfig = QdrantConfig::new(
+                    q_url.clone(),
+                    format!("{}_v0", names.prefix),
+                    *dim,
+                    Distance::Cosine,
+                );
+                if let Some(key) = &servers.qdrant_api_key {
+                    qconfig = qconfig.with_api_key(key.as_str());
+                }
+                let catalog =
+                    QdrantCatalog::new(qconfig).map_err(|e| failed("configuring Qdrant", e))?;
+                let mut stores = reindex_coordinator(
+                    repo,
+                    catalog,
+                    &names.prefix,
+                    *dim,
+                    &counters,
+                    &self.config,
+                )
+                .await?;
+                stores.cleanup = Some((servers.clone(), names.clone()));
+                Ok(stores)
+            }
+        }
     }
 
     /// Drops what the run created on the servers (embedded stores go with
@@ -363,6 +617,7 @@ impl Env {
         };
         sql::pg_drop_schema(&c.servers.postgres_url, &c.names.tandem_schema).await?;
         sql::pg_drop_schema(&c.servers.postgres_url, &c.names.base_schema).await?;
+        drop_reindex_names(&c.servers, &c.names.reindex).await?;
         for name in &c.names.collections {
             let mut config = QdrantConfig::new(
                 c.servers.qdrant_url.clone(),
@@ -390,6 +645,7 @@ struct ServerNames {
     tandem_schema: Ident,
     base_schema: Ident,
     collections: [String; 4],
+    reindex: ReindexNames,
 }
 
 impl ServerNames {
@@ -400,6 +656,7 @@ impl ServerNames {
             base_schema: Ident::new(&format!("{ns}_base"))?,
             collections: ["tandem", "raw", "raw_overlapped", "naive"]
                 .map(|p| format!("{ns}_{p}_d{dim}")),
+            reindex: ReindexNames::new(namespace, dim)?,
         })
     }
 }

@@ -5,13 +5,16 @@
 //! repeated: raw / raw-overlapped / naive / tandem upsert per batch size; guarded search vs raw
 //! index search (k = 10, without and with a scope filter); verify of a whole
 //! scope; tandem delete by ids and by scope; recovery of a backlog of expired
-//! intents. See `docs/performance.md` for the cost model and the results.
+//! intents; and, for re-indexing, the rebuild's throughput against the
+//! ingest path and the write latency while a migration is open. See
+//! `docs/performance.md` for the cost model and the results.
 //!
 //! - [`counting`]: port wrappers counting metadata and index calls;
 //! - [`proxy`]: the TCP proxy that adds one-way latency and counts turns;
 //! - [`protocols`] and [`sql`]: the raw, raw-overlapped and naive baselines,
 //!   on tables and collections of their own;
-//! - [`env`]: fresh stores per run; [`run`]: the cases; [`report`], [`chart`]:
+//! - [`env`]: fresh stores per run; [`run`]: the cases; [`reindex`]: the
+//!   re-indexing cases, on stores of their own; [`report`], [`chart`]:
 //!   tables, Markdown, JSON and the SVG chart.
 
 mod chart;
@@ -20,6 +23,7 @@ pub mod data;
 mod env;
 mod protocols;
 mod proxy;
+mod reindex;
 pub mod report;
 mod rss;
 mod run;
@@ -46,6 +50,26 @@ pub enum BenchBackend {
     /// PostgreSQL (--postgres-url / DATABASE_URL) + Qdrant (--qdrant-url /
     /// QDRANT_URL, or the qdrant-double test server started for the run).
     Servers,
+}
+
+/// A group of cases (`--cases`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseGroup {
+    /// Upserts of every protocol, the deferred write, the index workers'
+    /// drain and lag.
+    Upsert,
+    /// Guarded search against the raw index search (on the upserts' records).
+    Search,
+    /// Verify of a whole scope (of the upserts' records).
+    Verify,
+    /// Delete by ids and by scope (of the upserts' records).
+    Delete,
+    /// Recovery of a backlog of expired intents.
+    Recover,
+    /// Re-indexing, on stores of its own: the rebuild's throughput against
+    /// the ingest path, and the write latency while a migration is open.
+    Reindex,
 }
 
 /// `tandem bench`.
@@ -94,6 +118,29 @@ pub struct BenchArgs {
         value_name = "MS,..."
     )]
     pub added_latency: Vec<f64>,
+
+    /// Groups of cases to run (comma-separated). search, verify and delete
+    /// work on the records the upsert group wrote, so they need it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "upsert,search,verify,delete,recover,reindex",
+        value_name = "GROUP,..."
+    )]
+    pub cases: Vec<CaseGroup>,
+
+    /// Re-indexing: records ingested (Tandem upsert, batch 1000) before each
+    /// rebuild, in fresh stores per repetition [default: --records]. At
+    /// least the largest batch size (the writes during a migration update
+    /// them).
+    #[arg(long, value_name = "N")]
+    pub reindex_records: Option<usize>,
+
+    /// Re-indexing: rows per copy chunk (`ReindexConfig::chunk`; default:
+    /// the coordinator's).
+    #[arg(long, value_name = "N")]
+    pub reindex_chunk: Option<usize>,
 
     /// Backends to measure (comma-separated).
     #[arg(
@@ -264,6 +311,30 @@ pub async fn run(
     {
         return usage("--added-latency must be between 0 and 10000 ms");
     }
+    let mut cases = args.cases.clone();
+    cases.sort_unstable();
+    cases.dedup();
+    if cases.is_empty() {
+        return usage("--cases must name at least one group");
+    }
+    if !cases.contains(&CaseGroup::Upsert)
+        && [CaseGroup::Search, CaseGroup::Verify, CaseGroup::Delete]
+            .iter()
+            .any(|g| cases.contains(g))
+    {
+        return usage("--cases: search, verify and delete need upsert (they use its records)");
+    }
+    let reindex_records = args.reindex_records.unwrap_or(args.records);
+    let largest_batch = args.batch_size.iter().copied().max().unwrap_or(1);
+    if cases.contains(&CaseGroup::Reindex) && reindex_records < largest_batch {
+        return usage(
+            "--reindex-records must be at least the largest batch size (the writes during \
+             a migration update that many of its records)",
+        );
+    }
+    if args.reindex_chunk == Some(0) {
+        return usage("--reindex-chunk must be positive");
+    }
     let plan = run::Plan {
         records: args.records,
         max_batches: args.max_batches.max(1),
@@ -277,6 +348,8 @@ pub async fn run(
         keep_vectors: args.keep_vectors,
         seed: args.seed,
         quiet: out.quiet,
+        cases: cases.clone(),
+        reindex_records,
     };
     let mut config = tandem_core::CoordinatorConfig {
         overlap_index_write: args.overlap_index_write,
@@ -293,6 +366,9 @@ pub async fn run(
     }
     if let Some(n) = args.index_parallelism {
         config.limits.index_parallelism = n;
+    }
+    if let Some(n) = args.reindex_chunk {
+        config.reindex.chunk = n;
     }
     config
         .validate()
@@ -393,6 +469,9 @@ pub async fn run(
             "recovery_batch": config.recovery_batch,
             "index_chunk": config.limits.index_chunk,
             "index_parallelism": config.limits.index_parallelism,
+            "cases": cases,
+            "reindex_records": cases.contains(&CaseGroup::Reindex).then_some(reindex_records),
+            "reindex_chunk": config.reindex.chunk,
             "seed": args.seed,
         }),
         consistent: runs.iter().all(|r| r.consistent_after),
@@ -459,8 +538,18 @@ fn write_out(dir: &Path, report: &report::Report) -> Result<(), AppError> {
         .map_err(|e| AppError::Failed(format!("bench: serializing the report: {e}")))?;
     std::fs::write(dir.join("results.json"), json).map_err(|e| io("results.json", e))?;
     let mut md = report.markdown();
-    md.push_str("![upsert throughput vs batch size](throughput.svg)\n");
+    // The chart shows the upserts: without that group there is none.
+    let upserts = report
+        .runs
+        .iter()
+        .any(|r| r.cases.iter().any(|c| c.operation == "upsert"));
+    if upserts {
+        md.push_str("![upsert throughput vs batch size](throughput.svg)\n");
+    }
     std::fs::write(dir.join("results.md"), md).map_err(|e| io("results.md", e))?;
+    if !upserts {
+        return Ok(());
+    }
     chart::throughput_svg(&report.runs, &dir.join("throughput.svg"))
         .map_err(|e| AppError::Failed(format!("bench: drawing throughput.svg: {e}")))
 }

@@ -94,18 +94,28 @@ impl Ratio {
             max: r[n - 1],
         })
     }
+
+    /// Median, smallest and largest of `values` themselves (not a ratio:
+    /// e.g. the throughputs of a case's repetitions).
+    pub fn spread(values: &[f64]) -> Option<Ratio> {
+        Ratio::pairwise(values, &vec![1.0; values.len()])
+    }
 }
 
 /// One row of a result table.
 #[derive(Clone, Debug, Serialize)]
 pub struct Case {
-    /// `upsert`, `delete_ids`, `delete_scope`, `search`, `search_scope`,
-    /// `recover`, `verify_scope`.
+    /// `upsert`, `index_drain`, `index_lag`, `delete_ids`, `delete_scope`,
+    /// `search`, `search_scope`, `recover`, `verify_scope`; re-indexing:
+    /// `reindex_ingest`, `reindex_rebuild`, `write_update`, `write_insert`.
     pub operation: &'static str,
-    /// `raw`, `raw-overlapped`, `naive`, `tandem`, or for search `index` (raw index search) and
-    /// `guarded`.
+    /// `raw`, `raw-overlapped`, `naive`, `tandem`, `raw-insert`, `deferred`;
+    /// for search `index` (raw index search) and `guarded`; for the index
+    /// workers `workers`; for the rebuild `kept-vectors`; for the writes of
+    /// the re-indexing cases `no-migration` and `migration-open`.
     pub protocol: &'static str,
-    /// Records per call, where it applies.
+    /// Records per call, where it applies (for the rebuild: rows per copy
+    /// chunk).
     pub batch_size: Option<usize>,
     /// What `throughput` counts per second.
     pub unit: &'static str,
@@ -280,10 +290,209 @@ pub struct Run {
     pub cases: Vec<Case>,
     /// The targets that concern this run.
     pub targets: Vec<Target>,
-    /// `verify` of the whole store after the run found both stores consistent.
+    /// The re-indexing cases' comparisons and checks (when they ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reindex: Option<ReindexSummary>,
+    /// `verify` of the whole store after the run found both stores
+    /// consistent (and so did every check of the re-indexing cases).
     pub consistent_after: bool,
     /// Wall time of the run.
     pub seconds: f64,
+}
+
+/// The re-indexing cases of one run (issue 14): the rebuild's throughput
+/// against the ingest path's, and Tandem's write latency with a migration
+/// open against none. Each repetition runs on fresh stores of its own.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReindexSummary {
+    /// Records ingested before each rebuild (every repetition).
+    pub records: u64,
+    /// Records per batch of the ingest (Tandem upsert).
+    pub ingest_batch: usize,
+    /// Rows per copy chunk (`ReindexConfig::chunk`): one scan, the index
+    /// writes, one garbage read and one progress commit each.
+    pub chunk: usize,
+    /// Points per index call of the copy (`Limits::index_chunk`).
+    pub index_chunk: usize,
+    /// The rebuild's records per second (from the kept vectors into a new
+    /// collection, up to and including the switch): median, min and max
+    /// over the repetitions.
+    pub rebuild_records_per_s: Option<Ratio>,
+    /// The ingest path's records per second, likewise.
+    pub ingest_records_per_s: Option<Ratio>,
+    /// Rebuild ÷ ingest throughput, paired by repetition.
+    pub rebuild_vs_ingest: Option<Ratio>,
+    /// What each rebuild did and what was checked after it.
+    pub rebuilds: Vec<RebuildCheck>,
+    /// Tandem upsert latency with a migration open against none, per kind
+    /// of write and batch size.
+    pub writes: Vec<WriteOverhead>,
+    /// Per repetition: rows the copy of the migration the writes ran
+    /// beside wrote into its target (`ReindexOptions { switch: false }`).
+    pub migration_copies: Vec<u64>,
+    /// Per period of an open migration: the garbage it recorded.
+    pub garbage: Vec<GarbageCheck>,
+    /// Every rebuild copied every record and switched, the new collection
+    /// held every record's point (verify exact), every period of an open
+    /// migration recorded one garbage point per update, and verify found
+    /// the stores consistent at the end of every repetition.
+    pub consistent: bool,
+}
+
+/// One rebuild ([`ReindexSummary::rebuilds`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct RebuildCheck {
+    /// Rows the rebuild copied.
+    pub copied: u64,
+    /// Did it switch to the new collection?
+    pub switched: bool,
+    /// Catch-up rounds of the switch.
+    pub switch_rounds: u32,
+    /// Its wall time, as the coordinator measured it.
+    pub seconds: f64,
+    /// Points in the new (now active) collection after the switch.
+    pub points_in_new_collection: u64,
+    /// Rows `verify` counted after the switch.
+    pub rows: u64,
+    /// Rows whose point the new collection lacked (`verify`).
+    pub missing_points: u64,
+    /// Points in it that no row references (`verify`).
+    pub orphan_points: u64,
+}
+
+/// Write latency with a migration open against none, for one kind of write
+/// and one batch size ([`ReindexSummary::writes`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct WriteOverhead {
+    /// `update` (existing records, new vectors: each commit stops
+    /// referencing a point) or `insert` (new records).
+    pub write: &'static str,
+    /// Records per batch.
+    pub batch_size: usize,
+    /// Per-batch latency with no migration open (all repetitions).
+    pub no_migration_ms: Latency,
+    /// Per-batch latency with a migration open.
+    pub migration_open_ms: Latency,
+    /// Open ÷ none of each repetition's p50, paired by repetition.
+    pub p50_ratio: Option<Ratio>,
+    /// Open ÷ none of each repetition's p99, paired by repetition.
+    pub p99_ratio: Option<Ratio>,
+    /// Open ÷ none throughput, paired by repetition.
+    pub throughput_ratio: Option<Ratio>,
+}
+
+/// The garbage one period of an open migration recorded
+/// ([`ReindexSummary::garbage`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct GarbageCheck {
+    /// Records updated while it was open (each update repoints its row).
+    pub updated_while_open: u64,
+    /// Points recorded as garbage meanwhile (`migration_garbage`).
+    pub garbage_recorded: u64,
+}
+
+impl ReindexSummary {
+    /// Its tables (Markdown, which also reads well in a terminal).
+    pub fn markdown(&self) -> String {
+        let spread = |r: Option<Ratio>, unit: &str| match r {
+            Some(r) => format!(
+                "{} {unit} | {} | {}",
+                output::count(r.median.round() as u64),
+                output::count(r.min.round() as u64),
+                output::count(r.max.round() as u64)
+            ),
+            None => "- | - | -".into(),
+        };
+        let times = |r: Option<Ratio>| match r {
+            Some(r) => format!("{:.2}× | {:.2}× | {:.2}×", r.median, r.min, r.max),
+            None => "- | - | -".into(),
+        };
+        let mut out = format!(
+            "Re-indexing: {} records ingested (Tandem upsert, batch {}), then rebuilt from \
+             the kept vectors into a new collection, up to the switch (copy chunk {} rows, \
+             {} points per index call); fresh stores every repetition.\n\n",
+            output::count(self.records),
+            self.ingest_batch,
+            self.chunk,
+            self.index_chunk,
+        );
+        out.push_str("| | median | min | max |\n|---|---:|---:|---:|\n");
+        out.push_str(&format!(
+            "| rebuild | {} |\n",
+            spread(self.rebuild_records_per_s, "rec/s")
+        ));
+        out.push_str(&format!(
+            "| ingest | {} |\n",
+            spread(self.ingest_records_per_s, "rec/s")
+        ));
+        out.push_str(&format!(
+            "| rebuild ÷ ingest (paired) | {} |\n\n",
+            times(self.rebuild_vs_ingest)
+        ));
+        let checks: Vec<String> = self
+            .rebuilds
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} copied in {:.1} s, {} switch round(s), {} points for {} rows \
+                     ({} missing, {} orphans)",
+                    output::count(r.copied),
+                    r.seconds,
+                    r.switch_rounds,
+                    output::count(r.points_in_new_collection),
+                    output::count(r.rows),
+                    r.missing_points,
+                    r.orphan_points
+                )
+            })
+            .collect();
+        out.push_str(&format!("After each rebuild: {}.\n\n", checks.join("; ")));
+        if !self.writes.is_empty() {
+            out.push_str(
+                "Tandem upsert latency per batch with a migration open (copied, not \
+                 switched) against none, interleaved; ratios open ÷ none, paired by \
+                 repetition (median, min–max):\n\n",
+            );
+            out.push_str(
+                "| write | batch | p50 ms none → open | × p50 | p99 ms none → open | × p99 \
+                 | × throughput |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            );
+            let ratio = |r: Option<Ratio>| match r {
+                Some(r) => format!("{:.2}× ({:.2}–{:.2})", r.median, r.min, r.max),
+                None => "-".into(),
+            };
+            for w in &self.writes {
+                out.push_str(&format!(
+                    "| {} | {} | {} → {} | {} | {} → {} | {} | {} |\n",
+                    w.write,
+                    w.batch_size,
+                    ms(w.no_migration_ms.p50),
+                    ms(w.migration_open_ms.p50),
+                    ratio(w.p50_ratio),
+                    ms(w.no_migration_ms.p99),
+                    ms(w.migration_open_ms.p99),
+                    ratio(w.p99_ratio),
+                    ratio(w.throughput_ratio),
+                ));
+            }
+            out.push('\n');
+        }
+        let updated: u64 = self.garbage.iter().map(|g| g.updated_while_open).sum();
+        let recorded: u64 = self.garbage.iter().map(|g| g.garbage_recorded).sum();
+        out.push_str(&format!(
+            "The migrations' copies wrote {} rows each; while open they recorded {} garbage \
+             points for {} updated records ({} periods open).\n\n",
+            self.migration_copies
+                .iter()
+                .map(|c| output::count(*c))
+                .collect::<Vec<_>>()
+                .join(", "),
+            output::count(recorded),
+            output::count(updated),
+            self.garbage.len()
+        ));
+        out
+    }
 }
 
 impl Run {
@@ -474,6 +683,10 @@ impl Report {
                     t.measured
                 ));
             }
+            if let Some(r) = &run.reindex {
+                out.push('\n');
+                out.push_str(&r.markdown());
+            }
             out.push_str(&format!(
                 "  verify after the run: {}\n\n",
                 if run.consistent_after {
@@ -522,6 +735,9 @@ impl Report {
                 out.push('\n');
             }
             out.push_str(&run.time_profile_markdown());
+            if let Some(r) = &run.reindex {
+                out.push_str(&r.markdown());
+            }
             out.push_str(&format!(
                 "Verify after the run: {}. Run time {:.0} s.\n\n",
                 if run.consistent_after {
@@ -605,6 +821,7 @@ mod tests {
             dim: 8,
             cases: vec![c],
             targets: Vec::new(),
+            reindex: None,
             consistent_after: true,
             seconds: 1.0,
         };

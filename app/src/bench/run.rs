@@ -16,7 +16,7 @@ use super::data;
 use super::env::Env;
 use super::protocols::{self, Protocol};
 use super::report::{Case, Pass, Ratio, Run, Target};
-use super::rss;
+use super::{CaseGroup, rss};
 use crate::error::AppError;
 
 /// What every run measures.
@@ -46,12 +46,23 @@ pub struct Plan {
     pub seed: u64,
     /// No progress lines.
     pub quiet: bool,
+    /// The groups of cases to run (sorted, no duplicates).
+    pub cases: Vec<CaseGroup>,
+    /// Re-indexing: records ingested before each rebuild.
+    pub reindex_records: usize,
+}
+
+impl Plan {
+    /// Whether the group `g` runs.
+    pub fn runs(&self, g: CaseGroup) -> bool {
+        self.cases.contains(&g)
+    }
 }
 
 /// Search depth.
 const K: usize = 10;
 
-fn failed(what: &str, e: impl std::fmt::Display) -> AppError {
+pub(super) fn failed(what: &str, e: impl std::fmt::Display) -> AppError {
     AppError::Failed(format!("bench: {what}: {e}"))
 }
 
@@ -86,10 +97,10 @@ fn fill(pass: &mut Pass, env: &Env, counters: &Counters, before: Snapshot) {
 /// coordinator's futures `Send` (see `docs/performance.md`), so the workers
 /// run as concurrent futures of one task rather than spawned tasks; the
 /// drivers' connection tasks and blocking calls still run on other threads.
-type Job<T> = Arc<dyn Fn(usize, T) -> LocalBoxFuture<'static, Result<u64, AppError>>>;
+pub(super) type Job<T> = Arc<dyn Fn(usize, T) -> LocalBoxFuture<'static, Result<u64, AppError>>>;
 
 /// Runs `jobs` on `concurrency` workers, timing each job and the whole pass.
-async fn measure<T: 'static>(
+pub(super) async fn measure<T: 'static>(
     env: &Env,
     counters: &Counters,
     jobs: Vec<T>,
@@ -298,7 +309,7 @@ async fn lag_pass(env: &Arc<Env>, batches: Vec<Vec<NewRecord>>) -> Result<Pass, 
     Ok(pass)
 }
 
-fn progress(plan: &Plan, label: &str, what: &str, pass: &Pass, unit: &str) {
+pub(super) fn progress(plan: &Plan, label: &str, what: &str, pass: &Pass, unit: &str) {
     if !plan.quiet {
         eprintln!(
             "[{label}] {what}: {} {unit} ({} calls, {:.2} s)",
@@ -333,7 +344,11 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
 
     // 1. Upserts: raw, raw-overlapped, naive and tandem on the same records,
     // interleaved.
-    for &b in &plan.batch_sizes {
+    for &b in plan
+        .batch_sizes
+        .iter()
+        .filter(|_| plan.runs(CaseGroup::Upsert))
+    {
         let n = pass_records(plan.records, b, plan.max_batches);
         let mut passes: BTreeMap<Protocol, Vec<Pass>> = BTreeMap::new();
         let mut drains: Vec<Pass> = Vec::new();
@@ -418,13 +433,18 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
     }
 
     // 2. Guarded search vs raw index search, without and with a scope filter.
-    for (op, filter) in [
-        ("search", Filter::none()),
-        (
-            "search_scope",
-            Filter::scope(data::scope_name(3, plan.scopes)),
-        ),
-    ] {
+    let searches = if plan.runs(CaseGroup::Search) {
+        vec![
+            ("search", Filter::none()),
+            (
+                "search_scope",
+                Filter::scope(data::scope_name(3, plan.scopes)),
+            ),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (op, filter) in searches {
         let (index, guarded) = search_case(&env, plan, label.dim, op, filter).await?;
         cases.push(index);
         cases.push(guarded);
@@ -434,6 +454,9 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
     let scope = Scope::new(data::scope_name(plan.scopes.saturating_sub(1), plan.scopes));
     let mut passes = Vec::new();
     for _ in 0..plan.repeat {
+        if !plan.runs(CaseGroup::Verify) {
+            break;
+        }
         let e = env.clone();
         let s = scope.clone();
         let job: Job<()> = Arc::new(move |_, ()| {
@@ -463,16 +486,22 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
         progress(plan, &name, "verify scope", &pass, "rows/s");
         passes.push(pass);
     }
-    cases.push(Case::from_passes(
-        "verify_scope",
-        "tandem",
-        None,
-        "rows/s",
-        &passes,
-    ));
+    if !passes.is_empty() {
+        cases.push(Case::from_passes(
+            "verify_scope",
+            "tandem",
+            None,
+            "rows/s",
+            &passes,
+        ));
+    }
 
     // 4. Delete by ids: half of each tandem upsert pass, in its batch size.
-    for &b in &plan.batch_sizes {
+    for &b in plan
+        .batch_sizes
+        .iter()
+        .filter(|_| plan.runs(CaseGroup::Delete))
+    {
         let mut passes = Vec::new();
         for ids in tandem_ids.get(&b).into_iter().flatten() {
             let half = ((ids.len() / 2) / b).max(1) * b;
@@ -508,6 +537,9 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
     // 5. Delete by scope: one scope per repetition.
     let mut passes = Vec::new();
     for rep in 0..plan.repeat {
+        if !plan.runs(CaseGroup::Delete) {
+            break;
+        }
         let scope = Scope::new(data::scope_name(rep, plan.scopes));
         let e = env.clone();
         let job: Job<Scope> = Arc::new(move |_, scope| {
@@ -525,17 +557,22 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
         progress(plan, &name, "delete scope", &pass, "rec/s");
         passes.push(pass);
     }
-    cases.push(Case::from_passes(
-        "delete_scope",
-        "tandem",
-        None,
-        "rec/s",
-        &passes,
-    ));
+    if !passes.is_empty() {
+        cases.push(Case::from_passes(
+            "delete_scope",
+            "tandem",
+            None,
+            "rec/s",
+            &passes,
+        ));
+    }
 
     // 6. Recovery of a backlog of expired intents, each naming garbage points.
     let mut passes = Vec::new();
     for rep in 0..plan.repeat {
+        if !plan.runs(CaseGroup::Recover) {
+            break;
+        }
         make_backlog(&env, plan, label.dim, rep as u64).await?;
         let e = env.clone();
         let job: Job<()> = Arc::new(move |_, ()| {
@@ -558,20 +595,32 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
         progress(plan, &name, "recover", &pass, "intents/s");
         passes.push(pass);
     }
-    cases.push(Case::from_passes(
-        "recover",
-        "tandem",
-        Some(plan.backlog_points),
-        "intents/s",
-        &passes,
-    ));
+    if !passes.is_empty() {
+        cases.push(Case::from_passes(
+            "recover",
+            "tandem",
+            Some(plan.backlog_points),
+            "intents/s",
+            &passes,
+        ));
+    }
+
+    // 7. Re-indexing, on stores of its own.
+    let reindex = if plan.runs(CaseGroup::Reindex) {
+        let (c, summary) = super::reindex::cases(&env, plan, &name, label.dim).await?;
+        cases.extend(c);
+        Some(summary)
+    } else {
+        None
+    };
 
     let consistent_after = env
         .tandem
         .verify(None)
         .await
         .map_err(|e| failed("final verify", e))?
-        .is_consistent();
+        .is_consistent()
+        && reindex.as_ref().is_none_or(|r| r.consistent);
     let targets = targets(&cases, plan, label.latency, label.backend);
     Ok(Run {
         backend: label.backend,
@@ -582,6 +631,7 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
         dim: label.dim,
         cases,
         targets,
+        reindex,
         consistent_after,
         seconds: started.elapsed().as_secs_f64(),
     })
