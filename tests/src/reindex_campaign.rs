@@ -577,14 +577,21 @@ impl Writer {
             .find(|l| l.contains("dimension"))
             .unwrap_or_default()
             .to_owned();
-        // The message names the collection the process followed the switch
-        // to (the one that refused), not the configured one.
+        // Two refusals, both with nothing written. A process that started
+        // before the switch follows it at its first write, and the new
+        // collection refuses the vectors: the message names the collection
+        // it followed (the one that refused), not the configured one. A
+        // process started after the switch opened the new collection at
+        // start, so its input check refuses the first line's vector.
         let new = &self.new_collection;
-        if !message.contains(&format!("(collection {new})"))
-            || !message.contains(&format!(
+        let followed = message.contains(&format!("(collection {new})"))
+            && message.contains(&format!(
                 "has dimension {OLD_DIM}; collection `{new}` expects {NEW_DIM}"
-            ))
-        {
+            ));
+        let opened_new = message.contains(&format!(
+            "line 1: vector has dimension {OLD_DIM}; the collection expects {NEW_DIM}"
+        ));
+        if !followed && !opened_new {
             self.fail(&format!(
                 "the refusal does not name the new collection and both dimensions: {message}"
             ));
