@@ -484,6 +484,10 @@ pub async fn stats(stores: &Stores, c: &AppCoordinator, out: Output) -> Result<u
                 "expired intents (recovery backlog)",
                 output::count(s.expired_intents as u64),
             ),
+            (
+                "spent intents (resolved by recovery after their lease)",
+                output::count(s.spent_intents as u64),
+            ),
         ]));
         if let Some(p) = s.pending {
             let age = p

@@ -483,6 +483,15 @@ impl Intent {
     pub fn is_expired(&self, now_ms: i64) -> bool {
         !self.is_held() && self.lease_deadline_ms < now_ms
     }
+
+    /// Spent: committed and naming no point, so it guards nothing in the
+    /// index. What is left of it only settles a lost commit reply (the
+    /// intent a deferred upsert's commit creates stays so until recovery
+    /// resolves it, in a batch, after its lease). Not work in flight:
+    /// `verify`, `stats` and the service's backlog count such intents apart.
+    pub fn is_spent(&self) -> bool {
+        self.state == IntentState::Committed && self.point_ids.is_empty()
+    }
 }
 
 /// The prepare step's request: a new intent.

@@ -366,9 +366,11 @@ fn a_deferred_upsert_counts_its_commit_and_the_workers_batch_counts_the_records_
         );
         let stats = c.stats().await.expect("stats");
         assert_eq!(stats.pending.map(|p| p.pending), Some(3));
-        // The deferred write resolved its intent once the commit's reply was
-        // in: no intent is left, only the three entries for the workers.
-        assert_eq!(stats.live_intents, 0);
+        // The deferred write's intent is spent (committed, naming no point):
+        // it is left for recovery to resolve after its lease, and it is not
+        // a live intent — only the three entries are work for the workers.
+        assert_eq!((stats.live_intents, stats.spent_intents), (0, 1));
+        assert_eq!(stats.expired_intents, 0);
         assert_moved(
             m.take(),
             Moved::nothing().with_gauge("tandem_index_pending", 3.0),
@@ -392,6 +394,25 @@ fn a_deferred_upsert_counts_its_commit_and_the_workers_batch_counts_the_records_
                 ],
             ),
         );
+        // Consistent with the spent intent still there; recovery resolves
+        // it once its lease has ended (and not before).
+        let verified = c.verify(None).await.expect("verify");
+        assert!(verified.is_consistent(), "{verified:?}");
+        assert_eq!(c.recover().await.expect("recover").resolved, 0);
+        w.after_leases();
+        let stats = c.stats().await.expect("stats");
+        assert_eq!(
+            (
+                stats.live_intents,
+                stats.expired_intents,
+                stats.spent_intents
+            ),
+            (0, 0, 1),
+            "an expired spent intent is not recovery's backlog"
+        );
+        assert_eq!(c.recover().await.expect("recover").resolved, 1);
+        assert_eq!(c.stats().await.expect("stats").spent_intents, 0);
+        let _ = m.take();
     });
 }
 

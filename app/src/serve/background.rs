@@ -250,7 +250,12 @@ async fn probe(ctx: &Context) {
     let backlog = intents.ok().map(|intents| {
         let now = now_ms();
         let capped = intents.len() > BACKLOG_LIMIT;
-        let listed = &intents[..intents.len().min(BACKLOG_LIMIT)];
+        // Spent intents guard nothing (a deferred upsert's, until recovery
+        // resolves it after its lease): not backlog.
+        let listed: Vec<_> = intents[..intents.len().min(BACKLOG_LIMIT)]
+            .iter()
+            .filter(|i| !i.is_spent())
+            .collect();
         // Intents held by a live saga end with it (not by recovery): they
         // are counted apart and neither expire nor age.
         let oldest = listed

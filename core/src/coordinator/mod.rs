@@ -257,7 +257,8 @@ pub struct VerifyReport {
     /// Points referenced by no row and named by no live intent (violates I2).
     pub orphan_points: Vec<PointInfo>,
     /// Unresolved intents (pending work for recovery, calls in flight, or
-    /// steps of live sagas).
+    /// steps of live sagas). Spent intents ([`Intent::is_spent`](crate::Intent::is_spent))
+    /// are not counted: they guard nothing.
     pub live_intents: usize,
     /// Of those, intents held by a live saga (its steps' superseded points,
     /// kept for its compensation): they end with the saga, not by recovery.
@@ -344,14 +345,19 @@ pub struct Stats {
     pub rows_by_scope: BTreeMap<Scope, u64>,
     /// Points in the index.
     pub points: u64,
-    /// Unresolved intents.
+    /// Unresolved intents, but for spent ones.
     pub live_intents: usize,
     /// Of those, intents held by a live saga: they end with the saga (not
     /// by recovery), however long it runs.
     pub held_intents: usize,
-    /// Unresolved intents not held by a saga whose lease has ended
+    /// Of those, intents not held by a saga whose lease has ended
     /// (recovery's backlog).
     pub expired_intents: usize,
+    /// Spent intents ([`Intent::is_spent`](crate::Intent::is_spent)):
+    /// committed, naming no point, kept only to settle a lost reply until
+    /// recovery resolves them in a batch after their lease (deferred
+    /// upserts leave one each). Not work in flight.
+    pub spent_intents: usize,
     /// The deferred-indexing backlog (`None` if the store has no deferred
     /// indexing).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -252,7 +252,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             .flat_map(|i| i.point_ids.iter().copied())
             .collect();
         Ok(IntentPoints {
-            live: intents.len(),
+            live: intents.iter().filter(|i| !i.is_spent()).count(),
             held: intents.iter().filter(|i| i.is_held()).count(),
             named,
         })
@@ -482,9 +482,14 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             })
             .await?;
         let now = self.clock.now_ms();
+        let spent = intents.iter().filter(|i| i.is_spent()).count();
+        let live = intents.len() - spent;
         let held = intents.iter().filter(|i| i.is_held()).count();
-        let expired = intents.iter().filter(|i| i.is_expired(now)).count();
-        metrics::gauge!("tandem_pending_intents").set(intents.len() as f64);
+        let expired = intents
+            .iter()
+            .filter(|i| i.is_expired(now) && !i.is_spent())
+            .count();
+        metrics::gauge!("tandem_pending_intents").set(live as f64);
         let pending = if self.repo.deferred_indexing() {
             Some(self.pending_stats().await?)
         } else {
@@ -493,9 +498,10 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
         Ok(Stats {
             rows_by_scope,
             points,
-            live_intents: intents.len(),
+            live_intents: live,
             held_intents: held,
             expired_intents: expired,
+            spent_intents: spent,
             pending,
         })
     }
@@ -511,7 +517,7 @@ impl ScopeCounts {
 
 /// What [`Coordinator::intent_points`] found.
 struct IntentPoints {
-    /// Unresolved intents.
+    /// Unresolved intents, but for spent ones ([`Intent::is_spent`]).
     live: usize,
     /// Of those, intents held by a live saga.
     held: usize,
