@@ -246,3 +246,87 @@ async fn backend_terminated_while_the_commit_waits_for_the_index_is_settled_and_
         "the call resolved its intent"
     );
 }
+
+/// The commit inserts new records with a plain insert after locking the rows
+/// that exist. A record another transaction inserts in between (here: a
+/// gated commit holding it uncommitted) makes the plain insert wait for that
+/// transaction and then fail on the primary key: the commit must fail as
+/// retryable and not applied, write nothing, and its retry must find the row
+/// and update it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let first_repo = schema.repo().await;
+    let second_repo = schema.repo().await;
+    let first = row("race", "first");
+    let second = rewrite(&first, "second");
+    let (i1, o1) = prepare_upsert(&first_repo, std::slice::from_ref(&first)).await;
+    let (i2, o2) = prepare_upsert(&second_repo, std::slice::from_ref(&second)).await;
+
+    // The first commit inserts the record and waits at its gate, uncommitted.
+    let (opener, gate) = IndexGate::pending();
+    let held = first_repo.commit_upsert_gated(i1, o1, std::slice::from_ref(&first), None, &gate);
+    let racing = async {
+        wait_for_session(&schema, &admin, "idle in transaction").await;
+        // The second commit does not see the uncommitted row, so it inserts
+        // too, and its insert waits for the first transaction.
+        let second_commit = second_repo.commit_upsert(i2, o2, std::slice::from_ref(&second), None);
+        let release = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let waiting = admin
+                    .query(
+                        "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
+                         AND wait_event_type = 'Lock'",
+                        &[&schema.name()],
+                    )
+                    .await
+                    .expect("pg_stat_activity");
+                if !waiting.is_empty() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the second insert never waited");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            opener.decide(true);
+        };
+        let (result, ()) = tokio::join!(second_commit, release);
+        result
+    };
+    let (held, raced) = tokio::join!(held, racing);
+    held.expect("the first commit");
+    match raced {
+        Err(MetadataError::Transient {
+            outcome: tandem_core::Outcome::NotApplied,
+            ..
+        }) => {}
+        other => panic!("expected a retryable not-applied failure, got {other:?}"),
+    }
+    let stored = second_repo.get(&[first.id]).await.expect("get");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].point_id, first.point_id,
+        "the failed commit wrote"
+    );
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
+            i2.0
+        )
+        .await,
+        1,
+        "the failed commit changed its intent"
+    );
+
+    // The retry finds the row, locks it and updates it.
+    let retried = second_repo
+        .commit_upsert(i2, o2, std::slice::from_ref(&second), None)
+        .await
+        .expect("the retry");
+    assert_eq!(retried.old_point_ids, vec![first.point_id]);
+    let stored = second_repo.get(&[first.id]).await.expect("get");
+    assert_eq!(stored[0].point_id, second.point_id);
+    assert_eq!(stored[0].version, 2);
+}

@@ -17,6 +17,31 @@ use tandem_core::{
 
 use super::codec::{invalid, validate_batch};
 
+/// What an index switch checks of a record's pending entry
+/// ([`TxOps::lock_pending_states`]): the entry without its content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingState {
+    pub(crate) record_id: RecordId,
+    /// The version the entry waits to index.
+    pub(crate) version: u64,
+    /// The version the row's point holds (0: never indexed).
+    pub(crate) indexed_version: u64,
+    pub(crate) dead: bool,
+    pub(crate) claimed_by: Option<OwnerToken>,
+}
+
+impl PendingState {
+    pub(crate) fn of(e: &PendingIndex) -> Self {
+        Self {
+            record_id: e.record_id,
+            version: e.version,
+            indexed_version: e.indexed_version,
+            dead: e.dead,
+            claimed_by: e.claimed_by,
+        }
+    }
+}
+
 /// Shards of the indexing activity table: concurrent switches (a worker's
 /// lanes, several workers) add to different rows of the same second, so
 /// they rarely wait on each other's row lock.
@@ -108,6 +133,22 @@ pub(crate) trait TxOps: Send {
     /// order. Callers lock the records first: every path that touches both
     /// takes records, then entries, so none can deadlock another.
     async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError>;
+
+    /// [`lock_pending`](Self::lock_pending) without the entries' content:
+    /// what an index switch checks of each entry, locked in the same order.
+    /// A backend whose entries borrow their content from the records' rows
+    /// (PostgreSQL's light entries) reads only the entries here.
+    async fn lock_pending_states(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<Vec<PendingState>, MetadataError> {
+        Ok(self
+            .lock_pending(ids)
+            .await?
+            .iter()
+            .map(PendingState::of)
+            .collect())
+    }
 
     /// Removes the pending entries of `ids`.
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError>;
@@ -613,8 +654,8 @@ impl Applied {
             .into_iter()
             .map(|(id, point, version)| (id, (point, version)))
             .collect();
-        let entries: BTreeMap<RecordId, PendingIndex> = tx
-            .lock_pending(&ids)
+        let entries: BTreeMap<RecordId, PendingState> = tx
+            .lock_pending_states(&ids)
             .await?
             .into_iter()
             .map(|e| (e.record_id, e))
