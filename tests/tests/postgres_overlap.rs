@@ -9,14 +9,15 @@
 //! - end to end, a backend terminated while the commit waits for the index
 //!   write is settled and retried: the call succeeds and the stores converge.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_adapters::memory::InMemoryVectorIndex;
 use tandem_core::testkit::faults::{Call, Fault, FaultController, FaultyVectorIndex, Rule};
 use tandem_core::{
-    Coordinator, CoordinatorConfig, Distance, IndexGate, MetadataError, MetadataRepo, NewRecord,
-    RetryPolicy,
+    CommitPart, Coordinator, CoordinatorConfig, Distance, IndexGate, MetadataError, MetadataRepo,
+    NewRecord, RetryPolicy, RowWrite, TransactionCommit,
 };
 use tandem_tests::invariants;
 use tandem_tests::pg::TestSchema;
@@ -247,31 +248,23 @@ async fn backend_terminated_while_the_commit_waits_for_the_index_is_settled_and_
     );
 }
 
-/// The commit inserts new records with a plain insert after locking the rows
-/// that exist. A record another transaction inserts in between (here: a
-/// gated commit holding it uncommitted) makes the plain insert wait for that
-/// transaction and then fail on the primary key: the commit must fail as
-/// retryable and not applied, write nothing, and its retry must find the row
-/// and update it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
-    let schema = TestSchema::new().await;
-    let admin = schema.admin().await;
-    let first_repo = schema.repo().await;
-    let second_repo = schema.repo().await;
-    let first = row("race", "first");
-    let second = rewrite(&first, "second");
-    let (i1, o1) = prepare_upsert(&first_repo, std::slice::from_ref(&first)).await;
-    let (i2, o2) = prepare_upsert(&second_repo, std::slice::from_ref(&second)).await;
-
-    // The first commit inserts the record and waits at its gate, uncommitted.
+/// Runs `second`, a commit that inserts the record of `first` too, while a
+/// gated commit of `first` (on `first_repo`) has inserted it and waits at
+/// its gate, uncommitted: `second` does not see that row, so its insert
+/// waits for the first transaction, which is then let through. Returns
+/// `second`'s result.
+async fn race_an_insert<T>(
+    schema: &TestSchema,
+    admin: &tokio_postgres::Client,
+    first_repo: &dyn MetadataRepo,
+    first: &RowWrite,
+    second: impl Future<Output = Result<T, MetadataError>>,
+) -> Result<T, MetadataError> {
+    let (i1, o1) = prepare_upsert(first_repo, std::slice::from_ref(first)).await;
     let (opener, gate) = IndexGate::pending();
-    let held = first_repo.commit_upsert_gated(i1, o1, std::slice::from_ref(&first), None, &gate);
+    let held = first_repo.commit_upsert_gated(i1, o1, std::slice::from_ref(first), None, &gate);
     let racing = async {
-        wait_for_session(&schema, &admin, "idle in transaction").await;
-        // The second commit does not see the uncommitted row, so it inserts
-        // too, and its insert waits for the first transaction.
-        let second_commit = second_repo.commit_upsert(i2, o2, std::slice::from_ref(&second), None);
+        wait_for_session(schema, admin, "idle in transaction").await;
         let release = async {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
@@ -291,11 +284,16 @@ async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
             }
             opener.decide(true);
         };
-        let (result, ()) = tokio::join!(second_commit, release);
+        let (result, ()) = tokio::join!(second, release);
         result
     };
     let (held, raced) = tokio::join!(held, racing);
     held.expect("the first commit");
+    raced
+}
+
+/// Asserts a retryable failure that applied nothing.
+fn assert_retryable_not_applied<T: std::fmt::Debug>(raced: Result<T, MetadataError>) {
     match raced {
         Err(MetadataError::Transient {
             outcome: tandem_core::Outcome::NotApplied,
@@ -303,6 +301,32 @@ async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
         }) => {}
         other => panic!("expected a retryable not-applied failure, got {other:?}"),
     }
+}
+
+/// The commit inserts new records with a plain insert after locking the rows
+/// that exist. A record another transaction inserts in between (here: a
+/// gated commit holding it uncommitted) makes the plain insert wait for that
+/// transaction and then fail on the primary key: the commit must fail as
+/// retryable and not applied, write nothing, and its retry must find the row
+/// and update it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let first_repo = schema.repo().await;
+    let second_repo = schema.repo().await;
+    let first = row("race", "first");
+    let second = rewrite(&first, "second");
+    let (i2, o2) = prepare_upsert(&second_repo, std::slice::from_ref(&second)).await;
+    let raced = race_an_insert(
+        &schema,
+        &admin,
+        &first_repo,
+        &first,
+        second_repo.commit_upsert(i2, o2, std::slice::from_ref(&second), None),
+    )
+    .await;
+    assert_retryable_not_applied(raced);
     let stored = second_repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored.len(), 1);
     assert_eq!(
@@ -329,4 +353,81 @@ async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
     let stored = second_repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored[0].point_id, second.point_id);
     assert_eq!(stored[0].version, 2);
+}
+
+/// The same race with a deferred write second: its insert and the record's
+/// first pending entry go out pipelined, and the failed insert aborts the
+/// entry's statements with it — no row, no entry, the intent untouched;
+/// the retry updates the row the first commit inserted and enqueues the
+/// new version, over the indexed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_insert_of_a_record_inserted_concurrently_fails_retryably_without_an_entry() {
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    let first_repo = schema.repo().await;
+    let second_repo = schema.repo().await;
+    let first = row("race", "first");
+    let second = rewrite(&first, "second");
+    let (i2, o2) = prepare_upsert(&second_repo, &[]).await;
+    let parts = [CommitPart::Defer {
+        rows: vec![second.clone()],
+        now_ms: 7,
+    }];
+    let commit = TransactionCommit {
+        parts: &parts,
+        step: None,
+        hold: false,
+        saga: None,
+        release_at_ms: None,
+        create_intent: None,
+    };
+    let passed = IndexGate::passed();
+    let raced = race_an_insert(
+        &schema,
+        &admin,
+        &first_repo,
+        &first,
+        second_repo.commit_transaction(i2, o2, &commit, None, &passed),
+    )
+    .await;
+    assert_retryable_not_applied(raced);
+    let stored = second_repo.get(&[first.id]).await.expect("get");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].version, 1, "the failed commit wrote");
+    assert!(
+        second_repo
+            .pending_for(&[first.id])
+            .await
+            .expect("pending_for")
+            .is_empty(),
+        "the failed commit left an entry"
+    );
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
+            i2.0
+        )
+        .await,
+        1,
+        "the failed commit changed its intent"
+    );
+
+    let retried = second_repo
+        .commit_transaction(i2, o2, &commit, None, &passed)
+        .await
+        .expect("the retry");
+    assert_eq!(retried.versions, vec![(first.id, 2)]);
+    let stored = second_repo.get(&[first.id]).await.expect("get");
+    assert_eq!(stored[0].version, 2);
+    assert_eq!(
+        stored[0].point_id, first.point_id,
+        "a deferred write keeps the point"
+    );
+    let entries = second_repo
+        .pending_for(&[first.id])
+        .await
+        .expect("pending_for");
+    assert_eq!(entries.len(), 1);
+    assert_eq!((entries[0].version, entries[0].indexed_version), (2, 1));
 }

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use async_trait::async_trait;
 use diesel::QueryableByName;
+use diesel::pg::Pg;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
 };
@@ -25,9 +27,9 @@ use crate::sql::codec::{
     pending_filter, step_failed, summary_columns, to_i64, to_u64,
 };
 use crate::sql::pool::{Checkout, Connector, Pool};
-use crate::sql::prepared::PreparedExt;
+use crate::sql::prepared::{Prepared, PreparedExt};
 use crate::sql::reindex::check_generation;
-use crate::sql::steps::{ACTIVITY_KEEP_S, PendingState, TxOps};
+use crate::sql::steps::{ACTIVITY_KEEP_S, PendingState, TxOps, deferred_entry};
 
 /// Opens connections that record their server errors' SQLSTATEs
 /// ([`super::connect`]), through tokio-postgres directly (so connection
@@ -561,6 +563,107 @@ const RAISE_CHANGE_SEQ: &str = "change_seq = CASE WHEN r.point_id = t.point_id \
 const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], \
                            $6::bytea[]) AS t(id, scope, content, metadata, point_id, vector)";
 
+/// A statement built at run time from one of the constant texts below.
+type Statement = Prepared<BoxedSqlQuery<'static, Pg, SqlQuery>>;
+
+/// The plain insert of new records at version 1, in id order.
+fn insert_new_records(new: &[&RowWrite], keep_vectors: bool) -> Statement {
+    let cols = RowColumns::new(new, keep_vectors);
+    diesel::sql_query(format!(
+        "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+         SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
+         FROM {UNNEST_ROWS} ORDER BY t.id"
+    ))
+    .into_boxed()
+    .bind::<Array<SqlUuid>, _>(cols.ids)
+    .bind::<Array<Text>, _>(cols.scopes)
+    .bind::<Array<Text>, _>(cols.contents)
+    .bind::<Array<Jsonb>, _>(cols.metadata)
+    .bind::<Array<SqlUuid>, _>(cols.points)
+    .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+    .prepared()
+}
+
+/// The entries of records a commit inserted (version 1, never indexed):
+/// the stale entry such a record can have (left by an earlier record of the
+/// same id that was deleted) dropped, then a plain insert. Nobody else can
+/// enqueue for them while the commit holds their new rows, and `ON
+/// CONFLICT`'s speculative insertion made this insert half again as slow.
+fn first_entries(
+    entries: &[&PendingIndex],
+    keep_vectors: bool,
+) -> Result<(Statement, Statement), MetadataError> {
+    let ids: Vec<Uuid> = entries.iter().map(|e| e.record_id.0).collect();
+    let cols = PendingColumns::new(
+        entries
+            .iter()
+            .map(|e| PendingRow::light(e, keep_vectors))
+            .collect::<Result<_, _>>()?,
+    );
+    let drop_stale = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
+        .into_boxed()
+        .bind::<Array<SqlUuid>, _>(ids)
+        .prepared();
+    let insert = diesel::sql_query(
+        "INSERT INTO pending_index (record_id, version, indexed_version, vector, enqueued_ms) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], \
+             $5::bigint[]) ORDER BY 1",
+    )
+    .into_boxed()
+    .bind::<Array<SqlUuid>, _>(cols.ids)
+    .bind::<Array<BigInt>, _>(cols.versions)
+    .bind::<Array<BigInt>, _>(cols.indexed)
+    .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+    .bind::<Array<BigInt>, _>(cols.enqueued)
+    .prepared();
+    Ok((drop_stale, insert))
+}
+
+impl Session {
+    /// The rows of `rows` (ascending id order) that exist, locked in id
+    /// order; returns the others, to be inserted. (`ON CONFLICT … DO UPDATE
+    /// … WHERE false` did both in one statement, but its speculative
+    /// insertion made a 1000-row insert a third slower than a plain one.)
+    async fn lock_existing<'r>(
+        &mut self,
+        rows: &[&'r RowWrite],
+    ) -> Result<Vec<&'r RowWrite>, MetadataError> {
+        let existing: Vec<PgId> =
+            diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.id.0).collect::<Vec<_>>())
+                .prepared()
+                .load(self.c())
+                .await
+                .map_err(|e| self.stmt(e))?;
+        let existing: HashSet<Uuid> = existing.into_iter().map(|r| r.id).collect();
+        Ok(rows
+            .iter()
+            .copied()
+            .filter(|r| !existing.contains(&r.id.0))
+            .collect())
+    }
+
+    /// A failed insert of new records. A unique violation of the key means
+    /// another transaction inserted one of them after `lock_existing` looked
+    /// (the insert waited for it to commit): this transaction fails and
+    /// writes nothing; a retry finds the row and locks it.
+    fn insert_failed(&mut self, e: diesel::result::Error) -> MetadataError {
+        match e {
+            diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                info,
+            ) if info.constraint_name() == Some("records_pkey") => {
+                MetadataError::transient(format!(
+                    "a concurrent write inserted a record of this batch first ({}); \
+                     nothing was written",
+                    info.message()
+                ))
+            }
+            e => self.stmt(e),
+        }
+    }
+}
+
 #[async_trait]
 impl TxOps for Session {
     async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError> {
@@ -649,59 +752,45 @@ impl TxOps for Session {
 
     async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError> {
         self.in_tx().await?;
-        // The rows that exist, locked in id order; then the others inserted,
-        // in id order, by a plain insert. (`ON CONFLICT … DO UPDATE … WHERE
-        // false` did both in one statement, but its speculative insertion
-        // made a 1000-row insert a third slower than a plain one.)
-        let existing: Vec<PgId> =
-            diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-                .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.id.0).collect::<Vec<_>>())
-                .prepared()
-                .load(self.c())
-                .await
-                .map_err(|e| self.stmt(e))?;
-        let existing: HashSet<Uuid> = existing.into_iter().map(|r| r.id).collect();
-        let new: Vec<&RowWrite> = rows
-            .iter()
-            .copied()
-            .filter(|r| !existing.contains(&r.id.0))
-            .collect();
+        let new = self.lock_existing(rows).await?;
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let cols = RowColumns::new(&new, self.keep_vectors);
-        let inserted = diesel::sql_query(format!(
-            "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
-             SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
-             FROM {UNNEST_ROWS} ORDER BY t.id"
-        ))
-        .bind::<Array<SqlUuid>, _>(cols.ids)
-        .bind::<Array<Text>, _>(cols.scopes)
-        .bind::<Array<Text>, _>(cols.contents)
-        .bind::<Array<Jsonb>, _>(cols.metadata)
-        .bind::<Array<SqlUuid>, _>(cols.points)
-        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-        .prepared()
-        .execute(self.c())
-        .await;
-        match inserted {
-            Ok(_) => Ok(new.iter().map(|r| r.id).collect()),
-            // Another transaction inserted one of these records after the
-            // lock above looked (the insert waited for it to commit): this
-            // transaction fails and writes nothing; a retry finds the row
-            // and locks it.
-            Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                info,
-            )) if info.constraint_name() == Some("records_pkey") => {
-                Err(MetadataError::transient(format!(
-                    "a concurrent write inserted a record of this batch first ({}); \
-                     nothing was written",
-                    info.message()
-                )))
-            }
-            Err(e) => Err(self.stmt(e)),
+        let inserted = insert_new_records(&new, self.keep_vectors)
+            .execute(self.c())
+            .await;
+        inserted.map_err(|e| self.insert_failed(e))?;
+        Ok(new.iter().map(|r| r.id).collect())
+    }
+
+    /// Like `insert_or_lock`, with the new records' first entries sent in
+    /// the same pipeline as their insert: one round trip for the three
+    /// statements (the server runs them in the order they are sent; if one
+    /// fails, the transaction is aborted and the next ones fail too).
+    async fn insert_deferred(
+        &mut self,
+        rows: &[&RowWrite],
+        now_ms: i64,
+    ) -> Result<Vec<RecordId>, MetadataError> {
+        self.in_tx().await?;
+        let new = self.lock_existing(rows).await?;
+        if new.is_empty() {
+            return Ok(Vec::new());
         }
+        let entries: Vec<PendingIndex> = new.iter().map(|r| deferred_entry(r, 1, now_ms)).collect();
+        let entries: Vec<&PendingIndex> = entries.iter().collect();
+        let insert = insert_new_records(&new, self.keep_vectors);
+        let (drop_stale, enqueue) = first_entries(&entries, self.keep_vectors)?;
+        let conn: &AsyncPgConnection = self.c();
+        let (inserted, dropped, enqueued) = futures::join!(
+            insert.execute(&mut &*conn),
+            drop_stale.execute(&mut &*conn),
+            enqueue.execute(&mut &*conn)
+        );
+        inserted.map_err(|e| self.insert_failed(e))?;
+        dropped.map_err(|e| self.stmt(e))?;
+        enqueued.map_err(|e| self.stmt(e))?;
+        Ok(new.iter().map(|r| r.id).collect())
     }
 
     async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError> {
@@ -975,39 +1064,12 @@ impl TxOps for Session {
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        // Records this commit inserted (version 1) have no live entry: the
-        // only entry one can have is a stale one, left by an earlier record
-        // of the same id that was deleted. Nobody else can enqueue for them
-        // while this transaction holds their rows, so their entries are a
-        // plain insert after that stale entry is dropped (`ON CONFLICT`'s
-        // speculative insertion made this insert half again as slow).
+        // Records this commit inserted have no live entry (`first_entries`).
         let (fresh, rest): (Vec<&PendingIndex>, Vec<&PendingIndex>) = entries
             .iter()
             .partition(|e| e.version == 1 && e.indexed_version == 0);
         if !fresh.is_empty() {
-            let ids: Vec<Uuid> = fresh.iter().map(|e| e.record_id.0).collect();
-            let cols = PendingColumns::new(
-                fresh
-                    .iter()
-                    .map(|e| PendingRow::light(e, self.keep_vectors))
-                    .collect::<Result<_, _>>()?,
-            );
-            let drop_stale =
-                diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
-                    .bind::<Array<SqlUuid>, _>(ids)
-                    .prepared();
-            let insert = diesel::sql_query(
-                "INSERT INTO pending_index (record_id, version, indexed_version, vector, \
-                     enqueued_ms) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], \
-                     $5::bigint[]) ORDER BY 1",
-            )
-            .bind::<Array<SqlUuid>, _>(cols.ids)
-            .bind::<Array<BigInt>, _>(cols.versions)
-            .bind::<Array<BigInt>, _>(cols.indexed)
-            .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-            .bind::<Array<BigInt>, _>(cols.enqueued)
-            .prepared();
+            let (drop_stale, insert) = first_entries(&fresh, self.keep_vectors)?;
             // Pipelined, one round trip: the server runs them in the order
             // they are sent (see `lock_intent`); if the delete fails, the
             // transaction is aborted and the insert fails too.

@@ -83,6 +83,30 @@ pub(crate) trait TxOps: Send {
     /// the ids it inserted.
     async fn insert_or_lock(&mut self, rows: &[&RowWrite]) -> Result<Vec<RecordId>, MetadataError>;
 
+    /// A deferred write's [`insert_or_lock`](Self::insert_or_lock): also
+    /// enqueues, for each record it inserted, that record's first entry
+    /// ([`deferred_entry`] at version 1: never indexed, enqueued at `now_ms`),
+    /// as [`enqueue_pending`](Self::enqueue_pending) would. Returns the ids
+    /// it inserted. A backend may send the inserts together (PostgreSQL
+    /// pipelines them: one round trip fewer per deferred write).
+    async fn insert_deferred(
+        &mut self,
+        rows: &[&RowWrite],
+        now_ms: i64,
+    ) -> Result<Vec<RecordId>, MetadataError> {
+        let inserted = self.insert_or_lock(rows).await?;
+        if !inserted.is_empty() {
+            let new: HashSet<RecordId> = inserted.iter().copied().collect();
+            let entries: Vec<PendingIndex> = rows
+                .iter()
+                .filter(|r| new.contains(&r.id))
+                .map(|r| deferred_entry(r, 1, now_ms))
+                .collect();
+            self.enqueue_pending(&entries).await?;
+        }
+        Ok(inserted)
+    }
+
     /// Switches existing `rows` to their new point, content, metadata and
     /// scope, bumping the version; returns how many rows changed.
     async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError>;
@@ -230,6 +254,26 @@ pub(crate) trait TxOps: Send {
 
     /// Gives the intent to another owner.
     async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError>;
+}
+
+/// The entry a deferred write enqueues for `row` at `version`: waiting
+/// since `now_ms`, its row's point holding the previous version (0: a new
+/// record, never indexed), with the row's content.
+pub(crate) fn deferred_entry(row: &RowWrite, version: u64, now_ms: i64) -> PendingIndex {
+    PendingIndex {
+        record_id: row.id,
+        version,
+        indexed_version: version - 1,
+        scope: row.scope.clone(),
+        metadata: row.metadata.clone(),
+        vector: row.vector.clone(),
+        enqueued_ms: now_ms,
+        attempts: 0,
+        last_error: None,
+        dead: false,
+        claimed_by: None,
+        claim_until_ms: None,
+    }
 }
 
 /// The intent, locked, if `owner` owns it; otherwise the commit is fenced.
@@ -577,8 +621,14 @@ impl Applied {
         sorted.sort_unstable_by_key(|r| r.id);
         let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
         self.save_before(tx, &ids, hold).await?;
-        // In id order, like every write: new keys inserted, existing rows locked.
-        let inserted: HashSet<RecordId> = tx.insert_or_lock(&sorted).await?.into_iter().collect();
+        // In id order, like every write: new keys inserted (with their first
+        // entries), existing rows locked; then the existing rows updated and
+        // their entries enqueued or coalesced.
+        let inserted: HashSet<RecordId> = tx
+            .insert_deferred(&sorted, now_ms)
+            .await?
+            .into_iter()
+            .collect();
         let existing: Vec<&RowWrite> = sorted
             .iter()
             .copied()
@@ -586,37 +636,21 @@ impl Applied {
             .collect();
         let mut versions: BTreeMap<RecordId, u64> = inserted.iter().map(|id| (*id, 1)).collect();
         if !existing.is_empty() {
-            let updated = tx.defer_update(&existing).await?;
+            let updated: BTreeMap<RecordId, u64> =
+                tx.defer_update(&existing).await?.into_iter().collect();
             if updated.len() != existing.len() {
                 // Cannot happen while we hold the locks; refuse rather than guess.
                 return Err(MetadataError::transient(
                     "records changed concurrently during the commit; nothing was written",
                 ));
             }
+            let entries: Vec<PendingIndex> = existing
+                .iter()
+                .map(|row| deferred_entry(row, updated[&row.id], now_ms))
+                .collect();
+            tx.enqueue_pending(&entries).await?;
             versions.extend(updated);
         }
-        let entries: Vec<PendingIndex> = sorted
-            .iter()
-            .map(|row| {
-                let version = versions[&row.id];
-                PendingIndex {
-                    record_id: row.id,
-                    version,
-                    // The row's previous version (0: a new record, never indexed).
-                    indexed_version: version - 1,
-                    scope: row.scope.clone(),
-                    metadata: row.metadata.clone(),
-                    vector: row.vector.clone(),
-                    enqueued_ms: now_ms,
-                    attempts: 0,
-                    last_error: None,
-                    dead: false,
-                    claimed_by: None,
-                    claim_until_ms: None,
-                }
-            })
-            .collect();
-        tx.enqueue_pending(&entries).await?;
         self.summary.inserted += inserted.len() as u64;
         self.summary.updated += existing.len() as u64;
         self.versions
