@@ -8,6 +8,10 @@
 //! `claim_pending` / `pending_for` contracts promise — the row's scope,
 //! metadata and vector at the entry's version — and the raw table must hold
 //! light entries, so the saving cannot silently regress.
+//!
+//! One case sets up, through the tables, what only a race shows on
+//! PostgreSQL: a claim whose statement read a row before the commit that
+//! enqueued its entry (`pending_claim_leaves_an_entry_whose_row_is_behind`).
 
 use std::path::PathBuf;
 
@@ -48,6 +52,8 @@ trait Raw: Send + Sync {
     async fn fill_entry(&self, id: RecordId);
     /// Removes the record's row behind the port's back (its entry stays).
     async fn drop_row(&self, id: RecordId);
+    /// Sets the record's row version behind the port's back.
+    async fn set_row_version(&self, id: RecordId, version: i64);
 }
 
 fn row(scope: &str, n: i64) -> RowWrite {
@@ -242,6 +248,50 @@ async fn pending_stale_entry_is_readable<M: MetadataRepo + ?Sized>(
     assert!(entry(repo, gone.id).await.is_none(), "the claim deletes it");
 }
 
+/// `pending_claim_leaves_an_entry_whose_row_is_behind`: under read
+/// committed, a claim's `FOR UPDATE` re-reads an entry a commit changed
+/// during the statement at its newest version, but keeps the joined row as
+/// the statement's snapshot saw it — one version behind the entry. Such an
+/// entry is neither stale (its write is not superseded) nor claimable (its
+/// content is not at hand): the claim must leave it as it is, and the next
+/// claim, which sees both, takes it. (Deleting it, as the claim once did,
+/// lost the update: it was never indexed.) The race is set up here through
+/// the tables: the row's version is put back while the claim runs.
+async fn pending_claim_leaves_an_entry_whose_row_is_behind<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    raw: &dyn Raw,
+) {
+    let old = row("behind-a", 1);
+    committed(repo, std::slice::from_ref(&old)).await;
+    let updated = rewrite(&old, "behind-b", 2);
+    defer(repo, std::slice::from_ref(&updated)).await;
+    raw.set_row_version(updated.id, 1).await;
+
+    let claimed = repo
+        .claim_pending(NOW, OwnerToken::new_random(), NOW + 600_000, 100)
+        .await
+        .expect("claim_pending");
+    assert!(
+        claimed.is_empty(),
+        "an entry ahead of its row was claimed: {claimed:?}"
+    );
+    let e = entry(repo, updated.id)
+        .await
+        .expect("the claim deleted an entry ahead of its row");
+    assert_eq!((e.version, e.indexed_version), (2, 1));
+    assert_eq!(e.claimed_by, None, "the entry was marked claimed");
+
+    raw.set_row_version(updated.id, 2).await;
+    let claim = OwnerToken::new_random();
+    let claimed = repo
+        .claim_pending(NOW, claim, NOW + 600_000, 100)
+        .await
+        .expect("claim_pending");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_content(&claimed[0], &updated, 2, "the next claim");
+    assert_eq!(claimed[0].claimed_by, Some(claim));
+}
+
 // SQLite.
 
 struct SqliteRaw {
@@ -302,6 +352,14 @@ impl Raw for SqliteRaw {
             .execute(&mut self.conn())
             .expect("delete the row");
     }
+
+    async fn set_row_version(&self, id: RecordId, version: i64) {
+        diesel::sql_query("UPDATE records SET version = ? WHERE id = ?")
+            .bind::<diesel::sql_types::BigInt, _>(version)
+            .bind::<Text, _>(id.0.to_string())
+            .execute(&mut self.conn())
+            .expect("set the row's version");
+    }
 }
 
 async fn sqlite(keep_vectors: bool) -> (SqliteMetadataRepo, SqliteRaw, tempfile::TempDir) {
@@ -358,6 +416,16 @@ impl Raw for PgRaw {
             .await
             .expect("delete the row");
     }
+
+    async fn set_row_version(&self, id: RecordId, version: i64) {
+        self.admin
+            .execute(
+                "UPDATE records SET version = $1 WHERE id = $2::text::uuid",
+                &[&version, &id.0.to_string()],
+            )
+            .await
+            .expect("set the row's version");
+    }
 }
 
 async fn postgres(
@@ -400,6 +468,12 @@ macro_rules! cases {
                 async fn pending_claim_reads_rows_without_vectors() {
                     let (repo, _raw, _guard) = super::$store(false).await;
                     super::pending_claim_reads_rows(&repo).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn pending_claim_leaves_an_entry_whose_row_is_behind() {
+                    let (repo, raw, _guard) = super::$store(true).await;
+                    super::pending_claim_leaves_an_entry_whose_row_is_behind(&repo, &raw).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
