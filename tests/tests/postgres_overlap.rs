@@ -292,6 +292,21 @@ async fn race_an_insert<T>(
     raced
 }
 
+/// Asserts that the intent is still prepared: a failed commit left it as
+/// it was.
+async fn assert_still_prepared(admin: &tokio_postgres::Client, intent: tandem_core::IntentId) {
+    assert_eq!(
+        count(
+            admin,
+            "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
+            intent.0
+        )
+        .await,
+        1,
+        "the failed commit changed its intent"
+    );
+}
+
 /// Asserts a retryable failure that applied nothing.
 fn assert_retryable_not_applied<T: std::fmt::Debug>(raced: Result<T, MetadataError>) {
     match raced {
@@ -333,16 +348,7 @@ async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
         stored[0].point_id, first.point_id,
         "the failed commit wrote"
     );
-    assert_eq!(
-        count(
-            &admin,
-            "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
-            i2.0
-        )
-        .await,
-        1,
-        "the failed commit changed its intent"
-    );
+    assert_still_prepared(&admin, i2).await;
 
     // The retry finds the row, locks it and updates it.
     let retried = second_repo
@@ -402,16 +408,7 @@ async fn a_deferred_insert_of_a_record_inserted_concurrently_fails_retryably_wit
             .is_empty(),
         "the failed commit left an entry"
     );
-    assert_eq!(
-        count(
-            &admin,
-            "SELECT count(*) FROM intents WHERE id = $1::text::uuid AND state = 'prepared'",
-            i2.0
-        )
-        .await,
-        1,
-        "the failed commit changed its intent"
-    );
+    assert_still_prepared(&admin, i2).await;
 
     let retried = second_repo
         .commit_transaction(i2, o2, &commit, None, &passed)

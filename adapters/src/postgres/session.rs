@@ -552,6 +552,20 @@ impl RowColumns {
                 .collect(),
         }
     }
+
+    /// Binds the columns as `$1`–`$6`, the arrays [`UNNEST_ROWS`] reads.
+    fn bind(
+        self,
+        query: BoxedSqlQuery<'static, Pg, SqlQuery>,
+    ) -> BoxedSqlQuery<'static, Pg, SqlQuery> {
+        query
+            .bind::<Array<SqlUuid>, _>(self.ids)
+            .bind::<Array<Text>, _>(self.scopes)
+            .bind::<Array<Text>, _>(self.contents)
+            .bind::<Array<Jsonb>, _>(self.metadata)
+            .bind::<Array<SqlUuid>, _>(self.points)
+            .bind::<Array<Nullable<Bytea>>, _>(self.vectors)
+    }
 }
 
 /// An `UPDATE records AS r … FROM … AS t` assignment: a row whose point
@@ -568,20 +582,16 @@ type Statement = Prepared<BoxedSqlQuery<'static, Pg, SqlQuery>>;
 
 /// The plain insert of new records at version 1, in id order.
 fn insert_new_records(new: &[&RowWrite], keep_vectors: bool) -> Statement {
-    let cols = RowColumns::new(new, keep_vectors);
-    diesel::sql_query(format!(
-        "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
-         SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
-         FROM {UNNEST_ROWS} ORDER BY t.id"
-    ))
-    .into_boxed()
-    .bind::<Array<SqlUuid>, _>(cols.ids)
-    .bind::<Array<Text>, _>(cols.scopes)
-    .bind::<Array<Text>, _>(cols.contents)
-    .bind::<Array<Jsonb>, _>(cols.metadata)
-    .bind::<Array<SqlUuid>, _>(cols.points)
-    .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-    .prepared()
+    RowColumns::new(new, keep_vectors)
+        .bind(
+            diesel::sql_query(format!(
+                "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
+                 SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
+                 FROM {UNNEST_ROWS} ORDER BY t.id"
+            ))
+            .into_boxed(),
+        )
+        .prepared()
 }
 
 /// The entries of records a commit inserted (version 1, never indexed):
@@ -795,23 +805,20 @@ impl TxOps for Session {
 
     async fn update_records(&mut self, rows: &[&RowWrite]) -> Result<u64, MetadataError> {
         self.in_tx().await?;
-        let cols = RowColumns::new(rows, self.keep_vectors);
-        let n = diesel::sql_query(format!(
-            "UPDATE records AS r SET scope = t.scope, content = t.content, \
-             metadata = t.metadata, point_id = t.point_id, vector = t.vector, \
-             version = r.version + 1, updated_at = now(), {RAISE_CHANGE_SEQ} \
-             FROM {UNNEST_ROWS} WHERE r.id = t.id"
-        ))
-        .bind::<Array<SqlUuid>, _>(cols.ids)
-        .bind::<Array<Text>, _>(cols.scopes)
-        .bind::<Array<Text>, _>(cols.contents)
-        .bind::<Array<Jsonb>, _>(cols.metadata)
-        .bind::<Array<SqlUuid>, _>(cols.points)
-        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        let n = RowColumns::new(rows, self.keep_vectors)
+            .bind(
+                diesel::sql_query(format!(
+                    "UPDATE records AS r SET scope = t.scope, content = t.content, \
+                     metadata = t.metadata, point_id = t.point_id, vector = t.vector, \
+                     version = r.version + 1, updated_at = now(), {RAISE_CHANGE_SEQ} \
+                     FROM {UNNEST_ROWS} WHERE r.id = t.id"
+                ))
+                .into_boxed(),
+            )
+            .prepared()
+            .execute(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?;
         Ok(n as u64)
     }
 
