@@ -842,6 +842,22 @@ pub struct TransactionCommit<'a> {
     pub create_intent: Option<&'a NewIntent>,
 }
 
+impl<'a> TransactionCommit<'a> {
+    /// A plain commit of `parts`: no step, not held, no saga fence, the
+    /// intent prepared beforehand and its lease left as it is. Set the other
+    /// fields with struct update syntax (`..TransactionCommit::of(parts)`).
+    pub fn of(parts: &'a [CommitPart]) -> Self {
+        Self {
+            parts,
+            step: None,
+            hold: false,
+            saga: None,
+            release_at_ms: None,
+            create_intent: None,
+        }
+    }
+}
+
 impl fmt::Debug for TransactionCommit<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TransactionCommit")

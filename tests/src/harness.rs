@@ -1223,28 +1223,25 @@ where
         .await
         .map_err(|e| format!("prepare: {e}"))?;
     let poison = rid(0x2008);
+    let parts = [tandem_core::CommitPart::Defer {
+        rows: vec![RowWrite {
+            id: poison,
+            scope: Scope::new("a"),
+            content: "poison".into(),
+            metadata: serde_json::Map::new(),
+            point_id: PointId::new_v7(),
+            vector: vec![1.0; DIM + 1],
+        }],
+        now_ms: now,
+    }];
     world
         .repo
         .commit_transaction(
             intent,
             owner,
             &tandem_core::TransactionCommit {
-                parts: &[tandem_core::CommitPart::Defer {
-                    rows: vec![RowWrite {
-                        id: poison,
-                        scope: Scope::new("a"),
-                        content: "poison".into(),
-                        metadata: serde_json::Map::new(),
-                        point_id: PointId::new_v7(),
-                        vector: vec![1.0; DIM + 1],
-                    }],
-                    now_ms: now,
-                }],
-                step: None,
-                hold: false,
-                saga: None,
                 release_at_ms: Some(now),
-                create_intent: None,
+                ..tandem_core::TransactionCommit::of(&parts)
             },
             None,
             &tandem_core::IndexGate::passed(),

@@ -102,14 +102,7 @@ async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         rows: rows.to_vec(),
         now_ms: T0,
     }];
-    let commit = TransactionCommit {
-        parts: &parts,
-        step: None,
-        hold: false,
-        saga: None,
-        release_at_ms: None,
-        create_intent: None,
-    };
+    let commit = TransactionCommit::of(&parts);
     repo.commit_transaction(intent.id, intent.owner, &commit, None, &IndexGate::passed())
         .await
         .expect("deferred commit");
@@ -119,6 +112,13 @@ async fn entry<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<Pendi
     let mut found = repo.pending_for(&[id]).await.expect("pending_for");
     assert!(found.len() <= 1, "two entries of one record");
     found.pop()
+}
+
+/// Claims up to 100 entries at `NOW` with `token`.
+async fn claim_all<M: MetadataRepo + ?Sized>(repo: &M, token: OwnerToken) -> Vec<PendingIndex> {
+    repo.claim_pending(NOW, token, NOW + 600_000, 100)
+        .await
+        .expect("claim_pending")
 }
 
 /// Asserts that `e` carries `w`'s content at `version`.
@@ -199,10 +199,7 @@ async fn pending_claim_reads_rows<M: MetadataRepo + ?Sized>(repo: &M) {
         assert_content(e, w, version, "list_pending");
     }
     let claim = OwnerToken::new_random();
-    let claimed = repo
-        .claim_pending(NOW, claim, NOW + 600_000, 100)
-        .await
-        .expect("claim_pending");
+    let claimed = claim_all(repo, claim).await;
     assert_eq!(claimed.len(), 3, "{claimed:?}");
     for (w, version) in expected {
         let e = claimed
@@ -240,10 +237,7 @@ async fn pending_stale_entry_is_readable<M: MetadataRepo + ?Sized>(
         .await
         .expect("list_pending");
     assert!(listed.iter().any(|e| e.record_id == gone.id));
-    let claimed = repo
-        .claim_pending(NOW, OwnerToken::new_random(), NOW + 600_000, 100)
-        .await
-        .expect("claim_pending");
+    let claimed = claim_all(repo, OwnerToken::new_random()).await;
     assert!(claimed.is_empty(), "a stale entry was claimed: {claimed:?}");
     assert!(entry(repo, gone.id).await.is_none(), "the claim deletes it");
 }
@@ -267,10 +261,7 @@ async fn pending_claim_leaves_an_entry_whose_row_is_behind<M: MetadataRepo + ?Si
     defer(repo, std::slice::from_ref(&updated)).await;
     raw.set_row_version(updated.id, 1).await;
 
-    let claimed = repo
-        .claim_pending(NOW, OwnerToken::new_random(), NOW + 600_000, 100)
-        .await
-        .expect("claim_pending");
+    let claimed = claim_all(repo, OwnerToken::new_random()).await;
     assert!(
         claimed.is_empty(),
         "an entry ahead of its row was claimed: {claimed:?}"
@@ -283,10 +274,7 @@ async fn pending_claim_leaves_an_entry_whose_row_is_behind<M: MetadataRepo + ?Si
 
     raw.set_row_version(updated.id, 2).await;
     let claim = OwnerToken::new_random();
-    let claimed = repo
-        .claim_pending(NOW, claim, NOW + 600_000, 100)
-        .await
-        .expect("claim_pending");
+    let claimed = claim_all(repo, claim).await;
     assert_eq!(claimed.len(), 1, "{claimed:?}");
     assert_content(&claimed[0], &updated, 2, "the next claim");
     assert_eq!(claimed[0].claimed_by, Some(claim));

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_adapters::memory::InMemoryVectorIndex;
+use tandem_adapters::postgres::PostgresMetadataRepo;
 use tandem_core::testkit::faults::{Call, Fault, FaultController, FaultyVectorIndex, Rule};
 use tandem_core::{
     CommitPart, Coordinator, CoordinatorConfig, Distance, IndexGate, MetadataError, MetadataRepo,
@@ -248,48 +249,80 @@ async fn backend_terminated_while_the_commit_waits_for_the_index_is_settled_and_
     );
 }
 
-/// Runs `second`, a commit that inserts the record of `first` too, while a
-/// gated commit of `first` (on `first_repo`) has inserted it and waits at
-/// its gate, uncommitted: `second` does not see that row, so its insert
-/// waits for the first transaction, which is then let through. Returns
-/// `second`'s result.
-async fn race_an_insert<T>(
-    schema: &TestSchema,
-    admin: &tokio_postgres::Client,
-    first_repo: &dyn MetadataRepo,
-    first: &RowWrite,
-    second: impl Future<Output = Result<T, MetadataError>>,
-) -> Result<T, MetadataError> {
-    let (i1, o1) = prepare_upsert(first_repo, std::slice::from_ref(first)).await;
-    let (opener, gate) = IndexGate::pending();
-    let held = first_repo.commit_upsert_gated(i1, o1, std::slice::from_ref(first), None, &gate);
-    let racing = async {
-        wait_for_session(schema, admin, "idle in transaction").await;
-        let release = async {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let waiting = admin
-                    .query(
-                        "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
-                         AND wait_event_type = 'Lock'",
-                        &[&schema.name()],
-                    )
-                    .await
-                    .expect("pg_stat_activity");
-                if !waiting.is_empty() {
-                    break;
+/// Two repos on one schema, and the record both race to insert: `first`
+/// by a gated commit on `first_repo`, `second` (the same record, other
+/// content) by a commit on `second_repo`.
+struct Race {
+    schema: TestSchema,
+    admin: tokio_postgres::Client,
+    first_repo: PostgresMetadataRepo,
+    second_repo: PostgresMetadataRepo,
+    first: RowWrite,
+    second: RowWrite,
+}
+
+impl Race {
+    async fn new() -> Self {
+        let schema = TestSchema::new().await;
+        let admin = schema.admin().await;
+        let first_repo = schema.repo().await;
+        let second_repo = schema.repo().await;
+        let first = row("race", "first");
+        let second = rewrite(&first, "second");
+        Self {
+            schema,
+            admin,
+            first_repo,
+            second_repo,
+            first,
+            second,
+        }
+    }
+
+    /// Runs `commit` (of `second`, on `second_repo`) while the gated commit
+    /// of `first` has inserted the record and waits at its gate,
+    /// uncommitted: `commit` does not see that row, so its insert waits for
+    /// the first transaction, which is then let through. Returns `commit`'s
+    /// result.
+    async fn run<T>(
+        &self,
+        commit: impl Future<Output = Result<T, MetadataError>>,
+    ) -> Result<T, MetadataError> {
+        let first = std::slice::from_ref(&self.first);
+        let (i1, o1) = prepare_upsert(&self.first_repo, first).await;
+        let (opener, gate) = IndexGate::pending();
+        let held = self
+            .first_repo
+            .commit_upsert_gated(i1, o1, first, None, &gate);
+        let racing = async {
+            wait_for_session(&self.schema, &self.admin, "idle in transaction").await;
+            let release = async {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let waiting = self
+                        .admin
+                        .query(
+                            "SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
+                             AND wait_event_type = 'Lock'",
+                            &[&self.schema.name()],
+                        )
+                        .await
+                        .expect("pg_stat_activity");
+                    if !waiting.is_empty() {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "the second insert never waited");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                assert!(Instant::now() < deadline, "the second insert never waited");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            opener.decide(true);
+                opener.decide(true);
+            };
+            let (result, ()) = tokio::join!(commit, release);
+            result
         };
-        let (result, ()) = tokio::join!(second, release);
-        result
-    };
-    let (held, raced) = tokio::join!(held, racing);
-    held.expect("the first commit");
-    raced
+        let (held, raced) = tokio::join!(held, racing);
+        held.expect("the first commit");
+        raced
+    }
 }
 
 /// Asserts that the intent is still prepared: a failed commit left it as
@@ -326,37 +359,28 @@ fn assert_retryable_not_applied<T: std::fmt::Debug>(raced: Result<T, MetadataErr
 /// and update it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
-    let schema = TestSchema::new().await;
-    let admin = schema.admin().await;
-    let first_repo = schema.repo().await;
-    let second_repo = schema.repo().await;
-    let first = row("race", "first");
-    let second = rewrite(&first, "second");
-    let (i2, o2) = prepare_upsert(&second_repo, std::slice::from_ref(&second)).await;
-    let raced = race_an_insert(
-        &schema,
-        &admin,
-        &first_repo,
-        &first,
-        second_repo.commit_upsert(i2, o2, std::slice::from_ref(&second), None),
-    )
-    .await;
+    let race = Race::new().await;
+    let (first, second, repo) = (&race.first, &race.second, &race.second_repo);
+    let (i2, o2) = prepare_upsert(repo, std::slice::from_ref(second)).await;
+    let raced = race
+        .run(repo.commit_upsert(i2, o2, std::slice::from_ref(second), None))
+        .await;
     assert_retryable_not_applied(raced);
-    let stored = second_repo.get(&[first.id]).await.expect("get");
+    let stored = repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored.len(), 1);
     assert_eq!(
         stored[0].point_id, first.point_id,
         "the failed commit wrote"
     );
-    assert_still_prepared(&admin, i2).await;
+    assert_still_prepared(&race.admin, i2).await;
 
     // The retry finds the row, locks it and updates it.
-    let retried = second_repo
-        .commit_upsert(i2, o2, std::slice::from_ref(&second), None)
+    let retried = repo
+        .commit_upsert(i2, o2, std::slice::from_ref(second), None)
         .await
         .expect("the retry");
     assert_eq!(retried.old_point_ids, vec![first.point_id]);
-    let stored = second_repo.get(&[first.id]).await.expect("get");
+    let stored = repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored[0].point_id, second.point_id);
     assert_eq!(stored[0].version, 2);
 }
@@ -368,63 +392,43 @@ async fn a_record_inserted_by_a_concurrent_commit_fails_the_insert_retryably() {
 /// new version, over the indexed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_insert_of_a_record_inserted_concurrently_fails_retryably_without_an_entry() {
-    let schema = TestSchema::new().await;
-    let admin = schema.admin().await;
-    let first_repo = schema.repo().await;
-    let second_repo = schema.repo().await;
-    let first = row("race", "first");
-    let second = rewrite(&first, "second");
-    let (i2, o2) = prepare_upsert(&second_repo, &[]).await;
+    let race = Race::new().await;
+    let (first, second, repo) = (&race.first, &race.second, &race.second_repo);
+    let (i2, o2) = prepare_upsert(repo, &[]).await;
     let parts = [CommitPart::Defer {
         rows: vec![second.clone()],
         now_ms: 7,
     }];
-    let commit = TransactionCommit {
-        parts: &parts,
-        step: None,
-        hold: false,
-        saga: None,
-        release_at_ms: None,
-        create_intent: None,
-    };
+    let commit = TransactionCommit::of(&parts);
     let passed = IndexGate::passed();
-    let raced = race_an_insert(
-        &schema,
-        &admin,
-        &first_repo,
-        &first,
-        second_repo.commit_transaction(i2, o2, &commit, None, &passed),
-    )
-    .await;
+    let raced = race
+        .run(repo.commit_transaction(i2, o2, &commit, None, &passed))
+        .await;
     assert_retryable_not_applied(raced);
-    let stored = second_repo.get(&[first.id]).await.expect("get");
+    let stored = repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].version, 1, "the failed commit wrote");
     assert!(
-        second_repo
-            .pending_for(&[first.id])
+        repo.pending_for(&[first.id])
             .await
             .expect("pending_for")
             .is_empty(),
         "the failed commit left an entry"
     );
-    assert_still_prepared(&admin, i2).await;
+    assert_still_prepared(&race.admin, i2).await;
 
-    let retried = second_repo
+    let retried = repo
         .commit_transaction(i2, o2, &commit, None, &passed)
         .await
         .expect("the retry");
     assert_eq!(retried.versions, vec![(first.id, 2)]);
-    let stored = second_repo.get(&[first.id]).await.expect("get");
+    let stored = repo.get(&[first.id]).await.expect("get");
     assert_eq!(stored[0].version, 2);
     assert_eq!(
         stored[0].point_id, first.point_id,
         "a deferred write keeps the point"
     );
-    let entries = second_repo
-        .pending_for(&[first.id])
-        .await
-        .expect("pending_for");
+    let entries = repo.pending_for(&[first.id]).await.expect("pending_for");
     assert_eq!(entries.len(), 1);
     assert_eq!((entries[0].version, entries[0].indexed_version), (2, 1));
 }

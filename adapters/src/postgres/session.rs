@@ -600,7 +600,7 @@ fn insert_new_records(new: &[&RowWrite], keep_vectors: bool) -> Statement {
 /// enqueue for them while the commit holds their new rows, and `ON
 /// CONFLICT`'s speculative insertion made this insert half again as slow.
 fn first_entries(
-    entries: &[&PendingIndex],
+    entries: &[PendingIndex],
     keep_vectors: bool,
 ) -> Result<(Statement, Statement), MetadataError> {
     let ids: Vec<Uuid> = entries.iter().map(|e| e.record_id.0).collect();
@@ -788,7 +788,6 @@ impl TxOps for Session {
             return Ok(Vec::new());
         }
         let entries: Vec<PendingIndex> = new.iter().map(|r| deferred_entry(r, 1, now_ms)).collect();
-        let entries: Vec<&PendingIndex> = entries.iter().collect();
         let insert = insert_new_records(&new, self.keep_vectors);
         let (drop_stale, enqueue) = first_entries(&entries, self.keep_vectors)?;
         let conn: &AsyncPgConnection = self.c();
@@ -1071,28 +1070,17 @@ impl TxOps for Session {
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        // Records this commit inserted have no live entry (`first_entries`).
-        let (fresh, rest): (Vec<&PendingIndex>, Vec<&PendingIndex>) = entries
-            .iter()
-            .partition(|e| e.version == 1 && e.indexed_version == 0);
-        if !fresh.is_empty() {
-            let (drop_stale, insert) = first_entries(&fresh, self.keep_vectors)?;
-            // Pipelined, one round trip: the server runs them in the order
-            // they are sent (see `lock_intent`); if the delete fails, the
-            // transaction is aborted and the insert fails too.
-            let conn: &AsyncPgConnection = self.c();
-            let (dropped, inserted) =
-                futures::join!(drop_stale.execute(&mut &*conn), insert.execute(&mut &*conn));
-            dropped.map_err(|e| self.stmt(e))?;
-            inserted.map_err(|e| self.stmt(e))?;
-        }
-        if rest.is_empty() {
+        // The deferred write sends the entries of existing rows here; a new
+        // record's first entry goes out with its insert (`insert_deferred`).
+        // The upsert below is right for any entry.
+        if entries.is_empty() {
             return Ok(());
         }
         // Light entries: the rows just written hold scope, metadata and (if
         // kept) the vector at the entries' versions.
         let cols = PendingColumns::new(
-            rest.iter()
+            entries
+                .iter()
                 .map(|e| PendingRow::light(e, self.keep_vectors))
                 .collect::<Result<_, _>>()?,
         );

@@ -34,17 +34,6 @@ fn skipped<M: MetadataRepo + ?Sized>(repo: &M, case: &str) -> bool {
     true
 }
 
-fn commit(parts: &[CommitPart]) -> TransactionCommit<'_> {
-    TransactionCommit {
-        parts,
-        step: None,
-        hold: false,
-        saga: None,
-        release_at_ms: None,
-        create_intent: None,
-    }
-}
-
 async fn apply<M: MetadataRepo + ?Sized>(
     repo: &M,
     commit: &TransactionCommit<'_>,
@@ -69,7 +58,9 @@ pub(super) async fn defer<M: MetadataRepo + ?Sized>(
         rows: rows.to_vec(),
         now_ms,
     }];
-    apply(repo, &commit(&parts), "deferred commit").await.1
+    apply(repo, &TransactionCommit::of(&parts), "deferred commit")
+        .await
+        .1
 }
 
 async fn entry<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<PendingIndex> {
@@ -124,7 +115,7 @@ async fn switch_at<M: MetadataRepo + ?Sized>(
         repo.commit_transaction(
             intent.id,
             intent.owner,
-            &commit(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::passed(),
         )
@@ -280,7 +271,7 @@ pub async fn deferred_sync_write_drops_pending<M: MetadataRepo + ?Sized>(repo: &
         repo.commit_transaction(
             intent.id,
             intent.owner,
-            &commit(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::passed(),
         )
@@ -419,7 +410,7 @@ pub async fn deferred_release<M: MetadataRepo + ?Sized>(repo: &M) {
     }];
     let released = TransactionCommit {
         release_at_ms: Some(T0 + 5),
-        ..commit(&parts)
+        ..TransactionCommit::of(&parts)
     };
     let (intent, _) = apply(repo, &released, "released commit").await;
     let stored = intent_of(repo, intent.id).await;
@@ -454,7 +445,7 @@ pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
     let parts = [CommitPart::Upsert(vec![rewrite(&a, &scope, 2)])];
     let held = TransactionCommit {
         hold: true,
-        ..commit(&parts)
+        ..TransactionCommit::of(&parts)
     };
     let intent = prepared(repo, IntentKind::Transaction, Vec::new()).await;
     ok(
@@ -475,7 +466,7 @@ pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
         .expect("the image keeps the waiting entry");
     assert_eq!((pending.version, pending.indexed_version), (1, 0));
     let parts = [CommitPart::Restore(images.clone())];
-    apply(repo, &commit(&parts), "restore").await;
+    apply(repo, &TransactionCommit::of(&parts), "restore").await;
     let restored = get_one(repo, a.id).await.expect("A restored");
     assert_eq!(restored.content, a.content);
     let e = entry(repo, a.id).await.expect("the restore requeues A");

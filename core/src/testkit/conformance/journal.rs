@@ -23,21 +23,10 @@ use crate::ports::{IndexGate, MetadataRepo};
 use crate::saga::{SagaRecord, SagaState, StepKind, StepRecord, StepState};
 use crate::transaction::{CommitStep, ConnectionType};
 
-fn plain(parts: &[CommitPart]) -> TransactionCommit<'_> {
-    TransactionCommit {
-        parts,
-        step: None,
-        hold: false,
-        saga: None,
-        release_at_ms: None,
-        create_intent: None,
-    }
-}
-
 fn held(parts: &[CommitPart]) -> TransactionCommit<'_> {
     TransactionCommit {
         hold: true,
-        ..plain(parts)
+        ..TransactionCommit::of(parts)
     }
 }
 
@@ -95,7 +84,7 @@ pub async fn commit_transaction_applies_parts_in_order<M: MetadataRepo + ?Sized>
         CommitPart::Upsert(vec![e.clone()]),
         CommitPart::Delete(DeleteSelector::Ids(vec![e.id])),
     ];
-    let (intent, result) = commit_parts(repo, &plain(&parts)).await;
+    let (intent, result) = commit_parts(repo, &TransactionCommit::of(&parts)).await;
     let result = ok(result, "commit_transaction");
     assert_eq!(
         result.summary,
@@ -149,7 +138,7 @@ pub async fn commit_transaction_fenced_by_owner<M: MetadataRepo + ?Sized>(repo: 
         .commit_transaction(
             intent.id,
             OwnerToken::new_random(),
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::passed(),
         )
@@ -252,13 +241,13 @@ pub async fn commit_transaction_is_idempotent<M: MetadataRepo + ?Sized>(repo: &M
     let a2 = rewrite(&a, &scope, 2);
     let c = row(&scope, 3);
     let parts = vec![CommitPart::Upsert(vec![a2.clone(), c.clone()])];
-    let (intent, first) = commit_parts(repo, &plain(&parts)).await;
+    let (intent, first) = commit_parts(repo, &TransactionCommit::of(&parts)).await;
     let first = ok(first, "commit_transaction");
     let again = ok(
         repo.commit_transaction(
             intent.id,
             intent.owner,
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::passed(),
         )
@@ -289,7 +278,7 @@ pub async fn commit_transaction_records_idempotency_key<M: MetadataRepo + ?Sized
         repo.commit_transaction(
             intent.id,
             intent.owner,
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             Some(&record),
             &IndexGate::passed(),
         )
@@ -314,7 +303,7 @@ pub async fn commit_transaction_records_idempotency_key<M: MetadataRepo + ?Sized
         .commit_transaction(
             other.id,
             other.owner,
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             Some(&record),
             &IndexGate::passed(),
         )
@@ -346,7 +335,7 @@ pub async fn commit_transaction_all_or_nothing<M: MetadataRepo + ?Sized>(repo: &
         CommitPart::Upsert(vec![c.clone()]),
         CommitPart::Upsert(vec![bad.clone()]),
     ];
-    let (intent, result) = commit_parts(repo, &plain(&parts)).await;
+    let (intent, result) = commit_parts(repo, &TransactionCommit::of(&parts)).await;
     let err = result.expect_err("a part that breaks a constraint must fail the commit");
     assert_eq!(err.outcome(), Outcome::NotApplied, "{err:?}");
     assert!(get_one(repo, c.id).await.is_none(), "C was written");
@@ -408,7 +397,7 @@ pub async fn commit_transaction_runs_the_step<M: MetadataRepo + ?Sized>(repo: &M
         let parts = vec![CommitPart::Upsert(vec![c.clone()])];
         let commit = TransactionCommit {
             step: Some(step),
-            ..plain(&parts)
+            ..TransactionCommit::of(&parts)
         };
         let (intent, result) = commit_parts(repo, &commit).await;
         assert_eq!(
@@ -561,7 +550,7 @@ pub async fn commit_transaction_restores<M: MetadataRepo + ?Sized>(repo: &M) {
     let h = held_commit(repo, "tx-restores").await;
     let images = ok(repo.undo_images(h.intent.id).await, "undo_images");
     let parts = vec![CommitPart::Restore(images.clone())];
-    let (intent, result) = commit_parts(repo, &plain(&parts)).await;
+    let (intent, result) = commit_parts(repo, &TransactionCommit::of(&parts)).await;
     let result = ok(result, "restore");
     assert!(result.conflicts.is_empty(), "{:?}", result.conflicts);
     assert_eq!(
@@ -591,7 +580,7 @@ pub async fn commit_transaction_restores<M: MetadataRepo + ?Sized>(repo: &M) {
     let a3 = rewrite(&h.a, &h.a.scope, 30);
     committed(repo, std::slice::from_ref(&a3)).await;
     let parts = vec![CommitPart::Restore(images)];
-    let (_, result) = commit_parts(repo, &plain(&parts)).await;
+    let (_, result) = commit_parts(repo, &TransactionCommit::of(&parts)).await;
     let result = ok(result, "restore with a conflict");
     assert_eq!(result.conflicts, vec![h.a.id]);
     assert_row_is(&get_one(repo, h.a.id).await.expect("A"), &a3, 3);
@@ -615,7 +604,7 @@ pub async fn commit_transaction_gated<M: MetadataRepo + ?Sized>(repo: &M) {
         .commit_transaction(
             intent.id,
             intent.owner,
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::failed(),
         )
@@ -637,7 +626,7 @@ pub async fn commit_transaction_gated<M: MetadataRepo + ?Sized>(repo: &M) {
         repo.commit_transaction(
             intent.id,
             intent.owner,
-            &plain(&parts),
+            &TransactionCommit::of(&parts),
             None,
             &IndexGate::passed(),
         )

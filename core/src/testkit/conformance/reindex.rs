@@ -535,12 +535,8 @@ pub async fn reindex_switch_behind<M: MetadataRepo + ?Sized>(repo: &M) {
     let held = super::metadata::prepared(repo, IntentKind::Transaction, Vec::new()).await;
     let parts = [crate::model::CommitPart::Upsert(vec![row(&scope, 3)])];
     let commit = crate::model::TransactionCommit {
-        parts: &parts,
-        step: None,
         hold: true,
-        saga: None,
-        release_at_ms: None,
-        create_intent: None,
+        ..crate::model::TransactionCommit::of(&parts)
     };
     ok(
         repo.commit_transaction(

@@ -38,12 +38,9 @@ async fn commit_creating<M: MetadataRepo + ?Sized>(
         now_ms: 1_000,
     }];
     let commit = TransactionCommit {
-        parts: &parts,
-        step: None,
-        hold: false,
-        saga: None,
         release_at_ms: Some(RELEASE_AT),
         create_intent: Some(intent),
+        ..TransactionCommit::of(&parts)
     };
     repo.commit_transaction(intent.id, owner, &commit, None, &IndexGate::passed())
         .await
