@@ -481,3 +481,69 @@ macro_rules! cases {
 }
 
 cases!(sqlite, postgres);
+
+/// PostgreSQL: the queue's by-key statements still reach their entries
+/// through the key after the queue grew from empty on the same connection.
+///
+/// The adapter keeps its statements prepared per connection, and PostgreSQL
+/// freezes a generic plan after five executions, costed for the table as it
+/// was then. Planned on an empty queue, the deferred insert's stale-entry
+/// delete and a synchronous write's entry delete became sequential scans
+/// and stayed so: every later write read the whole queue (at 20,000 waiting
+/// entries a deferred ingest at batch 100 ran at half its speed). The
+/// adapter's sessions turn sequential scans off, so the plan made on the
+/// empty table is the index's. Checked through the table's statistics,
+/// which a server process flushes when it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_queue_statements_planned_on_an_empty_queue_keep_using_the_key() {
+    const GROWN: i64 = 20_000;
+    let schema = TestSchema::new().await;
+    let admin = schema.admin().await;
+    // One connection, so every call below runs on the plans of the first.
+    let repo = schema.repo_with(|c| c.pool_size = 1).await;
+    let batch = |n: i64| -> Vec<RowWrite> { (0..50).map(|i| row("plan", n * 50 + i)).collect() };
+    // More than five executions of each statement on a near-empty queue.
+    for n in 0..8 {
+        defer(&repo, &batch(n)).await;
+        committed(&repo, &batch(100 + n)).await;
+    }
+    // The queue grows behind the port's back: entries of other records.
+    admin
+        .execute(
+            "INSERT INTO pending_index (record_id, version, indexed_version, enqueued_ms) \
+             SELECT gen_random_uuid(), 1, 0, $1 FROM generate_series(1::bigint, $2)",
+            &[&T0, &GROWN],
+        )
+        .await
+        .expect("grow the queue");
+    defer(&repo, &batch(8)).await;
+    committed(&repo, &batch(108)).await;
+    // The repo's server process exits and flushes its statistics.
+    drop(repo);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !schema.backend_pids(&admin).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the repo's session did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = admin
+        .query_one(
+            "SELECT seq_tup_read, idx_scan FROM pg_stat_user_tables \
+             WHERE schemaname = $1 AND relname = 'pending_index'",
+            &[&schema.name()],
+        )
+        .await
+        .expect("pending_index statistics");
+    let (seq_read, idx_scans): (i64, Option<i64>) = (stats.get(0), stats.get(1));
+    assert!(
+        seq_read < GROWN,
+        "a write read {seq_read} queue rows by a sequential scan: a plan made on the \
+         empty queue scans the grown one"
+    );
+    assert!(
+        idx_scans.unwrap_or(0) > 0,
+        "the writes never reached the queue through an index"
+    );
+}

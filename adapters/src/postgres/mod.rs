@@ -144,10 +144,24 @@ impl PostgresConfig {
         })?;
         config.connect_timeout(self.connect_timeout);
         config.application_name(&self.application_name);
-        let mut options: Vec<String> = config
-            .get_options()
-            .map(|o| vec![o.to_owned()])
-            .unwrap_or_default();
+        // Every statement of the adapter reaches its rows through an index
+        // (a key, a lease, a change sequence). Its statements stay prepared
+        // per connection, and PostgreSQL freezes a generic plan after five
+        // executions, costed for the table as it was then: planned while the
+        // pending queue or the intents were nearly empty, a by-key delete
+        // became a sequential scan, and stayed one while the queue grew to
+        // 100,000 entries (every deferred write and every worker batch read
+        // the whole queue). With sequential scans off the planner picks the
+        // index whenever there is one, however small the table.
+        //
+        // Turned off, it leaves a statement that must scan (the one-row
+        // index_state) costed above `jit_above_cost`, and PostgreSQL then
+        // compiled it on every execution (100 ms each): JIT, made for long
+        // analytical queries, is off too — the adapter runs none.
+        //
+        // Both first, so that the URL's own options can override them.
+        let mut options = vec!["-c enable_seqscan=off -c jit=off".to_owned()];
+        options.extend(config.get_options().map(str::to_owned));
         // The schema is a validated identifier: no quoting or escaping needed.
         options.push(format!("-c search_path={}", self.schema));
         if let Some(t) = self.statement_timeout {
@@ -720,7 +734,8 @@ mod tests {
         assert_eq!(
             d.get_options(),
             Some(
-                "-c work_mem=4MB -c search_path=tenant_a -c statement_timeout=1500 \
+                "-c enable_seqscan=off -c jit=off -c work_mem=4MB -c search_path=tenant_a \
+                 -c statement_timeout=1500 \
                  -c lock_timeout=200 -c idle_in_transaction_session_timeout=60000"
             )
         );
