@@ -29,7 +29,7 @@ use crate::sql::codec::{
 use crate::sql::pool::{Checkout, Connector, Pool};
 use crate::sql::prepared::{Prepared, PreparedExt};
 use crate::sql::reindex::check_generation;
-use crate::sql::steps::{ACTIVITY_KEEP_S, PendingState, TxOps, deferred_entry};
+use crate::sql::steps::{ACTIVITY_KEEP_S, PendingState, TxOps};
 
 /// Opens connections that record their server errors' SQLSTATEs
 /// ([`super::connect`]), through tokio-postgres directly (so connection
@@ -580,53 +580,53 @@ const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[
 /// A statement built at run time from one of the constant texts below.
 type Statement = Prepared<BoxedSqlQuery<'static, Pg, SqlQuery>>;
 
-/// The plain insert of new records at version 1, in id order.
+/// The plain insert of new records at version 1, in id order: the rows'
+/// order, which the caller sorted by id (`unnest` reads an array out in
+/// storage order, and the insert takes its input's order). An `ORDER BY`
+/// copied every row, vectors included, into a sort that changed nothing.
 fn insert_new_records(new: &[&RowWrite], keep_vectors: bool) -> Statement {
+    debug_assert!(
+        new.windows(2).all(|w| w[0].id < w[1].id),
+        "rows in id order"
+    );
     RowColumns::new(new, keep_vectors)
         .bind(
             diesel::sql_query(format!(
                 "INSERT INTO records (id, scope, content, metadata, point_id, version, vector) \
                  SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, t.vector \
-                 FROM {UNNEST_ROWS} ORDER BY t.id"
+                 FROM {UNNEST_ROWS}"
             ))
             .into_boxed(),
         )
         .prepared()
 }
 
-/// The entries of records a commit inserted (version 1, never indexed):
-/// the stale entry such a record can have (left by an earlier record of the
+/// The entries of records a commit inserted (version 1, never indexed, light:
+/// the vector only when the rows keep none), in the rows' id order: the
+/// stale entry such a record can have (left by an earlier record of the
 /// same id that was deleted) dropped, then a plain insert. Nobody else can
 /// enqueue for them while the commit holds their new rows, and `ON
 /// CONFLICT`'s speculative insertion made this insert half again as slow.
-fn first_entries(
-    entries: &[PendingIndex],
-    keep_vectors: bool,
-) -> Result<(Statement, Statement), MetadataError> {
-    let ids: Vec<Uuid> = entries.iter().map(|e| e.record_id.0).collect();
-    let cols = PendingColumns::new(
-        entries
-            .iter()
-            .map(|e| PendingRow::light(e, keep_vectors))
-            .collect::<Result<_, _>>()?,
-    );
+fn first_entries(new: &[&RowWrite], now_ms: i64, keep_vectors: bool) -> (Statement, Statement) {
+    let ids: Vec<Uuid> = new.iter().map(|r| r.id.0).collect();
+    let vectors: Vec<Option<Vec<u8>>> = new
+        .iter()
+        .map(|r| (!keep_vectors).then(|| encode_vector(&r.vector)))
+        .collect();
     let drop_stale = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
         .into_boxed()
-        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<SqlUuid>, _>(ids.clone())
         .prepared();
     let insert = diesel::sql_query(
         "INSERT INTO pending_index (record_id, version, indexed_version, vector, enqueued_ms) \
-         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], \
-             $5::bigint[]) ORDER BY 1",
+         SELECT t.id, 1, 0, t.vector, $3 FROM UNNEST($1::uuid[], $2::bytea[]) AS t(id, vector)",
     )
     .into_boxed()
-    .bind::<Array<SqlUuid>, _>(cols.ids)
-    .bind::<Array<BigInt>, _>(cols.versions)
-    .bind::<Array<BigInt>, _>(cols.indexed)
-    .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-    .bind::<Array<BigInt>, _>(cols.enqueued)
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Array<Nullable<Bytea>>, _>(vectors)
+    .bind::<BigInt, _>(now_ms)
     .prepared();
-    Ok((drop_stale, insert))
+    (drop_stale, insert)
 }
 
 impl Session {
@@ -787,9 +787,8 @@ impl TxOps for Session {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let entries: Vec<PendingIndex> = new.iter().map(|r| deferred_entry(r, 1, now_ms)).collect();
         let insert = insert_new_records(&new, self.keep_vectors);
-        let (drop_stale, enqueue) = first_entries(&entries, self.keep_vectors)?;
+        let (drop_stale, enqueue) = first_entries(&new, now_ms, self.keep_vectors);
         let conn: &AsyncPgConnection = self.c();
         let (inserted, dropped, enqueued) = futures::join!(
             insert.execute(&mut &*conn),

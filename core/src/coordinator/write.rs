@@ -101,7 +101,8 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
             // Only the planted bugs look at the current rows before the commit.
             let current = self.current_points_for_bugs(&records, deadline).await?;
             let now = self.clock.now_ms();
-            let (rows, points) = self.rows_and_points(records, now, &current)?;
+            // A deferred write builds no points: the index workers do.
+            let (rows, points) = self.rows_and_points(records, now, &current, !deferred)?;
             let ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
             // A replayed deferred write cannot tell the versions it wrote:
             // its token waits for whatever is pending for the records then.
@@ -369,7 +370,7 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 match part {
                     WriteOp::Upsert(records) => {
                         let (rows, part_points) =
-                            self.rows_and_points(records, now, &HashMap::new())?;
+                            self.rows_and_points(records, now, &HashMap::new(), true)?;
                         ids.push(rows.iter().map(|r| r.id).collect());
                         points.extend(part_points);
                         commit_parts.push(CommitPart::Upsert(rows));
@@ -478,15 +479,17 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
     }
 
     /// Decides every record's id (a UUIDv7 when absent) and a fresh point id
-    /// (copy-on-write), and builds the rows and points to write.
+    /// (copy-on-write), and builds the rows to write and, `with_points`, the
+    /// points.
     fn rows_and_points(
         &self,
         records: Vec<NewRecord>,
         now: i64,
         current: &HashMap<RecordId, PointId>,
+        with_points: bool,
     ) -> Result<(Vec<RowWrite>, Vec<Point>), CoordinatorError> {
         let mut rows = Vec::with_capacity(records.len());
-        let mut points = Vec::with_capacity(records.len());
+        let mut points = Vec::with_capacity(if with_points { records.len() } else { 0 });
         for (index, r) in records.into_iter().enumerate() {
             let id = r.id.unwrap_or_else(RecordId::new_v7);
             let Value::Object(metadata) = r.metadata else {
@@ -501,14 +504,16 @@ impl<M: MetadataRepo, V: VectorIndex> Coordinator<M, V> {
                 Some(p) if self.bug(Bug::OverwritePointInPlace) => *p,
                 _ => PointId::new_v7(),
             };
-            points.push(Point {
-                id: point_id,
-                record_id: id,
-                scope: r.scope.clone(),
-                metadata: metadata.clone(),
-                vector: r.vector.clone(),
-                written_at_ms: now,
-            });
+            if with_points {
+                points.push(Point {
+                    id: point_id,
+                    record_id: id,
+                    scope: r.scope.clone(),
+                    metadata: metadata.clone(),
+                    vector: r.vector.clone(),
+                    written_at_ms: now,
+                });
+            }
             rows.push(RowWrite {
                 id,
                 scope: r.scope,
