@@ -49,6 +49,16 @@ impl Protocol {
         Protocol::Deferred,
     ];
 
+    /// The dual writes, which rotate their order each repetition (the raw
+    /// insert and the deferred write run paired, call by call, after them
+    /// in the rotation).
+    pub const DUAL: [Protocol; 4] = [
+        Protocol::Raw,
+        Protocol::RawOverlapped,
+        Protocol::Naive,
+        Protocol::Tandem,
+    ];
+
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {
