@@ -222,7 +222,7 @@ async fn upsert_pass(
 /// checkpoint of the previous pass's WAL, the index server's optimizer
 /// after an upsert pass — and their ratio moved by a quarter between runs
 /// of the same binary. Paired call by call, such drift hits both alike.
-/// Their metadata wire turns are not told apart (one proxy carries both).
+/// The calls run one at a time, so each call's wire turns are its own.
 async fn paired_insert_pass(
     env: &Arc<Env>,
     batches: Vec<Vec<NewRecord>>,
@@ -243,6 +243,7 @@ async fn paired_insert_pass(
     for (i, (r, d)) in raw_batches.into_iter().zip(deferred_batches).enumerate() {
         let (mut r, mut d) = (Some(r), Some(d));
         for raw_turn in [i % 2 == 0, i % 2 != 0] {
+            let wire = snapshot(env, &env.raw.counters);
             let t = Instant::now();
             let (pass, n) = if raw_turn {
                 let batch = r.take().unwrap_or_default();
@@ -263,6 +264,12 @@ async fn paired_insert_pass(
             pass.seconds += took.as_secs_f64();
             pass.batches += 1;
             pass.items += n as u64;
+            let after = snapshot(env, &env.raw.counters);
+            let turns = |now: Option<u64>, then: Option<u64>, sum: Option<u64>| {
+                now.zip(then).map(|(a, b)| sum.unwrap_or(0) + (a - b))
+            };
+            pass.metadata_wire = turns(after.1, wire.1, pass.metadata_wire);
+            pass.index_wire = turns(after.2, wire.2, pass.index_wire);
         }
     }
     for (pass, counters, before) in [
@@ -270,9 +277,9 @@ async fn paired_insert_pass(
         (&mut deferred, &env.tandem_counters, tandem_before),
     ] {
         pass.peak_rss = rss::peak();
+        let wire = (pass.metadata_wire, pass.index_wire);
         fill(pass, env, counters, before);
-        pass.metadata_wire = None;
-        pass.index_wire = None;
+        (pass.metadata_wire, pass.index_wire) = wire;
     }
     Ok((raw, deferred))
 }
