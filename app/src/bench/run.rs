@@ -427,45 +427,43 @@ pub async fn run(env: Arc<Env>, plan: &Plan, label: RunLabel) -> Result<Run, App
             let data = data::batches(n, b, label.dim, plan.scopes, seed);
             // The dual writes rotate; the raw insert and the deferred write
             // run paired, call by call, in the rotation's fifth place.
-            for k in 0..Protocol::DUAL.len() + 1 {
-                let Some(&proto) = Protocol::DUAL.get((k + rep) % (Protocol::DUAL.len() + 1))
-                else {
-                    let (raw_insert, deferred) =
-                        paired_insert_pass(&env, data.clone(), plan).await?;
-                    for (proto, pass) in [
-                        (Protocol::RawInsert, raw_insert),
-                        (Protocol::Deferred, deferred),
-                    ] {
-                        progress(
-                            plan,
-                            &name,
-                            &format!("upsert b={b} rep {} {}", rep + 1, proto.name()),
-                            &pass,
-                            "rec/s",
-                        );
-                        passes.entry(proto).or_default().push(pass);
+            for k in 0..=Protocol::DUAL.len() {
+                let slot = (k + rep) % (Protocol::DUAL.len() + 1);
+                let done = match Protocol::DUAL.get(slot) {
+                    Some(&proto) => {
+                        vec![(proto, upsert_pass(&env, proto, data.clone(), plan).await?)]
                     }
-                    // The index workers bring the deferred writes' backlog in.
-                    let drain = drain_pass(&env).await?;
+                    None => {
+                        let (raw_insert, deferred) =
+                            paired_insert_pass(&env, data.clone(), plan).await?;
+                        vec![
+                            (Protocol::RawInsert, raw_insert),
+                            (Protocol::Deferred, deferred),
+                        ]
+                    }
+                };
+                for (proto, pass) in done {
                     progress(
                         plan,
                         &name,
-                        &format!("index drain b={b} rep {}", rep + 1),
-                        &drain,
+                        &format!("upsert b={b} rep {} {}", rep + 1, proto.name()),
+                        &pass,
                         "rec/s",
                     );
-                    drains.push(drain);
-                    continue;
-                };
-                let pass = upsert_pass(&env, proto, data.clone(), plan).await?;
-                progress(
-                    plan,
-                    &name,
-                    &format!("upsert b={b} rep {} {}", rep + 1, proto.name()),
-                    &pass,
-                    "rec/s",
-                );
-                passes.entry(proto).or_default().push(pass);
+                    passes.entry(proto).or_default().push(pass);
+                    if proto == Protocol::Deferred {
+                        // The index workers bring the deferred writes' backlog in.
+                        let drain = drain_pass(&env).await?;
+                        progress(
+                            plan,
+                            &name,
+                            &format!("index drain b={b} rep {}", rep + 1),
+                            &drain,
+                            "rec/s",
+                        );
+                        drains.push(drain);
+                    }
+                }
             }
             tandem_ids
                 .entry(b)
