@@ -150,72 +150,87 @@ pub(super) async fn measure<T: 'static>(
     Ok(pass)
 }
 
+/// The counters a protocol's calls count in.
+fn counters_of(env: &Env, proto: Protocol) -> Arc<Counters> {
+    match proto {
+        Protocol::Raw | Protocol::RawInsert => env.raw.counters.clone(),
+        Protocol::RawOverlapped => env.raw_overlapped.counters.clone(),
+        Protocol::Naive => env.naive.counters.clone(),
+        Protocol::Tandem | Protocol::Deferred => env.tandem_counters.clone(),
+    }
+}
+
+/// One upsert call of `proto` on worker `w`'s session; returns the records
+/// written.
+async fn upsert_call(
+    env: &Env,
+    proto: Protocol,
+    w: usize,
+    batch: Vec<NewRecord>,
+    keep: bool,
+) -> Result<u64, AppError> {
+    let n = batch.len() as u64;
+    match proto {
+        Protocol::Raw => {
+            let mut s = env.raw.sessions[w].lock().await;
+            protocols::raw_upsert(&mut **s, &env.raw.index, &batch, keep).await?;
+        }
+        Protocol::RawOverlapped => {
+            let b = &env.raw_overlapped;
+            let mut s = b.sessions[w].lock().await;
+            protocols::raw_overlapped_upsert(&mut **s, &b.index, &batch, keep).await?;
+        }
+        Protocol::Naive => {
+            let mut s = env.naive.sessions[w].lock().await;
+            protocols::naive_upsert(&mut **s, &env.naive.index, &batch, keep).await?;
+        }
+        Protocol::Tandem => {
+            env.tandem
+                .upsert(batch)
+                .await
+                .map_err(|e| failed("tandem upsert", e))?;
+        }
+        Protocol::RawInsert => {
+            let mut s = env.raw.sessions[w].lock().await;
+            protocols::raw_insert(&mut **s, &batch, keep).await?;
+        }
+        Protocol::Deferred => {
+            env.tandem
+                .upsert_with(batch, &tandem_core::WriteOptions::deferred())
+                .await
+                .map_err(|e| failed("deferred upsert", e))?;
+        }
+    }
+    Ok(n)
+}
+
+/// A pass of one dual write (`Protocol::DUAL`) over `batches`.
 async fn upsert_pass(
     env: &Arc<Env>,
     proto: Protocol,
     batches: Vec<Vec<NewRecord>>,
     plan: &Plan,
 ) -> Result<Pass, AppError> {
-    let counters = match proto {
-        Protocol::Raw => env.raw.counters.clone(),
-        Protocol::RawOverlapped => env.raw_overlapped.counters.clone(),
-        Protocol::Naive => env.naive.counters.clone(),
-        Protocol::Tandem | Protocol::Deferred => env.tandem_counters.clone(),
-        Protocol::RawInsert => env.raw.counters.clone(),
-    };
-    // The raw insert writes raw's table and the deferred write Tandem's
-    // stores: under fresh ids, not over the other protocol's rows.
-    let batches = match proto {
-        Protocol::RawInsert | Protocol::Deferred => {
-            batches.into_iter().map(protocols::with_fresh_ids).collect()
-        }
-        _ => batches,
-    };
     let keep = plan.keep_vectors;
     let e = env.clone();
     let job: Job<Vec<NewRecord>> = Arc::new(move |w, batch| {
         let env = e.clone();
-        Box::pin(async move {
-            let n = batch.len() as u64;
-            match proto {
-                Protocol::Raw => {
-                    let mut s = env.raw.sessions[w].lock().await;
-                    protocols::raw_upsert(&mut **s, &env.raw.index, &batch, keep).await?;
-                }
-                Protocol::RawOverlapped => {
-                    let b = &env.raw_overlapped;
-                    let mut s = b.sessions[w].lock().await;
-                    protocols::raw_overlapped_upsert(&mut **s, &b.index, &batch, keep).await?;
-                }
-                Protocol::Naive => {
-                    let mut s = env.naive.sessions[w].lock().await;
-                    protocols::naive_upsert(&mut **s, &env.naive.index, &batch, keep).await?;
-                }
-                Protocol::Tandem => {
-                    env.tandem
-                        .upsert(batch)
-                        .await
-                        .map_err(|e| failed("tandem upsert", e))?;
-                }
-                Protocol::RawInsert => {
-                    let mut s = env.raw.sessions[w].lock().await;
-                    protocols::raw_insert(&mut **s, &batch, keep).await?;
-                }
-                Protocol::Deferred => {
-                    env.tandem
-                        .upsert_with(batch, &tandem_core::WriteOptions::deferred())
-                        .await
-                        .map_err(|e| failed("deferred upsert", e))?;
-                }
-            }
-            Ok(n)
-        })
+        Box::pin(async move { upsert_call(&env, proto, w, batch, keep).await })
     });
-    measure(env, &counters, batches, plan.concurrency, job).await
+    measure(
+        env,
+        &counters_of(env, proto),
+        batches,
+        plan.concurrency,
+        job,
+    )
+    .await
 }
 
 /// The raw insert and the deferred write, one batch of each in turn (which
-/// goes first alternates), each batch under fresh ids, one call at a time.
+/// goes first alternates), each batch under fresh ids (the raw insert in
+/// raw's table, the deferred write in Tandem's stores, over neither
+/// protocol's rows), one call at a time.
 ///
 /// The two are compared by their p50 (issue 13's target): as two passes one
 /// after the other they met different moments of the machine — a
@@ -228,60 +243,38 @@ async fn paired_insert_pass(
     batches: Vec<Vec<NewRecord>>,
     plan: &Plan,
 ) -> Result<(Pass, Pass), AppError> {
-    let raw_batches: Vec<Vec<NewRecord>> = batches
-        .iter()
-        .cloned()
-        .map(protocols::with_fresh_ids)
-        .collect();
-    let deferred_batches: Vec<Vec<NewRecord>> =
-        batches.into_iter().map(protocols::with_fresh_ids).collect();
-    let raw_before = snapshot(env, &env.raw.counters);
-    let tandem_before = snapshot(env, &env.tandem_counters);
+    const PAIR: [Protocol; 2] = [Protocol::RawInsert, Protocol::Deferred];
+    let before = PAIR.map(|p| snapshot(env, &counters_of(env, p)));
     rss::reset_peak();
-    let (mut raw, mut deferred) = (Pass::default(), Pass::default());
-    let opts = tandem_core::WriteOptions::deferred();
-    for (i, (r, d)) in raw_batches.into_iter().zip(deferred_batches).enumerate() {
-        let (mut r, mut d) = (Some(r), Some(d));
-        for raw_turn in [i % 2 == 0, i % 2 != 0] {
+    let mut passes = [Pass::default(), Pass::default()];
+    for (i, batch) in batches.into_iter().enumerate() {
+        for k in [i % 2, 1 - i % 2] {
+            let batch = protocols::with_fresh_ids(batch.clone());
             let wire = snapshot(env, &env.raw.counters);
             let t = Instant::now();
-            let (pass, n) = if raw_turn {
-                let batch = r.take().unwrap_or_default();
-                let mut s = env.raw.sessions[0].lock().await;
-                protocols::raw_insert(&mut **s, &batch, plan.keep_vectors).await?;
-                (&mut raw, batch.len())
-            } else {
-                let batch = d.take().unwrap_or_default();
-                let n = batch.len();
-                env.tandem
-                    .upsert_with(batch, &opts)
-                    .await
-                    .map_err(|e| failed("deferred upsert", e))?;
-                (&mut deferred, n)
-            };
+            let n = upsert_call(env, PAIR[k], 0, batch, plan.keep_vectors).await?;
             let took = t.elapsed();
+            let after = snapshot(env, &env.raw.counters);
+            let pass = &mut passes[k];
             pass.latencies_us.push(took.as_micros() as u64);
             pass.seconds += took.as_secs_f64();
             pass.batches += 1;
-            pass.items += n as u64;
-            let after = snapshot(env, &env.raw.counters);
-            let turns = |now: Option<u64>, then: Option<u64>, sum: Option<u64>| {
+            pass.items += n;
+            let add = |sum: Option<u64>, now: Option<u64>, then: Option<u64>| {
                 now.zip(then).map(|(a, b)| sum.unwrap_or(0) + (a - b))
             };
-            pass.metadata_wire = turns(after.1, wire.1, pass.metadata_wire);
-            pass.index_wire = turns(after.2, wire.2, pass.index_wire);
+            pass.metadata_wire = add(pass.metadata_wire, after.1, wire.1);
+            pass.index_wire = add(pass.index_wire, after.2, wire.2);
         }
     }
-    for (pass, counters, before) in [
-        (&mut raw, &env.raw.counters, raw_before),
-        (&mut deferred, &env.tandem_counters, tandem_before),
-    ] {
+    for ((pass, proto), before) in passes.iter_mut().zip(PAIR).zip(before) {
         pass.peak_rss = rss::peak();
         let wire = (pass.metadata_wire, pass.index_wire);
-        fill(pass, env, counters, before);
+        fill(pass, env, &counters_of(env, proto), before);
         (pass.metadata_wire, pass.index_wire) = wire;
     }
-    Ok((raw, deferred))
+    let [raw_insert, deferred] = passes;
+    Ok((raw_insert, deferred))
 }
 
 /// One index worker draining the backlog a deferred pass left (records
