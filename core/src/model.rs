@@ -769,8 +769,9 @@ pub struct StoredRecordImage {
     pub version: u64,
     /// Its vector, when the store keeps vectors.
     pub vector: Option<Vec<f32>>,
-    /// Its pending-index entry then, if it was waiting for an index worker:
-    /// a restore puts it back, so that the restored row gets indexed.
+    /// Its pending-index entry then, if it had one of its version (waiting
+    /// for an index worker, or dead-lettered): a restore puts it back as it
+    /// was, so that a restored row is indexed, or stays listed as failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingIndex>,
 }

@@ -277,6 +277,12 @@ pub trait MetadataRepo: Send + Sync {
     ///   referencing the image's point), deletes records the image says did
     ///   not exist, and leaves alone (reporting it in `conflicts`) any record
     ///   whose current version is not the image's `after_version`.
+    /// - `deferred_restore_requeues`: a held commit over a record with a
+    ///   waiting pending entry keeps the entry in the record's image; the
+    ///   restore puts it back at the restored version, unclaimed.
+    /// - `deferred_restore_keeps_dead_letters`: a dead-lettered entry goes
+    ///   with the image too, and comes back dead-lettered, with its
+    ///   attempts and last error.
     /// - `commit_transaction_gated`: a failed gate returns
     ///   [`MetadataError::Aborted`] and writes nothing.
     async fn commit_transaction(

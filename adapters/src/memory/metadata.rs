@@ -184,10 +184,10 @@ impl<'s> Scratch<'s> {
             .map(|(id, before, pending)| UndoImage {
                 id: *id,
                 before: before.as_ref().map(|row| StoredRecordImage {
-                    // A waiting entry of the row's version goes with its image.
-                    pending: pending
-                        .clone()
-                        .filter(|p| !p.dead && p.version == row.version),
+                    // The row's entry, waiting or dead-lettered, goes with
+                    // its image: without it, a restored never-indexed row
+                    // would reference a point that no worker writes.
+                    pending: pending.clone().filter(|p| p.version == row.version),
                     ..StoredRecordImage::of(row)
                 }),
                 after_version: self.rows.get(id).map(|r| r.version),
@@ -305,7 +305,8 @@ impl<'s> Scratch<'s> {
                         row.vector = None;
                     }
                     if let Some(entry) = &before.pending {
-                        // The row was waiting for an index worker: it waits again.
+                        // The row had an entry: it gets it back as it was (waiting, or
+                        // dead-lettered with its attempts), at the new version.
                         self.pending.insert(
                             image.id,
                             PendingIndex {

@@ -524,11 +524,13 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
             .map(|(id, before)| UndoImage {
                 id: *id,
                 before: before.as_ref().map(|row| StoredRecordImage {
-                    // A waiting entry of the row's version goes with its image.
+                    // The row's entry, waiting or dead-lettered, goes with
+                    // its image: without it, a restored never-indexed row
+                    // would reference a point that no worker writes.
                     pending: applied
                         .before_pending
                         .get(id)
-                        .filter(|p| !p.dead && p.version == row.version)
+                        .filter(|p| p.version == row.version)
                         .cloned(),
                     ..StoredRecordImage::of(row)
                 }),
@@ -816,7 +818,8 @@ impl Applied {
                         }
                     }
                     if let Some(entry) = &before.pending {
-                        // The row was waiting for an index worker: it waits again.
+                        // The row had an entry: it gets it back as it was (waiting, or
+                        // dead-lettered with its attempts), at the new version.
                         requeued.push(PendingIndex {
                             version: row.version,
                             claimed_by: None,

@@ -280,6 +280,7 @@ macro_rules! metadata_repo_conformance {
                 deferred_index_fenced_by_version,
                 deferred_release,
                 deferred_restore_requeues,
+                deferred_restore_keeps_dead_letters,
                 pending_claim_takes_current,
                 pending_claim_is_exclusive,
                 pending_claim_respects_limit,

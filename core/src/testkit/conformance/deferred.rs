@@ -474,6 +474,72 @@ pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
     assert_eq!(e.vector, a.vector);
 }
 
+/// `deferred_restore_keeps_dead_letters`: a dead-lettered entry goes with
+/// the record's undo image too, and the restore brings it back
+/// dead-lettered, with its attempts and last error, at the restored version:
+/// the restored row still references the point no worker wrote, and stays
+/// listed as failed until an operator retries it.
+pub async fn deferred_restore_keeps_dead_letters<M: MetadataRepo + ?Sized>(repo: &M) {
+    if skipped(repo, "deferred_restore_keeps_dead_letters") {
+        return;
+    }
+    let (a, _, dead) = failed_once(repo, "defer-restore-dead", true, 1).await;
+    assert_eq!(dead, 1, "setup: the failure dead-letters A");
+    let scope = a.scope.clone();
+    let parts = [CommitPart::Upsert(vec![rewrite(&a, &scope, 2)])];
+    let held = TransactionCommit {
+        hold: true,
+        ..TransactionCommit::of(&parts)
+    };
+    let intent = prepared(repo, IntentKind::Transaction, Vec::new()).await;
+    ok(
+        repo.commit_transaction(intent.id, intent.owner, &held, None, &IndexGate::passed())
+            .await,
+        "held commit",
+    );
+    assert!(
+        entry(repo, a.id).await.is_none(),
+        "the step's write drops the dead-lettered entry"
+    );
+    let images: Vec<UndoImage> = ok(repo.undo_images(intent.id).await, "undo_images");
+    let image = images.iter().find(|i| i.id == a.id).expect("A's image");
+    let kept = image
+        .before
+        .as_ref()
+        .expect("A existed")
+        .pending
+        .as_ref()
+        .expect("the image keeps the dead-lettered entry");
+    assert!(kept.dead && kept.attempts == 1, "{kept:?}");
+    let parts = [CommitPart::Restore(images.clone())];
+    apply(repo, &TransactionCommit::of(&parts), "restore").await;
+    let restored = get_one(repo, a.id).await.expect("A restored");
+    assert_eq!(
+        restored.point_id, a.point_id,
+        "A is back on its reserved point"
+    );
+    let e = entry(repo, a.id)
+        .await
+        .expect("the restore puts A's entry back");
+    assert_eq!(
+        (e.version, e.indexed_version, e.dead, e.attempts),
+        (restored.version, 0, true, 1)
+    );
+    assert_eq!(
+        e.last_error.as_deref(),
+        Some("failure of defer-restore-dead")
+    );
+    assert_eq!((e.claimed_by, e.claim_until_ms), (None, None));
+    let listed = ok(
+        repo.list_pending(PendingFilter::Dead, None, 10_000).await,
+        "list_pending",
+    );
+    assert!(
+        listed.iter().any(|l| l.record_id == a.id),
+        "the restored entry is not listed as dead-lettered"
+    );
+}
+
 /// `pending_claim_takes_current`: a deferred write's entries are returned
 /// once, with the row's version, scope, metadata and vector; a second claim
 /// before `claim_until_ms` returns none of them; after it, they come again.
