@@ -533,3 +533,47 @@ in_each_language!(
     invalid_text_is_invalid_input,
     undefined_table_is_permanent,
 );
+
+/// The intent's mark, a commit's last statement, goes out pipelined with
+/// `COMMIT`. When the server refuses it, the transaction is aborted and the
+/// `COMMIT` behind it rolls back: the call reports the mark's own error, as
+/// not applied, nothing of the batch is written, and the same commit goes
+/// through once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_last_statement_sent_with_the_commit_writes_nothing() {
+    let schema = Lang::English.schema().await;
+    let repo = schema.repo().await;
+    let admin = schema.admin().await;
+    admin
+        .batch_execute(
+            "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'the mark is refused'; END $$; \
+             CREATE TRIGGER refuse_mark BEFORE UPDATE ON intents \
+             FOR EACH ROW EXECUTE FUNCTION refuse_mark()",
+        )
+        .await
+        .unwrap();
+    let rows = vec![row("s", "a"), row("s", "b")];
+    let (intent, owner) = prepare_upsert(&repo, &rows).await;
+    let err = repo
+        .commit_upsert(intent, owner, &rows, None)
+        .await
+        .expect_err("the mark was refused");
+    assert_class(&err, false, Outcome::NotApplied, "P0001");
+    assert!(err.to_string().contains("the mark is refused"), "{err}");
+    let ids = [rows[0].id, rows[1].id];
+    assert!(repo.get(&ids).await.unwrap().is_empty(), "rows committed");
+    let listed = repo.list_intents(100).await.unwrap();
+    let stored = listed.iter().find(|i| i.id == intent).expect("the intent");
+    assert_eq!(stored.state, IntentState::Prepared);
+    admin
+        .batch_execute("DROP TRIGGER refuse_mark ON intents")
+        .await
+        .unwrap();
+    let done = repo
+        .commit_upsert(intent, owner, &rows, None)
+        .await
+        .unwrap();
+    assert_eq!(done.summary.inserted, 2);
+    assert_eq!(repo.get(&ids).await.unwrap().len(), 2);
+}

@@ -11,6 +11,7 @@ use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use futures::future::OptionFuture;
 use serde_json::Value;
 use tandem_core::{
     CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, IndexFailure, Intent, IntentId,
@@ -83,6 +84,16 @@ pub(crate) struct Session {
     conn: Checkout<PgConnector>,
     pub(super) keep_vectors: bool,
     tx: Tx,
+    /// The ids whose existing rows the transaction's first statement also
+    /// locks, pipelined with it ([`TxOps::lock_ahead`]).
+    ahead: Option<Vec<Uuid>>,
+    /// What that lock found: the ids it asked for, and those that exist
+    /// (taken by `lock_existing`).
+    locked_ahead: Option<(Vec<Uuid>, HashSet<Uuid>)>,
+    /// The transaction's last statements, whose result nothing waits for:
+    /// they go out pipelined with `COMMIT` (see [`Session::finish`]), or
+    /// before any later statement ([`Session::in_tx`]).
+    queued: Vec<Statement>,
 }
 
 impl Session {
@@ -92,10 +103,17 @@ impl Session {
             conn,
             keep_vectors,
             tx: Tx::None,
+            ahead: None,
+            locked_ahead: None,
+            queued: Vec::new(),
         })
     }
 
     pub(super) fn c(&mut self) -> &mut AsyncPgConnection {
+        debug_assert!(
+            self.queued.is_empty(),
+            "a statement would overtake queued ones: go through `in_tx`"
+        );
         self.conn.conn()
     }
 
@@ -140,6 +158,45 @@ impl Session {
                 .map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
         }
+        if !self.queued.is_empty() {
+            // A statement follows the queued ones: they go first.
+            let queued = std::mem::take(&mut self.queued);
+            let conn: &AsyncPgConnection = self.c();
+            let results =
+                futures::future::join_all(queued.into_iter().map(|q| q.execute(&mut &*conn))).await;
+            for r in results {
+                r.map_err(|e| self.stmt(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a statement of the open transaction whose result nothing
+    /// waits for (it can only fail with a server error or a lost
+    /// connection): it goes out with `COMMIT`, one round trip for both.
+    fn queue(&mut self, statement: Statement) {
+        debug_assert_eq!(self.tx, Tx::Open, "queued outside a transaction");
+        self.queued.push(statement);
+    }
+
+    /// The existing rows among `ids` (as `lock_existing` asks), locked in
+    /// id order.
+    fn lock_existing_query(ids: Vec<Uuid>) -> Statement {
+        diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .into_boxed()
+            .bind::<Array<SqlUuid>, _>(ids)
+            .prepared()
+    }
+
+    /// Keeps what the lock ahead found, after it went out pipelined with
+    /// `BEGIN` and the transaction's first statement.
+    fn keep_locked_ahead(
+        &mut self,
+        ids: Vec<Uuid>,
+        locked: Result<Vec<PgId>, diesel::result::Error>,
+    ) -> Result<(), MetadataError> {
+        let found = locked.map_err(|e| self.stmt(e))?;
+        self.locked_ahead = Some((ids, found.into_iter().map(|r| r.id).collect()));
         Ok(())
     }
 
@@ -154,7 +211,7 @@ impl Session {
             return self.done(result);
         }
         match result {
-            Ok(value) => {
+            Ok(value) if self.queued.is_empty() => {
                 let committed = self
                     .c()
                     .batch_execute("COMMIT")
@@ -163,7 +220,32 @@ impl Session {
                     .map_err(|e| self.errors().classify(e, Phase::Commit));
                 self.done(committed)
             }
+            Ok(value) => {
+                // The queued statements and `COMMIT`, pipelined (in order, as
+                // `lock_intent` explains). A queued statement that failed
+                // aborted the transaction, and a `COMMIT` that answered then
+                // rolled back: that failure is the answer, as a statement's.
+                // Without the `COMMIT`'s answer (a lost connection), the
+                // outcome is the `COMMIT`'s: unknown.
+                let queued = std::mem::take(&mut self.queued);
+                let conn: &AsyncPgConnection = self.conn.conn();
+                let statements =
+                    futures::future::join_all(queued.into_iter().map(|q| q.execute(&mut &*conn)));
+                let commit = diesel::sql_query("COMMIT").prepared().execute(&mut &*conn);
+                let (statements, commit) = futures::join!(statements, commit);
+                let failed = statements.into_iter().find_map(Result::err);
+                let committed = match (failed, commit) {
+                    (Some(e), Ok(_)) => Err(self.stmt(e)),
+                    (Some(e), Err(_)) | (None, Err(e)) => {
+                        Err(self.errors().classify(e, Phase::Commit))
+                    }
+                    (None, Ok(_)) => Ok(value),
+                };
+                self.done(committed)
+            }
             Err(e) => {
+                // Whatever was queued goes with the transaction.
+                self.queued.clear();
                 // A failed ROLLBACK leaves the connection dirty: it is discarded,
                 // and the server rolls back the dead session anyway.
                 let rolled_back = self.c().batch_execute("ROLLBACK").await;
@@ -638,14 +720,18 @@ impl Session {
         &mut self,
         rows: &[&'r RowWrite],
     ) -> Result<Vec<&'r RowWrite>, MetadataError> {
-        let existing: Vec<PgId> =
-            diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-                .bind::<Array<SqlUuid>, _>(rows.iter().map(|r| r.id.0).collect::<Vec<_>>())
-                .prepared()
-                .load(self.c())
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id.0).collect();
+        let existing: HashSet<Uuid> = match self.locked_ahead.take() {
+            // Locked by the transaction's first round trip: still so.
+            Some((asked, found)) if asked == ids => found,
+            _ => Self::lock_existing_query(ids)
+                .load::<PgId>(self.c())
                 .await
-                .map_err(|e| self.stmt(e))?;
-        let existing: HashSet<Uuid> = existing.into_iter().map(|r| r.id).collect();
+                .map_err(|e| self.stmt(e))?
+                .into_iter()
+                .map(|r| r.id)
+                .collect(),
+        };
         Ok(rows
             .iter()
             .copied()
@@ -676,6 +762,12 @@ impl Session {
 
 #[async_trait]
 impl TxOps for Session {
+    fn lock_ahead(&mut self, ids: &[RecordId]) {
+        if self.tx == Tx::Pending {
+            self.ahead = Some(uuids(ids, |i| i.0));
+        }
+    }
+
     async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError> {
         let lock = diesel::sql_query(format!(
             "SELECT {INTENT_COLUMNS} FROM intents WHERE id = $1 FOR UPDATE"
@@ -693,13 +785,23 @@ impl TxOps for Session {
             // lock is therefore always taken inside the transaction (the
             // `postgres_overlap` suite checks it on a fresh connection, whose
             // cache is empty, and on a warm one).
+            // The rows locked ahead, if any, come third.
+            let ahead = self.ahead.take();
             let conn: &AsyncPgConnection = self.c();
             let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
             let lock = lock.load::<PgIntent>(&mut &*conn);
-            let (began, locked) = futures::join!(begin, lock);
+            let rows: OptionFuture<_> = ahead
+                .clone()
+                .map(|ids| Self::lock_existing_query(ids).load::<PgId>(&mut &*conn))
+                .into();
+            let (began, locked, rows) = futures::join!(begin, lock, rows);
             began.map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
-            locked.map_err(|e| self.stmt(e))?
+            let locked = locked.map_err(|e| self.stmt(e))?;
+            if let (Some(ids), Some(rows)) = (ahead, rows) {
+                self.keep_locked_ahead(ids, rows)?;
+            }
+            locked
         } else {
             self.in_tx().await?;
             lock.load(self.c()).await.map_err(|e| self.stmt(e))?
@@ -726,14 +828,24 @@ impl TxOps for Session {
         .bind::<BigInt, _>(intent.created_ms)
         .prepared();
         let inserted = if self.tx == Tx::Pending {
-            // Pipelined with `BEGIN`, one round trip (see `lock_intent`).
+            // Pipelined with `BEGIN`, one round trip (see `lock_intent`),
+            // and the rows locked ahead, if any.
+            let ahead = self.ahead.take();
             let conn: &AsyncPgConnection = self.c();
             let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
             let insert = insert.execute(&mut &*conn);
-            let (began, inserted) = futures::join!(begin, insert);
+            let rows: OptionFuture<_> = ahead
+                .clone()
+                .map(|ids| Self::lock_existing_query(ids).load::<PgId>(&mut &*conn))
+                .into();
+            let (began, inserted, rows) = futures::join!(begin, insert, rows);
             began.map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
-            inserted.map_err(|e| self.stmt(e))?
+            let inserted = inserted.map_err(|e| self.stmt(e))?;
+            if let (Some(ids), Some(rows)) = (ahead, rows) {
+                self.keep_locked_ahead(ids, rows)?;
+            }
+            inserted
         } else {
             self.in_tx().await?;
             insert.execute(self.c()).await.map_err(|e| self.stmt(e))?
@@ -888,11 +1000,15 @@ impl TxOps for Session {
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
-        diesel::sql_query(
+        // The commit's last statement (the intent is locked or was created
+        // by this transaction, so it updates one row): it goes out with
+        // `COMMIT`.
+        let mark = diesel::sql_query(
             "UPDATE intents SET state = $6, point_ids = $2, inserted = $3, \
              updated = $4, deleted = $5, lease_deadline_ms = COALESCE($7, lease_deadline_ms) \
              WHERE id = $1",
         )
+        .into_boxed()
         .bind::<SqlUuid, _>(id.0)
         .bind::<Array<SqlUuid>, _>(uuids(point_ids, |p| p.0))
         .bind::<BigInt, _>(inserted)
@@ -900,10 +1016,8 @@ impl TxOps for Session {
         .bind::<BigInt, _>(deleted)
         .bind::<Text, _>(state.as_str())
         .bind::<Nullable<BigInt>, _>(release_at_ms)
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        .prepared();
+        self.queue(mark);
         Ok(())
     }
 

@@ -62,6 +62,16 @@ pub(crate) fn activity_shard(claim: OwnerToken) -> i32 {
 /// cannot deadlock each other; SQLite's writer lock covers the database).
 #[async_trait]
 pub(crate) trait TxOps: Send {
+    /// A hint before the transaction's first statement: the write will ask
+    /// which of `ids` (ascending) exist, locking them. A backend that
+    /// pipelines may send that lock with the first statement, saving a
+    /// round trip; the answer is then the same as asked later (the rows
+    /// stay locked; a key inserted concurrently in between fails the
+    /// insert, as it does between any lock and insert).
+    fn lock_ahead(&mut self, ids: &[RecordId]) {
+        let _ = ids;
+    }
+
     /// Reads an intent and locks it, waiting for any transaction holding it.
     async fn lock_intent(&mut self, id: IntentId) -> Result<Option<Intent>, MetadataError>;
 
@@ -288,6 +298,13 @@ async fn owned_intent<T: TxOps + ?Sized>(
     }
 }
 
+/// `ids` ascending (the order every write locks records in).
+fn sorted_ids(ids: impl Iterator<Item = RecordId>) -> Vec<RecordId> {
+    let mut ids: Vec<RecordId> = ids.collect();
+    ids.sort_unstable();
+    ids
+}
+
 async fn record_key<T: TxOps + ?Sized>(
     tx: &mut T,
     idempotency: Option<&IdempotencyRecord>,
@@ -314,6 +331,7 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
     idempotency: Option<&IdempotencyRecord>,
 ) -> Result<UpsertCommit, MetadataError> {
     validate_batch(rows)?;
+    tx.lock_ahead(&sorted_ids(rows.iter().map(|r| r.id)));
     // Lock the intent first: recovery's claim skips it while we hold it, and a
     // settle waits for our outcome.
     let current = owned_intent(tx, intent, owner).await?;
@@ -331,6 +349,8 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
         updated: old_point_ids.len() as u64,
         deleted: 0,
     };
+    record_key(tx, idempotency, summary).await?;
+    // Last: a backend may send it with `COMMIT`.
     tx.mark_committed(
         intent,
         &old_point_ids,
@@ -339,7 +359,6 @@ pub(crate) async fn commit_upsert<T: TxOps + ?Sized>(
         None,
     )
     .await?;
-    record_key(tx, idempotency, summary).await?;
     Ok(UpsertCommit {
         summary,
         old_point_ids,
@@ -420,9 +439,10 @@ pub(crate) async fn commit_delete<T: TxOps + ?Sized>(
         deleted: point_ids.len() as u64,
         ..CommitSummary::default()
     };
+    record_key(tx, idempotency, summary).await?;
+    // Last: a backend may send it with `COMMIT`.
     tx.mark_committed(intent, &point_ids, summary, IntentState::Committed, None)
         .await?;
-    record_key(tx, idempotency, summary).await?;
     Ok(DeleteCommit { summary, point_ids })
 }
 
@@ -440,6 +460,12 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
         if let CommitPart::Upsert(rows) = part {
             validate_batch(rows)?;
         }
+    }
+    match commit.parts.first() {
+        Some(CommitPart::Upsert(rows)) | Some(CommitPart::Defer { rows, .. }) => {
+            tx.lock_ahead(&sorted_ids(rows.iter().map(|r| r.id)));
+        }
+        _ => {}
     }
     // A commit that creates its intent owns it if it inserted it; otherwise
     // the intent is checked like a prepared one (a retry finds it committed;
@@ -502,14 +528,6 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
     } else {
         IntentState::Committed
     };
-    tx.mark_committed(
-        intent,
-        &garbage,
-        applied.summary,
-        state,
-        commit.release_at_ms,
-    )
-    .await?;
     if commit.hold && !applied.before.is_empty() {
         let ids: Vec<RecordId> = applied.before.keys().copied().collect();
         let after: BTreeMap<RecordId, u64> = tx
@@ -540,6 +558,15 @@ pub(crate) async fn commit_transaction<T: TxOps + ?Sized>(
         tx.save_undo(intent, &images).await?;
     }
     record_key(tx, idempotency, applied.summary).await?;
+    // Last: a backend may send it with `COMMIT`.
+    tx.mark_committed(
+        intent,
+        &garbage,
+        applied.summary,
+        state,
+        commit.release_at_ms,
+    )
+    .await?;
     Ok(TransactionCommitResult {
         summary: applied.summary,
         garbage,

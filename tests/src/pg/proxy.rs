@@ -3,11 +3,13 @@
 //! commits), or right after the server committed, swallowing its reply (the
 //! commit happened but the client cannot know).
 //!
-//! It reads the PostgreSQL wire protocol just enough to recognise a simple
-//! query that is exactly `COMMIT` (what the adapter sends); everything else is
-//! forwarded byte for byte.
+//! It reads the PostgreSQL wire protocol just enough to recognise a `COMMIT`
+//! — a simple query that is exactly `COMMIT`, or the execution (`Bind`) of a
+//! prepared statement that is, as the adapter sends it pipelined after a
+//! transaction's last statements — and the server's reply to it; everything
+//! else is forwarded byte for byte.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,8 @@ pub enum CommitFault {
     /// never receives it and rolls the transaction back.
     DropBeforeCommit,
     /// Forward the `COMMIT`, wait for the server's reply (so the commit has
-    /// happened), discard the reply and close the connection.
+    /// happened), discard the reply (and any other reply still on its way)
+    /// and close the connection.
     DropAfterCommit,
 }
 
@@ -145,10 +148,44 @@ async fn server_to_client(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
-        if n == 0 || cut.load(Ordering::SeqCst) {
+        if n == 0 {
             return Ok(());
         }
+        if cut.load(Ordering::SeqCst) {
+            return swallow_until_commit_reply(&mut from, buf[..n].to_vec()).await;
+        }
         to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Reads the server's replies, forwarding none, until the `COMMIT`'s own
+/// (its `CommandComplete`: `COMMIT`, or `ROLLBACK` for an aborted
+/// transaction) has arrived: the server has then ended the transaction.
+async fn swallow_until_commit_reply(
+    from: &mut OwnedReadHalf,
+    mut seen: Vec<u8>,
+) -> std::io::Result<()> {
+    let ended = |bytes: &[u8]| {
+        [b"COMMIT\0".as_slice(), b"ROLLBACK\0".as_slice()]
+            .iter()
+            .any(|tag| bytes.windows(tag.len()).any(|w| w == *tag))
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    while !ended(&seen) {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// The first NUL-terminated string of `bytes`, and what follows it.
+fn cstr(bytes: &[u8]) -> (&[u8], &[u8]) {
+    match bytes.iter().position(|b| *b == 0) {
+        Some(end) => (&bytes[..end], &bytes[end + 1..]),
+        None => (bytes, &[]),
     }
 }
 
@@ -173,13 +210,35 @@ async fn client_to_server(
             break;
         }
     }
-    // Typed messages.
+    // Typed messages. The prepared statements of this connection that are
+    // `COMMIT`, by name.
+    let mut commit_statements: HashSet<Vec<u8>> = HashSet::new();
     loop {
         let tag = from.read_u8().await?;
         let len = from.read_i32().await?;
         let mut body = vec![0u8; usize::try_from(len).unwrap_or(0).saturating_sub(4)];
         from.read_exact(&mut body).await?;
-        if tag == b'Q' && body == b"COMMIT\0" {
+        let is_commit = match tag {
+            b'Q' => body == b"COMMIT\0",
+            b'P' => {
+                // Parse: statement name, query text.
+                let (name, rest) = cstr(&body);
+                let (query, _) = cstr(rest);
+                if query == b"COMMIT" {
+                    commit_statements.insert(name.to_vec());
+                } else {
+                    commit_statements.remove(name);
+                }
+                false
+            }
+            b'B' => {
+                // Bind: portal name, statement name.
+                let (_, rest) = cstr(&body);
+                commit_statements.contains(cstr(rest).0)
+            }
+            _ => false,
+        };
+        if is_commit {
             shared.commits_seen.fetch_add(1, Ordering::SeqCst);
             match shared.next_fault() {
                 Some(CommitFault::DropBeforeCommit) => {
