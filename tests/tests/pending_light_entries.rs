@@ -547,3 +547,111 @@ async fn postgres_queue_statements_planned_on_an_empty_queue_keep_using_the_key(
         "the writes never reached the queue through an index"
     );
 }
+
+/// A deferred write of new records sends their inserts with its `COMMIT`.
+/// When another transaction inserted one of the keys after the write looked
+/// (its row lock found nothing), the insert waits for it and then fails: the
+/// write is refused as transient and not applied, with nothing of it written
+/// (no row, no entry), and its retry finds the row and updates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_deferred_insert_beaten_by_a_concurrent_insert_writes_nothing() {
+    let schema = TestSchema::new().await;
+    let repo = std::sync::Arc::new(schema.repo().await);
+    let mut admin = schema.admin().await;
+    let (a, b) = (row("race", 1), row("race", 2));
+    let theirs = admin.transaction().await.expect("begin");
+    theirs
+        .execute(
+            "INSERT INTO records (id, scope, point_id, version, content, metadata) \
+             VALUES ($1::text::uuid, 'race', $2::text::uuid, 1, 'theirs', '{}')",
+            &[&a.id.to_string(), &PointId::new_random().to_string()],
+        )
+        .await
+        .expect("their insert");
+    let intent = NewIntent {
+        id: IntentId::new_v7(),
+        kind: IntentKind::Upsert,
+        owner: OwnerToken::new_random(),
+        lease_deadline_ms: i64::MAX / 2,
+        point_ids: Vec::new(),
+        created_ms: 1,
+        generation: 0,
+    };
+    repo.prepare(&intent).await.expect("prepare");
+    let rows = vec![a.clone(), b.clone()];
+    let commit = {
+        let (repo, rows) = (repo.clone(), rows.clone());
+        tokio::spawn(async move {
+            let parts = [CommitPart::Defer { rows, now_ms: T0 }];
+            repo.commit_transaction(
+                intent.id,
+                intent.owner,
+                &TransactionCommit::of(&parts),
+                None,
+                &IndexGate::passed(),
+            )
+            .await
+        })
+    };
+    // Ours waits on their uncommitted key; then theirs commits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting = theirs
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event_type = 'Lock'",
+                &[&schema.name()],
+            )
+            .await
+            .expect("activity")
+            .get::<_, i64>(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deferred write never waited for their insert"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    theirs.commit().await.expect("their commit");
+    let err = commit
+        .await
+        .expect("join")
+        .expect_err("their key came first");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.outcome(), tandem_core::Outcome::NotApplied, "{err}");
+    assert!(
+        err.to_string()
+            .contains("a concurrent write inserted a record of this batch first"),
+        "{err}"
+    );
+    assert!(
+        repo.get(&[b.id]).await.expect("get").is_empty(),
+        "B written"
+    );
+    assert_eq!(repo.get(&[a.id]).await.expect("get")[0].content, "theirs");
+    assert!(
+        repo.pending_for(&[a.id, b.id])
+            .await
+            .expect("pending_for")
+            .is_empty(),
+        "entries written"
+    );
+    // The retry (the intent is still prepared) finds A and updates it.
+    let parts = [CommitPart::Defer { rows, now_ms: T0 }];
+    repo.commit_transaction(
+        intent.id,
+        intent.owner,
+        &TransactionCommit::of(&parts),
+        None,
+        &IndexGate::passed(),
+    )
+    .await
+    .expect("the retry");
+    let now = repo.get(&[a.id, b.id]).await.expect("get");
+    assert_eq!(now.len(), 2);
+    let a_now = now.iter().find(|r| r.id == a.id).expect("A");
+    assert_eq!((a_now.version, a_now.content.as_str()), (2, "content 1"));
+    assert_eq!(entry(&*repo, b.id).await.expect("B's entry").version, 1);
+}

@@ -90,10 +90,20 @@ pub(crate) struct Session {
     /// What that lock found: the ids it asked for, and those that exist
     /// (taken by `lock_existing`).
     locked_ahead: Option<(Vec<Uuid>, HashSet<Uuid>)>,
-    /// The transaction's last statements, whose result nothing waits for:
-    /// they go out pipelined with `COMMIT` (see [`Session::finish`]), or
-    /// before any later statement ([`Session::in_tx`]).
-    queued: Vec<Statement>,
+    /// The transaction's statements whose result nothing waits for, with how
+    /// their failure is told: they go out pipelined with `COMMIT` (see
+    /// [`Session::finish`]), or before any later statement
+    /// ([`Session::in_tx`]).
+    queued: Vec<(Statement, Told)>,
+}
+
+/// How a queued statement's failure is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Told {
+    /// As any statement's.
+    Statement,
+    /// As the insert of new records ([`Session::insert_failed`]).
+    NewRecords,
 }
 
 impl Session {
@@ -162,10 +172,12 @@ impl Session {
             // A statement follows the queued ones: they go first.
             let queued = std::mem::take(&mut self.queued);
             let conn: &AsyncPgConnection = self.c();
+            let (statements, told): (Vec<Statement>, Vec<Told>) = queued.into_iter().unzip();
             let results =
-                futures::future::join_all(queued.into_iter().map(|q| q.execute(&mut &*conn))).await;
-            for r in results {
-                r.map_err(|e| self.stmt(e))?;
+                futures::future::join_all(statements.into_iter().map(|q| q.execute(&mut &*conn)))
+                    .await;
+            for (r, how) in results.into_iter().zip(told) {
+                r.map_err(|e| self.told(e, how))?;
             }
         }
         Ok(())
@@ -174,9 +186,17 @@ impl Session {
     /// Queues a statement of the open transaction whose result nothing
     /// waits for (it can only fail with a server error or a lost
     /// connection): it goes out with `COMMIT`, one round trip for both.
-    fn queue(&mut self, statement: Statement) {
+    fn queue(&mut self, statement: Statement, told: Told) {
         debug_assert_eq!(self.tx, Tx::Open, "queued outside a transaction");
-        self.queued.push(statement);
+        self.queued.push((statement, told));
+    }
+
+    /// A queued statement's failure, told as `how` says.
+    fn told(&mut self, e: diesel::result::Error, how: Told) -> MetadataError {
+        match how {
+            Told::Statement => self.stmt(e),
+            Told::NewRecords => self.insert_failed(e),
+        }
     }
 
     /// The existing rows among `ids` (as `lock_existing` asks), locked in
@@ -227,18 +247,24 @@ impl Session {
                 // rolled back: that failure is the answer, as a statement's.
                 // Without the `COMMIT`'s answer (a lost connection), the
                 // outcome is the `COMMIT`'s: unknown.
-                let queued = std::mem::take(&mut self.queued);
+                let (statements, told): (Vec<Statement>, Vec<Told>) =
+                    std::mem::take(&mut self.queued).into_iter().unzip();
                 let conn: &AsyncPgConnection = self.conn.conn();
-                let statements =
-                    futures::future::join_all(queued.into_iter().map(|q| q.execute(&mut &*conn)));
+                let statements = futures::future::join_all(
+                    statements.into_iter().map(|q| q.execute(&mut &*conn)),
+                );
                 let commit = diesel::sql_query("COMMIT").prepared().execute(&mut &*conn);
-                let (statements, commit) = futures::join!(statements, commit);
-                let failed = statements.into_iter().find_map(Result::err);
+                let (results, commit) = futures::join!(statements, commit);
+                // The first failure: the ones after it only say that the
+                // transaction was aborted.
+                let failed = results
+                    .into_iter()
+                    .zip(told)
+                    .find_map(|(r, how)| r.err().map(|e| (e, how)));
                 let committed = match (failed, commit) {
-                    (Some(e), Ok(_)) => Err(self.stmt(e)),
-                    (Some(e), Err(_)) | (None, Err(e)) => {
-                        Err(self.errors().classify(e, Phase::Commit))
-                    }
+                    (Some((e, how)), Ok(_)) => Err(self.told(e, how)),
+                    (Some((e, _)), Err(_)) => Err(self.errors().classify(e, Phase::Commit)),
+                    (None, Err(e)) => Err(self.errors().classify(e, Phase::Commit)),
                     (None, Ok(_)) => Ok(value),
                 };
                 self.done(committed)
@@ -886,9 +912,10 @@ impl TxOps for Session {
     }
 
     /// Like `insert_or_lock`, with the new records' first entries sent in
-    /// the same pipeline as their insert: one round trip for the three
-    /// statements (the server runs them in the order they are sent; if one
-    /// fails, the transaction is aborted and the next ones fail too).
+    /// the same pipeline as their insert, queued: the three statements go
+    /// out with the next one (or `COMMIT`), in one round trip (the server
+    /// runs them in the order they are sent; if one fails, the transaction
+    /// is aborted and the next ones fail too).
     async fn insert_deferred(
         &mut self,
         rows: &[&RowWrite],
@@ -899,17 +926,16 @@ impl TxOps for Session {
         if new.is_empty() {
             return Ok(Vec::new());
         }
-        let insert = insert_new_records(&new, self.keep_vectors);
+        // Nothing reads their results: they go out with the transaction's
+        // next statement, or with its `COMMIT` (a batch of new records
+        // only), and a failure fails that one.
         let (drop_stale, enqueue) = first_entries(&new, now_ms, self.keep_vectors);
-        let conn: &AsyncPgConnection = self.c();
-        let (inserted, dropped, enqueued) = futures::join!(
-            insert.execute(&mut &*conn),
-            drop_stale.execute(&mut &*conn),
-            enqueue.execute(&mut &*conn)
+        self.queue(
+            insert_new_records(&new, self.keep_vectors),
+            Told::NewRecords,
         );
-        inserted.map_err(|e| self.insert_failed(e))?;
-        dropped.map_err(|e| self.stmt(e))?;
-        enqueued.map_err(|e| self.stmt(e))?;
+        self.queue(drop_stale, Told::Statement);
+        self.queue(enqueue, Told::Statement);
         Ok(new.iter().map(|r| r.id).collect())
     }
 
@@ -1017,7 +1043,7 @@ impl TxOps for Session {
         .bind::<Text, _>(state.as_str())
         .bind::<Nullable<BigInt>, _>(release_at_ms)
         .prepared();
-        self.queue(mark);
+        self.queue(mark, Told::Statement);
         Ok(())
     }
 

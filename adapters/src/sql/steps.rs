@@ -97,8 +97,10 @@ pub(crate) trait TxOps: Send {
     /// enqueues, for each record it inserted, that record's first entry
     /// ([`deferred_entry`] at version 1: never indexed, enqueued at `now_ms`),
     /// as [`enqueue_pending`](Self::enqueue_pending) would. Returns the ids
-    /// it inserted. A backend may send the inserts together (PostgreSQL
-    /// pipelines them: one round trip fewer per deferred write).
+    /// it inserted. A backend may send the inserts later in the same
+    /// transaction — PostgreSQL pipelines them with the transaction's next
+    /// statement, or with its `COMMIT` for a batch of new records only — and
+    /// their failure then fails that statement or the commit.
     async fn insert_deferred(
         &mut self,
         rows: &[&RowWrite],
