@@ -457,6 +457,53 @@ struct PgVersion {
     version: i64,
 }
 
+impl PgVersion {
+    fn into_version(self) -> Result<(RecordId, PointId, u64), MetadataError> {
+        Ok((
+            RecordId(self.id),
+            PointId(self.point_id),
+            to_u64(self.version, "version")?,
+        ))
+    }
+}
+
+impl PgPendingState {
+    fn into_state(self) -> Result<PendingState, MetadataError> {
+        Ok(PendingState {
+            record_id: RecordId(self.record_id),
+            version: to_u64(self.version, "version")?,
+            indexed_version: to_u64(self.indexed_version, "indexed_version")?,
+            dead: self.dead,
+            claimed_by: self.claimed_by.map(OwnerToken),
+        })
+    }
+}
+
+/// The version and point of the existing records among `ids`, locked in id
+/// order.
+fn lock_versions_query(ids: &[RecordId]) -> Statement {
+    diesel::sql_query(
+        "SELECT id, point_id, version FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .into_boxed()
+    .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+    .prepared()
+}
+
+/// The entries of `ids` without their content, locked in id order: an
+/// index switch needs none of the content a light entry takes from its row
+/// (a vector per row, the join and its transfer were a quarter of a
+/// 1000-entry switch's time).
+fn lock_states_query(ids: &[RecordId]) -> Statement {
+    diesel::sql_query(
+        "SELECT record_id, version, indexed_version, dead, claimed_by FROM pending_index \
+         WHERE record_id = ANY($1) ORDER BY record_id FOR UPDATE",
+    )
+    .into_boxed()
+    .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+    .prepared()
+}
+
 #[derive(QueryableByName)]
 struct PgNewVersion {
     #[diesel(sql_type = SqlUuid)]
@@ -1052,22 +1099,12 @@ impl TxOps for Session {
         ids: &[RecordId],
     ) -> Result<Vec<(RecordId, PointId, u64)>, MetadataError> {
         self.in_tx().await?;
-        let rows: Vec<PgVersion> = diesel::sql_query(
-            "SELECT id, point_id, version FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
-        .prepared()
-        .load(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok((
-                    RecordId(r.id),
-                    PointId(r.point_id),
-                    to_u64(r.version, "version")?,
-                ))
-            })
+        lock_versions_query(ids)
+            .load::<PgVersion>(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?
+            .into_iter()
+            .map(PgVersion::into_version)
             .collect()
     }
 
@@ -1106,18 +1143,18 @@ impl TxOps for Session {
         switches: &[(RecordId, PointId)],
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        // The rows are locked already (lock_versions).
-        diesel::sql_query(format!(
+        // The rows are locked already (lock_versions). Nothing reads the
+        // result: it goes out with the next statement or `COMMIT`.
+        let switch = diesel::sql_query(format!(
             "UPDATE records AS r SET point_id = t.point_id, updated_at = now(), \
              {RAISE_CHANGE_SEQ} \
              FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, point_id) WHERE r.id = t.id"
         ))
+        .into_boxed()
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(_, p)| p.0).collect::<Vec<_>>())
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        .prepared();
+        self.queue(switch, Told::Statement);
         Ok(())
     }
 
@@ -1137,33 +1174,42 @@ impl TxOps for Session {
         rows.into_iter().map(PgPending::into_pending).collect()
     }
 
+    async fn lock_for_switch(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<(Vec<(RecordId, PointId, u64)>, Vec<PendingState>), MetadataError> {
+        self.in_tx().await?;
+        // Both locks in one round trip, records first (the order every
+        // path locks in; see `lock_intent` for why the order holds).
+        let conn: &AsyncPgConnection = self.c();
+        let versions = lock_versions_query(ids).load::<PgVersion>(&mut &*conn);
+        let states = lock_states_query(ids).load::<PgPendingState>(&mut &*conn);
+        let (versions, states) = futures::join!(versions, states);
+        let versions = versions.map_err(|e| self.stmt(e))?;
+        let states = states.map_err(|e| self.stmt(e))?;
+        Ok((
+            versions
+                .into_iter()
+                .map(PgVersion::into_version)
+                .collect::<Result<_, _>>()?,
+            states
+                .into_iter()
+                .map(PgPendingState::into_state)
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
     async fn lock_pending_states(
         &mut self,
         ids: &[RecordId],
     ) -> Result<Vec<PendingState>, MetadataError> {
         self.in_tx().await?;
-        // The entries alone: an index switch needs none of the content a
-        // light entry takes from its row (a vector per row, the join and
-        // its transfer were a quarter of a 1000-entry switch's time).
-        let rows: Vec<PgPendingState> = diesel::sql_query(
-            "SELECT record_id, version, indexed_version, dead, claimed_by FROM pending_index \
-             WHERE record_id = ANY($1) ORDER BY record_id FOR UPDATE",
-        )
-        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
-        .prepared()
-        .load(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PendingState {
-                    record_id: RecordId(r.record_id),
-                    version: to_u64(r.version, "version")?,
-                    indexed_version: to_u64(r.indexed_version, "indexed_version")?,
-                    dead: r.dead,
-                    claimed_by: r.claimed_by.map(OwnerToken),
-                })
-            })
+        lock_states_query(ids)
+            .load::<PgPendingState>(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?
+            .into_iter()
+            .map(PgPendingState::into_state)
             .collect()
     }
 
@@ -1186,24 +1232,24 @@ impl TxOps for Session {
     ) -> Result<(), MetadataError> {
         self.in_tx().await?;
         let bucket = PendingStats::rate_bucket(now_ms);
-        // One round trip: the entries, the shard's old seconds, and the
-        // count added to the current second.
-        diesel::sql_query(
+        // One statement: the entries, the shard's old seconds, and the
+        // count added to the current second. Nothing reads its result: it
+        // goes out with the next statement or `COMMIT`.
+        let finish = diesel::sql_query(
             "WITH done AS (DELETE FROM pending_index WHERE record_id = ANY($1)), \
                   old AS (DELETE FROM index_activity WHERE shard = $2 AND bucket_s < $4) \
              INSERT INTO index_activity (bucket_s, shard, indexed) VALUES ($3, $2, $5) \
              ON CONFLICT (shard, bucket_s) \
              DO UPDATE SET indexed = index_activity.indexed + excluded.indexed",
         )
+        .into_boxed()
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .bind::<Integer, _>(shard)
         .bind::<BigInt, _>(bucket)
         .bind::<BigInt, _>(bucket - ACTIVITY_KEEP_S)
         .bind::<BigInt, _>(ids.len() as i64)
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        .prepared();
+        self.queue(finish, Told::Statement);
         Ok(())
     }
 

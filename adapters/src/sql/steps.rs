@@ -170,6 +170,20 @@ pub(crate) trait TxOps: Send {
     /// takes records, then entries, so none can deadlock another.
     async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError>;
 
+    /// What an index switch locks, records first, then entries (each in id
+    /// order): [`lock_versions`](Self::lock_versions) and
+    /// [`lock_pending_states`](Self::lock_pending_states) of `ids`. A
+    /// backend that pipelines may send both at once (the second does not
+    /// depend on the first's answer).
+    async fn lock_for_switch(
+        &mut self,
+        ids: &[RecordId],
+    ) -> Result<(Vec<(RecordId, PointId, u64)>, Vec<PendingState>), MetadataError> {
+        let versions = self.lock_versions(ids).await?;
+        let states = self.lock_pending_states(ids).await?;
+        Ok((versions, states))
+    }
+
     /// [`lock_pending`](Self::lock_pending) without the entries' content:
     /// what an index switch checks of each entry, locked in the same order.
     /// A backend whose entries borrow their content from the records' rows
@@ -713,18 +727,13 @@ impl Applied {
         let mut ids: Vec<RecordId> = switches.iter().map(|s| s.record_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let rows: BTreeMap<RecordId, (PointId, u64)> = tx
-            .lock_versions(&ids)
-            .await?
+        let (versions, states) = tx.lock_for_switch(&ids).await?;
+        let rows: BTreeMap<RecordId, (PointId, u64)> = versions
             .into_iter()
             .map(|(id, point, version)| (id, (point, version)))
             .collect();
-        let entries: BTreeMap<RecordId, PendingState> = tx
-            .lock_pending_states(&ids)
-            .await?
-            .into_iter()
-            .map(|e| (e.record_id, e))
-            .collect();
+        let entries: BTreeMap<RecordId, PendingState> =
+            states.into_iter().map(|e| (e.record_id, e)).collect();
         let mut switched: BTreeMap<RecordId, PointId> = BTreeMap::new();
         for s in switches {
             let entry = entries
