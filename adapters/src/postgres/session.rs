@@ -98,12 +98,14 @@ pub(crate) struct Session {
 }
 
 /// How a queued statement's failure is told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Told {
     /// As any statement's.
     Statement,
     /// As the insert of new records ([`Session::insert_failed`]).
     NewRecords,
+    /// As the insert of this idempotency key: taken if it exists.
+    Key(String),
 }
 
 impl Session {
@@ -196,6 +198,15 @@ impl Session {
         match how {
             Told::Statement => self.stmt(e),
             Told::NewRecords => self.insert_failed(e),
+            Told::Key(key) => match e {
+                diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    ref info,
+                ) if info.constraint_name() == Some("idempotency_keys_pkey") => {
+                    MetadataError::IdempotencyKeyTaken { key }
+                }
+                e => self.stmt(e),
+            },
         }
     }
 
@@ -1545,21 +1556,24 @@ impl TxOps for Session {
     ) -> Result<bool, MetadataError> {
         self.in_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
-        let n = diesel::sql_query(
+        // A plain insert, queued: it goes out with `COMMIT`. A key recorded
+        // already (or by a transaction that commits while this one waits
+        // for it) fails it on the key, told as `IdempotencyKeyTaken`, and
+        // the transaction rolls back.
+        let insert = diesel::sql_query(
             "INSERT INTO idempotency_keys (key, request_hash, outcome, inserted, updated, deleted) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind::<Text, _>(record.key.as_str())
-        .bind::<Text, _>(record.request_hash.as_str())
-        .bind::<Jsonb, _>(&record.outcome)
+        .into_boxed()
+        .bind::<Text, _>(record.key.clone())
+        .bind::<Text, _>(record.request_hash.clone())
+        .bind::<Jsonb, _>(record.outcome.clone())
         .bind::<BigInt, _>(inserted)
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
-        Ok(n == 1)
+        .prepared();
+        self.queue(insert, Told::Key(record.key.clone()));
+        Ok(true)
     }
 
     async fn transfer_intent(&mut self, id: IntentId, to: OwnerToken) -> Result<(), MetadataError> {

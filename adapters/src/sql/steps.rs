@@ -271,7 +271,10 @@ pub(crate) trait TxOps: Send {
     async fn run_step(&mut self, step: &dyn CommitStep) -> Result<(), MetadataError>;
 
     /// Records the key with this commit's summary; `false` if the key was
-    /// already recorded (nothing is written then).
+    /// already recorded (nothing is written then). A backend that sends the
+    /// insert later in the transaction (PostgreSQL: with `COMMIT`) answers
+    /// `true` and fails the commit with
+    /// [`MetadataError::IdempotencyKeyTaken`] instead.
     async fn record_idempotency(
         &mut self,
         record: &IdempotencyRecord,
