@@ -1226,12 +1226,13 @@ impl TxOps for Session {
 
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
+        // Nothing reads the result: it goes out with the next statement or
+        // `COMMIT` (after the rows' locks, as on every path).
+        let delete = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
+            .into_boxed()
             .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
-            .prepared()
-            .execute(self.c())
-            .await
-            .map_err(|e| self.stmt(e))?;
+            .prepared();
+        self.queue(delete, Told::Statement);
         Ok(())
     }
 
