@@ -86,8 +86,8 @@ async fn committed<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         .expect("commit_upsert");
 }
 
-/// A deferred write of `rows`.
-async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
+/// An intent prepared for a deferred write (its lease far away).
+async fn prepared_for_a_deferred_write<M: MetadataRepo + ?Sized>(repo: &M) -> NewIntent {
     let intent = NewIntent {
         id: IntentId::new_v7(),
         kind: IntentKind::Upsert,
@@ -98,6 +98,12 @@ async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         generation: 0,
     };
     repo.prepare(&intent).await.expect("prepare");
+    intent
+}
+
+/// A deferred write of `rows`.
+async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
+    let intent = prepared_for_a_deferred_write(repo).await;
     let parts = [CommitPart::Defer {
         rows: rows.to_vec(),
         now_ms: T0,
@@ -568,16 +574,7 @@ async fn postgres_deferred_insert_beaten_by_a_concurrent_insert_writes_nothing()
         )
         .await
         .expect("their insert");
-    let intent = NewIntent {
-        id: IntentId::new_v7(),
-        kind: IntentKind::Upsert,
-        owner: OwnerToken::new_random(),
-        lease_deadline_ms: i64::MAX / 2,
-        point_ids: Vec::new(),
-        created_ms: 1,
-        generation: 0,
-    };
-    repo.prepare(&intent).await.expect("prepare");
+    let intent = prepared_for_a_deferred_write(&*repo).await;
     let rows = vec![a.clone(), b.clone()];
     let commit = {
         let (repo, rows) = (repo.clone(), rows.clone());

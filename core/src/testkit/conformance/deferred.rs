@@ -431,18 +431,13 @@ pub async fn deferred_release<M: MetadataRepo + ?Sized>(repo: &M) {
     );
 }
 
-/// `deferred_restore_requeues`: a held commit over a record with a waiting
-/// entry keeps the entry in the record's undo image; a restore puts the row
-/// back and the entry with it (at the restored version).
-pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
-    if skipped(repo, "deferred_restore_requeues") {
-        return;
-    }
-    let scope = fresh_scope("defer-restore");
-    let a = row(&scope, 1);
-    defer(repo, std::slice::from_ref(&a), T0).await;
-    // A saga step overwrites it synchronously (held), then is compensated.
-    let parts = [CommitPart::Upsert(vec![rewrite(&a, &scope, 2)])];
+/// A saga step overwrites `a` synchronously, held (its entry, waiting or
+/// dead-lettered, is dropped by the write); returns the step's undo images.
+async fn overwritten_by_a_held_step<M: MetadataRepo + ?Sized>(
+    repo: &M,
+    a: &RowWrite,
+) -> Vec<UndoImage> {
+    let parts = [CommitPart::Upsert(vec![rewrite(a, &a.scope, 2)])];
     let held = TransactionCommit {
         hold: true,
         ..TransactionCommit::of(&parts)
@@ -457,7 +452,20 @@ pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
         entry(repo, a.id).await.is_none(),
         "the step's write drops the entry"
     );
-    let images: Vec<UndoImage> = ok(repo.undo_images(intent.id).await, "undo_images");
+    ok(repo.undo_images(intent.id).await, "undo_images")
+}
+
+/// `deferred_restore_requeues`: a held commit over a record with a waiting
+/// entry keeps the entry in the record's undo image; a restore puts the row
+/// back and the entry with it (at the restored version).
+pub async fn deferred_restore_requeues<M: MetadataRepo + ?Sized>(repo: &M) {
+    if skipped(repo, "deferred_restore_requeues") {
+        return;
+    }
+    let scope = fresh_scope("defer-restore");
+    let a = row(&scope, 1);
+    defer(repo, std::slice::from_ref(&a), T0).await;
+    let images = overwritten_by_a_held_step(repo, &a).await;
     let image = images.iter().find(|i| i.id == a.id).expect("A's image");
     let before = image.before.as_ref().expect("A existed");
     let pending = before
@@ -485,23 +493,7 @@ pub async fn deferred_restore_keeps_dead_letters<M: MetadataRepo + ?Sized>(repo:
     }
     let (a, _, dead) = failed_once(repo, "defer-restore-dead", true, 1).await;
     assert_eq!(dead, 1, "setup: the failure dead-letters A");
-    let scope = a.scope.clone();
-    let parts = [CommitPart::Upsert(vec![rewrite(&a, &scope, 2)])];
-    let held = TransactionCommit {
-        hold: true,
-        ..TransactionCommit::of(&parts)
-    };
-    let intent = prepared(repo, IntentKind::Transaction, Vec::new()).await;
-    ok(
-        repo.commit_transaction(intent.id, intent.owner, &held, None, &IndexGate::passed())
-            .await,
-        "held commit",
-    );
-    assert!(
-        entry(repo, a.id).await.is_none(),
-        "the step's write drops the dead-lettered entry"
-    );
-    let images: Vec<UndoImage> = ok(repo.undo_images(intent.id).await, "undo_images");
+    let images = overwritten_by_a_held_step(repo, &a).await;
     let image = images.iter().find(|i| i.id == a.id).expect("A's image");
     let kept = image
         .before
