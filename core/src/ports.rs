@@ -63,6 +63,13 @@ impl IndexGate {
         gate
     }
 
+    /// Whether the decision is made already (the index write ended, or the
+    /// gate was made decided): a store may then leave work it would have
+    /// done while waiting to go out with its `COMMIT`.
+    pub fn is_decided(&self) -> bool {
+        self.rx.borrow().is_some()
+    }
+
     /// Waits for the decision: `true` once the index write succeeded, `false`
     /// if it failed (or its opener was dropped undecided).
     pub async fn wait(&self) -> bool {

@@ -295,7 +295,25 @@ impl Race {
             .first_repo
             .commit_upsert_gated(i1, o1, first, None, &gate);
         let racing = async {
-            wait_for_session(&self.schema, &self.admin, "idle in transaction").await;
+            // Idle in its transaction, and past its insert: a session is
+            // idle in transaction between any two statements, so the state
+            // alone could be seen before the insert went out.
+            let pid = wait_for_session(&self.schema, &self.admin, "idle in transaction").await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self
+                .admin
+                .query(
+                    "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                     WHERE l.pid = $1 AND c.relname = 'records' AND l.mode = 'RowExclusiveLock'",
+                    &[&pid],
+                )
+                .await
+                .expect("pg_locks")
+                .is_empty()
+            {
+                assert!(Instant::now() < deadline, "the first commit never inserted");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let release = async {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
@@ -431,4 +449,122 @@ async fn a_deferred_insert_of_a_record_inserted_concurrently_fails_retryably_wit
     let entries = repo.pending_for(&[first.id]).await.expect("pending_for");
     assert_eq!(entries.len(), 1);
     assert_eq!((entries[0].version, entries[0].indexed_version), (2, 1));
+}
+
+/// An index switch's writes (the rows' new points, the entries' delete, the
+/// intent's mark) wait for nothing but `COMMIT`. While the worker's index
+/// write is still in flight (the gate undecided) they go out at once, so
+/// that their work overlaps the write instead of following it: the open
+/// transaction's last statement is the mark, and nothing is visible yet.
+/// Once the gate passes, the switch commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
+    use tandem_core::{IndexSwitch, IntentKind, NewIntent, OwnerToken, PointId};
+    const NOW: i64 = 2_000_000_000_000;
+    let schema = TestSchema::new().await;
+    let repo = Arc::new(schema.repo().await);
+    let admin = schema.admin().await;
+    let intent = |kind, point_ids| NewIntent {
+        id: tandem_core::IntentId::new_v7(),
+        kind,
+        owner: OwnerToken::new_random(),
+        lease_deadline_ms: i64::MAX / 2,
+        point_ids,
+        created_ms: 1,
+        generation: 0,
+    };
+    let a = row("switch", "a");
+    let deferred = intent(IntentKind::Upsert, Vec::new());
+    repo.prepare(&deferred).await.expect("prepare");
+    let parts = [CommitPart::Defer {
+        rows: vec![a.clone()],
+        now_ms: 1_000,
+    }];
+    repo.commit_transaction(
+        deferred.id,
+        deferred.owner,
+        &TransactionCommit::of(&parts),
+        None,
+        &IndexGate::passed(),
+    )
+    .await
+    .expect("deferred write");
+    let claim = OwnerToken::new_random();
+    let claimed = repo
+        .claim_pending(NOW, claim, NOW + 600_000, 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let point = PointId::new_random();
+    let switch = intent(IntentKind::Index, vec![point]);
+    repo.prepare(&switch).await.expect("prepare the switch");
+    let (opener, gate) = IndexGate::pending();
+    let commit = tokio::spawn({
+        let (repo, switch) = (repo.clone(), switch.clone());
+        let switches = vec![IndexSwitch {
+            record_id: a.id,
+            version: claimed[0].version,
+            point_id: point,
+        }];
+        async move {
+            let parts = [CommitPart::Index {
+                claim,
+                switches,
+                now_ms: NOW,
+            }];
+            repo.commit_transaction(
+                switch.id,
+                switch.owner,
+                &TransactionCommit::of(&parts),
+                None,
+                &gate,
+            )
+            .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last: Vec<String> = admin
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE application_name = $1 \
+                 AND state = 'idle in transaction'",
+                &[&schema.name()],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if last
+            .iter()
+            .any(|q| q.starts_with("UPDATE intents SET state"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the switch's writes did not go out before the gate: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM pending_index WHERE record_id = $1::text::uuid",
+            a.id.0
+        )
+        .await,
+        1,
+        "the entry's delete is visible before the gate"
+    );
+    assert_eq!(
+        repo.get(&[a.id]).await.expect("get")[0].point_id,
+        a.point_id
+    );
+    opener.decide(true);
+    let done = commit.await.expect("join").expect("the switch commits");
+    assert!(done.garbage.is_empty(), "{:?}", done.garbage);
+    let now = repo.get(&[a.id]).await.expect("get");
+    assert_eq!(now[0].point_id, point);
+    assert!(repo.pending_for(&[a.id]).await.expect("pending").is_empty());
 }

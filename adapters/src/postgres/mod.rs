@@ -289,11 +289,8 @@ impl MetadataRepo for PostgresMetadataRepo {
     ) -> Result<UpsertCommit, MetadataError> {
         let mut s = self.session().await?;
         s.begin();
-        let r = match steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await {
-            Ok(commit) if gate.wait().await => Ok(commit),
-            Ok(_) => Err(MetadataError::Aborted { intent }),
-            Err(e) => Err(e),
-        };
+        let r = steps::commit_upsert(&mut s, intent, owner, rows, idempotency).await;
+        let r = after_the_gate(&mut s, r, gate, intent).await;
         s.finish(r).await
     }
 
@@ -326,11 +323,8 @@ impl MetadataRepo for PostgresMetadataRepo {
     ) -> Result<TransactionCommitResult, MetadataError> {
         let mut s = self.session().await?;
         s.begin();
-        let r = match steps::commit_transaction(&mut s, intent, owner, commit, idempotency).await {
-            Ok(commit) if gate.wait().await => Ok(commit),
-            Ok(_) => Err(MetadataError::Aborted { intent }),
-            Err(e) => Err(e),
-        };
+        let r = steps::commit_transaction(&mut s, intent, owner, commit, idempotency).await;
+        let r = after_the_gate(&mut s, r, gate, intent).await;
         s.finish(r).await
     }
 
@@ -702,6 +696,28 @@ impl MetadataRepo for PostgresMetadataRepo {
         s.begin();
         let r = reindex_steps::forget_retired(&mut s, name).await;
         s.finish(r).await
+    }
+}
+
+/// A gated commit's body done: waits for the index write it must follow.
+/// While that write is still in flight, the statements queued for `COMMIT`
+/// go out now, so that their work (an index switch's update of every row)
+/// overlaps the write instead of following it; once it has ended they stay
+/// queued, one round trip with `COMMIT`.
+async fn after_the_gate<T>(
+    s: &mut Session,
+    body: Result<T, MetadataError>,
+    gate: &IndexGate,
+    intent: IntentId,
+) -> Result<T, MetadataError> {
+    let value = body?;
+    if !gate.is_decided() {
+        s.send_queued().await?;
+    }
+    if gate.wait().await {
+        Ok(value)
+    } else {
+        Err(MetadataError::Aborted { intent })
     }
 }
 

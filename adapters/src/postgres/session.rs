@@ -160,8 +160,8 @@ impl Session {
         self.tx = Tx::Pending;
     }
 
-    /// Sends a pending `BEGIN` on its own, before a statement that must run
-    /// inside the transaction.
+    /// Sends a pending `BEGIN` on its own, and any queued statements, before
+    /// a statement that must run inside the transaction (after them).
     pub(super) async fn in_tx(&mut self) -> Result<(), MetadataError> {
         if self.tx == Tx::Pending {
             self.c()
@@ -170,8 +170,15 @@ impl Session {
                 .map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
         }
+        self.send_queued().await
+    }
+
+    /// Sends the queued statements now, in one round trip, rather than with
+    /// `COMMIT`: before another statement, or while the transaction waits
+    /// for something else (the index write of a gated commit), so that their
+    /// work is done by then.
+    pub(crate) async fn send_queued(&mut self) -> Result<(), MetadataError> {
         if !self.queued.is_empty() {
-            // A statement follows the queued ones: they go first.
             let queued = std::mem::take(&mut self.queued);
             let conn: &AsyncPgConnection = self.c();
             let (statements, told): (Vec<Statement>, Vec<Told>) = queued.into_iter().unzip();
