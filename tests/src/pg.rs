@@ -347,12 +347,27 @@ pub mod data {
         repo: &M,
         rows: &[RowWrite],
     ) -> (IntentId, OwnerToken) {
+        prepare_intent(
+            repo,
+            IntentKind::Upsert,
+            rows.iter().map(|r| r.point_id).collect(),
+        )
+        .await
+    }
+
+    /// Prepares an intent of `kind` naming `point_ids`, whose lease never
+    /// ends within a test.
+    pub async fn prepare_intent<M: MetadataRepo + ?Sized>(
+        repo: &M,
+        kind: IntentKind,
+        point_ids: Vec<PointId>,
+    ) -> (IntentId, OwnerToken) {
         let intent = NewIntent {
             id: IntentId::new_v7(),
-            kind: IntentKind::Upsert,
+            kind,
             owner: OwnerToken::new_random(),
             lease_deadline_ms: i64::MAX / 2,
-            point_ids: rows.iter().map(|r| r.point_id).collect(),
+            point_ids,
             created_ms: 1,
             generation: 0,
         };

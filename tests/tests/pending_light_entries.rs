@@ -22,8 +22,8 @@ use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use serde_json::json;
 use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
 use tandem_core::{
-    CommitPart, IndexGate, IntentId, IntentKind, MetadataRepo, NewIntent, OwnerToken,
-    PendingFilter, PendingIndex, PointId, RecordId, RowWrite, Scope, TransactionCommit,
+    CommitPart, IndexGate, MetadataRepo, OwnerToken, PendingFilter, PendingIndex, PointId,
+    RecordId, RowWrite, Scope, TransactionCommit,
 };
 use tandem_tests::pg::TestSchema;
 use tandem_tests::pg::data::{meta, prepare_upsert};
@@ -86,30 +86,15 @@ async fn committed<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         .expect("commit_upsert");
 }
 
-/// An intent prepared for a deferred write (its lease far away).
-async fn prepared_for_a_deferred_write<M: MetadataRepo + ?Sized>(repo: &M) -> NewIntent {
-    let intent = NewIntent {
-        id: IntentId::new_v7(),
-        kind: IntentKind::Upsert,
-        owner: OwnerToken::new_random(),
-        lease_deadline_ms: i64::MAX / 2,
-        point_ids: Vec::new(),
-        created_ms: 1,
-        generation: 0,
-    };
-    repo.prepare(&intent).await.expect("prepare");
-    intent
-}
-
 /// A deferred write of `rows`.
 async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
-    let intent = prepared_for_a_deferred_write(repo).await;
+    let (intent, owner) = prepare_upsert(repo, &[]).await;
     let parts = [CommitPart::Defer {
         rows: rows.to_vec(),
         now_ms: T0,
     }];
     let commit = TransactionCommit::of(&parts);
-    repo.commit_transaction(intent.id, intent.owner, &commit, None, &IndexGate::passed())
+    repo.commit_transaction(intent, owner, &commit, None, &IndexGate::passed())
         .await
         .expect("deferred commit");
 }

@@ -22,7 +22,7 @@ use tandem_core::{
 };
 use tandem_tests::invariants;
 use tandem_tests::pg::TestSchema;
-use tandem_tests::pg::data::{prepare_upsert, rewrite, row};
+use tandem_tests::pg::data::{prepare_intent, prepare_upsert, rewrite, row};
 use tokio_postgres::error::SqlState;
 
 /// Waits until the schema's repo sessions include one in `state` and returns
@@ -44,6 +44,20 @@ async fn wait_for_session(schema: &TestSchema, admin: &tokio_postgres::Client, s
             Instant::now() < deadline,
             "no repo session became {state:?}"
         );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `check` holds, looking every 10 ms; fails, naming `what`,
+/// if it does not within ten seconds (a safety net, not a timing bound).
+async fn until<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -299,21 +313,20 @@ impl Race {
             // idle in transaction between any two statements, so the state
             // alone could be seen before the insert went out.
             let pid = wait_for_session(&self.schema, &self.admin, "idle in transaction").await;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self
-                .admin
-                .query(
-                    "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                     WHERE l.pid = $1 AND c.relname = 'records' AND l.mode = 'RowExclusiveLock'",
-                    &[&pid],
-                )
-                .await
-                .expect("pg_locks")
-                .is_empty()
-            {
-                assert!(Instant::now() < deadline, "the first commit never inserted");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            until("the first commit inserts", || async {
+                !self
+                    .admin
+                    .query(
+                        "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                         WHERE l.pid = $1 AND c.relname = 'records' \
+                         AND l.mode = 'RowExclusiveLock'",
+                        &[&pid],
+                    )
+                    .await
+                    .expect("pg_locks")
+                    .is_empty()
+            })
+            .await;
             let release = async {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
@@ -459,30 +472,20 @@ async fn a_deferred_insert_of_a_record_inserted_concurrently_fails_retryably_wit
 /// Once the gate passes, the switch commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
-    use tandem_core::{IndexSwitch, IntentKind, NewIntent, OwnerToken, PointId};
+    use tandem_core::{IndexSwitch, IntentKind, OwnerToken, PointId};
     const NOW: i64 = 2_000_000_000_000;
     let schema = TestSchema::new().await;
     let repo = Arc::new(schema.repo().await);
     let admin = schema.admin().await;
-    let intent = |kind, point_ids| NewIntent {
-        id: tandem_core::IntentId::new_v7(),
-        kind,
-        owner: OwnerToken::new_random(),
-        lease_deadline_ms: i64::MAX / 2,
-        point_ids,
-        created_ms: 1,
-        generation: 0,
-    };
     let a = row("switch", "a");
-    let deferred = intent(IntentKind::Upsert, Vec::new());
-    repo.prepare(&deferred).await.expect("prepare");
+    let (deferred, deferred_owner) = prepare_upsert(&*repo, &[]).await;
     let parts = [CommitPart::Defer {
         rows: vec![a.clone()],
         now_ms: 1_000,
     }];
     repo.commit_transaction(
-        deferred.id,
-        deferred.owner,
+        deferred,
+        deferred_owner,
         &TransactionCommit::of(&parts),
         None,
         &IndexGate::passed(),
@@ -496,11 +499,10 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
         .expect("claim");
     assert_eq!(claimed.len(), 1);
     let point = PointId::new_random();
-    let switch = intent(IntentKind::Index, vec![point]);
-    repo.prepare(&switch).await.expect("prepare the switch");
+    let (switch, switch_owner) = prepare_intent(&*repo, IntentKind::Index, vec![point]).await;
     let (opener, gate) = IndexGate::pending();
     let commit = tokio::spawn({
-        let (repo, switch) = (repo.clone(), switch.clone());
+        let repo = repo.clone();
         let switches = vec![IndexSwitch {
             record_id: a.id,
             version: claimed[0].version,
@@ -513,8 +515,8 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
                 now_ms: NOW,
             }];
             repo.commit_transaction(
-                switch.id,
-                switch.owner,
+                switch,
+                switch_owner,
                 &TransactionCommit::of(&parts),
                 None,
                 &gate,
@@ -522,9 +524,8 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
             .await
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let last: Vec<String> = admin
+    until("the switch's writes go out before the gate", || async {
+        admin
             .query(
                 "SELECT query FROM pg_stat_activity WHERE application_name = $1 \
                  AND state = 'idle in transaction'",
@@ -533,20 +534,12 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
             .await
             .expect("pg_stat_activity")
             .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if last
-            .iter()
-            .any(|q| q.starts_with("UPDATE intents SET state"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the switch's writes did not go out before the gate: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            .any(|r| {
+                r.get::<_, String>(0)
+                    .starts_with("UPDATE intents SET state")
+            })
+    })
+    .await;
     assert_eq!(
         count(
             &admin,
