@@ -11,7 +11,8 @@ use diesel::sql_types::{
     Array, BigInt, Bool, Bytea, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid,
 };
 use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use futures::future::OptionFuture;
+use futures::FutureExt;
+use futures::future::{BoxFuture, OptionFuture};
 use serde_json::Value;
 use tandem_core::{
     CommitStep, CommitSummary, DeleteSelector, IdempotencyRecord, IndexFailure, Intent, IntentId,
@@ -178,18 +179,40 @@ impl Session {
     /// for something else (the index write of a gated commit), so that their
     /// work is done by then.
     pub(crate) async fn send_queued(&mut self) -> Result<(), MetadataError> {
-        if !self.queued.is_empty() {
-            let queued = std::mem::take(&mut self.queued);
-            let conn: &AsyncPgConnection = self.c();
-            let (statements, told): (Vec<Statement>, Vec<Told>) = queued.into_iter().unzip();
-            let results =
-                futures::future::join_all(statements.into_iter().map(|q| q.execute(&mut &*conn)))
-                    .await;
-            for (r, how) in results.into_iter().zip(told) {
-                r.map_err(|e| self.told(e, how))?;
-            }
+        if self.queued.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        match self.run_queued(false).await {
+            (Some((e, how)), _) => Err(self.told(e, how)),
+            (None, _) => Ok(()),
+        }
+    }
+
+    /// Sends the queued statements, then `COMMIT` if `commit`, in one
+    /// pipeline (in order, as `lock_intent` explains). Returns the first
+    /// failure with how to tell it — the ones after it only say that the
+    /// transaction was aborted — and the `COMMIT`'s answer.
+    async fn run_queued(
+        &mut self,
+        commit: bool,
+    ) -> (
+        Option<(diesel::result::Error, Told)>,
+        Option<diesel::QueryResult<usize>>,
+    ) {
+        let (statements, told): (Vec<Statement>, Vec<Told>) =
+            std::mem::take(&mut self.queued).into_iter().unzip();
+        let conn: &AsyncPgConnection = self.c();
+        let statements =
+            futures::future::join_all(statements.into_iter().map(|q| q.execute(&mut &*conn)));
+        let commit: OptionFuture<_> = commit
+            .then(|| diesel::sql_query("COMMIT").prepared().execute(&mut &*conn))
+            .into();
+        let (results, commit) = futures::join!(statements, commit);
+        let failed = results
+            .into_iter()
+            .zip(told)
+            .find_map(|(r, how)| r.err().map(|e| (e, how)));
+        (failed, commit)
     }
 
     /// Queues a statement of the open transaction whose result nothing
@@ -217,25 +240,31 @@ impl Session {
         }
     }
 
-    /// The existing rows among `ids` (as `lock_existing` asks), locked in
-    /// id order.
-    fn lock_existing_query(ids: Vec<Uuid>) -> Statement {
-        diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .into_boxed()
-            .bind::<Array<SqlUuid>, _>(ids)
-            .prepared()
-    }
-
-    /// Keeps what the lock ahead found, after it went out pipelined with
-    /// `BEGIN` and the transaction's first statement.
-    fn keep_locked_ahead(
+    /// Opens the pending transaction with its first statement: `BEGIN`,
+    /// `first` and the lock ahead ([`TxOps::lock_ahead`]), if any, in one
+    /// round trip and in that order. Keeps what the lock ahead found for
+    /// `lock_existing`.
+    async fn begin_with<T: Send>(
         &mut self,
-        ids: Vec<Uuid>,
-        locked: Result<Vec<PgId>, diesel::result::Error>,
-    ) -> Result<(), MetadataError> {
-        let found = locked.map_err(|e| self.stmt(e))?;
-        self.locked_ahead = Some((ids, found.into_iter().map(|r| r.id).collect()));
-        Ok(())
+        first: impl for<'c> FnOnce(&'c AsyncPgConnection) -> BoxFuture<'c, diesel::QueryResult<T>>,
+    ) -> Result<T, MetadataError> {
+        let ahead = self.ahead.take();
+        let conn: &AsyncPgConnection = self.c();
+        let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
+        let first = first(conn);
+        let rows: OptionFuture<_> = ahead
+            .clone()
+            .map(|ids| lock_existing_query(ids).load::<PgId>(&mut &*conn))
+            .into();
+        let (began, first, rows) = futures::join!(begin, first, rows);
+        began.map_err(|e| self.stmt(e))?;
+        self.tx = Tx::Open;
+        let first = first.map_err(|e| self.stmt(e))?;
+        if let (Some(ids), Some(rows)) = (ahead, rows) {
+            let found = rows.map_err(|e| self.stmt(e))?;
+            self.locked_ahead = Some((ids, found.into_iter().map(|r| r.id).collect()));
+        }
+        Ok(first)
     }
 
     /// Commits after a body that succeeded (a failure of COMMIT itself may have
@@ -259,31 +288,17 @@ impl Session {
                 self.done(committed)
             }
             Ok(value) => {
-                // The queued statements and `COMMIT`, pipelined (in order, as
-                // `lock_intent` explains). A queued statement that failed
-                // aborted the transaction, and a `COMMIT` that answered then
-                // rolled back: that failure is the answer, as a statement's.
-                // Without the `COMMIT`'s answer (a lost connection), the
-                // outcome is the `COMMIT`'s: unknown.
-                let (statements, told): (Vec<Statement>, Vec<Told>) =
-                    std::mem::take(&mut self.queued).into_iter().unzip();
-                let conn: &AsyncPgConnection = self.conn.conn();
-                let statements = futures::future::join_all(
-                    statements.into_iter().map(|q| q.execute(&mut &*conn)),
-                );
-                let commit = diesel::sql_query("COMMIT").prepared().execute(&mut &*conn);
-                let (results, commit) = futures::join!(statements, commit);
-                // The first failure: the ones after it only say that the
-                // transaction was aborted.
-                let failed = results
-                    .into_iter()
-                    .zip(told)
-                    .find_map(|(r, how)| r.err().map(|e| (e, how)));
-                let committed = match (failed, commit) {
-                    (Some((e, how)), Ok(_)) => Err(self.told(e, how)),
-                    (Some((e, _)), Err(_)) => Err(self.errors().classify(e, Phase::Commit)),
-                    (None, Err(e)) => Err(self.errors().classify(e, Phase::Commit)),
-                    (None, Ok(_)) => Ok(value),
+                // The queued statements and `COMMIT`, pipelined. A queued
+                // statement that failed aborted the transaction, and a
+                // `COMMIT` that answered then rolled back: that failure is
+                // the answer, as a statement's. Without the `COMMIT`'s answer
+                // (a lost connection), the outcome is the `COMMIT`'s: unknown.
+                let committed = match self.run_queued(true).await {
+                    (Some((e, how)), Some(Ok(_))) => Err(self.told(e, how)),
+                    (Some((e, _)), _) | (None, Some(Err(e))) => {
+                        Err(self.errors().classify(e, Phase::Commit))
+                    }
+                    (None, _) => Ok(value),
                 };
                 self.done(committed)
             }
@@ -495,6 +510,15 @@ impl PgPendingState {
             claimed_by: self.claimed_by.map(OwnerToken),
         })
     }
+}
+
+/// The existing rows among `ids` (as `lock_existing` asks), locked in id
+/// order.
+fn lock_existing_query(ids: Vec<Uuid>) -> Statement {
+    diesel::sql_query("SELECT id FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .into_boxed()
+        .bind::<Array<SqlUuid>, _>(ids)
+        .prepared()
 }
 
 /// The version and point of the existing records among `ids`, locked in id
@@ -815,7 +839,7 @@ impl Session {
         let existing: HashSet<Uuid> = match self.locked_ahead.take() {
             // Locked by the transaction's first round trip: still so.
             Some((asked, found)) if asked == ids => found,
-            _ => Self::lock_existing_query(ids)
+            _ => lock_existing_query(ids)
                 .load::<PgId>(self.c())
                 .await
                 .map_err(|e| self.stmt(e))?
@@ -877,22 +901,8 @@ impl TxOps for Session {
             // `postgres_overlap` suite checks it on a fresh connection, whose
             // cache is empty, and on a warm one).
             // The rows locked ahead, if any, come third.
-            let ahead = self.ahead.take();
-            let conn: &AsyncPgConnection = self.c();
-            let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
-            let lock = lock.load::<PgIntent>(&mut &*conn);
-            let rows: OptionFuture<_> = ahead
-                .clone()
-                .map(|ids| Self::lock_existing_query(ids).load::<PgId>(&mut &*conn))
-                .into();
-            let (began, locked, rows) = futures::join!(begin, lock, rows);
-            began.map_err(|e| self.stmt(e))?;
-            self.tx = Tx::Open;
-            let locked = locked.map_err(|e| self.stmt(e))?;
-            if let (Some(ids), Some(rows)) = (ahead, rows) {
-                self.keep_locked_ahead(ids, rows)?;
-            }
-            locked
+            self.begin_with(|conn| lock.load::<PgIntent>(&mut &*conn).boxed())
+                .await?
         } else {
             self.in_tx().await?;
             lock.load(self.c()).await.map_err(|e| self.stmt(e))?
@@ -921,22 +931,8 @@ impl TxOps for Session {
         let inserted = if self.tx == Tx::Pending {
             // Pipelined with `BEGIN`, one round trip (see `lock_intent`),
             // and the rows locked ahead, if any.
-            let ahead = self.ahead.take();
-            let conn: &AsyncPgConnection = self.c();
-            let begin = diesel::sql_query("BEGIN").prepared().execute(&mut &*conn);
-            let insert = insert.execute(&mut &*conn);
-            let rows: OptionFuture<_> = ahead
-                .clone()
-                .map(|ids| Self::lock_existing_query(ids).load::<PgId>(&mut &*conn))
-                .into();
-            let (began, inserted, rows) = futures::join!(begin, insert, rows);
-            began.map_err(|e| self.stmt(e))?;
-            self.tx = Tx::Open;
-            let inserted = inserted.map_err(|e| self.stmt(e))?;
-            if let (Some(ids), Some(rows)) = (ahead, rows) {
-                self.keep_locked_ahead(ids, rows)?;
-            }
-            inserted
+            self.begin_with(|conn| insert.execute(&mut &*conn).boxed())
+                .await?
         } else {
             self.in_tx().await?;
             insert.execute(self.c()).await.map_err(|e| self.stmt(e))?
