@@ -7,7 +7,9 @@
 //!   lock both need a Parse first) and on a warm one (both cached);
 //! - a failed gate ends the transaction and leaves the connection reusable;
 //! - end to end, a backend terminated while the commit waits for the index
-//!   write is settled and retried: the call succeeds and the stores converge.
+//!   write is settled and retried: the call succeeds and the stores converge;
+//! - what goes out together: an index switch's writes while the index write
+//!   is in flight, and a deferred write's round trips, counted on the wire.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -18,11 +20,12 @@ use tandem_adapters::postgres::PostgresMetadataRepo;
 use tandem_core::testkit::faults::{Call, Fault, FaultController, FaultyVectorIndex, Rule};
 use tandem_core::{
     CommitPart, Coordinator, CoordinatorConfig, Distance, IndexGate, MetadataError, MetadataRepo,
-    NewRecord, RetryPolicy, RowWrite, TransactionCommit,
+    NewRecord, RecordId, RetryPolicy, RowWrite, TransactionCommit, WriteOptions,
 };
 use tandem_tests::invariants;
-use tandem_tests::pg::TestSchema;
 use tandem_tests::pg::data::{prepare_intent, prepare_upsert, rewrite, row};
+use tandem_tests::pg::proxy::CommitProxy;
+use tandem_tests::pg::{TestSchema, server_addr, url_via};
 use tokio_postgres::error::SqlState;
 
 /// Waits until the schema's repo sessions include one in `state` and returns
@@ -560,4 +563,78 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
     let now = repo.get(&[a.id]).await.expect("get");
     assert_eq!(now[0].point_id, point);
     assert!(repo.pending_for(&[a.id]).await.expect("pending").is_empty());
+}
+
+/// The round trips of one call of `call`: the fewest of five calls (a
+/// proxy's count can only be too high — a client stalled in the middle of
+/// a pipeline — see `CommitProxy::round_trips`).
+async fn fewest_round_trips<F, Fut>(proxy: &CommitProxy, call: F) -> usize
+where
+    F: Fn(u32) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut fewest = usize::MAX;
+    for n in 0..5 {
+        let before = proxy.round_trips();
+        call(n).await;
+        fewest = fewest.min(proxy.round_trips() - before);
+    }
+    fewest
+}
+
+/// What goes out together (`docs/postgres.md`), counted on the wire: a
+/// deferred write of new records is two round trips — `BEGIN` with the
+/// intent's insert and the lock of existing rows; then the inserts, the
+/// intent's mark and `COMMIT` — and one that updates existing records is
+/// three (their update answers the versions their entries take). A
+/// statement queued for `COMMIT` does not send the ones queued before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_write_is_two_round_trips_and_three_when_it_updates() {
+    let schema = TestSchema::new().await;
+    let proxy = CommitProxy::start(server_addr(schema.url()).await).await;
+    let repo = schema
+        .repo_with(|c| {
+            c.url = url_via(schema.url(), proxy.addr()).into();
+            // One warm session, never verified with a `SELECT 1` of its own.
+            c.pool_size = 1;
+            c.verify_idle_after = Duration::from_secs(3600);
+        })
+        .await;
+    let coordinator = Coordinator::new(
+        repo,
+        InMemoryVectorIndex::new(3, Distance::Cosine),
+        CoordinatorConfig::default(),
+    )
+    .expect("config");
+    let deferred = WriteOptions::deferred();
+    let batch = |scope: &str, n: u32| -> Vec<NewRecord> {
+        (0..10u8)
+            .map(|i| {
+                NewRecord::new(scope, format!("v{n}"), vec![1.0, f32::from(i), 0.5])
+                    .with_id(RecordId(uuid::Uuid::from_u128(u128::from(i) + 1)))
+            })
+            .collect()
+    };
+    let write = |records: Vec<NewRecord>| async {
+        coordinator
+            .upsert_with(records, &deferred)
+            .await
+            .expect("deferred write");
+    };
+    // Warm: the session prepares each statement on its first use.
+    write(batch("updates", 0)).await;
+    write(batch("updates", 1)).await;
+    // Every answer takes 25 ms to come back: a pipeline goes out whole
+    // before its first answer arrives.
+    proxy.delay_answers(Duration::from_millis(25));
+    let new = fewest_round_trips(&proxy, |n| {
+        let fresh: Vec<NewRecord> = (0..10)
+            .map(|i| NewRecord::new("new", format!("{n}-{i}"), vec![1.0, i as f32, 0.5]))
+            .collect();
+        write(fresh)
+    })
+    .await;
+    assert_eq!(new, 2, "a deferred write of new records");
+    let updates = fewest_round_trips(&proxy, |n| write(batch("updates", n + 2))).await;
+    assert_eq!(updates, 3, "a deferred write that updates existing records");
 }

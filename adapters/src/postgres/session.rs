@@ -164,6 +164,14 @@ impl Session {
     /// Sends a pending `BEGIN` on its own, and any queued statements, before
     /// a statement that must run inside the transaction (after them).
     pub(super) async fn in_tx(&mut self) -> Result<(), MetadataError> {
+        self.open_tx().await?;
+        self.send_queued().await
+    }
+
+    /// Sends a pending `BEGIN` on its own, leaving the queue as it is: for a
+    /// statement that is queued itself, behind the ones queued before it
+    /// (sending those first would cost a round trip for nothing).
+    async fn open_tx(&mut self) -> Result<(), MetadataError> {
         if self.tx == Tx::Pending {
             self.c()
                 .batch_execute("BEGIN")
@@ -171,7 +179,7 @@ impl Session {
                 .map_err(|e| self.stmt(e))?;
             self.tx = Tx::Open;
         }
-        self.send_queued().await
+        Ok(())
     }
 
     /// Sends the queued statements now, in one round trip, rather than with
@@ -839,13 +847,17 @@ impl Session {
         let existing: HashSet<Uuid> = match self.locked_ahead.take() {
             // Locked by the transaction's first round trip: still so.
             Some((asked, found)) if asked == ids => found,
-            _ => lock_existing_query(ids)
-                .load::<PgId>(self.c())
-                .await
-                .map_err(|e| self.stmt(e))?
-                .into_iter()
-                .map(|r| r.id)
-                .collect(),
+            _ => {
+                // After what is queued before it, as every statement.
+                self.in_tx().await?;
+                lock_existing_query(ids)
+                    .load::<PgId>(self.c())
+                    .await
+                    .map_err(|e| self.stmt(e))?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect()
+            }
         };
         Ok(rows
             .iter()
@@ -982,7 +994,7 @@ impl TxOps for Session {
         rows: &[&RowWrite],
         now_ms: i64,
     ) -> Result<Vec<RecordId>, MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         let new = self.lock_existing(rows).await?;
         if new.is_empty() {
             return Ok(Vec::new());
@@ -1085,7 +1097,7 @@ impl TxOps for Session {
         state: IntentState,
         release_at_ms: Option<i64>,
     ) -> Result<(), MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         // The commit's last statement (the intent is locked or was created
         // by this transaction, so it updates one row): it goes out with
@@ -1156,7 +1168,7 @@ impl TxOps for Session {
         &mut self,
         switches: &[(RecordId, PointId)],
     ) -> Result<(), MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         // The rows are locked already (lock_versions). Nothing reads the
         // result: it goes out with the next statement or `COMMIT`.
         let switch = diesel::sql_query(format!(
@@ -1228,7 +1240,7 @@ impl TxOps for Session {
     }
 
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         // Nothing reads the result: it goes out with the next statement or
         // `COMMIT` (after the rows' locks, as on every path).
         let delete = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
@@ -1245,7 +1257,7 @@ impl TxOps for Session {
         shard: i32,
         now_ms: i64,
     ) -> Result<(), MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         let bucket = PendingStats::rate_bucket(now_ms);
         // One statement: the entries, the shard's old seconds, and the
         // count added to the current second. Nothing reads its result: it
@@ -1269,13 +1281,13 @@ impl TxOps for Session {
     }
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
-        self.in_tx().await?;
         // The deferred write sends the entries of existing rows here; a new
         // record's first entry goes out with its insert (`insert_deferred`).
         // The upsert below is right for any entry.
         if entries.is_empty() {
             return Ok(());
         }
+        self.open_tx().await?;
         // Light entries: the rows just written hold scope, metadata and (if
         // kept) the vector at the entries' versions.
         let cols = PendingColumns::new(
@@ -1289,7 +1301,9 @@ impl TxOps for Session {
         // when it was enqueued and which version the row's point holds. A
         // coalesced entry becomes light too (one restored from an undo image
         // may carry content).
-        diesel::sql_query(
+        // Nothing reads the result: it goes out with the next statement or
+        // `COMMIT`.
+        let upsert = diesel::sql_query(
             "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
                  vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
              SELECT t.id, t.version, t.indexed, NULL, NULL, t.vector, t.enqueued, \
@@ -1306,15 +1320,14 @@ impl TxOps for Session {
                  vector = excluded.vector, attempts = 0, last_error = NULL, dead = false, \
                  claimed_by = NULL, claim_until_ms = NULL",
         )
+        .into_boxed()
         .bind::<Array<SqlUuid>, _>(cols.ids)
         .bind::<Array<BigInt>, _>(cols.versions)
         .bind::<Array<BigInt>, _>(cols.indexed)
         .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
         .bind::<Array<BigInt>, _>(cols.enqueued)
-        .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        .prepared();
+        self.queue(upsert, Told::Statement);
         Ok(())
     }
 
@@ -1558,7 +1571,7 @@ impl TxOps for Session {
         record: &IdempotencyRecord,
         summary: CommitSummary,
     ) -> Result<bool, MetadataError> {
-        self.in_tx().await?;
+        self.open_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         // A plain insert, queued: it goes out with `COMMIT`. A key recorded
         // already (or by a transaction that commits while this one waits

@@ -8,11 +8,14 @@
 //! prepared statement that is, as the adapter sends it pipelined after a
 //! transaction's last statements — and the server's reply to it; everything
 //! else is forwarded byte for byte.
+//!
+//! It also counts the client's round trips ([`CommitProxy::round_trips`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -36,6 +39,9 @@ struct Shared {
     plan: Mutex<VecDeque<CommitFault>>,
     fired: AtomicUsize,
     commits_seen: AtomicUsize,
+    round_trips: AtomicUsize,
+    /// Held back before each chunk of the server's answers (ms).
+    answer_delay_ms: AtomicU64,
 }
 
 impl Shared {
@@ -116,6 +122,25 @@ impl CommitProxy {
     pub fn commits_seen(&self) -> usize {
         self.shared.commits_seen.load(Ordering::SeqCst)
     }
+
+    /// How many round trips the clients made so far (on any connection,
+    /// the startup's own not counted): a message a client sends once the
+    /// server's answer to something has reached it since its previous
+    /// message starts one. Statements sent in one pipeline count once —
+    /// unless an answer reaches the client before it has sent the rest, so
+    /// a count can only be too high, never too low; an
+    /// [answer delay](Self::delay_answers) longer than the client takes to
+    /// send a pipeline rules that out but for a stalled client.
+    pub fn round_trips(&self) -> usize {
+        self.shared.round_trips.load(Ordering::SeqCst)
+    }
+
+    /// Holds back every chunk of the server's answers for `delay` before
+    /// forwarding it (in order), from now on.
+    pub fn delay_answers(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.shared.answer_delay_ms.store(ms, Ordering::SeqCst);
+    }
 }
 
 impl Drop for CommitProxy {
@@ -133,9 +158,12 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
     // Set before a COMMIT is forwarded under DropAfterCommit: whatever the
     // server sends next is that COMMIT's reply, and is swallowed.
     let cut = Arc::new(AtomicBool::new(false));
+    // Set when the server sends something; the client's next message
+    // starts a round trip.
+    let answered = Arc::new(AtomicBool::new(false));
     tokio::select! {
-        _ = client_to_server(client_read, server_write, shared, cut.clone()) => {}
-        _ = server_to_client(server_read, client_write, cut) => {}
+        _ = client_to_server(client_read, server_write, shared.clone(), cut.clone(), answered.clone()) => {}
+        _ = server_to_client(server_read, client_write, shared.clone(), cut, answered) => {}
     }
     // Returning drops all four halves: both sockets close.
 }
@@ -143,7 +171,9 @@ async fn relay(client: TcpStream, server: TcpStream, shared: Arc<Shared>) {
 async fn server_to_client(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
+    shared: Arc<Shared>,
     cut: Arc<AtomicBool>,
+    answered: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -154,6 +184,11 @@ async fn server_to_client(
         if cut.load(Ordering::SeqCst) {
             return swallow_until_commit_reply(&mut from, buf[..n].to_vec()).await;
         }
+        let delay = shared.answer_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        answered.store(true, Ordering::SeqCst);
         to.write_all(&buf[..n]).await?;
     }
 }
@@ -194,6 +229,7 @@ async fn client_to_server(
     mut to: OwnedWriteHalf,
     shared: Arc<Shared>,
     cut: Arc<AtomicBool>,
+    answered: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     // Startup: untyped messages (an SSL or GSS request may precede the
     // startup message proper).
@@ -215,6 +251,9 @@ async fn client_to_server(
     let mut commit_statements: HashSet<Vec<u8>> = HashSet::new();
     loop {
         let tag = from.read_u8().await?;
+        if answered.swap(false, Ordering::SeqCst) {
+            shared.round_trips.fetch_add(1, Ordering::SeqCst);
+        }
         let len = from.read_i32().await?;
         let mut body = vec![0u8; usize::try_from(len).unwrap_or(0).saturating_sub(4)];
         from.read_exact(&mut body).await?;
