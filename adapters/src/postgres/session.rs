@@ -168,9 +168,7 @@ impl Session {
         self.send_queued().await
     }
 
-    /// Sends a pending `BEGIN` on its own, leaving the queue as it is: for a
-    /// statement that is queued itself, behind the ones queued before it
-    /// (sending those first would cost a round trip for nothing).
+    /// Sends a pending `BEGIN` on its own, leaving the queue as it is.
     async fn open_tx(&mut self) -> Result<(), MetadataError> {
         if self.tx == Tx::Pending {
             self.c()
@@ -223,12 +221,16 @@ impl Session {
         (failed, commit)
     }
 
-    /// Queues a statement of the open transaction whose result nothing
-    /// waits for (it can only fail with a server error or a lost
-    /// connection): it goes out with `COMMIT`, one round trip for both.
-    fn queue(&mut self, statement: Statement, told: Told) {
-        debug_assert_eq!(self.tx, Tx::Open, "queued outside a transaction");
+    /// Queues a statement of the transaction whose result nothing waits for
+    /// (it can only fail with a server error or a lost connection): it goes
+    /// out with `COMMIT`, one round trip for both, or before a later
+    /// statement that is not queued. It joins the statements queued before
+    /// it rather than sending them (that would cost a round trip for
+    /// nothing); only a pending `BEGIN` goes out first.
+    async fn queue(&mut self, statement: Statement, told: Told) -> Result<(), MetadataError> {
+        self.open_tx().await?;
         self.queued.push((statement, told));
+        Ok(())
     }
 
     /// A queued statement's failure, told as `how` says.
@@ -994,7 +996,6 @@ impl TxOps for Session {
         rows: &[&RowWrite],
         now_ms: i64,
     ) -> Result<Vec<RecordId>, MetadataError> {
-        self.open_tx().await?;
         let new = self.lock_existing(rows).await?;
         if new.is_empty() {
             return Ok(Vec::new());
@@ -1006,9 +1007,10 @@ impl TxOps for Session {
         self.queue(
             insert_new_records(&new, self.keep_vectors),
             Told::NewRecords,
-        );
-        self.queue(drop_stale, Told::Statement);
-        self.queue(enqueue, Told::Statement);
+        )
+        .await?;
+        self.queue(drop_stale, Told::Statement).await?;
+        self.queue(enqueue, Told::Statement).await?;
         Ok(new.iter().map(|r| r.id).collect())
     }
 
@@ -1097,7 +1099,6 @@ impl TxOps for Session {
         state: IntentState,
         release_at_ms: Option<i64>,
     ) -> Result<(), MetadataError> {
-        self.open_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         // The commit's last statement (the intent is locked or was created
         // by this transaction, so it updates one row): it goes out with
@@ -1116,7 +1117,7 @@ impl TxOps for Session {
         .bind::<Text, _>(state.as_str())
         .bind::<Nullable<BigInt>, _>(release_at_ms)
         .prepared();
-        self.queue(mark, Told::Statement);
+        self.queue(mark, Told::Statement).await?;
         Ok(())
     }
 
@@ -1168,7 +1169,6 @@ impl TxOps for Session {
         &mut self,
         switches: &[(RecordId, PointId)],
     ) -> Result<(), MetadataError> {
-        self.open_tx().await?;
         // The rows are locked already (lock_versions). Nothing reads the
         // result: it goes out with the next statement or `COMMIT`.
         let switch = diesel::sql_query(format!(
@@ -1180,7 +1180,7 @@ impl TxOps for Session {
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
         .bind::<Array<SqlUuid>, _>(switches.iter().map(|(_, p)| p.0).collect::<Vec<_>>())
         .prepared();
-        self.queue(switch, Told::Statement);
+        self.queue(switch, Told::Statement).await?;
         Ok(())
     }
 
@@ -1240,14 +1240,13 @@ impl TxOps for Session {
     }
 
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
-        self.open_tx().await?;
         // Nothing reads the result: it goes out with the next statement or
         // `COMMIT` (after the rows' locks, as on every path).
         let delete = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
             .into_boxed()
             .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
             .prepared();
-        self.queue(delete, Told::Statement);
+        self.queue(delete, Told::Statement).await?;
         Ok(())
     }
 
@@ -1257,7 +1256,6 @@ impl TxOps for Session {
         shard: i32,
         now_ms: i64,
     ) -> Result<(), MetadataError> {
-        self.open_tx().await?;
         let bucket = PendingStats::rate_bucket(now_ms);
         // One statement: the entries, the shard's old seconds, and the
         // count added to the current second. Nothing reads its result: it
@@ -1276,7 +1274,7 @@ impl TxOps for Session {
         .bind::<BigInt, _>(bucket - ACTIVITY_KEEP_S)
         .bind::<BigInt, _>(ids.len() as i64)
         .prepared();
-        self.queue(finish, Told::Statement);
+        self.queue(finish, Told::Statement).await?;
         Ok(())
     }
 
@@ -1287,7 +1285,6 @@ impl TxOps for Session {
         if entries.is_empty() {
             return Ok(());
         }
-        self.open_tx().await?;
         // Light entries: the rows just written hold scope, metadata and (if
         // kept) the vector at the entries' versions.
         let cols = PendingColumns::new(
@@ -1327,7 +1324,7 @@ impl TxOps for Session {
         .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
         .bind::<Array<BigInt>, _>(cols.enqueued)
         .prepared();
-        self.queue(upsert, Told::Statement);
+        self.queue(upsert, Told::Statement).await?;
         Ok(())
     }
 
@@ -1571,7 +1568,6 @@ impl TxOps for Session {
         record: &IdempotencyRecord,
         summary: CommitSummary,
     ) -> Result<bool, MetadataError> {
-        self.open_tx().await?;
         let (inserted, updated, deleted) = summary_columns(summary)?;
         // A plain insert, queued: it goes out with `COMMIT`. A key recorded
         // already (or by a transaction that commits while this one waits
@@ -1589,7 +1585,7 @@ impl TxOps for Session {
         .bind::<BigInt, _>(updated)
         .bind::<BigInt, _>(deleted)
         .prepared();
-        self.queue(insert, Told::Key(record.key.clone()));
+        self.queue(insert, Told::Key(record.key.clone())).await?;
         Ok(true)
     }
 
