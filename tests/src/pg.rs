@@ -134,7 +134,7 @@ impl TestSchema {
         admin
             .batch_execute(&format!(
                 "TRUNCATE {0}.records, {0}.intents, {0}.idempotency_keys, {0}.intent_undo, \
-                 {0}.sagas, {0}.pending_index",
+                 {0}.sagas, {0}.pending_claims",
                 self.name
             ))
             .await

@@ -9,9 +9,11 @@
 //! metadata and vector at the entry's version — and the raw table must hold
 //! light entries, so the saving cannot silently regress.
 //!
-//! One case sets up, through the tables, what only a race shows on
-//! PostgreSQL: a claim whose statement read a row before the commit that
-//! enqueued its entry (`pending_claim_leaves_an_entry_whose_row_is_behind`).
+//! One case sets up, through the tables, what only a race shows: a claim
+//! whose statement read a row before the commit that enqueued its entry
+//! (`pending_claim_leaves_an_entry_whose_row_is_behind`). PostgreSQL keeps
+//! each entry on its record's row since migration
+//! `2026-12-14-000000_pending_on_rows`; its cases check that layout.
 
 use std::path::PathBuf;
 
@@ -22,8 +24,8 @@ use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 use serde_json::json;
 use tandem_adapters::sqlite::{SqliteConfig, SqliteMetadataRepo};
 use tandem_core::{
-    CommitPart, IndexGate, MetadataRepo, OwnerToken, PendingFilter, PendingIndex, PointId,
-    RecordId, RowWrite, Scope, TransactionCommit,
+    CommitPart, DeleteSelector, IndexGate, MetadataRepo, OwnerToken, PendingFilter, PendingIndex,
+    PointId, RecordId, RowWrite, Scope, TransactionCommit,
 };
 use tandem_tests::pg::TestSchema;
 use tandem_tests::pg::data::{meta, prepare_upsert};
@@ -350,165 +352,267 @@ async fn sqlite(keep_vectors: bool) -> (SqliteMetadataRepo, SqliteRaw, tempfile:
     (repo, SqliteRaw { path }, dir)
 }
 
-// PostgreSQL.
-
-struct PgRaw {
-    admin: tokio_postgres::Client,
-}
-
-#[async_trait]
-impl Raw for PgRaw {
-    async fn entry(&self, id: RecordId) -> Option<RawEntry> {
-        let rows = self
-            .admin
-            .query(
-                "SELECT scope IS NULL, metadata IS NULL, vector FROM pending_index \
-                 WHERE record_id = $1::text::uuid",
-                &[&id.0.to_string()],
-            )
-            .await
-            .expect("read pending_index");
-        rows.first().map(|r| RawEntry {
-            scope_null: r.get(0),
-            metadata_null: r.get(1),
-            vector: r.get(2),
-        })
+/// Each case against SQLite, with and without kept vectors.
+mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_entries_are_light() {
+        let (repo, raw, _guard) = super::sqlite(true).await;
+        super::deferred_entries_are_light(&repo, &raw, true).await;
     }
 
-    async fn fill_entry(&self, id: RecordId) {
-        self.admin
-            .execute(
-                "UPDATE pending_index SET scope = 'restored', metadata = '{\"restored\": true}', \
-                 vector = $1 WHERE record_id = $2::text::uuid",
-                &[&vector_bytes(&[9.0]), &id.0.to_string()],
-            )
-            .await
-            .expect("fill the entry");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_entries_are_light_without_vectors() {
+        let (repo, raw, _guard) = super::sqlite(false).await;
+        super::deferred_entries_are_light(&repo, &raw, false).await;
     }
 
-    async fn drop_row(&self, id: RecordId) {
-        self.admin
-            .execute(
-                "DELETE FROM records WHERE id = $1::text::uuid",
-                &[&id.0.to_string()],
-            )
-            .await
-            .expect("delete the row");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_claim_reads_rows() {
+        let (repo, _raw, _guard) = super::sqlite(true).await;
+        super::pending_claim_reads_rows(&repo).await;
     }
 
-    async fn set_row_version(&self, id: RecordId, version: i64) {
-        self.admin
-            .execute(
-                "UPDATE records SET version = $1 WHERE id = $2::text::uuid",
-                &[&version, &id.0.to_string()],
-            )
-            .await
-            .expect("set the row's version");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_claim_reads_rows_without_vectors() {
+        let (repo, _raw, _guard) = super::sqlite(false).await;
+        super::pending_claim_reads_rows(&repo).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_claim_leaves_an_entry_whose_row_is_behind() {
+        let (repo, raw, _guard) = super::sqlite(true).await;
+        super::pending_claim_leaves_an_entry_whose_row_is_behind(&repo, &raw).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_stale_entry_is_readable() {
+        let (repo, raw, _guard) = super::sqlite(true).await;
+        super::pending_stale_entry_is_readable(&repo, &raw, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_stale_entry_is_readable_without_vectors() {
+        let (repo, raw, _guard) = super::sqlite(false).await;
+        super::pending_stale_entry_is_readable(&repo, &raw, false).await;
     }
 }
+
+// PostgreSQL keeps each entry on its record's row (migration
+// `2026-12-14-000000_pending_on_rows`): there is no entry apart from a row,
+// so none can be stale or ahead of its row, and the cases above about such
+// entries have nothing to set up there.
 
 async fn postgres(
     keep_vectors: bool,
-) -> (
-    tandem_adapters::postgres::PostgresMetadataRepo,
-    PgRaw,
-    TestSchema,
-) {
+) -> (tandem_adapters::postgres::PostgresMetadataRepo, TestSchema) {
     let schema = TestSchema::new().await;
     let repo = schema.repo_with(|c| c.keep_vectors = keep_vectors).await;
+    (repo, schema)
+}
+
+/// A deferred write of `rows`, enqueued at `now_ms`.
+async fn defer_at<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite], now_ms: i64) {
+    let (intent, owner) = prepare_upsert(repo, &[]).await;
+    let parts = [CommitPart::Defer {
+        rows: rows.to_vec(),
+        now_ms,
+    }];
+    repo.commit_transaction(
+        intent,
+        owner,
+        &TransactionCommit::of(&parts),
+        None,
+        &IndexGate::passed(),
+    )
+    .await
+    .expect("deferred commit");
+}
+
+/// A synchronous delete of `ids` (a transaction's delete part).
+async fn delete<M: MetadataRepo + ?Sized>(repo: &M, ids: &[RecordId]) {
+    let (intent, owner) = prepare_upsert(repo, &[]).await;
+    let parts = [CommitPart::Delete(DeleteSelector::Ids(ids.to_vec()))];
+    repo.commit_transaction(
+        intent,
+        owner,
+        &TransactionCommit::of(&parts),
+        None,
+        &IndexGate::passed(),
+    )
+    .await
+    .expect("delete");
+}
+
+/// The pending columns of a record's row: enqueued at, the version its
+/// point holds, `pending_vector`, `vector`.
+type RowEntry = (Option<i64>, Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+async fn row_entry(admin: &tokio_postgres::Client, id: RecordId) -> RowEntry {
+    let r = admin
+        .query_one(
+            "SELECT pending_ms, indexed_version, pending_vector, vector FROM records \
+             WHERE id = $1::text::uuid",
+            &[&id.0.to_string()],
+        )
+        .await
+        .expect("read the row");
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+async fn claim_rows(admin: &tokio_postgres::Client) -> Vec<(String, i64, Option<String>)> {
+    admin
+        .query(
+            "SELECT record_id::text, version, claimed_by::text FROM pending_claims \
+             ORDER BY record_id",
+            &[],
+        )
+        .await
+        .expect("read pending_claims")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// `deferred_entries_live_on_their_rows`: a deferred write writes one row
+/// per record and nothing else — the entry is the row's `pending_ms` (when
+/// enqueued) and `indexed_version` (0 for a new record, the previous version
+/// for an updated one), with the vector in `pending_vector` only when rows
+/// keep none; a coalescing write keeps both; a claim adds a claim row at the
+/// row's version; a synchronous write clears the entry and a delete takes
+/// the claim with the row.
+async fn deferred_entries_live_on_their_rows(keep_vectors: bool) {
+    let (repo, schema) = postgres(keep_vectors).await;
     let admin = schema.admin().await;
-    (repo, PgRaw { admin }, schema)
+    let old = row("rows-a", 1);
+    committed(&repo, std::slice::from_ref(&old)).await;
+    let updated = rewrite(&old, "rows-b", 2);
+    let new = row("rows-a", 3);
+    defer(&repo, &[updated.clone(), new.clone()]).await;
+    for (w, indexed) in [(&updated, 1), (&new, 0)] {
+        let bytes = Some(vector_bytes(&w.vector));
+        let (pv, v) = if keep_vectors {
+            (None, bytes)
+        } else {
+            (bytes, None)
+        };
+        assert_eq!(
+            row_entry(&admin, w.id).await,
+            (Some(T0), Some(indexed), pv, v),
+            "the entry on the row"
+        );
+    }
+    assert!(
+        claim_rows(&admin).await.is_empty(),
+        "a deferred write wrote more than its rows"
+    );
+
+    let again = rewrite(&updated, "rows-c", 4);
+    defer_at(&repo, std::slice::from_ref(&again), T0 + 500).await;
+    let (enqueued, indexed, _, _) = row_entry(&admin, again.id).await;
+    assert_eq!(
+        (enqueued, indexed),
+        (Some(T0), Some(1)),
+        "a coalescing write keeps when the entry was enqueued and what the point holds"
+    );
+    assert_content(
+        &entry(&repo, again.id).await.expect("entry"),
+        &again,
+        3,
+        "coalesced",
+    );
+
+    let claim = OwnerToken::new_random();
+    assert_eq!(claim_all(&repo, claim).await.len(), 2);
+    let mut expected = vec![
+        (again.id.0.to_string(), 3, Some(claim.0.to_string())),
+        (new.id.0.to_string(), 1, Some(claim.0.to_string())),
+    ];
+    expected.sort();
+    assert_eq!(claim_rows(&admin).await, expected, "the claims");
+
+    committed(&repo, std::slice::from_ref(&rewrite(&new, "rows-d", 5))).await;
+    assert_eq!(
+        row_entry(&admin, new.id).await.0,
+        None,
+        "a synchronous write clears the entry"
+    );
+    assert!(entry(&repo, new.id).await.is_none());
+    delete(&repo, &[again.id, new.id]).await;
+    assert!(
+        claim_rows(&admin).await.is_empty(),
+        "a delete leaves claims"
+    );
 }
 
-/// Each case against each store, with and without kept vectors.
-macro_rules! cases {
-    ($($store:ident),*) => {
-        $(
-            mod $store {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn deferred_entries_are_light() {
-                    let (repo, raw, _guard) = super::$store(true).await;
-                    super::deferred_entries_are_light(&repo, &raw, true).await;
-                }
+mod postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_claim_reads_rows() {
+        let (repo, _guard) = super::postgres(true).await;
+        super::pending_claim_reads_rows(&repo).await;
+    }
 
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn deferred_entries_are_light_without_vectors() {
-                    let (repo, raw, _guard) = super::$store(false).await;
-                    super::deferred_entries_are_light(&repo, &raw, false).await;
-                }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_claim_reads_rows_without_vectors() {
+        let (repo, _guard) = super::postgres(false).await;
+        super::pending_claim_reads_rows(&repo).await;
+    }
 
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn pending_claim_reads_rows() {
-                    let (repo, _raw, _guard) = super::$store(true).await;
-                    super::pending_claim_reads_rows(&repo).await;
-                }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_entries_live_on_their_rows() {
+        super::deferred_entries_live_on_their_rows(true).await;
+    }
 
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn pending_claim_reads_rows_without_vectors() {
-                    let (repo, _raw, _guard) = super::$store(false).await;
-                    super::pending_claim_reads_rows(&repo).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn pending_claim_leaves_an_entry_whose_row_is_behind() {
-                    let (repo, raw, _guard) = super::$store(true).await;
-                    super::pending_claim_leaves_an_entry_whose_row_is_behind(&repo, &raw).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn pending_stale_entry_is_readable() {
-                    let (repo, raw, _guard) = super::$store(true).await;
-                    super::pending_stale_entry_is_readable(&repo, &raw, true).await;
-                }
-
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn pending_stale_entry_is_readable_without_vectors() {
-                    let (repo, raw, _guard) = super::$store(false).await;
-                    super::pending_stale_entry_is_readable(&repo, &raw, false).await;
-                }
-            }
-        )*
-    };
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deferred_entries_live_on_their_rows_without_vectors() {
+        super::deferred_entries_live_on_their_rows(false).await;
+    }
 }
 
-cases!(sqlite, postgres);
-
-/// PostgreSQL: the queue's by-key statements still reach their entries
-/// through the key after the queue grew from empty on the same connection.
+/// PostgreSQL: the statements that reach claims by record id still use the
+/// key after the claims table grew from empty on the same connection.
 ///
 /// The adapter keeps its statements prepared per connection, and PostgreSQL
 /// freezes a generic plan after five executions, costed for the table as it
-/// was then. Planned on an empty queue, the deferred insert's stale-entry
-/// delete and a synchronous write's entry delete became sequential scans
-/// and stayed so: every later write read the whole queue (at 20,000 waiting
-/// entries a deferred ingest at batch 100 ran at half its speed). The
-/// adapter's sessions turn sequential scans off, so the plan made on the
-/// empty table is the index's. Checked through the table's statistics,
-/// which a server process flushes when it exits.
+/// was then. Planned on an empty queue, the by-key statements once became
+/// sequential scans and stayed so: every later write read the whole queue
+/// (at 20,000 waiting entries a deferred ingest at batch 100 ran at half its
+/// speed). The adapter's sessions turn sequential scans off, so the plan
+/// made on the empty table is the index's. Claims are the table apart from
+/// the rows now (a claim's join, a delete's removal of the claims): checked
+/// through the table's statistics, which a server process flushes when it
+/// exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_queue_statements_planned_on_an_empty_queue_keep_using_the_key() {
+async fn postgres_claim_statements_planned_on_an_empty_table_keep_using_the_key() {
     const GROWN: i64 = 20_000;
     let schema = TestSchema::new().await;
     let admin = schema.admin().await;
     // One connection, so every call below runs on the plans of the first.
     let repo = schema.repo_with(|c| c.pool_size = 1).await;
     let batch = |n: i64| -> Vec<RowWrite> { (0..50).map(|i| row("plan", n * 50 + i)).collect() };
-    // More than five executions of each statement on a near-empty queue.
+    let round = |n: i64| {
+        let repo = &repo;
+        async move {
+            let rows = batch(n);
+            defer(repo, &rows).await;
+            claim_all(repo, OwnerToken::new_random()).await;
+            let ids: Vec<RecordId> = rows.iter().map(|r| r.id).collect();
+            delete(repo, &ids).await;
+        }
+    };
+    // More than five executions of each statement on an empty table.
     for n in 0..8 {
-        defer(&repo, &batch(n)).await;
-        committed(&repo, &batch(100 + n)).await;
+        round(n).await;
     }
-    // The queue grows behind the port's back: entries of other records.
+    // The table grows behind the port's back: claims of other records.
     admin
         .execute(
-            "INSERT INTO pending_index (record_id, version, indexed_version, enqueued_ms) \
-             SELECT gen_random_uuid(), 1, 0, $1 FROM generate_series(1::bigint, $2)",
-            &[&T0, &GROWN],
+            "INSERT INTO pending_claims (record_id, version, claimed_by, claim_until_ms) \
+             SELECT gen_random_uuid(), 1, gen_random_uuid(), $1 FROM generate_series(1::bigint, $2)",
+            &[&NOW, &GROWN],
         )
         .await
-        .expect("grow the queue");
-    defer(&repo, &batch(8)).await;
-    committed(&repo, &batch(108)).await;
+        .expect("grow the claims");
+    round(8).await;
     // The repo's server process exits and flushes its statistics.
     drop(repo);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -522,19 +626,19 @@ async fn postgres_queue_statements_planned_on_an_empty_queue_keep_using_the_key(
     let stats = admin
         .query_one(
             "SELECT seq_tup_read, idx_scan FROM pg_stat_user_tables \
-             WHERE schemaname = $1 AND relname = 'pending_index'",
+             WHERE schemaname = $1 AND relname = 'pending_claims'",
             &[&schema.name()],
         )
         .await
-        .expect("pending_index statistics");
+        .expect("pending_claims statistics");
     let (seq_read, idx_scans): (i64, Option<i64>) = (stats.get(0), stats.get(1));
     assert!(
         seq_read < GROWN,
-        "a write read {seq_read} queue rows by a sequential scan: a plan made on the \
-         empty queue scans the grown one"
+        "a statement read {seq_read} claims by a sequential scan: a plan made on the \
+         empty table scans the grown one"
     );
     assert!(
         idx_scans.unwrap_or(0) > 0,
-        "the writes never reached the queue through an index"
+        "the statements never reached the claims through an index"
     );
 }

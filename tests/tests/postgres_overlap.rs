@@ -546,7 +546,7 @@ async fn an_index_switch_sends_its_writes_while_the_index_write_is_in_flight() {
     assert_eq!(
         count(
             &admin,
-            "SELECT count(*) FROM pending_index WHERE record_id = $1::text::uuid",
+            "SELECT count(*) FROM records WHERE id = $1::text::uuid AND pending_ms IS NOT NULL",
             a.id.0
         )
         .await,

@@ -549,8 +549,9 @@ impl MetadataRepo for PostgresMetadataRepo {
             return Ok(0);
         }
         let mut s = self.session().await?;
+        s.begin();
         let r = s.record_index_failure(claim, entries, failure).await;
-        s.done(r)
+        s.finish(r).await
     }
 
     async fn list_pending(

@@ -238,7 +238,7 @@ impl ReindexOps for Session {
             "SELECT (SELECT count(*) FROM records WHERE change_seq > $1) AS changed, \
                     (SELECT count(*) FROM migration_garbage) AS garbage, \
                     (SELECT count(*) FROM intents WHERE state = 'held') AS held, \
-                    (SELECT count(*) FROM pending_index) AS deferred",
+                    (SELECT count(*) FROM records WHERE pending_ms IS NOT NULL) AS deferred",
         )
         .bind::<BigInt, _>(cursor)
         .prepared()
@@ -318,8 +318,8 @@ impl Session {
         .map_err(|e| self.stmt(e))?;
         let keep = self.keep_vectors;
         let rows: Vec<PgChanged> = diesel::sql_query(format!(
-            "SELECT change_seq, {RECORD_COLUMNS}, NOT EXISTS (SELECT 1 FROM pending_index AS p \
-                 WHERE p.record_id = records.id AND p.indexed_version = 0) AS indexed \
+            "SELECT change_seq, {RECORD_COLUMNS}, \
+                 indexed_version IS DISTINCT FROM 0 AS indexed \
              FROM records WHERE change_seq > $2 AND change_seq <= $3 \
              ORDER BY change_seq LIMIT $4"
         ))

@@ -467,19 +467,38 @@ impl PgPending {
     }
 }
 
-/// A pending entry's state without its content ([`PendingState`]).
+/// A row as an index switch locks it ([`lock_switch_rows_query`]).
 #[derive(QueryableByName)]
-struct PgPendingState {
+struct PgSwitchRow {
     #[diesel(sql_type = SqlUuid)]
-    record_id: Uuid,
+    id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    point_id: Uuid,
     #[diesel(sql_type = BigInt)]
     version: i64,
     #[diesel(sql_type = BigInt)]
     indexed_version: i64,
     #[diesel(sql_type = Bool)]
+    pending: bool,
+    #[diesel(sql_type = Bool)]
     dead: bool,
+}
+
+/// A claim as an index switch locks it ([`lock_claims_query`]).
+#[derive(QueryableByName)]
+struct PgClaim {
+    #[diesel(sql_type = SqlUuid)]
+    record_id: Uuid,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
     #[diesel(sql_type = Nullable<SqlUuid>)]
     claimed_by: Option<Uuid>,
+}
+
+#[derive(QueryableByName)]
+struct PgCount {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
 }
 
 #[derive(QueryableByName)]
@@ -510,16 +529,35 @@ impl PgVersion {
     }
 }
 
-impl PgPendingState {
-    fn into_state(self) -> Result<PendingState, MetadataError> {
-        Ok(PendingState {
-            record_id: RecordId(self.record_id),
-            version: to_u64(self.version, "version")?,
-            indexed_version: to_u64(self.indexed_version, "indexed_version")?,
-            dead: self.dead,
-            claimed_by: self.claimed_by.map(OwnerToken),
-        })
+/// The rows' versions and points, and the pending entries' states (an entry
+/// at its row's version, with the claim at that version), of a switch's
+/// locked rows and claims.
+#[allow(clippy::type_complexity)]
+fn switch_states(
+    rows: Vec<PgSwitchRow>,
+    claims: Vec<PgClaim>,
+) -> Result<(Vec<(RecordId, PointId, u64)>, Vec<PendingState>), MetadataError> {
+    let claims: HashMap<Uuid, PgClaim> = claims.into_iter().map(|c| (c.record_id, c)).collect();
+    let mut versions = Vec::with_capacity(rows.len());
+    let mut states = Vec::with_capacity(rows.len());
+    for r in rows {
+        let version = to_u64(r.version, "version")?;
+        versions.push((RecordId(r.id), PointId(r.point_id), version));
+        if r.pending {
+            states.push(PendingState {
+                record_id: RecordId(r.id),
+                version,
+                indexed_version: to_u64(r.indexed_version, "indexed_version")?,
+                dead: r.dead,
+                claimed_by: claims
+                    .get(&r.id)
+                    .filter(|c| c.version == r.version)
+                    .and_then(|c| c.claimed_by)
+                    .map(OwnerToken),
+            });
+        }
     }
+    Ok((versions, states))
 }
 
 /// The existing rows among `ids` (as `lock_existing` asks), locked in id
@@ -542,13 +580,24 @@ fn lock_versions_query(ids: &[RecordId]) -> Statement {
     .prepared()
 }
 
-/// The entries of `ids` without their content, locked in id order: an
-/// index switch needs none of the content a light entry takes from its row
-/// (a vector per row, the join and its transfer were a quarter of a
-/// 1000-entry switch's time).
-fn lock_states_query(ids: &[RecordId]) -> Statement {
+/// What an index switch locks first: the rows of `ids` with their versions,
+/// points and pending entries' state, in id order.
+fn lock_switch_rows_query(ids: &[RecordId]) -> Statement {
     diesel::sql_query(
-        "SELECT record_id, version, indexed_version, dead, claimed_by FROM pending_index \
+        "SELECT id, point_id, version, COALESCE(indexed_version, 0) AS indexed_version, \
+             pending_ms IS NOT NULL AS pending, pending_dead AS dead \
+         FROM records WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .into_boxed()
+    .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+    .prepared()
+}
+
+/// Then the claims of `ids`, locked in id order (after the rows, as on
+/// every path).
+fn lock_claims_query(ids: &[RecordId]) -> Statement {
+    diesel::sql_query(
+        "SELECT record_id, version, claimed_by FROM pending_claims \
          WHERE record_id = ANY($1) ORDER BY record_id FOR UPDATE",
     )
     .into_boxed()
@@ -573,7 +622,9 @@ struct PgGeneration {
 }
 
 #[derive(QueryableByName)]
-struct PgDead {
+struct PgFailed {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
     #[diesel(sql_type = Bool)]
     dead: bool,
 }
@@ -642,20 +693,20 @@ impl PendingColumns {
     }
 }
 
-/// The `pending_index` columns, qualified by `p`, each entry's content
-/// filled in from its record's row `r` (see [`PENDING_FROM`]) where the
-/// entry leaves it NULL, as a deferred write's light entry does. A live
-/// entry's row is at the entry's version; a stale entry (its row gone, or
-/// at another version) is only read to be deleted or for its versions.
-const PENDING_COLUMNS: &str = "p.record_id, p.version, p.indexed_version, \
-                               COALESCE(p.scope, r.scope) AS scope, \
-                               COALESCE(p.metadata, r.metadata) AS metadata, \
-                               COALESCE(p.vector, r.vector) AS vector, \
-                               p.enqueued_ms, p.attempts, p.last_error, p.dead, \
-                               p.claimed_by, p.claim_until_ms";
+/// A pending entry, read from its record's row `r` (which holds it: see
+/// [`PENDING_FROM`]) and the row's claim `c` (attempts, last error, claim
+/// or back-off), if it has one at the row's version. Only for rows with
+/// `r.pending_ms IS NOT NULL`: every query using it says so.
+const PENDING_COLUMNS: &str = "r.id AS record_id, r.version, r.indexed_version, r.scope, \
+                               r.metadata, COALESCE(r.pending_vector, r.vector) AS vector, \
+                               r.pending_ms AS enqueued_ms, COALESCE(c.attempts, 0) AS attempts, \
+                               c.last_error, r.pending_dead AS dead, c.claimed_by, \
+                               c.claim_until_ms";
 
-/// The entries `p` with their records' rows `r`, for [`PENDING_COLUMNS`].
-const PENDING_FROM: &str = "pending_index AS p LEFT JOIN records AS r ON r.id = p.record_id";
+/// The rows `r` with their claims `c`, for [`PENDING_COLUMNS`]. A claim
+/// left behind by a newer write (at an older version) does not count.
+const PENDING_FROM: &str = "records AS r LEFT JOIN pending_claims AS c \
+                            ON c.record_id = r.id AND c.version = r.version";
 
 #[derive(QueryableByName)]
 pub(super) struct PgSagaOwner {
@@ -781,6 +832,11 @@ impl RowColumns {
 const RAISE_CHANGE_SEQ: &str = "change_seq = CASE WHEN r.point_id = t.point_id \
                                 THEN r.change_seq ELSE nextval('records_change_seq') END";
 
+/// An `UPDATE records` assignment: the row's pending entry is gone (a
+/// synchronous write or an index switch settled it).
+const CLEAR_PENDING: &str = "pending_ms = NULL, indexed_version = NULL, pending_vector = NULL, \
+                             pending_dead = false";
+
 const UNNEST_ROWS: &str = "UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::uuid[], \
                            $6::bytea[]) AS t(id, scope, content, metadata, point_id, vector)";
 
@@ -808,32 +864,30 @@ fn insert_new_records(new: &[&RowWrite], keep_vectors: bool) -> Statement {
         .prepared()
 }
 
-/// The entries of records a commit inserted (version 1, never indexed, light:
-/// the vector only when the rows keep none), in the rows' id order: the
-/// stale entry such a record can have (left by an earlier record of the
-/// same id that was deleted) dropped, then a plain insert. Nobody else can
-/// enqueue for them while the commit holds their new rows, and `ON
-/// CONFLICT`'s speculative insertion made this insert half again as slow.
-fn first_entries(new: &[&RowWrite], now_ms: i64, keep_vectors: bool) -> (Statement, Statement) {
-    let ids: Vec<Uuid> = new.iter().map(|r| r.id.0).collect();
-    let vectors: Vec<Option<Vec<u8>>> = new
-        .iter()
-        .map(|r| (!keep_vectors).then(|| encode_vector(&r.vector)))
-        .collect();
-    let drop_stale = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
-        .into_boxed()
-        .bind::<Array<SqlUuid>, _>(ids.clone())
-        .prepared();
-    let insert = diesel::sql_query(
-        "INSERT INTO pending_index (record_id, version, indexed_version, vector, enqueued_ms) \
-         SELECT t.id, 1, 0, t.vector, $3 FROM UNNEST($1::uuid[], $2::bytea[]) AS t(id, vector)",
-    )
-    .into_boxed()
-    .bind::<Array<SqlUuid>, _>(ids)
-    .bind::<Array<Nullable<Bytea>>, _>(vectors)
-    .bind::<BigInt, _>(now_ms)
-    .prepared();
-    (drop_stale, insert)
+/// A deferred write's insert of new records: version 1, each with its
+/// pending entry on the row (enqueued at `now_ms`, never indexed; the
+/// vector in `pending_vector` when the rows keep none), in id order (see
+/// [`insert_new_records`]).
+fn insert_deferred_records(new: &[&RowWrite], now_ms: i64, keep_vectors: bool) -> Statement {
+    debug_assert!(
+        new.windows(2).all(|w| w[0].id < w[1].id),
+        "rows in id order"
+    );
+    RowColumns::new(new, true)
+        .bind(
+            diesel::sql_query(format!(
+                "INSERT INTO records (id, scope, content, metadata, point_id, version, vector, \
+                     pending_ms, indexed_version, pending_vector) \
+                 SELECT t.id, t.scope, t.content, t.metadata, t.point_id, 1, \
+                     CASE WHEN $7 THEN t.vector END, $8, 0, \
+                     CASE WHEN $7 THEN NULL ELSE t.vector END \
+                 FROM {UNNEST_ROWS}"
+            ))
+            .into_boxed(),
+        )
+        .bind::<Bool, _>(keep_vectors)
+        .bind::<BigInt, _>(now_ms)
+        .prepared()
 }
 
 impl Session {
@@ -986,11 +1040,11 @@ impl TxOps for Session {
         Ok(new.iter().map(|r| r.id).collect())
     }
 
-    /// Like `insert_or_lock`, with the new records' first entries sent in
-    /// the same pipeline as their insert, queued: the three statements go
-    /// out with the next one (or `COMMIT`), in one round trip (the server
-    /// runs them in the order they are sent; if one fails, the transaction
-    /// is aborted and the next ones fail too).
+    /// Like `insert_or_lock`, each new record with its first entry on its
+    /// row, the insert queued: it goes out with the next statement (or
+    /// `COMMIT`), in one round trip (the server runs them in the order they
+    /// are sent; if one fails, the transaction is aborted and the next ones
+    /// fail too).
     async fn insert_deferred(
         &mut self,
         rows: &[&RowWrite],
@@ -1003,14 +1057,11 @@ impl TxOps for Session {
         // Nothing reads their results: they go out with the transaction's
         // next statement, or with its `COMMIT` (a batch of new records
         // only), and a failure fails that one.
-        let (drop_stale, enqueue) = first_entries(&new, now_ms, self.keep_vectors);
         self.queue(
-            insert_new_records(&new, self.keep_vectors),
+            insert_deferred_records(&new, now_ms, self.keep_vectors),
             Told::NewRecords,
         )
         .await?;
-        self.queue(drop_stale, Told::Statement).await?;
-        self.queue(enqueue, Told::Statement).await?;
         Ok(new.iter().map(|r| r.id).collect())
     }
 
@@ -1021,7 +1072,8 @@ impl TxOps for Session {
                 diesel::sql_query(format!(
                     "UPDATE records AS r SET scope = t.scope, content = t.content, \
                      metadata = t.metadata, point_id = t.point_id, vector = t.vector, \
-                     version = r.version + 1, updated_at = now(), {RAISE_CHANGE_SEQ} \
+                     version = r.version + 1, updated_at = now(), {RAISE_CHANGE_SEQ}, \
+                     {CLEAR_PENDING} \
                      FROM {UNNEST_ROWS} WHERE r.id = t.id"
                 ))
                 .into_boxed(),
@@ -1138,14 +1190,23 @@ impl TxOps for Session {
     async fn defer_update(
         &mut self,
         rows: &[&RowWrite],
+        now_ms: i64,
     ) -> Result<Vec<(RecordId, u64)>, MetadataError> {
         self.in_tx().await?;
-        let cols = RowColumns::new(rows, self.keep_vectors);
-        // The rows are locked already (insert_or_lock); the point stays.
+        let cols = RowColumns::new(rows, true);
+        // The rows are locked already (insert_or_lock); the point stays. The
+        // entry on the row is enqueued or coalesced (the SET expressions read
+        // the row as it was): a waiting entry, at the row's previous version,
+        // keeps when it was enqueued and which version the row's point holds;
+        // otherwise the point holds the previous version. Dead-lettering is
+        // undone; a claim or back-off at the previous version stops counting.
         let updated: Vec<PgNewVersion> = diesel::sql_query(
             "UPDATE records AS r SET scope = t.scope, content = t.content, \
-             metadata = t.metadata, vector = t.vector, version = r.version + 1, \
-             updated_at = now() \
+             metadata = t.metadata, vector = CASE WHEN $6 THEN t.vector END, \
+             version = r.version + 1, updated_at = now(), \
+             pending_ms = COALESCE(r.pending_ms, $7), \
+             indexed_version = COALESCE(r.indexed_version, r.version), \
+             pending_vector = CASE WHEN $6 THEN NULL ELSE t.vector END, pending_dead = false \
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
                  AS t(id, scope, content, metadata, vector) \
              WHERE r.id = t.id RETURNING r.id, r.version",
@@ -1155,6 +1216,8 @@ impl TxOps for Session {
         .bind::<Array<Text>, _>(cols.contents)
         .bind::<Array<Jsonb>, _>(cols.metadata)
         .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .bind::<Bool, _>(self.keep_vectors)
+        .bind::<BigInt, _>(now_ms)
         .prepared()
         .load(self.c())
         .await
@@ -1169,11 +1232,13 @@ impl TxOps for Session {
         &mut self,
         switches: &[(RecordId, PointId)],
     ) -> Result<(), MetadataError> {
-        // The rows are locked already (lock_versions). Nothing reads the
-        // result: it goes out with the next statement or `COMMIT`.
+        // The rows are locked already (lock_for_switch); only an index
+        // switch repoints rows, and it indexes their entries, which go with
+        // it. Nothing reads the result: it goes out with the next statement
+        // or `COMMIT`.
         let switch = diesel::sql_query(format!(
             "UPDATE records AS r SET point_id = t.point_id, updated_at = now(), \
-             {RAISE_CHANGE_SEQ} \
+             {RAISE_CHANGE_SEQ}, {CLEAR_PENDING} \
              FROM UNNEST($1::uuid[], $2::uuid[]) AS t(id, point_id) WHERE r.id = t.id"
         ))
         .into_boxed()
@@ -1186,11 +1251,10 @@ impl TxOps for Session {
 
     async fn lock_pending(&mut self, ids: &[RecordId]) -> Result<Vec<PendingIndex>, MetadataError> {
         self.in_tx().await?;
-        // Locks the entries only (`OF p`): the records' rows are only read
-        // (the callers have locked them already).
+        // The callers have locked the rows (which hold the entries).
         let rows: Vec<PgPending> = diesel::sql_query(format!(
-            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE p.record_id = ANY($1) \
-             ORDER BY p.record_id FOR UPDATE OF p"
+            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} \
+             WHERE r.id = ANY($1) AND r.pending_ms IS NOT NULL ORDER BY r.id FOR UPDATE OF r"
         ))
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .prepared()
@@ -1205,48 +1269,36 @@ impl TxOps for Session {
         ids: &[RecordId],
     ) -> Result<(Vec<(RecordId, PointId, u64)>, Vec<PendingState>), MetadataError> {
         self.in_tx().await?;
-        // Both locks in one round trip, records first (the order every
-        // path locks in; see `lock_intent` for why the order holds).
+        // Both locks in one round trip, rows first (the order every path
+        // locks in; see `lock_intent` for why the order holds).
         let conn: &AsyncPgConnection = self.c();
-        let versions = lock_versions_query(ids).load::<PgVersion>(&mut &*conn);
-        let states = lock_states_query(ids).load::<PgPendingState>(&mut &*conn);
-        let (versions, states) = futures::join!(versions, states);
-        let versions = versions.map_err(|e| self.stmt(e))?;
-        let states = states.map_err(|e| self.stmt(e))?;
-        Ok((
-            versions
-                .into_iter()
-                .map(PgVersion::into_version)
-                .collect::<Result<_, _>>()?,
-            states
-                .into_iter()
-                .map(PgPendingState::into_state)
-                .collect::<Result<_, _>>()?,
-        ))
-    }
-
-    async fn lock_pending_states(
-        &mut self,
-        ids: &[RecordId],
-    ) -> Result<Vec<PendingState>, MetadataError> {
-        self.in_tx().await?;
-        lock_states_query(ids)
-            .load::<PgPendingState>(self.c())
-            .await
-            .map_err(|e| self.stmt(e))?
-            .into_iter()
-            .map(PgPendingState::into_state)
-            .collect()
+        let rows = lock_switch_rows_query(ids).load::<PgSwitchRow>(&mut &*conn);
+        let claims = lock_claims_query(ids).load::<PgClaim>(&mut &*conn);
+        let (rows, claims) = futures::join!(rows, claims);
+        let rows = rows.map_err(|e| self.stmt(e))?;
+        let claims = claims.map_err(|e| self.stmt(e))?;
+        switch_states(rows, claims)
     }
 
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
-        // Nothing reads the result: it goes out with the next statement or
-        // `COMMIT` (after the rows' locks, as on every path).
-        let delete = diesel::sql_query("DELETE FROM pending_index WHERE record_id = ANY($1)")
-            .into_boxed()
-            .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
-            .prepared();
+        // The entries on the rows and their claims. Nothing reads the
+        // result: it goes out with the next statement or `COMMIT` (after the
+        // rows' locks, as on every path).
+        let delete = diesel::sql_query(format!(
+            "WITH gone AS (DELETE FROM pending_claims WHERE record_id = ANY($1)) \
+             UPDATE records SET {CLEAR_PENDING} WHERE id = ANY($1) AND pending_ms IS NOT NULL"
+        ))
+        .into_boxed()
+        .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
+        .prepared();
         self.queue(delete, Told::Statement).await?;
+        Ok(())
+    }
+
+    async fn supersede_pending(&mut self, _ids: &[RecordId]) -> Result<(), MetadataError> {
+        // `update_records` cleared the updated rows' entries, inserted rows
+        // have none, and a claim left at an older version no longer counts
+        // (the next claim overwrites it; a delete removes it).
         Ok(())
     }
 
@@ -1257,11 +1309,12 @@ impl TxOps for Session {
         now_ms: i64,
     ) -> Result<(), MetadataError> {
         let bucket = PendingStats::rate_bucket(now_ms);
-        // One statement: the entries, the shard's old seconds, and the
-        // count added to the current second. Nothing reads its result: it
+        // One statement: the claims (`switch_points` cleared the entries on
+        // the rows), the shard's old seconds, and the count added to the
+        // current second. Nothing reads its result: it
         // goes out with the next statement or `COMMIT`.
         let finish = diesel::sql_query(
-            "WITH done AS (DELETE FROM pending_index WHERE record_id = ANY($1)), \
+            "WITH done AS (DELETE FROM pending_claims WHERE record_id = ANY($1)), \
                   old AS (DELETE FROM index_activity WHERE shard = $2 AND bucket_s < $4) \
              INSERT INTO index_activity (bucket_s, shard, indexed) VALUES ($3, $2, $5) \
              ON CONFLICT (shard, bucket_s) \
@@ -1279,93 +1332,64 @@ impl TxOps for Session {
     }
 
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
-        // The deferred write sends the entries of existing rows here; a new
-        // record's first entry goes out with its insert (`insert_deferred`).
-        // The upsert below is right for any entry.
-        if entries.is_empty() {
-            return Ok(());
-        }
-        // Light entries: the rows just written hold scope, metadata and (if
-        // kept) the vector at the entries' versions.
-        let cols = PendingColumns::new(
-            entries
-                .iter()
-                .map(|e| PendingRow::light(e, self.keep_vectors))
-                .collect::<Result<_, _>>()?,
-        );
-        // In id order, like every lock. The SET expressions read the existing
-        // entry as it was: a waiting entry at the row's previous version keeps
-        // when it was enqueued and which version the row's point holds. A
-        // coalesced entry becomes light too (one restored from an undo image
-        // may carry content).
-        // Nothing reads the result: it goes out with the next statement or
-        // `COMMIT`.
-        let upsert = diesel::sql_query(
-            "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
-                 vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
-             SELECT t.id, t.version, t.indexed, NULL, NULL, t.vector, t.enqueued, \
-                 0, NULL, false, NULL, NULL \
-             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bigint[]) \
-                 AS t(id, version, indexed, vector, enqueued) \
-             ORDER BY t.id \
-             ON CONFLICT (record_id) DO UPDATE SET \
-                 enqueued_ms = CASE WHEN pending_index.version = excluded.indexed_version \
-                     THEN pending_index.enqueued_ms ELSE excluded.enqueued_ms END, \
-                 indexed_version = CASE WHEN pending_index.version = excluded.indexed_version \
-                     THEN pending_index.indexed_version ELSE excluded.indexed_version END, \
-                 version = excluded.version, scope = NULL, metadata = NULL, \
-                 vector = excluded.vector, attempts = 0, last_error = NULL, dead = false, \
-                 claimed_by = NULL, claim_until_ms = NULL",
-        )
-        .into_boxed()
-        .bind::<Array<SqlUuid>, _>(cols.ids)
-        .bind::<Array<BigInt>, _>(cols.versions)
-        .bind::<Array<BigInt>, _>(cols.indexed)
-        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-        .bind::<Array<BigInt>, _>(cols.enqueued)
-        .prepared();
-        self.queue(upsert, Told::Statement).await?;
+        // `defer_update` enqueued the entries on the rows it updated (a new
+        // record's goes out with its insert: `insert_deferred`).
+        let _ = entries;
         Ok(())
     }
 
     async fn put_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError> {
         self.in_tx().await?;
-        // With all their content, exactly as given.
+        // Each entry on its row, if the row is at the entry's version (its
+        // content is the row's: a restore writes both from one image), and
+        // its attempts, last error and claim, if any, beside it.
         let cols = PendingColumns::new(
             entries
                 .iter()
                 .map(PendingRow::of)
                 .collect::<Result<_, _>>()?,
         );
-        diesel::sql_query(
-            "INSERT INTO pending_index (record_id, version, indexed_version, scope, metadata, \
-                 vector, enqueued_ms, attempts, last_error, dead, claimed_by, claim_until_ms) \
-             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], \
-                 $5::jsonb[], $6::bytea[], $7::bigint[], $8::integer[], $9::text[], \
-                 $10::boolean[], $11::uuid[], $12::bigint[]) \
+        let keep = self.keep_vectors;
+        let conn: &AsyncPgConnection = self.c();
+        let rows = diesel::sql_query(
+            "UPDATE records AS r SET pending_ms = t.enqueued, indexed_version = t.indexed, \
+                 pending_vector = CASE WHEN $6 THEN NULL ELSE t.vector END, pending_dead = t.dead \
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bytea[], $5::bigint[], \
+                 $7::boolean[]) AS t(id, version, indexed, vector, enqueued, dead) \
+             WHERE r.id = t.id AND r.version = t.version",
+        )
+        .bind::<Array<SqlUuid>, _>(cols.ids.clone())
+        .bind::<Array<BigInt>, _>(cols.versions.clone())
+        .bind::<Array<BigInt>, _>(cols.indexed)
+        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
+        .bind::<Array<BigInt>, _>(cols.enqueued)
+        .bind::<Bool, _>(keep)
+        .bind::<Array<Bool>, _>(cols.dead)
+        .prepared()
+        .execute(&mut &*conn);
+        let claims = diesel::sql_query(
+            "INSERT INTO pending_claims (record_id, version, attempts, last_error, claimed_by, \
+                 claim_until_ms) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::integer[], $4::text[], \
+                 $5::uuid[], $6::bigint[]) AS t(id, version, attempts, last_error, claimed_by, \
+                 claim_until) \
+             WHERE t.attempts > 0 OR t.last_error IS NOT NULL OR t.claimed_by IS NOT NULL \
+                 OR t.claim_until IS NOT NULL \
              ON CONFLICT (record_id) DO UPDATE SET version = excluded.version, \
-                 indexed_version = excluded.indexed_version, scope = excluded.scope, \
-                 metadata = excluded.metadata, vector = excluded.vector, \
-                 enqueued_ms = excluded.enqueued_ms, attempts = excluded.attempts, \
-                 last_error = excluded.last_error, dead = excluded.dead, \
+                 attempts = excluded.attempts, last_error = excluded.last_error, \
                  claimed_by = excluded.claimed_by, claim_until_ms = excluded.claim_until_ms",
         )
         .bind::<Array<SqlUuid>, _>(cols.ids)
         .bind::<Array<BigInt>, _>(cols.versions)
-        .bind::<Array<BigInt>, _>(cols.indexed)
-        .bind::<Array<Nullable<Text>>, _>(cols.scopes)
-        .bind::<Array<Nullable<Jsonb>>, _>(cols.metadata)
-        .bind::<Array<Nullable<Bytea>>, _>(cols.vectors)
-        .bind::<Array<BigInt>, _>(cols.enqueued)
         .bind::<Array<Integer>, _>(cols.attempts)
         .bind::<Array<Nullable<Text>>, _>(cols.errors)
-        .bind::<Array<Bool>, _>(cols.dead)
         .bind::<Array<Nullable<SqlUuid>>, _>(cols.claimed_by)
         .bind::<Array<Nullable<BigInt>>, _>(cols.claim_until)
         .prepared()
-        .execute(self.c())
-        .await
-        .map_err(|e| self.stmt(e))?;
+        .execute(&mut &*conn);
+        let (rows, claims) = futures::join!(rows, claims);
+        rows.map_err(|e| self.stmt(e))?;
+        claims.map_err(|e| self.stmt(e))?;
         Ok(())
     }
 
@@ -1376,19 +1400,20 @@ impl TxOps for Session {
     ) -> Result<Vec<(PendingIndex, Option<u64>)>, MetadataError> {
         self.in_tx().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // Oldest first through pending_index_claim_idx, stopping at `limit`.
-        // SKIP LOCKED: entries another worker is claiming, or a commit is
+        // Oldest first through records_pending_idx, stopping at `limit`.
+        // SKIP LOCKED: rows another worker is claiming, or a commit is
         // writing, are left to them, so concurrent claims (in any process)
-        // never take the same entry and never wait for each other. The row's
-        // version and content are only read: the claim locks no record. A
-        // candidate whose row is at its version gets that version's content
-        // from the row; the others are stale and deleted, not indexed.
+        // never take the same entry and never wait for each other. An entry
+        // is on its row, so it is always at its row's version. A claim that
+        // committed after this statement's snapshot is not seen here: the
+        // mark (`mark_claimed`) leaves such entries out.
         let rows: Vec<PgCandidate> = diesel::sql_query(format!(
             "SELECT {PENDING_COLUMNS}, r.version AS row_version \
              FROM {PENDING_FROM} \
-             WHERE NOT p.dead AND (p.claim_until_ms IS NULL OR p.claim_until_ms < $1) \
-             ORDER BY p.enqueued_ms, p.record_id LIMIT $2 \
-             FOR UPDATE OF p SKIP LOCKED"
+             WHERE r.pending_ms IS NOT NULL AND NOT r.pending_dead \
+                 AND (c.claim_until_ms IS NULL OR c.claim_until_ms < $1) \
+             ORDER BY r.pending_dead, r.pending_ms, r.id LIMIT $2 \
+             FOR UPDATE OF r SKIP LOCKED"
         ))
         .bind::<BigInt, _>(now_ms)
         .bind::<BigInt, _>(limit)
@@ -1409,20 +1434,35 @@ impl TxOps for Session {
         ids: &[RecordId],
         claim: OwnerToken,
         claim_until_ms: i64,
-    ) -> Result<(), MetadataError> {
+        now_ms: i64,
+    ) -> Result<Vec<RecordId>, MetadataError> {
         self.in_tx().await?;
-        diesel::sql_query(
-            "UPDATE pending_index SET claimed_by = $2, claim_until_ms = $3 \
-             WHERE record_id = ANY($1)",
+        // The claim at each row's version: a claim left at an older version
+        // is overwritten (attempts from 0); one at this version keeps its
+        // attempts and error, and is taken over only if it ended by `now_ms`
+        // (the unique key waits for, then sees, any claim that committed
+        // since the candidates were read).
+        let marked: Vec<PgId> = diesel::sql_query(
+            "INSERT INTO pending_claims AS c (record_id, version, claimed_by, claim_until_ms) \
+             SELECT r.id, r.version, $2, $3 FROM records AS r WHERE r.id = ANY($1) \
+             ON CONFLICT (record_id) DO UPDATE SET \
+                 attempts = CASE WHEN c.version = excluded.version THEN c.attempts ELSE 0 END, \
+                 last_error = CASE WHEN c.version = excluded.version THEN c.last_error END, \
+                 version = excluded.version, claimed_by = excluded.claimed_by, \
+                 claim_until_ms = excluded.claim_until_ms \
+             WHERE c.version <> excluded.version OR c.claim_until_ms IS NULL \
+                 OR c.claim_until_ms < $4 \
+             RETURNING c.record_id AS id",
         )
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .bind::<SqlUuid, _>(claim.0)
         .bind::<BigInt, _>(claim_until_ms)
+        .bind::<BigInt, _>(now_ms)
         .prepared()
-        .execute(self.c())
+        .load(self.c())
         .await
         .map_err(|e| self.stmt(e))?;
-        Ok(())
+        Ok(marked.into_iter().map(|r| RecordId(r.id)).collect())
     }
 
     async fn lock_rows_full(
@@ -1913,8 +1953,10 @@ impl Session {
             .collect()
     }
 
-    /// One statement: each listed entry that `claim` holds at that version
-    /// is updated; returns how many were dead-lettered.
+    /// In the caller's transaction: the listed rows locked (rows, then
+    /// claims, as on every path), then each listed entry that `claim` holds
+    /// at that version updated in its claim, and the dead-lettered ones
+    /// marked on their rows; returns how many were dead-lettered.
     pub(crate) async fn record_index_failure(
         &mut self,
         claim: OwnerToken,
@@ -1925,18 +1967,27 @@ impl Session {
             .iter()
             .map(|(_, v)| to_i64(*v, "version"))
             .collect::<Result<Vec<i64>, _>>()?;
+        let mut ids: Vec<RecordId> = entries.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.in_tx().await?;
+        lock_existing_query(uuids(&ids, |i| i.0))
+            .load::<PgId>(self.c())
+            .await
+            .map_err(|e| self.stmt(e))?;
         let counts = failure.counts || failure.permanent;
-        // The SET expressions read the entry as it was (attempts before + 1).
-        let rows: Vec<PgDead> = diesel::sql_query(
-            "UPDATE pending_index AS p SET last_error = $3, claimed_by = NULL, \
-                 attempts = p.attempts + $4, \
-                 dead = ($5 OR ($6 AND p.attempts + 1 >= $7)), \
-                 claim_until_ms = CASE WHEN ($5 OR ($6 AND p.attempts + 1 >= $7)) \
+        // The SET expressions read the claim as it was (attempts before + 1);
+        // RETURNING reads it as updated.
+        let failed: Vec<PgFailed> = diesel::sql_query(
+            "UPDATE pending_claims AS c SET last_error = $3, claimed_by = NULL, \
+                 attempts = c.attempts + $4, \
+                 claim_until_ms = CASE WHEN ($5 OR ($6 AND c.attempts + 1 >= $7)) \
                      THEN NULL ELSE $8 END \
-             FROM UNNEST($1::uuid[], $2::bigint[]) AS t(record_id, version) \
-             WHERE p.record_id = t.record_id AND p.version = t.version \
-                 AND p.claimed_by = $9 AND NOT p.dead \
-             RETURNING p.dead",
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS t(record_id, version), records AS r \
+             WHERE c.record_id = t.record_id AND c.version = t.version \
+                 AND c.claimed_by = $9 AND r.id = c.record_id AND r.version = c.version \
+                 AND r.pending_ms IS NOT NULL AND NOT r.pending_dead \
+             RETURNING c.record_id AS id, ($5 OR ($6 AND c.attempts >= $7)) AS dead",
         )
         .bind::<Array<SqlUuid>, _>(entries.iter().map(|(id, _)| id.0).collect::<Vec<_>>())
         .bind::<Array<BigInt>, _>(versions)
@@ -1950,8 +2001,17 @@ impl Session {
         .prepared()
         .load(self.c())
         .await
-        .map_err(|e| self.autocommit(e))?;
-        Ok(rows.iter().filter(|r| r.dead).count())
+        .map_err(|e| self.stmt(e))?;
+        let dead: Vec<Uuid> = failed.iter().filter(|f| f.dead).map(|f| f.id).collect();
+        if !dead.is_empty() {
+            diesel::sql_query("UPDATE records SET pending_dead = true WHERE id = ANY($1)")
+                .bind::<Array<SqlUuid>, _>(dead.clone())
+                .prepared()
+                .execute(self.c())
+                .await
+                .map_err(|e| self.stmt(e))?;
+        }
+        Ok(dead.len())
     }
 
     pub(crate) async fn list_pending(
@@ -1963,8 +2023,9 @@ impl Session {
         let (all, dead) = pending_filter(filter);
         let rows: Vec<PgPending> = diesel::sql_query(format!(
             "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} \
-             WHERE ($1::uuid IS NULL OR p.record_id > $1) AND ($2 OR p.dead = $3) \
-             ORDER BY p.record_id LIMIT $4"
+             WHERE r.pending_ms IS NOT NULL AND ($1::uuid IS NULL OR r.id > $1) \
+                 AND ($2 OR r.pending_dead = $3) \
+             ORDER BY r.id LIMIT $4"
         ))
         .bind::<Nullable<SqlUuid>, _>(after.map(|a| a.0))
         .bind::<Bool, _>(all)
@@ -1982,7 +2043,8 @@ impl Session {
         ids: &[RecordId],
     ) -> Result<Vec<PendingIndex>, MetadataError> {
         let rows: Vec<PgPending> = diesel::sql_query(format!(
-            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} WHERE p.record_id = ANY($1)"
+            "SELECT {PENDING_COLUMNS} FROM {PENDING_FROM} \
+             WHERE r.id = ANY($1) AND r.pending_ms IS NOT NULL"
         ))
         .bind::<Array<SqlUuid>, _>(uuids(ids, |i| i.0))
         .prepared()
@@ -2002,32 +2064,44 @@ impl Session {
         &mut self,
         ids: Option<&[RecordId]>,
     ) -> Result<u64, MetadataError> {
-        let n = diesel::sql_query(
-            "UPDATE pending_index SET dead = false, attempts = 0, claimed_by = NULL, \
-                 claim_until_ms = NULL \
-             WHERE dead AND ($1::uuid[] IS NULL OR record_id = ANY($1))",
+        // Rows first, then their claims (attempts from 0, the last error
+        // kept), as every path locks.
+        let rows: Vec<PgCount> = diesel::sql_query(
+            "WITH back AS (UPDATE records SET pending_dead = false \
+                 WHERE pending_dead AND pending_ms IS NOT NULL \
+                     AND ($1::uuid[] IS NULL OR id = ANY($1)) \
+                 RETURNING id, version), \
+             reset AS (UPDATE pending_claims AS c SET attempts = 0, claimed_by = NULL, \
+                 claim_until_ms = NULL FROM back \
+                 WHERE c.record_id = back.id AND c.version = back.version) \
+             SELECT count(*) AS n FROM back",
         )
         .bind::<Nullable<Array<SqlUuid>>, _>(ids.map(|ids| uuids(ids, |i| i.0)))
         .prepared()
-        .execute(self.c())
+        .load(self.c())
         .await
         .map_err(|e| self.autocommit(e))?;
-        Ok(n as u64)
+        to_u64(rows.as_slice().first().map_or(0, |r| r.n), "count")
     }
 
     pub(crate) async fn drop_dead(
         &mut self,
         ids: Option<&[RecordId]>,
     ) -> Result<u64, MetadataError> {
-        let n = diesel::sql_query(
-            "DELETE FROM pending_index WHERE dead AND ($1::uuid[] IS NULL OR record_id = ANY($1))",
-        )
+        let rows: Vec<PgCount> = diesel::sql_query(format!(
+            "WITH gone AS (UPDATE records SET {CLEAR_PENDING} \
+                 WHERE pending_dead AND pending_ms IS NOT NULL \
+                     AND ($1::uuid[] IS NULL OR id = ANY($1)) \
+                 RETURNING id), \
+             claims AS (DELETE FROM pending_claims AS c USING gone WHERE c.record_id = gone.id) \
+             SELECT count(*) AS n FROM gone"
+        ))
         .bind::<Nullable<Array<SqlUuid>>, _>(ids.map(|ids| uuids(ids, |i| i.0)))
         .prepared()
-        .execute(self.c())
+        .load(self.c())
         .await
         .map_err(|e| self.autocommit(e))?;
-        Ok(n as u64)
+        to_u64(rows.as_slice().first().map_or(0, |r| r.n), "count")
     }
 
     pub(crate) async fn pending_stats(
@@ -2036,13 +2110,16 @@ impl Session {
     ) -> Result<PendingStats, MetadataError> {
         let window = PendingStats::rate_window(now_ms);
         let rows: Vec<PgPendingStats> = diesel::sql_query(
-            "SELECT count(*) FILTER (WHERE NOT dead) AS pending, \
-                 count(*) FILTER (WHERE NOT dead AND claim_until_ms >= $1) AS claimed, \
-                 count(*) FILTER (WHERE dead) AS dead, \
-                 min(enqueued_ms) FILTER (WHERE NOT dead) AS oldest, \
+            "SELECT count(*) FILTER (WHERE NOT r.pending_dead) AS pending, \
+                 count(*) FILTER (WHERE NOT r.pending_dead AND c.claim_until_ms >= $1) \
+                     AS claimed, \
+                 count(*) FILTER (WHERE r.pending_dead) AS dead, \
+                 min(r.pending_ms) FILTER (WHERE NOT r.pending_dead) AS oldest, \
                  (SELECT coalesce(sum(indexed), 0)::bigint FROM index_activity \
                      WHERE bucket_s BETWEEN $2 AND $3) AS indexed \
-             FROM pending_index",
+             FROM records AS r LEFT JOIN pending_claims AS c \
+                 ON c.record_id = r.id AND c.version = r.version \
+             WHERE r.pending_ms IS NOT NULL",
         )
         .bind::<BigInt, _>(now_ms)
         .bind::<BigInt, _>(*window.start())

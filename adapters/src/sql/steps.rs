@@ -153,10 +153,14 @@ pub(crate) trait TxOps: Send {
 
     /// A deferred write's update of existing `rows` (ascending id order):
     /// new content, metadata, scope and vector, version + 1, the point
-    /// unchanged. Returns each updated record's new version.
+    /// unchanged. Returns each updated record's new version. A backend that
+    /// keeps each record's pending entry on its row (PostgreSQL) enqueues
+    /// it here, by the rule of [`enqueue_pending`](Self::enqueue_pending),
+    /// with `now_ms` as the enqueue time.
     async fn defer_update(
         &mut self,
         rows: &[&RowWrite],
+        now_ms: i64,
     ) -> Result<Vec<(RecordId, u64)>, MetadataError>;
 
     /// Points existing rows at new points (their versions unchanged).
@@ -203,6 +207,15 @@ pub(crate) trait TxOps: Send {
     /// Removes the pending entries of `ids`.
     async fn delete_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError>;
 
+    /// A synchronous write's end: removes the pending entries of the rows
+    /// it just inserted or updated (`ids`). A backend whose
+    /// [`update_records`](Self::update_records) clears the entry kept on
+    /// the row, and whose entries' other state counts only at its row's
+    /// version, has nothing left to do.
+    async fn supersede_pending(&mut self, ids: &[RecordId]) -> Result<(), MetadataError> {
+        self.delete_pending(ids).await
+    }
+
     /// An index switch's end: removes the pending entries of the switched
     /// `ids` and adds their count to the indexing activity of `now_ms`'s
     /// second in `shard` ([`activity_shard`]), dropping that shard's
@@ -222,6 +235,8 @@ pub(crate) trait TxOps: Send {
     /// attempts and the dead-letter flag cleared. The entry stores no copy
     /// of what its row holds: scope and metadata stay NULL, and so does the
     /// vector when the store keeps vectors (reads take them from the row).
+    /// A backend that keeps the entry on the row has enqueued it in
+    /// [`defer_update`](Self::defer_update) already.
     async fn enqueue_pending(&mut self, entries: &[PendingIndex]) -> Result<(), MetadataError>;
 
     /// Inserts or overwrites these entries exactly as given.
@@ -237,13 +252,18 @@ pub(crate) trait TxOps: Send {
         limit: usize,
     ) -> Result<Vec<(PendingIndex, Option<u64>)>, MetadataError>;
 
-    /// Marks these entries claimed by `claim` until `claim_until_ms`.
+    /// Marks these entries (locked by [`claim_candidates`](Self::claim_candidates))
+    /// claimed by `claim` until `claim_until_ms`, except those that another
+    /// claim still holds at `now_ms`; returns the ids it marked. (A backend
+    /// whose candidates' locks are on the records' rows, not on the claims,
+    /// can meet a claim that committed after its candidates were read.)
     async fn mark_claimed(
         &mut self,
         ids: &[RecordId],
         claim: OwnerToken,
         claim_until_ms: i64,
-    ) -> Result<(), MetadataError>;
+        now_ms: i64,
+    ) -> Result<Vec<RecordId>, MetadataError>;
 
     /// The full rows of the existing records among `ids` (with their vectors
     /// where kept), locked, in id order.
@@ -426,7 +446,7 @@ async fn write_rows<T: TxOps + ?Sized>(
     // rows' locks: records first, then entries, on every path).
     let ids: Vec<RecordId> = sorted.iter().map(|r| r.id).collect();
     if !ids.is_empty() {
-        tx.delete_pending(&ids).await?;
+        tx.supersede_pending(&ids).await?;
     }
     Ok((inserted.len() as u64, old_point_ids))
 }
@@ -684,8 +704,11 @@ impl Applied {
             .collect();
         let mut versions: BTreeMap<RecordId, u64> = inserted.iter().map(|id| (*id, 1)).collect();
         if !existing.is_empty() {
-            let updated: BTreeMap<RecordId, u64> =
-                tx.defer_update(&existing).await?.into_iter().collect();
+            let updated: BTreeMap<RecordId, u64> = tx
+                .defer_update(&existing, now_ms)
+                .await?
+                .into_iter()
+                .collect();
             if updated.len() != existing.len() {
                 // Cannot happen while we hold the locks; refuse rather than guess.
                 return Err(MetadataError::transient(
@@ -932,7 +955,12 @@ pub(crate) async fn claim_pending<T: TxOps + ?Sized>(
         return Ok(claimed);
     }
     let ids: Vec<RecordId> = claimed.iter().map(|e| e.record_id).collect();
-    tx.mark_claimed(&ids, claim, claim_until_ms).await?;
+    let marked: HashSet<RecordId> = tx
+        .mark_claimed(&ids, claim, claim_until_ms, now_ms)
+        .await?
+        .into_iter()
+        .collect();
+    claimed.retain(|e| marked.contains(&e.record_id));
     for entry in &mut claimed {
         entry.claimed_by = Some(claim);
         entry.claim_until_ms = Some(claim_until_ms);

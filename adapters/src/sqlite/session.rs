@@ -630,6 +630,7 @@ impl TxOps for SyncTx<'_> {
     async fn defer_update(
         &mut self,
         rows: &[&RowWrite],
+        _now_ms: i64,
     ) -> Result<Vec<(RecordId, u64)>, MetadataError> {
         let mut updated = Vec::with_capacity(rows.len());
         for row in rows {
@@ -806,7 +807,9 @@ impl TxOps for SyncTx<'_> {
         ids: &[RecordId],
         claim: OwnerToken,
         claim_until_ms: i64,
-    ) -> Result<(), MetadataError> {
+        _now_ms: i64,
+    ) -> Result<Vec<RecordId>, MetadataError> {
+        // The writer lock has covered the candidates since they were read.
         diesel::sql_query(format!(
             "UPDATE pending_index SET claimed_by = ?, claim_until_ms = ? \
              WHERE record_id IN {IN_JSON}"
@@ -817,7 +820,7 @@ impl TxOps for SyncTx<'_> {
         .prepared()
         .execute(self.c)
         .map_err(stmt)?;
-        Ok(())
+        Ok(ids.to_vec())
     }
 
     async fn lock_rows_full(
