@@ -88,17 +88,9 @@ async fn committed<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
         .expect("commit_upsert");
 }
 
-/// A deferred write of `rows`.
+/// A deferred write of `rows`, enqueued at `T0`.
 async fn defer<M: MetadataRepo + ?Sized>(repo: &M, rows: &[RowWrite]) {
-    let (intent, owner) = prepare_upsert(repo, &[]).await;
-    let parts = [CommitPart::Defer {
-        rows: rows.to_vec(),
-        now_ms: T0,
-    }];
-    let commit = TransactionCommit::of(&parts);
-    repo.commit_transaction(intent, owner, &commit, None, &IndexGate::passed())
-        .await
-        .expect("deferred commit");
+    defer_at(repo, rows, T0).await;
 }
 
 async fn entry<M: MetadataRepo + ?Sized>(repo: &M, id: RecordId) -> Option<PendingIndex> {
