@@ -426,7 +426,7 @@ struct PgPending {
     version: i64,
     #[diesel(sql_type = BigInt)]
     indexed_version: i64,
-    // NULL only for a stale entry (see `PENDING_COLUMNS`).
+    // Read from the entry's row: never NULL (the type is the column's).
     #[diesel(sql_type = Nullable<Text>)]
     scope: Option<String>,
     #[diesel(sql_type = Nullable<Jsonb>)]
@@ -643,13 +643,12 @@ struct PgPendingStats {
     indexed: i64,
 }
 
-/// Column arrays of pending entries for `UNNEST`.
+/// Column arrays of pending entries for `UNNEST` (`put_pending`: an entry's
+/// scope and metadata are its row's, so they are not among them).
 struct PendingColumns {
     ids: Vec<Uuid>,
     versions: Vec<i64>,
     indexed: Vec<i64>,
-    scopes: Vec<Option<String>>,
-    metadata: Vec<Option<Value>>,
     vectors: Vec<Option<Vec<u8>>>,
     enqueued: Vec<i64>,
     attempts: Vec<i32>,
@@ -665,8 +664,6 @@ impl PendingColumns {
             ids: Vec::with_capacity(rows.len()),
             versions: Vec::with_capacity(rows.len()),
             indexed: Vec::with_capacity(rows.len()),
-            scopes: Vec::with_capacity(rows.len()),
-            metadata: Vec::with_capacity(rows.len()),
             vectors: Vec::with_capacity(rows.len()),
             enqueued: Vec::with_capacity(rows.len()),
             attempts: Vec::with_capacity(rows.len()),
@@ -679,8 +676,6 @@ impl PendingColumns {
             cols.ids.push(r.record_id);
             cols.versions.push(r.version);
             cols.indexed.push(r.indexed_version);
-            cols.scopes.push(r.scope);
-            cols.metadata.push(r.metadata);
             cols.vectors.push(r.vector);
             cols.enqueued.push(r.enqueued_ms);
             cols.attempts.push(r.attempts);
